@@ -1,0 +1,51 @@
+"""The access boundary: the one place that holds a backbone module.
+
+Example:
+    >>> h = graytune.open_backbone("bridge:efficientnet-lite0+minilm", access="dark-gray")
+    >>> h.spec.port("image.pixels").shape
+    ('B', 3, 'H', 'W')
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+from graytune.access.local import LocalHandle
+from graytune.backbones import BACKBONES, load_backbone
+from graytune.errors import InvalidInputError
+from graytune.types import AccessLevel
+
+
+def open_backbone(
+    backbone_id: str, access: AccessLevel | str = AccessLevel.DARK_GRAY, *, reads: Collection[str] = ()
+) -> LocalHandle:
+    """Open a backbone behind the boundary at one access level.
+
+    Args:
+        backbone_id: ``minilm``, ``efficientnet-lite0``, ``efficientnet-lite1``,
+            ``bridge:efficientnet-lite0+minilm``, ``hf-clip:<dir or hub id>``.
+        access: ``black-box``, ``dark-gray`` (default), ``light-gray`` or ``white-box``.
+        reads: input or entry ports whose values the owner lets the client read
+            (e.g. ``["text.token_embeds"]`` for AdaLink); each reveals weights.
+
+    Returns:
+        A handle exposing only what ``access`` (and ``reads``) allow.
+
+    Raises:
+        UnknownNameError: an unknown id or level; the message names the closest ones.
+    """
+    level = AccessLevel.parse(access)
+    if backbone_id.startswith(("http://", "https://")):
+        raise InvalidInputError(
+            f"{backbone_id!r}: remote backbones are not supported by this version; "
+            f"open a local one (one of {', '.join(BACKBONES.names())})"
+        )
+    return LocalHandle(load_backbone(backbone_id), level, reads)
+
+
+def known_backbones() -> list[str]:
+    """The ids ``open_backbone`` accepts (families shown with their argument)."""
+    return BACKBONES.names()
+
+
+__all__ = ["LocalHandle", "known_backbones", "open_backbone"]

@@ -1,0 +1,152 @@
+"""What every backbone provider offers the boundary, and helpers they share.
+
+A provider file (``minilm.py``, ``efficientnet.py``, ...) is the only code that
+knows a model's internals. It builds an object with the ``Backbone`` protocol;
+the boundary in ``graytune.access`` is the only caller of ``run``.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+from collections.abc import Collection, Mapping, Sequence
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from graytune.errors import InvalidInputError
+from graytune.types import BackboneSpec, Op, PortKind, PortSpec
+
+Tensor = torch.Tensor
+
+
+@runtime_checkable
+class Backbone(Protocol):
+    """A frozen model and the spec it publishes. Owner side only."""
+
+    spec: BackboneSpec
+
+    def run(
+        self,
+        inputs: Mapping[str, Tensor],
+        add: Mapping[str, Tensor],
+        insert: Mapping[str, Tensor],
+        outputs: Collection[str],
+        reads: Collection[str],
+    ) -> dict[str, Tensor]:
+        """Compute ``outputs`` (and the values at ``reads``) as plain differentiable torch.
+
+        Args:
+            inputs: values at input ports with op ``replace``, e.g. ``image.pixels``.
+            add: per port, a delta broadcast onto the port's values.
+            insert: per port, ``[B or 1, K, D]`` tokens placed where pooling sees them.
+            outputs: output port names to return.
+            reads: input/entry port names whose values to return (granted reads only).
+        """
+        ...
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
+        """``text.input_ids`` and ``text.attention_mask`` for ``texts`` ([B, L] int64)."""
+        ...
+
+    def module(self) -> nn.Module:
+        """The frozen module itself (white-box baselines only)."""
+        ...
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Put ``module`` in eval mode with no parameter requiring gradients."""
+    module.eval()
+    for param in module.parameters():
+        param.requires_grad_(False)
+    return module
+
+
+@functools.cache
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_identity(path: str | os.PathLike[str]) -> str:
+    """``name:size:sha256`` of a weights file: its identity, not its content."""
+    p = Path(path)
+    st = p.stat()
+    return f"{p.name}:{st.st_size}:{_file_sha256(str(p), st.st_size, st.st_mtime_ns)}"
+
+
+def text_ports(prefix: str, dim: int, entry_layers: Sequence[int], max_len: int) -> list[PortSpec]:
+    """The input and entry ports of a transformer text tower of width ``dim``."""
+    seq = ("B", "L")
+    ports = [
+        PortSpec(f"{prefix}.input_ids", PortKind.INPUT, seq, "int64", (Op.REPLACE,), prefix,
+                 f"token ids from the backbone's tokenizer, at most {max_len} per row"),
+        PortSpec(f"{prefix}.attention_mask", PortKind.INPUT, seq, "int64", (Op.REPLACE,), prefix,
+                 "1 for real tokens, 0 for padding"),
+        PortSpec(f"{prefix}.token_embeds", PortKind.INPUT, (*seq, dim), "float32",
+                 (Op.ADD, Op.INSERT, Op.READ), prefix,
+                 "token embeddings (the lookup rows); the lookup stays on the owner's side"),
+    ]
+    ports += [
+        PortSpec(f"{prefix}.layer.{k}", PortKind.ENTRY, (*seq, dim), "float32",
+                 (Op.ADD, Op.INSERT, Op.READ), prefix, f"hidden states entering transformer layer {k}")
+        for k in entry_layers
+    ]
+    return ports
+
+
+def add_delta(port: str, values: Tensor, delta: Tensor, mask: Tensor | None = None) -> Tensor:
+    """``values + delta`` (broadcast), the delta kept off padding positions when ``mask`` is given."""
+    try:
+        torch.broadcast_shapes(delta.shape, values.shape)
+    except RuntimeError:
+        raise InvalidInputError(
+            f"add at {port}: a delta of shape {list(delta.shape)} does not broadcast onto the "
+            f"port's values of shape {list(values.shape)}; send a shape like "
+            f"{[1] * (values.dim() - 1) + [values.shape[-1]]} or {list(values.shape)}"
+        ) from None
+    if mask is not None:
+        delta = delta * mask.unsqueeze(-1).to(values.dtype)
+    return values + delta
+
+
+def insert_tokens(
+    port: str, values: Tensor, mask: Tensor, tokens: Tensor, at: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Place ``tokens`` in each row of ``values`` before position ``at[b]``.
+
+    Args:
+        values: ``[B, L, D]`` sequence.
+        mask: ``[B, L]`` attention mask (1 real, 0 padding).
+        tokens: ``[B or 1, K, D]`` tokens to insert.
+        at: ``[B]`` insert position per row.
+
+    Returns:
+        ``[B, L+K, D]`` values and ``[B, L+K]`` mask (inserted tokens are real).
+    """
+    batch, length, dim = values.shape
+    if tokens.dim() != 3 or tokens.shape[0] not in (1, batch) or tokens.shape[2] != dim:
+        raise InvalidInputError(
+            f"insert at {port}: got tokens of shape {list(tokens.shape)}; expected "
+            f"[1, K, {dim}] or [{batch}, K, {dim}]"
+        )
+    k = tokens.shape[1]
+    joined = torch.cat([values, tokens.expand(batch, k, dim)], dim=1)  # [B, L+K, D]
+    pos = torch.arange(length + k, device=values.device).unsqueeze(0)  # [1, L+K]
+    at = at.to(values.device).unsqueeze(1)  # [B, 1]
+    src = torch.where(pos < at, pos, torch.where(pos < at + k, length + pos - at, pos - k))
+    new_values = joined.gather(1, src.unsqueeze(-1).expand(-1, -1, dim))
+    new_mask = torch.cat([mask, mask.new_ones(batch, k)], dim=1).gather(1, src)
+    return new_values, new_mask
+
+
+def masked_mean(hidden: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``hidden`` ``[B, L, D]`` over real tokens of ``mask`` ``[B, L]`` → ``[B, D]``."""
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1e-9)

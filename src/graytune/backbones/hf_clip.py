@@ -1,0 +1,177 @@
+"""Any Hugging Face ``CLIPModel`` checkpoint: ``hf-clip:<local dir or hub id>``.
+
+Ports: ``image.pixels`` [B, 3, S, S], ``image.layer.k`` (entries into vision
+layer k; insert places tokens after [CLS]), ``image.embeds`` [B, E];
+``text.input_ids``/``text.attention_mask``, ``text.token_embeds`` (add, insert
+before the end token, where pooling sees them), ``text.layer.k``,
+``text.embeds`` [B, E]. Embeddings are projected, not normalised.
+
+Nothing here downloads on its own: a hub id loads only where the hub is
+reachable and allowed; tests use a tiny random CLIP they save locally.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from graytune.backbones import BACKBONES
+from graytune.backbones.base import add_delta, file_identity, freeze, insert_tokens, text_ports
+from graytune.errors import InvalidInputError, MissingDependencyError
+from graytune.types import BackboneSpec, Op, PortKind, PortSpec
+
+Tensor = torch.Tensor
+
+
+class HFClip:
+    """A transformers ``CLIPModel`` behind the graytune ports."""
+
+    def __init__(self, source: str) -> None:
+        try:
+            from transformers import AutoTokenizer, CLIPModel
+        except ImportError as err:
+            raise MissingDependencyError("hf-clip backbones need transformers: pip install transformers") from err
+        local = Path(source).expanduser()
+        if source.startswith((".", "/", "~")) and not local.is_dir():
+            raise MissingDependencyError(
+                f"hf-clip: {source!r} is not a directory; give a folder written by "
+                "CLIPModel.save_pretrained (with its tokenizer) or a hub id"
+            )
+        where = str(local) if local.is_dir() else source
+        try:
+            self.model = freeze(CLIPModel.from_pretrained(where))
+            self.tokenizer = AutoTokenizer.from_pretrained(where)
+        except OSError as err:
+            raise MissingDependencyError(
+                f"hf-clip: could not load a CLIPModel and tokenizer from {source!r}: {err}; "
+                "graytune never downloads on its own: save the model and tokenizer to a folder first"
+            ) from err
+        cfg = self.model.config
+        self.text_cfg, self.vision_cfg = cfg.text_config, cfg.vision_config
+        n_text, n_vision = self.text_cfg.num_hidden_layers, self.vision_cfg.num_hidden_layers
+        size, dim = self.vision_cfg.image_size, cfg.projection_dim
+        proc_mean, proc_std = _image_stats(where)
+        ports = [
+            PortSpec("image.pixels", PortKind.INPUT, ("B", 3, size, size), "float32", (Op.REPLACE,), "image",
+                     "RGB pixels, normalised with the spec's mean and std"),
+            *[PortSpec(f"image.layer.{k}", PortKind.ENTRY, ("B", "N", self.vision_cfg.hidden_size), "float32",
+                       (Op.ADD, Op.INSERT, Op.READ), "image", f"tokens entering vision layer {k}")
+              for k in range(1, n_vision)],
+            *text_ports("text", self.text_cfg.hidden_size, range(1, n_text), self.text_cfg.max_position_embeddings),
+            PortSpec("image.embeds", PortKind.OUTPUT, ("B", dim), "float32", (Op.READ,), "image",
+                     "projected [CLS] embedding"),
+            PortSpec("text.embeds", PortKind.OUTPUT, ("B", dim), "float32", (Op.READ,), "text",
+                     "projected end-token embedding"),
+        ]
+        weights = sorted(local.glob("*.safetensors")) if local.is_dir() else []
+        identity = "+".join(file_identity(w) for w in weights) or f"hub:{source}"
+        self.spec = BackboneSpec(
+            id=f"hf-clip:{source}",
+            modalities=("image", "text"),
+            ports=tuple(ports),
+            preprocess={
+                "image": {"image_size": size, "resize": "shorter side to image_size, bicubic",
+                          "crop": "center", "mean": proc_mean, "std": proc_std, "range": "RGB in [0, 1]"},
+                "text": {"tokenizer": type(self.tokenizer).__name__,
+                         "max_tokens": self.text_cfg.max_position_embeddings,
+                         "insert_position": "before the end token",
+                         "vocab_size": int(self.text_cfg.vocab_size)},
+            },
+            description=f"Hugging Face CLIPModel from {source}.",
+        ).with_fingerprint(identity)
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
+        batch = self.tokenizer(list(texts), padding=True, truncation=True,
+                               max_length=self.text_cfg.max_position_embeddings, return_tensors="pt")
+        return {"text.input_ids": batch["input_ids"], "text.attention_mask": batch["attention_mask"]}
+
+    def run(self, inputs, add, insert, outputs, reads):  # type: ignore[no-untyped-def]
+        out: dict[str, Tensor] = {}
+        if "image.pixels" in inputs:
+            out["image.embeds"] = self._image(inputs["image.pixels"], add, insert, reads, out)
+        if "text.input_ids" in inputs:
+            out["text.embeds"] = self._text(inputs, add, insert, reads, out)
+        return out
+
+    def _image(self, pixels: Tensor, add: Mapping[str, Tensor], insert: Mapping[str, Tensor],
+               reads: Collection[str], out: dict[str, Tensor]) -> Tensor:
+        vision = self.model.vision_model
+        hidden = vision.pre_layrnorm(vision.embeddings(pixels))  # [B, 1+N, D]
+        mask = torch.ones(hidden.shape[:2], dtype=torch.long)
+        for k, layer in enumerate(vision.encoder.layers):
+            port = f"image.layer.{k}"
+            if port in reads:
+                out[port] = hidden
+            if port in add:
+                hidden = add_delta(port, hidden, add[port])
+            if port in insert:  # after [CLS]
+                hidden, mask = insert_tokens(port, hidden, mask, insert[port], torch.ones(len(hidden), dtype=torch.long))
+            hidden = layer(hidden, None)
+        return self.model.visual_projection(vision.post_layernorm(hidden[:, 0]))
+
+    def _text(self, inputs: Mapping[str, Tensor], add: Mapping[str, Tensor], insert: Mapping[str, Tensor],
+              reads: Collection[str], out: dict[str, Tensor]) -> Tensor:
+        from transformers.masking_utils import create_causal_mask
+
+        text = self.model.text_model
+        ids, mask = inputs["text.input_ids"], inputs["text.attention_mask"]
+        eos = self._eos_positions(ids)  # [B]
+        hidden = text.embeddings.token_embedding(ids)  # [B, L, D]
+        hidden, mask, eos = self._edit("text.token_embeds", hidden, mask, eos, add, insert, reads, out)
+        limit = self.text_cfg.max_position_embeddings
+        if hidden.shape[1] > limit:
+            raise InvalidInputError(f"{hidden.shape[1]} tokens after insertion exceed this CLIP's {limit} "
+                                    "positions; send shorter texts or fewer tokens")
+        hidden = text.embeddings(inputs_embeds=hidden)
+        attn, length = None, -1
+        for k, layer in enumerate(text.encoder.layers):
+            hidden, mask, eos = self._edit(f"text.layer.{k}", hidden, mask, eos, add, insert, reads, out)
+            if hidden.shape[1] != length:
+                length = hidden.shape[1]
+                attn = create_causal_mask(config=self.text_cfg, inputs_embeds=hidden,
+                                          attention_mask=mask, past_key_values=None)
+            hidden = layer(hidden, attn, is_causal=True)
+        hidden = text.final_layer_norm(hidden)
+        pooled = hidden[torch.arange(len(hidden)), eos]
+        return self.model.text_projection(pooled)
+
+    def _eos_positions(self, ids: Tensor) -> Tensor:
+        if self.text_cfg.eos_token_id == 2:  # legacy configs: the end token has the highest id
+            return ids.to(torch.int).argmax(dim=-1).long()
+        return (ids == self.text_cfg.eos_token_id).int().argmax(dim=-1).long()
+
+    @staticmethod
+    def _edit(port: str, hidden: Tensor, mask: Tensor, eos: Tensor, add: Mapping[str, Tensor],
+              insert: Mapping[str, Tensor], reads: Collection[str],
+              out: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        if port in reads:
+            out[port] = hidden
+        if port in add:
+            hidden = add_delta(port, hidden, add[port], mask)
+        if port in insert:  # before the end token, which pooling reads
+            hidden, mask = insert_tokens(port, hidden, mask, insert[port], eos)
+            eos = eos + insert[port].shape[1]
+        return hidden, mask, eos
+
+    def module(self) -> nn.Module:
+        return self.model
+
+
+def _image_stats(where: str) -> tuple[list[float], list[float]]:
+    """Mean/std from the checkpoint's image processor config, else CLIP's published ones."""
+    import json
+
+    path = Path(where) / "preprocessor_config.json"
+    if path.is_file():
+        cfg = json.loads(path.read_text())
+        if "image_mean" in cfg and "image_std" in cfg:
+            return list(cfg["image_mean"]), list(cfg["image_std"])
+    return [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+
+
+@BACKBONES.register("hf-clip:", family_help="dir or hub id")
+def build_hf_clip(source: str) -> HFClip:
+    return HFClip(source)

@@ -1,0 +1,241 @@
+"""Plain data shared by every layer: access levels, port and backbone specs.
+
+A spec never holds weights: it names the ports a backbone publishes, their
+shapes and dtypes, the preprocessing a client must apply, and a fingerprint.
+
+Example:
+    >>> spec = graytune.open_backbone("minilm").spec
+    >>> spec.port("text.embeds").shape
+    ('B', 384)
+    >>> BackboneSpec.from_json(spec.to_json()) == spec
+    True
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from graytune.errors import InvalidInputError, UnknownNameError
+
+
+class AccessLevel(enum.IntEnum):
+    """How much of a backbone a client may touch, ordered from least to most."""
+
+    BLACK_BOX = 0
+    DARK_GRAY = 1
+    LIGHT_GRAY = 2
+    WHITE_BOX = 3
+
+    @property
+    def label(self) -> str:
+        """The level as users write it: ``black-box``, ``dark-gray``, ..."""
+        return self.name.lower().replace("_", "-")
+
+    @classmethod
+    def parse(cls, value: AccessLevel | str) -> AccessLevel:
+        """Accept an ``AccessLevel`` or its label (``dark-gray``, ``DARK_GRAY``)."""
+        if isinstance(value, AccessLevel):
+            return value
+        key = str(value).strip().upper().replace("-", "_")
+        if key in cls.__members__:
+            return cls[key]
+        raise UnknownNameError("access level", str(value), [lvl.label for lvl in cls])
+
+    def __str__(self) -> str:
+        return self.label
+
+
+class PortKind(str, enum.Enum):
+    """Where a port sits: at the inputs, inside the model, or at the outputs."""
+
+    INPUT = "input"
+    ENTRY = "entry"
+    OUTPUT = "output"
+
+
+class Op(str, enum.Enum):
+    """What a client may do at a port (DESIGN.md §1)."""
+
+    REPLACE = "replace"  # the client supplies the whole input (its own data)
+    ADD = "add"  # a delta added to the port's values
+    INSERT = "insert"  # extra vectors placed in the sequence
+    READ = "read"  # the port's values come back to the client
+
+
+def required_level(kind: PortKind, op: Op, with_grad: bool) -> AccessLevel:
+    """The least access level at which ``op`` is allowed at a port of ``kind``.
+
+    ``read`` at input and entry ports reveals weights (for token embeddings, the
+    embedding-table rows), so it is never implied by a level: the owner grants
+    it per port. This function answers the level part of that rule only.
+    """
+    if kind is PortKind.OUTPUT:
+        return AccessLevel.DARK_GRAY if with_grad else AccessLevel.BLACK_BOX
+    if kind is PortKind.ENTRY:
+        return AccessLevel.LIGHT_GRAY
+    if op is Op.REPLACE and not with_grad:
+        return AccessLevel.BLACK_BOX
+    return AccessLevel.DARK_GRAY
+
+
+Dim = int | str  # an int is fixed; a str names a free dimension ("B", "L", "H/8")
+
+
+@dataclass(frozen=True)
+class PortSpec:
+    """One port: a stable name, where it sits, its shape, dtype and allowed ops.
+
+    Attributes:
+        name: stable string such as ``image.pixels`` or ``text.layer.4``.
+        kind: input, entry (inside the model) or output.
+        shape: dims; ints are fixed, strings are free (``B`` batch, ``L`` tokens).
+        dtype: torch dtype name, e.g. ``float32`` or ``int64``.
+        ops: what a client may do here (``replace``, ``add``, ``insert``, ``read``).
+        modality: ``image`` or ``text`` (or ``""`` for ports of the whole model).
+        doc: one line saying what the values are.
+    """
+
+    name: str
+    kind: PortKind
+    shape: tuple[Dim, ...]
+    dtype: str
+    ops: tuple[Op, ...]
+    modality: str = ""
+    doc: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind.value,
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            "ops": [op.value for op in self.ops],
+            "modality": self.modality,
+            "doc": self.doc,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PortSpec:
+        return cls(
+            name=data["name"],
+            kind=PortKind(data["kind"]),
+            shape=tuple(data["shape"]),
+            dtype=data["dtype"],
+            ops=tuple(Op(op) for op in data["ops"]),
+            modality=data.get("modality", ""),
+            doc=data.get("doc", ""),
+        )
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Everything a client may know about a backbone: ports and preprocessing.
+
+    Attributes:
+        id: the id the backbone was opened by, e.g. ``minilm``.
+        modalities: ``("image",)``, ``("text",)`` or ``("image", "text")``.
+        ports: every port the backbone publishes, in a stable order.
+        preprocess: per modality, what a client applies before the input port
+            (image size, mean/std; tokenizer name and max length).
+        description: one paragraph on what the model is, and its caveats.
+        fingerprint: sha256 of this spec and the weights' identity (not the weights).
+    """
+
+    id: str
+    modalities: tuple[str, ...]
+    ports: tuple[PortSpec, ...]
+    preprocess: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    description: str = ""
+    fingerprint: str = ""
+
+    def port(self, name: str) -> PortSpec:
+        """The port called ``name``; unknown names get the closest matches."""
+        for port in self.ports:
+            if port.name == name:
+                return port
+        raise UnknownNameError(f"port of backbone {self.id!r}", name, self.port_names())
+
+    def port_names(self, kind: PortKind | None = None) -> list[str]:
+        return [p.name for p in self.ports if kind is None or p.kind is kind]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "modalities": list(self.modalities),
+            "ports": [p.to_dict() for p in self.ports],
+            "preprocess": json.loads(json.dumps(self.preprocess)),
+            "description": self.description,
+            "fingerprint": self.fingerprint,
+        }
+
+    def to_json(self, indent: int | None = None) -> str:
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> BackboneSpec:
+        try:
+            return cls(
+                id=data["id"],
+                modalities=tuple(data["modalities"]),
+                ports=tuple(PortSpec.from_dict(p) for p in data["ports"]),
+                preprocess=data.get("preprocess", {}),
+                description=data.get("description", ""),
+                fingerprint=data.get("fingerprint", ""),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise InvalidInputError(
+                f"not a backbone spec: {err!r}; expected the JSON that BackboneSpec.to_json() writes"
+            ) from err
+
+    @classmethod
+    def from_json(cls, text: str) -> BackboneSpec:
+        return cls.from_dict(json.loads(text))
+
+    def with_fingerprint(self, weights_identity: str) -> BackboneSpec:
+        """This spec with its fingerprint computed from its content and ``weights_identity``."""
+        body = replace(self, fingerprint="").to_json()
+        digest = hashlib.sha256((body + "\n" + weights_identity).encode()).hexdigest()
+        return replace(self, fingerprint=digest)
+
+    def visible_at(self, level: AccessLevel) -> BackboneSpec:
+        """The spec a client at ``level`` sees: entry ports only from light-gray up."""
+        ports = tuple(
+            p for p in self.ports if p.kind is not PortKind.ENTRY or level >= AccessLevel.LIGHT_GRAY
+        )
+        return replace(self, ports=ports)
+
+
+@dataclass
+class Exposure:
+    """What a client has learnt through a handle: the record artifacts carry.
+
+    Attributes:
+        access: the level the handle was granted.
+        ports: per port name, the set of ops used there.
+        dims: per port name, the feature dims it revealed (its fixed shape).
+        forward_queries: number of forward calls.
+        forward_samples: number of samples sent through forward.
+        gradient_queries: number of vector–Jacobian products taken.
+    """
+
+    access: AccessLevel
+    ports: dict[str, set[str]] = field(default_factory=dict)
+    dims: dict[str, list[Dim]] = field(default_factory=dict)
+    forward_queries: int = 0
+    forward_samples: int = 0
+    gradient_queries: int = 0
+
+    def note(self, port: PortSpec, op: Op) -> None:
+        self.ports.setdefault(port.name, set()).add(op.value)
+        self.dims[port.name] = list(port.shape)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["access"] = self.access.label
+        data["ports"] = {k: sorted(v) for k, v in sorted(self.ports.items())}
+        return data
