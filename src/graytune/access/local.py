@@ -65,7 +65,7 @@ class _Call:
             raise InvalidInputError("this boundary call was already differentiated once; run forward again")
         outs, leaves = self._graph
         self._graph = None
-        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None]
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
         for name, g in zip(self.outputs, grads):
             if g is not None and not bool(torch.isfinite(g).all()):
                 raise InvalidInputError(f"the gradient sent back to {name} has NaN or infinite values")

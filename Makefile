@@ -1,0 +1,33 @@
+# The whole set-up is two commands: `make demo` and `make test` (each installs what it needs).
+SHELL := /bin/bash
+VENV := .venv
+STAMP := $(VENV)/.graytune-installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: demo test test-slow bench setup data clean
+
+$(STAMP): pyproject.toml constraints.txt scripts/setup.sh
+	bash scripts/setup.sh
+	touch $@
+
+data:
+	bash scripts/install-data.sh
+
+setup: $(STAMP) data
+
+demo: setup  ## zero-shot retrieval on real data through the packaged bridge backbone
+	$(VENV)/bin/graytune demo
+
+test: setup  ## the default suite, layer contracts included
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/python -m pytest -m "not slow"
+
+test-slow: setup  ## long training and distributed engines
+	$(VENV)/bin/python -m pytest -m slow
+
+bench: setup  ## ratios measured side by side; numbers committed in docs/benchmarks.md
+	$(VENV)/bin/graytune bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .import_linter_cache

@@ -1,0 +1,1 @@
+"""The ``graytune`` command: one subcommand per file."""

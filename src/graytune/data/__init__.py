@@ -1,0 +1,1 @@
+"""Data sets in the formats users bring, and the real sets installed on this machine."""

@@ -1,0 +1,1 @@
+"""Evaluation: retrieval and classification metrics, with CLIP_benchmark's metric names."""

@@ -1,0 +1,50 @@
+"""Embedding whole data sets through a handle, in batches, with a progress bar.
+
+Example:
+    >>> img = embed_images(handle, paths, ImagePreprocess.from_spec(handle.spec))  # [N, E]
+    >>> txt = embed_texts(handle, captions)                                          # [M, E]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from graytune.data.images import ImagePreprocess
+
+Tensor = torch.Tensor
+
+
+class Encoder(Protocol):
+    """Anything with the CLIP-style encoders: a handle, or an adapted model."""
+
+    def encode_image(self, pixels: Tensor) -> Tensor: ...
+
+    def encode_text(self, text: Sequence[str]) -> Tensor: ...
+
+
+@torch.no_grad()
+def embed_images(model: Encoder, paths: Sequence[Path], preprocess: ImagePreprocess, batch_size: int = 32,
+                 progress: bool = True) -> Tensor:
+    """``[N, E]`` image embeddings of the files at ``paths``."""
+    chunks = []
+    for start in tqdm(range(0, len(paths), batch_size), desc="images", unit="batch", disable=not progress):
+        images = []
+        for path in paths[start:start + batch_size]:
+            with Image.open(path) as im:
+                images.append(im.copy())
+        chunks.append(model.encode_image(preprocess(images)))
+    return torch.cat(chunks)
+
+
+@torch.no_grad()
+def embed_texts(model: Encoder, texts: Sequence[str], batch_size: int = 64, progress: bool = True) -> Tensor:
+    """``[M, E]`` text embeddings."""
+    chunks = [model.encode_text(list(texts[i:i + batch_size]))
+              for i in tqdm(range(0, len(texts), batch_size), desc="texts", unit="batch", disable=not progress)]
+    return torch.cat(chunks)
