@@ -48,24 +48,31 @@ def step_times(case: str, rounds: int, warmup: int = 2) -> dict[str, Any]:
         p_times.append(p)
         log.info("%s round %d: boundary %.3fs plain %.3fs", case, r, b, p)
     b_med, p_med = statistics.median(b_times), statistics.median(p_times)
+    per_round = sorted(b / p for b, p in zip(b_times, p_times))
+    quartiles = statistics.quantiles(per_round, n=4) if len(per_round) > 1 else per_round * 3
     return {"boundary_s": b_med, "plain_s": p_med, "ratio": b_med / p_med,
+            "round_ratio_quartiles": [quartiles[0], quartiles[1], quartiles[2]],
             "boundary_all_s": b_times, "plain_all_s": p_times}
 
 
-def peak_memory(case: str, steps: int = 2) -> dict[str, Any]:
-    """Peak-RSS growth of adapter steps vs full fine-tuning steps, each in a fresh process."""
+def peak_memory(case: str) -> dict[str, Any]:
+    """Peak memory of one AdamW step: boundary adapter, plain adapter, full fine-tuning.
+
+    Each mode runs in a fresh process; ``total_mb`` is the backbone's weights
+    plus the step's peak tensor memory (activations, gradients, optimizer state).
+    """
     out: dict[str, Any] = {}
-    for mode in ("boundary", "full"):
-        proc = subprocess.run([sys.executable, "-m", "graytune.bench.memory", case, mode, str(steps)],
+    for mode in ("boundary", "plain", "full"):
+        proc = subprocess.run([sys.executable, "-m", "graytune.bench.memory", case, mode],
                               capture_output=True, text=True, check=True, env=dict(os.environ))
         row = json.loads(proc.stdout.strip().splitlines()[-1])
-        out[mode] = {**row, "growth_mb": row["peak_mb"] - row["before_mb"]}
-    out["growth_ratio"] = out["boundary"]["growth_mb"] / max(out["full"]["growth_mb"], 1e-9)
-    out["peak_ratio"] = out["boundary"]["peak_mb"] / out["full"]["peak_mb"]
+        out[mode] = {**row, "total_mb": row["weights_mb"] + row["step_peak_mb"]}
+    out["ratio_vs_full"] = out["boundary"]["total_mb"] / out["full"]["total_mb"]
+    out["ratio_vs_plain"] = out["boundary"]["total_mb"] / out["plain"]["total_mb"]
     return out
 
 
-def run_benchmarks(cases: list[str], rounds: int = 8) -> dict[str, Any]:
+def run_benchmarks(cases: list[str], rounds: int = 12) -> dict[str, Any]:
     """Every measurement for ``cases``; plain data, ready for JSON."""
     from graytune.errors import UnknownNameError
 
@@ -87,14 +94,17 @@ def run_benchmarks(cases: list[str], rounds: int = 8) -> dict[str, Any]:
 def format_report(results: dict[str, Any]) -> str:
     m = results["machine"]
     lines = [f"torch {m['torch']}, {m['threads']} threads, {m['cores']} cores, python {m['python']}", "",
-             f"{'case':<20}{'boundary s':>12}{'plain s':>10}{'ratio':>8}   "
-             f"{'adapter +MB':>12}{'full FT +MB':>12}{'ratio':>8}"]
+             f"{'case':<20}{'boundary s':>11}{'plain s':>9}{'ratio':>7}{'round IQR':>13}  "
+             f"{'boundary MB':>12}{'plain MB':>9}{'full FT MB':>11}{'vs full':>8}"]
     for case, r in results["cases"].items():
         t, mem = r["time"], r["memory"]
-        lines.append(f"{case:<20}{t['boundary_s']:>12.3f}{t['plain_s']:>10.3f}{t['ratio']:>8.3f}   "
-                     f"{mem['boundary']['growth_mb']:>12.0f}{mem['full']['growth_mb']:>12.0f}"
-                     f"{mem['growth_ratio']:>8.3f}")
-    lines += ["", "step time: median of interleaved rounds (boundary = dark-gray handle; plain = autograd through",
-              "the same frozen module); memory: growth of peak RSS during 2 AdamW steps over the loaded state,",
-              "adapter through the boundary vs full fine-tuning, each in a fresh process"]
+        q = t["round_ratio_quartiles"]
+        lines.append(f"{case:<20}{t['boundary_s']:>11.3f}{t['plain_s']:>9.3f}{t['ratio']:>7.3f}"
+                     f"{f'{q[0]:.2f}-{q[2]:.2f}':>13}  "
+                     f"{mem['boundary']['total_mb']:>12.0f}{mem['plain']['total_mb']:>9.0f}"
+                     f"{mem['full']['total_mb']:>11.0f}{mem['ratio_vs_full']:>8.3f}")
+    lines += ["", "Step time: medians of interleaved rounds; boundary = the adapter through a dark-gray handle, plain =",
+              "the same adapter by autograd through the same frozen module; round IQR = quartiles of per-round ratios.",
+              "Memory: backbone weights + peak tensor memory of one AdamW step (activations, gradients, optimizer",
+              "state), from the torch profiler, each mode in a fresh process; full FT = AdamW on every weight."]
     return "\n".join(lines)

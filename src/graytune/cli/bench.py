@@ -8,7 +8,7 @@ import json
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="boundary vs plain autograd step time, adapter vs full fine-tuning memory")
-    p.add_argument("--rounds", type=int, default=8, help="timed steps per path, interleaved (default: 8)")
+    p.add_argument("--rounds", type=int, default=12, help="timed steps per path, interleaved (default: 12)")
     p.add_argument("--cases", default="minilm,efficientnet-lite0", help="comma-separated cases")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     p.set_defaults(run=run)
