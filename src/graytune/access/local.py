@@ -146,6 +146,9 @@ class LocalHandle:
             ``{port name: tensor}`` for each output (and read) port.
         """
         call = self._prepare(inputs, dict(add or {}), dict(insert or {}), outputs, list(reads))
+        if self.access is AccessLevel.WHITE_BOX:  # plain autograd: weights of a rebound module train too
+            result = self._backbone.run(call.inputs, call.add, call.insert, call.outputs, call.reads)
+            return {name: result[name] for name in [*call.outputs, *call.reads]}
         diff = [self._lookup(call, group, port) for group, port in call.slots]
         if diff:
             values = _Crossing.apply(call, *diff)
@@ -173,6 +176,13 @@ class LocalHandle:
             raise AccessDeniedError("the backbone module", AccessLevel.WHITE_BOX.label, self.access.label,
                                     "gray-box methods use forward() with add=/insert= instead")
         return copy.deepcopy(self._backbone.module())
+
+    def with_module(self, module: nn.Module) -> LocalHandle:
+        """A white-box handle running ``module``: a modified copy from ``module()`` (LoRA, full fine-tuning)."""
+        if self.access < AccessLevel.WHITE_BOX:
+            raise AccessDeniedError("running a modified backbone module", AccessLevel.WHITE_BOX.label,
+                                    self.access.label)
+        return LocalHandle(self._backbone.with_module(module), self.access, self._grants)
 
     # -- internals -------------------------------------------------------------------
 

@@ -57,6 +57,10 @@ class Backbone(Protocol):
         """The frozen module itself (white-box baselines only)."""
         ...
 
+    def with_module(self, module: nn.Module) -> Backbone:
+        """This backbone running ``module`` (a client's modified copy of ``module()``), same spec."""
+        ...
+
 
 @contextlib.contextmanager
 def quiet_loading() -> Iterator[None]:

@@ -9,6 +9,7 @@ dual-encoder method runs on real weights; report it as a composite bridge.
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Sequence
 
@@ -20,6 +21,7 @@ from graytune.backbones import BACKBONES
 from graytune.backbones.efficientnet import load_tower as load_image_tower
 from graytune.backbones.minilm import DIM
 from graytune.backbones.minilm import load_tower as load_text_tower
+from graytune.errors import InvalidInputError
 from graytune.types import BackboneSpec, Op, PortKind, PortSpec
 
 Tensor = torch.Tensor
@@ -82,16 +84,27 @@ class Bridge:
 
     def run(self, inputs, add, insert, outputs, reads):  # type: ignore[no-untyped-def]
         out: dict[str, Tensor] = {}
-        if "image.pixels" in inputs:
+        image_needed = bool({"image.embeds", "logits"} & set(outputs)) or any(r.startswith("image.") for r in reads)
+        if "image.pixels" in inputs and image_needed:
             _, logits, read = self.image_tower.run(inputs["image.pixels"], add, reads)
             out.update(read, logits=logits, **{"image.embeds": logits.softmax(-1) @ self.class_text})
         if "text.input_ids" in inputs:
-            pooled, read = self.text_tower.run(inputs, add, insert, reads)
-            out.update(read, **{"text.embeds": pooled})
+            lookup_only = not outputs and set(reads) <= {"text.token_embeds"}
+            pooled, read = self.text_tower.run(inputs, add, insert, reads, lookup_only=lookup_only)
+            out.update(read, **({} if lookup_only else {"text.embeds": pooled}))
         return out
 
     def module(self) -> nn.Module:
         return _BridgeModule(self.image_tower.model, self.text_tower.encoder, self.class_text)
+
+    def with_module(self, module: nn.Module) -> Bridge:
+        if not isinstance(module, _BridgeModule):
+            raise InvalidInputError(f"{self.spec.id} runs the module its module() returns; got {type(module).__name__}")
+        other = copy.copy(self)
+        other.image_tower, other.text_tower = copy.copy(self.image_tower), copy.copy(self.text_tower)
+        other.image_tower.model, other.text_tower.encoder = module.image, module.text
+        other.class_text = module.class_text
+        return other
 
 
 for _image in ("efficientnet-lite0", "efficientnet-lite1"):

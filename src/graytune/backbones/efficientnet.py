@@ -10,6 +10,7 @@ Ports: ``image.pixels`` [B, 3, H, W] (normalised as the spec's preprocess says),
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Collection, Mapping, Sequence
 
@@ -143,6 +144,12 @@ class EfficientNetLite:
 
     def module(self) -> nn.Module:
         return self.tower.model
+
+    def with_module(self, module: nn.Module) -> EfficientNetLite:
+        other = copy.copy(self)
+        other.tower = copy.copy(self.tower)
+        other.tower.model = module
+        return other
 
 
 for _name in VARIANTS:

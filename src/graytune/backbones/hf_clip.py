@@ -12,6 +12,7 @@ reachable and allowed; tests use a tiny random CLIP they save locally.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
@@ -98,6 +99,10 @@ class HFClip:
 
     def run(self, inputs, add, insert, outputs, reads):  # type: ignore[no-untyped-def]
         out: dict[str, Tensor] = {}
+        if not outputs and set(reads) <= {"text.token_embeds"}:  # a granted read needing no forward
+            if "text.input_ids" in inputs:
+                out["text.token_embeds"] = self.model.text_model.embeddings.token_embedding(inputs["text.input_ids"])
+            return out
         if "image.pixels" in inputs:
             out["image.embeds"] = self._image(inputs["image.pixels"], add, insert, reads, out)
         if "text.input_ids" in inputs:
@@ -166,6 +171,11 @@ class HFClip:
 
     def module(self) -> nn.Module:
         return self.model
+
+    def with_module(self, module: nn.Module) -> HFClip:
+        other = copy.copy(self)
+        other.model = module
+        return other
 
 
 def _image_stats(where: str) -> tuple[list[float], list[float]]:

@@ -8,6 +8,7 @@ k = 1..5 (entries into transformer layer k), ``text.embeds`` [B, 384]
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Collection, Mapping, Sequence
 
@@ -73,8 +74,13 @@ class MiniLMTower:
         insert: Mapping[str, Tensor],
         reads: Collection[str],
         prefix: str = "text",
+        lookup_only: bool = False,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Encode; returns ``[B, 384]`` pooled embeddings and the values read at ``reads``."""
+        """Encode; returns ``[B, 384]`` pooled embeddings and the values read at ``reads``.
+
+        With ``lookup_only`` it stops after the embedding lookup and returns only the
+        ``token_embeds`` values (for a granted read that needs no forward).
+        """
         from transformers.masking_utils import create_bidirectional_mask
 
         ids = inputs[f"{prefix}.input_ids"]
@@ -82,6 +88,8 @@ class MiniLMTower:
         read: dict[str, Tensor] = {}
         bert = self.encoder
         hidden = bert.embeddings.word_embeddings(ids)  # [B, L, D]
+        if lookup_only:
+            return hidden.new_zeros(0), {f"{prefix}.token_embeds": hidden}
         hidden, mask = self._edit(f"{prefix}.token_embeds", hidden, mask, add, insert, reads, read)
         if hidden.shape[1] > bert.config.max_position_embeddings:
             raise InvalidInputError(
@@ -146,11 +154,19 @@ class MiniLM:
         return self.tower.tokenize(texts)
 
     def run(self, inputs, add, insert, outputs, reads):  # type: ignore[no-untyped-def]
+        if not outputs and set(reads) <= {"text.token_embeds"}:
+            return self.tower.run(inputs, add, insert, reads, lookup_only=True)[1]
         pooled, read = self.tower.run(inputs, add, insert, reads)
         return {"text.embeds": pooled, **read}
 
     def module(self) -> nn.Module:
         return self.tower.encoder
+
+    def with_module(self, module: nn.Module) -> MiniLM:
+        other = copy.copy(self)
+        other.tower = copy.copy(self.tower)
+        other.tower.encoder = module
+        return other
 
 
 @BACKBONES.register("minilm")

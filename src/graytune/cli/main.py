@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from graytune.errors import GraytuneError
 
-SUBCOMMANDS = ("info", "demo", "bench")
+SUBCOMMANDS = ("info", "train", "eval", "demo", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,13 @@
+"""Adapters, one file each (``XConfig`` + ``X``), registered by name; imports neither access nor backbones.
+
+Example:
+    >>> from graytune.adapters import ADAPTERS, build_adapter
+    >>> ADAPTERS.names()
+    ['adalink', 'dga-output', 'dga-pixel', 'dga-text', 'lga', 'output-mlp']
+"""
+
+from graytune.adapters.base import ADAPTERS, Adapter, TowerRequest, build_adapter
+
+from graytune.adapters import adalink, dga_output, dga_pixel, dga_text, lga, output_mlp  # noqa: E402,F401,I001
+
+__all__ = ["ADAPTERS", "Adapter", "TowerRequest", "build_adapter"]

@@ -1,0 +1,56 @@
+"""AdaLink: a residual low-rank adapter on the token embeddings, one per modality.
+
+``x + up(down(x))`` at ``<tower>.token_embeds``; ``up`` starts at zero (the
+identity). It must read the token embeddings, which reveals embedding-table
+rows: the owner grants ``read`` there explicitly, and artifacts record it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from graytune.adapters.base import ADAPTERS, Adapter, TowerRequest, config_from_dict, port_dim
+from graytune.errors import InvalidInputError
+from graytune.types import AccessLevel, BackboneSpec
+
+
+@dataclass
+class AdaLinkConfig:
+    rank: int = 8
+    """Width of the bottleneck."""
+
+
+class AdaLink(Adapter):
+    name = "adalink"
+    min_access = AccessLevel.DARK_GRAY
+
+    def __init__(self, config: AdaLinkConfig, spec: BackboneSpec, modality: str) -> None:
+        super().__init__(config, spec, modality)
+        self.port = f"{modality}.token_embeds"
+        if self.port not in spec.port_names():
+            raise InvalidInputError(f"adalink: {spec.id}'s {modality} tower has no token-embedding port "
+                                    f"({self.port}); ports: {', '.join(spec.port_names())}")
+        if config.rank < 1:
+            raise InvalidInputError(f"adalink: rank must be >= 1, got {config.rank}")
+        dim = port_dim(spec, self.port)
+        self.down = nn.Linear(dim, config.rank, bias=False)
+        self.up = nn.Linear(config.rank, dim, bias=False)
+        nn.init.zeros_(self.up.weight)
+
+    @property
+    def ports(self) -> tuple[str, ...]:
+        return (self.port,)
+
+    @property
+    def reads(self) -> tuple[str, ...]:
+        return (self.port,)
+
+    def before(self, request: TowerRequest) -> None:
+        request.add_at(self.port, self.up(self.down(request.read[self.port])))  # [B, L, D]
+
+
+@ADAPTERS.register("adalink")
+def build(spec: BackboneSpec, modality: str, **options: object) -> AdaLink:
+    return AdaLink(config_from_dict(AdaLinkConfig, options, "adalink"), spec, modality)

@@ -1,0 +1,124 @@
+"""What every adapter is: a small module that edits one tower's request at its declared ports.
+
+An adapter never sees a backbone: it gets plain data (the spec) when built, and
+during a forward it edits a ``TowerRequest`` (the inputs, ``add``/``insert``
+tensors for the boundary) before the call, and the tower's embeddings after.
+
+Example:
+    >>> adapter = build_adapter("dga-output", spec, modality="image")
+    >>> adapter.min_access
+    <AccessLevel.BLACK_BOX: 0>
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from graytune.errors import AccessDeniedError, InvalidInputError
+from graytune.registry import Registry
+from graytune.types import AccessLevel, BackboneSpec
+
+Tensor = torch.Tensor
+
+ADAPTERS: Registry = Registry("adapter")
+
+
+@dataclass
+class TowerRequest:
+    """One tower's call being built by the adapters, in order.
+
+    Attributes:
+        modality: ``image`` or ``text``.
+        inputs: values at input ports (``image.pixels``, ``text.input_ids``, ...).
+        add: per port, the sum of the deltas adapters add there.
+        insert: per port, the tokens adapters insert there, concatenated in adapter order.
+        read: values at granted ports (filled before ``before`` runs, for adapters that declare ``reads``).
+    """
+
+    modality: str
+    inputs: dict[str, Tensor]
+    add: dict[str, Tensor] = field(default_factory=dict)
+    insert: dict[str, Tensor] = field(default_factory=dict)
+    read: dict[str, Tensor] = field(default_factory=dict)
+
+    def add_at(self, port: str, delta: Tensor) -> None:
+        self.add[port] = self.add[port] + delta if port in self.add else delta
+
+    def insert_at(self, port: str, tokens: Tensor) -> None:
+        if port in self.insert:
+            prev = self.insert[port]
+            batch = max(prev.shape[0], tokens.shape[0])
+            tokens = torch.cat([prev.expand(batch, -1, -1), tokens.expand(batch, -1, -1)], dim=1)
+        self.insert[port] = tokens
+
+
+class Adapter(nn.Module):
+    """Base of every adapter: declares its ports, minimum level and grants; edits a request.
+
+    Subclasses set ``name`` (the registry name), ``min_access`` and override
+    ``before`` (edit the request) and/or ``after`` (map the tower's ``[B, E]``
+    embeddings). Both default to leaving things unchanged.
+    """
+
+    name: ClassVar[str] = ""
+    min_access: ClassVar[AccessLevel] = AccessLevel.DARK_GRAY
+
+    def __init__(self, config: Any, spec: BackboneSpec, modality: str) -> None:
+        super().__init__()
+        if modality not in spec.modalities:
+            raise InvalidInputError(f"adapter {self.name!r} for {modality}: backbone {spec.id!r} has only "
+                                    f"{', '.join(spec.modalities)}")
+        self.config, self.modality = config, modality
+
+    @property
+    def ports(self) -> tuple[str, ...]:
+        """The ports this adapter edits or reads (for the exposure record)."""
+        return ()
+
+    @property
+    def reads(self) -> tuple[str, ...]:
+        """Ports whose values must be read (granted) before ``before`` runs."""
+        return ()
+
+    def before(self, request: TowerRequest) -> None:  # noqa: B027 - optional hook
+        """Edit the request before it crosses the boundary."""
+
+    def after(self, embeds: Tensor) -> Tensor:
+        """Map the tower's ``[B, E]`` embeddings (before normalisation)."""
+        return embeds
+
+    def check_level(self, granted: AccessLevel) -> None:
+        """Raise when the handle's level is below what this adapter needs."""
+        if granted < self.min_access:
+            raise AccessDeniedError(f"adapter {self.name!r} ({self.modality})", self.min_access.label,
+                                    granted.label, "open the backbone at that level or pick another method")
+
+
+def config_from_dict(cls: type, values: dict[str, Any], adapter: str) -> Any:
+    """``cls(**values)``; unknown keys are reported all at once with the allowed ones."""
+    allowed = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - allowed)
+    if unknown:
+        raise InvalidInputError(f"adapter {adapter!r}: unknown option(s) {', '.join(unknown)}; "
+                                f"allowed: {', '.join(sorted(allowed))}")
+    return cls(**values)
+
+
+def build_adapter(name: str, spec: BackboneSpec, modality: str, **options: Any) -> Adapter:
+    """The adapter registered as ``name`` for one ``modality`` of ``spec``, with ``options``."""
+    builder: Callable[..., Adapter] = ADAPTERS.lookup(name)[0]
+    return builder(spec, modality, **options)
+
+
+def port_dim(spec: BackboneSpec, port: str) -> int:
+    """The fixed feature size (last dim, or channels for image maps) of ``port``."""
+    shape = spec.port(port).shape
+    dims = [d for d in shape[1:] if isinstance(d, int)]
+    if not dims:
+        raise InvalidInputError(f"port {port} of {spec.id} has no fixed feature size: {list(shape)}")
+    return dims[-1] if len(shape) in (2, 3) else dims[0]

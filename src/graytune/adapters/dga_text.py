@@ -1,0 +1,54 @@
+"""DGA text input adapter: one shift vector added to every real token embedding, plus K extra tokens.
+
+Port ``text.token_embeds`` (add, insert), dark-gray. The shift starts at zero
+(the identity); the extra tokens are inserted where the tower's pooling sees
+them (after [CLS] for mean pooling, before the end token for CLIP). Inserting
+a token changes the sequence, so with ``extra_tokens > 0`` the adapter is not
+an exact identity at init; the extra tokens start at zero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from graytune.adapters.base import ADAPTERS, Adapter, TowerRequest, config_from_dict, port_dim
+from graytune.types import AccessLevel, BackboneSpec
+
+PORT = "text.token_embeds"
+
+
+@dataclass
+class DGATextConfig:
+    extra_tokens: int = 1
+    """Number of extra tokens inserted into the sequence (0 for the shift alone)."""
+    shift: bool = True
+    """Learn the shift vector added to every real token."""
+
+
+class DGAText(Adapter):
+    name = "dga-text"
+    min_access = AccessLevel.DARK_GRAY
+
+    def __init__(self, config: DGATextConfig, spec: BackboneSpec, modality: str = "text") -> None:
+        super().__init__(config, spec, modality)
+        dim = port_dim(spec, PORT)
+        self.shift = nn.Parameter(torch.zeros(1, 1, dim)) if config.shift else None
+        self.extra = nn.Parameter(torch.zeros(1, config.extra_tokens, dim)) if config.extra_tokens else None
+
+    @property
+    def ports(self) -> tuple[str, ...]:
+        return (PORT,)
+
+    def before(self, request: TowerRequest) -> None:
+        if self.shift is not None:
+            request.add_at(PORT, self.shift)  # [1, 1, D]
+        if self.extra is not None:
+            request.insert_at(PORT, self.extra)  # [1, K, D]
+
+
+@ADAPTERS.register("dga-text")
+def build(spec: BackboneSpec, modality: str = "text", **options: object) -> DGAText:
+    return DGAText(config_from_dict(DGATextConfig, options, "dga-text"), spec, modality)

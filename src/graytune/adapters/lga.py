@@ -1,0 +1,75 @@
+"""LGA: learned tokens at chosen declared entry layers, independent per layer (light-gray).
+
+Where a port allows ``insert`` (transformer layers), ``tokens`` vectors per layer
+are inserted (starting at zero); where it allows only ``add`` (CNN feature maps),
+a learned per-channel offset is added (starting at zero: the identity).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from graytune.adapters.base import ADAPTERS, Adapter, TowerRequest, config_from_dict, port_dim
+from graytune.errors import InvalidInputError
+from graytune.types import AccessLevel, BackboneSpec, Op, PortKind
+
+
+@dataclass
+class LGAConfig:
+    layers: tuple[int, ...] = ()
+    """Entry layers to use (the k of ``<tower>.layer.k``); empty means every declared one."""
+    tokens: int = 1
+    """Tokens inserted per layer where insertion is possible."""
+    mode: str = "auto"
+    """``insert``, ``add`` or ``auto`` (insert where the port allows it, else add)."""
+
+
+class LGA(Adapter):
+    name = "lga"
+    min_access = AccessLevel.LIGHT_GRAY
+
+    def __init__(self, config: LGAConfig, spec: BackboneSpec, modality: str) -> None:
+        super().__init__(config, spec, modality)
+        declared = [p for p in spec.ports if p.kind is PortKind.ENTRY and p.modality == modality]
+        by_layer = {int(p.name.rsplit(".", 1)[1]): p for p in declared}
+        wanted = list(config.layers) or sorted(by_layer)
+        missing = [k for k in wanted if k not in by_layer]
+        if missing or not wanted:
+            raise InvalidInputError(f"lga: layers {missing or wanted} are not declared entry ports of {spec.id}'s "
+                                    f"{modality} tower; declared: {sorted(by_layer)}")
+        self.plan: dict[str, Op] = {}
+        params = {}
+        for k in wanted:
+            port = by_layer[k]
+            op = Op.INSERT if config.mode in ("auto", "insert") and Op.INSERT in port.ops else Op.ADD
+            if config.mode == "insert" and op is not Op.INSERT:
+                raise InvalidInputError(f"lga: {port.name} does not take inserted tokens; use mode='add'")
+            shape = (1, config.tokens, port_dim(spec, port.name)) if op is Op.INSERT else (
+                [d if isinstance(d, int) else 1 for d in port.shape])
+            if op is Op.ADD:
+                shape[0] = 1
+            self.plan[port.name] = op
+            params[port.name.replace(".", "_")] = nn.Parameter(torch.zeros(*shape))
+        self.tokens = nn.ParameterDict(params)
+
+    @property
+    def ports(self) -> tuple[str, ...]:
+        return tuple(self.plan)
+
+    def before(self, request: TowerRequest) -> None:
+        for port, op in self.plan.items():
+            value = self.tokens[port.replace(".", "_")]
+            if op is Op.INSERT:
+                request.insert_at(port, value)
+            else:
+                request.add_at(port, value)
+
+
+@ADAPTERS.register("lga")
+def build(spec: BackboneSpec, modality: str, **options: object) -> LGA:
+    if "layers" in options:
+        options["layers"] = tuple(int(k) for k in options["layers"])  # type: ignore[union-attr]
+    return LGA(config_from_dict(LGAConfig, options, "lga"), spec, modality)

@@ -1,0 +1,48 @@
+"""Output-only residual MLP (CLIP-Adapter style): ``(1 - mix) x + mix * MLP(x)``; black-box baseline.
+
+The MLP's last layer starts at zero, so at init the output is ``(1 - mix) x``:
+after L2 normalisation, the identity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from graytune.adapters.base import ADAPTERS, Adapter, config_from_dict, port_dim
+from graytune.types import AccessLevel, BackboneSpec
+
+
+@dataclass
+class OutputMLPConfig:
+    reduction: int = 4
+    """Hidden width is the embedding width divided by this."""
+    mix: float = 0.2
+    """Weight of the MLP branch in the residual mix (CLIP-Adapter uses 0.2)."""
+
+
+class OutputMLP(Adapter):
+    name = "output-mlp"
+    min_access = AccessLevel.BLACK_BOX
+
+    def __init__(self, config: OutputMLPConfig, spec: BackboneSpec, modality: str) -> None:
+        super().__init__(config, spec, modality)
+        dim = port_dim(spec, f"{modality}.embeds")
+        hidden = max(1, dim // config.reduction)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.ReLU(), nn.Linear(hidden, dim, bias=False))
+        nn.init.zeros_(self.mlp[2].weight)
+
+    @property
+    def ports(self) -> tuple[str, ...]:
+        return (f"{self.modality}.embeds",)
+
+    def after(self, embeds: torch.Tensor) -> torch.Tensor:
+        mix = self.config.mix
+        return (1 - mix) * embeds + mix * self.mlp(embeds)  # [B, E]
+
+
+@ADAPTERS.register("output-mlp")
+def build(spec: BackboneSpec, modality: str, **options: object) -> OutputMLP:
+    return OutputMLP(config_from_dict(OutputMLPConfig, options, "output-mlp"), spec, modality)

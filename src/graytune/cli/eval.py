@@ -1,0 +1,30 @@
+"""``graytune eval``: test metrics of a saved adapter (or of the zero-shot backbone)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate a saved adapter on a data set's test split")
+    p.add_argument("--backbone", required=True, help="the backbone the adapter was trained on")
+    p.add_argument("--adapter", default=None, help="folder written by graytune train (omit for zero-shot)")
+    p.add_argument("--task", choices=["retrieval", "classification"], help="default: the data set's own")
+    p.add_argument("--data", required=True, help="tuxpaint, fashion-mnist, wordnet-supersense, or a path")
+    p.add_argument("--image-size", type=int, default=None, help="default: the size the adapter was trained at")
+    p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from graytune.train.recipe import evaluate_saved
+
+    result = evaluate_saved(args.backbone, args.adapter, args.data, args.task, args.image_size)
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+    else:
+        print(f"{result['method']} on {result['backbone']}, {result['data']} test split:")
+        for key, value in result["test"].items():
+            print(f"  {key:<32} {value:8.2f}")
+    return 0

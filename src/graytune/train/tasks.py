@@ -1,0 +1,163 @@
+"""Tasks: how to batch a data set, the loss, and the evaluation, for an adapted model.
+
+Example:
+    >>> task = RetrievalTask(train_pairs, preprocess)
+    >>> loss = task.loss(model, next(task.batches(32, generator)))
+    >>> task.evaluate(model, test_pairs)["mean_recall"]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+from graytune.data.images import ImagePreprocess
+from graytune.data.labeled import LabeledImages, LabeledTexts
+from graytune.data.tuxpaint import ImageCaptionSet
+from graytune.eval.retrieval import retrieval_metrics
+from graytune.model import AdaptedModel
+
+Tensor = torch.Tensor
+
+
+class Task(Protocol):
+    """A task trains on its own data set and evaluates on any set of the same kind."""
+
+    primary: str  # the metric early stopping and model selection use (higher is better)
+
+    def __len__(self) -> int: ...
+
+    def batches(self, batch_size: int, generator: torch.Generator) -> Iterator[Any]: ...
+
+    def loss(self, model: AdaptedModel, batch: Any) -> Tensor: ...
+
+    def evaluate(self, model: AdaptedModel, data: Any) -> dict[str, float]: ...
+
+
+def _pixels(images: Sequence[Image.Image], preprocess: ImagePreprocess) -> Tensor:
+    return preprocess(list(images))
+
+
+def pixel_cache(paths_or_images: Sequence[Any], preprocess: ImagePreprocess, batch: int = 64) -> Tensor:
+    """``[N, 3, S, S]`` preprocessed pixels, computed once (the adapters see the same tensors each epoch)."""
+    chunks = []
+    for i in range(0, len(paths_or_images), batch):
+        images = []
+        for item in paths_or_images[i:i + batch]:
+            if isinstance(item, Image.Image):
+                images.append(item)
+            else:
+                with Image.open(item) as im:
+                    images.append(im.copy())
+        chunks.append(preprocess(images))
+    return torch.cat(chunks) if chunks else torch.zeros(0, 3, preprocess.image_size, preprocess.image_size)
+
+
+class RetrievalTask:
+    """Image↔text retrieval: symmetric contrastive loss with the model's learnable temperature."""
+
+    primary = "mean_recall"
+
+    def __init__(self, data: ImageCaptionSet, preprocess: ImagePreprocess) -> None:
+        self.data, self.preprocess = data, preprocess
+        self.pixels = pixel_cache(data.images, preprocess)
+        self.first_caption = {}
+        for j, i in enumerate(data.caption_image):
+            self.first_caption.setdefault(i, j)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def batches(self, batch_size: int, generator: torch.Generator) -> Iterator[tuple[Tensor, list[str]]]:
+        order = torch.randperm(len(self.data), generator=generator).tolist()
+        for start in range(0, len(order) - batch_size + 1, batch_size):  # full batches: a fixed negative count
+            idx = order[start:start + batch_size]
+            yield self.pixels[idx], [self.data.captions[self.first_caption[i]] for i in idx]
+
+    def loss(self, model: AdaptedModel, batch: tuple[Tensor, list[str]]) -> Tensor:
+        pixels, captions = batch
+        logits = model.similarity(model.encode_image(pixels), model.encode_text(captions))  # [B, B]
+        target = torch.arange(len(captions))
+        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+    @torch.no_grad()
+    def evaluate(self, model: AdaptedModel, data: ImageCaptionSet, batch_size: int = 64) -> dict[str, float]:
+        pixels = self.pixels if data is self.data else pixel_cache(data.images, self.preprocess)
+        img = torch.cat([model.encode_image(pixels[i:i + batch_size]) for i in range(0, len(pixels), batch_size)])
+        txt = torch.cat([model.encode_text(list(data.captions[i:i + batch_size]))
+                         for i in range(0, len(data.captions), batch_size)])
+        return retrieval_metrics(img, txt, data.caption_image)
+
+
+class ClassificationTask:
+    """Classification by similarity to class-name prompts (zero-shot at init), trained with cross-entropy.
+
+    The queries are images (``LabeledImages``) or texts (``LabeledTexts``); the
+    classes are always prompts through the text tower, so text adapters train too.
+    """
+
+    primary = "accuracy"
+
+    def __init__(self, data: LabeledImages | LabeledTexts, prompt: str, preprocess: ImagePreprocess | None = None,
+                 classes: Sequence[int] | None = None) -> None:
+        self.data, self.prompt, self.preprocess = data, prompt, preprocess
+        self.classes = list(classes) if classes is not None else list(range(len(data.class_names)))
+        self.pixels = self._queries(data) if isinstance(data, LabeledImages) else None
+
+    def _queries(self, data: LabeledImages) -> Tensor:
+        if self.preprocess is None:
+            raise ValueError("image classification needs a preprocess")
+        return pixel_cache([data.pil(i) for i in range(len(data))], self.preprocess)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def prompts(self, classes: Sequence[int]) -> list[str]:
+        return [self.prompt.format(self.data.class_names[c]) for c in classes]
+
+    def batches(self, batch_size: int, generator: torch.Generator) -> Iterator[tuple[Any, Tensor]]:
+        order = torch.randperm(len(self.data), generator=generator).tolist()
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            queries = self.pixels[idx] if self.pixels is not None else [self.data.texts[i] for i in idx]
+            yield queries, self.data.labels[idx]
+
+    def _encode(self, model: AdaptedModel, queries: Any) -> Tensor:
+        return model.encode_image(queries) if isinstance(queries, Tensor) else model.encode_text(queries)
+
+    def loss(self, model: AdaptedModel, batch: tuple[Any, Tensor]) -> Tensor:
+        queries, labels = batch
+        class_emb = model.encode_text(self.prompts(self.classes))  # [C, E]
+        position = {c: i for i, c in enumerate(self.classes)}
+        target = torch.tensor([position[int(y)] for y in labels])
+        return F.cross_entropy(model.similarity(self._encode(model, queries), class_emb), target)
+
+    @torch.no_grad()
+    def evaluate(self, model: AdaptedModel, data: LabeledImages | LabeledTexts, batch_size: int = 128,
+                 splits: dict[str, Sequence[int]] | None = None) -> dict[str, float]:
+        """Accuracy (%) among all classes, and among each split's classes on its own samples (base/novel)."""
+        pixels = self.pixels if data is self.data else (self._queries(data) if isinstance(data, LabeledImages)
+                                                         else None)
+        chunks = []
+        for i in tqdm(range(0, len(data), batch_size), desc="eval", unit="batch", leave=False, disable=None):
+            queries = pixels[i:i + batch_size] if pixels is not None else list(data.texts[i:i + batch_size])
+            chunks.append(self._encode(model, queries))
+        queries = F.normalize(torch.cat(chunks), dim=-1)
+        class_emb = F.normalize(model.encode_text(self.prompts(range(len(data.class_names)))), dim=-1)
+        scores = queries @ class_emb.T  # [N, C]
+        out = {"accuracy": 100.0 * float((scores.argmax(1) == data.labels).float().mean())}
+        for name, classes in (splits or {}).items():
+            cls = torch.as_tensor(list(classes))
+            rows = torch.isin(data.labels, cls)
+            if rows.any():
+                pred = cls[scores[rows][:, cls].argmax(1)]
+                out[f"{name}_accuracy"] = 100.0 * float((pred == data.labels[rows]).float().mean())
+        if {"base_accuracy", "novel_accuracy"} <= set(out):
+            b, n = out["base_accuracy"], out["novel_accuracy"]
+            out["harmonic_mean"] = 2 * b * n / (b + n) if b + n > 0 else 0.0
+        return out
