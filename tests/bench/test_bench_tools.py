@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from graytune.bench.boundary import format_report
-from graytune.bench.memory import step_peak_mb
+from graytune.eval.profiling import peak_tensor_mb as step_peak_mb
 
 
 def test_step_peak_counts_a_known_allocation() -> None:

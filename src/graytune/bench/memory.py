@@ -14,20 +14,8 @@ import json
 import sys
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
-
-def step_peak_mb(step) -> float:  # type: ignore[no-untyped-def]
-    """The most tensor memory held at once during ``step()``, above what was held before it."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    current = peak = 0
-    for event in events:
-        current += event.nbytes()
-        peak = max(peak, current)
-    return peak / 2**20
+from graytune.eval.profiling import peak_tensor_mb
 
 
 def weights_mb(case: str) -> float:
@@ -42,7 +30,7 @@ def measure(case: str, mode: str) -> dict[str, float]:
 
     torch.manual_seed(0)
     step = getattr(CASES[case], mode)()
-    return {"step_peak_mb": step_peak_mb(step), "weights_mb": weights_mb(case)}
+    return {"step_peak_mb": peak_tensor_mb(step), "weights_mb": weights_mb(case)}
 
 
 if __name__ == "__main__":
