@@ -17,6 +17,9 @@ pip_install() {
 echo "setup: installing torch==2.13.0 and graytune[dev] into .venv"
 pip_install "torch==2.13.0"
 pip_install -e ".[dev]"
+# CLIP_benchmark's evaluator runs unchanged on adapted models in the tests; its own dependencies
+# (open_clip, hence torchvision and timm) are not needed by the module used and must not come in.
+pip_install --no-deps "clip_benchmark==1.6.2"
 if .venv/bin/python -c "import importlib.util,sys; sys.exit(0 if importlib.util.find_spec('torchvision') or importlib.util.find_spec('timm') else 1)"; then
     echo "setup: torchvision or timm got installed; they break transformers beside CPU torch 2.13 (DESIGN.md §7)" >&2
     exit 1

@@ -80,3 +80,38 @@ def test_bad_data_names_and_files(tmp_path) -> None:
     (tmp_path / "h.csv").write_text("img,text\nx,y\n")
     with pytest.raises(InvalidInputError, match="needs a header with 'image' and 'caption'"):
         load_splits(str(tmp_path / "h.csv"))
+
+
+def test_emoji_fortunes_and_sketches_are_real_local_sets() -> None:
+    emoji = load_splits("emoji")
+    assert (len(emoji.train), len(emoji.val), len(emoji.test)) == (873, 100, 400)
+    assert "hammer" in emoji.train.captions + emoji.val.captions + emoji.test.captions
+    fortunes = load_splits("fortunes")
+    assert fortunes.train.class_names[0] == "computers" and len(fortunes.test) > 500
+    sketch = load_splits("tuxpaint-sketch")
+    assert sketch.task == "sketch" and len(sketch.train) == 500
+    edges = np.asarray(sketch.train.sketches[0].convert("L"))
+    assert edges.min() == 0 and (edges == 255).mean() > 0.5  # dark lines on a mostly white page
+
+
+def test_base_to_novel_trains_on_base_classes_only() -> None:
+    s = load_splits("fashion-mnist:base-to-novel")
+    assert s.classes == (0, 1, 2, 3, 4) and s.eval_splits == {"base": (0, 1, 2, 3, 4), "novel": (5, 6, 7, 8, 9)}
+    assert int(s.train.labels.max()) <= 4 and int(s.val.labels.max()) <= 4
+    assert set(s.test.labels.tolist()) == set(range(10))
+    with pytest.raises(InvalidInputError, match="needs a classification set"):
+        load_splits("tuxpaint", base_to_novel=True)
+
+
+def test_image_folder_classification(tmp_path) -> None:
+    for c, colour in (("red", (255, 0, 0)), ("blue", (0, 0, 255))):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(10):
+            Image.new("RGB", (16, 16), colour).save(tmp_path / "imgs" / c / f"{i}.png")
+    s = load_splits(str(tmp_path / "imgs"))
+    assert s.task == "classification" and s.train.class_names == ("blue", "red")
+    assert len(s.train) + len(s.val) + len(s.test) == 20
+    (tmp_path / "flat").mkdir()
+    Image.new("RGB", (4, 4)).save(tmp_path / "flat" / "x.png")
+    with pytest.raises(InvalidInputError, match="at least 2 class sub-folders"):
+        load_splits(str(tmp_path / "flat"))

@@ -47,3 +47,33 @@ def test_perfect_embeddings_score_100_and_rank_1() -> None:
 def test_bad_caption_index_is_refused() -> None:
     with pytest.raises(InvalidInputError, match="for each of the 3 captions"):
         retrieval_metrics(torch.eye(2), torch.eye(3)[:, :2], [0, 1, 5])
+
+
+def naive_ap(scores: list[float], rel: list[bool]) -> float:
+    ranked = [r for _, r in sorted(zip(scores, rel), key=lambda t: -t[0])]
+    hits, total = 0, 0.0
+    for i, r in enumerate(ranked, 1):
+        if r:
+            hits += 1
+            total += hits / i
+    return total / hits
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_category_metrics_match_naive_map_and_precision(seed: int) -> None:
+    from graytune.eval.retrieval import category_metrics
+
+    g = torch.Generator().manual_seed(seed)
+    q_lab, g_lab = torch.randint(0, 3, (7,), generator=g).tolist(), torch.randint(0, 3, (15,), generator=g).tolist()
+    q, gal = torch.randn(7, 5, generator=g), torch.randn(15, 5, generator=g)
+    m = category_metrics(q, gal, q_lab, g_lab, ks=(1, 5))
+    sims = torch.nn.functional.normalize(q, dim=-1) @ torch.nn.functional.normalize(gal, dim=-1).T
+    aps, p5 = [], []
+    for i in range(7):
+        rel = [gl == q_lab[i] for gl in g_lab]
+        if any(rel):
+            aps.append(naive_ap(sims[i].tolist(), rel))
+            top = sorted(range(15), key=lambda j: -float(sims[i, j]))[:5]
+            p5.append(sum(rel[j] for j in top) / 5)
+    assert m["mAP"] == pytest.approx(100 * sum(aps) / len(aps))
+    assert m["P@5"] == pytest.approx(100 * sum(p5) / len(p5))

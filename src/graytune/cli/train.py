@@ -17,9 +17,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backbone", required=True, help="backbone id, e.g. bridge:efficientnet-lite0+minilm")
     p.add_argument("--access", default="dark-gray", choices=[lvl.label for lvl in AccessLevel])
     p.add_argument("--method", required=True, choices=sorted(METHODS))
-    p.add_argument("--task", choices=["retrieval", "classification"], help="default: the data set's own")
+    p.add_argument("--task", choices=["retrieval", "classification", "sketch"], help="default: the data set's own")
     p.add_argument("--data", required=True,
-                   help="tuxpaint, fashion-mnist, wordnet-supersense, or a .csv/.jsonl of image,caption")
+                   help="tuxpaint, emoji, tuxpaint-sketch, fashion-mnist, wordnet-supersense, fortunes (add "
+                        ":base-to-novel to a classification set), or a .csv/.jsonl of image,caption")
     p.add_argument("--out", required=True, help="folder for the adapter (a checkpoint there resumes the run)")
     p.add_argument("--image-size", type=int, default=None, help="image side in pixels (default: the spec's)")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")

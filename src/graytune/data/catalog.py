@@ -13,13 +13,22 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from graytune.data.labeled import LabeledImages, LabeledTexts, load_fashion_mnist, load_wordnet_supersenses
+from graytune.data.emoji import load_emoji
+from graytune.data.fortunes import load_fortunes
+from graytune.data.labeled import (
+    LabeledImages,
+    LabeledTexts,
+    load_fashion_mnist,
+    load_image_folder,
+    load_wordnet_supersenses,
+)
+from graytune.data.sketch import load_sketches
 from graytune.data.tuxpaint import ImageCaptionSet, load_tuxpaint
 from graytune.errors import InvalidInputError, MissingDependencyError, UnknownNameError
 
@@ -35,23 +44,32 @@ class Splits:
     test: Any
     prompt: str = ""  # classification: the class-name prompt, with {} for the name
     fit: str = "crop"  # image preprocessing: crop photos, pad drawings
+    classes: tuple[int, ...] | None = None  # classification: the classes trained on (base-to-novel: the base)
+    eval_splits: dict[str, tuple[int, ...]] | None = None  # classification: class groups scored apart
 
 
-BUILTIN = {"tuxpaint": "retrieval", "fashion-mnist": "classification", "wordnet-supersense": "classification"}
+BUILTIN = {"tuxpaint": "retrieval", "emoji": "retrieval", "tuxpaint-sketch": "sketch",
+           "fashion-mnist": "classification", "wordnet-supersense": "classification", "fortunes": "classification"}
 
 
 def _perm(n: int, seed: int) -> list[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def load_splits(name: str, task: str | None = None, seed: int = 0, train_size: int | None = None) -> Splits:
-    """The splits of a built-in set (``tuxpaint``, ``fashion-mnist``, ``wordnet-supersense``) or a path.
+def load_splits(name: str, task: str | None = None, seed: int = 0, train_size: int | None = None,
+                base_to_novel: bool = False) -> Splits:
+    """The splits of a built-in set (see ``BUILTIN``) or of a path.
+
+    With ``base_to_novel`` (classification), the first half of the classes is the base: train and
+    val keep base samples only; the test split keeps all, scored among base and among novel classes.
 
     Paths: a ``.csv``/``.jsonl`` of ``image,caption`` rows (retrieval, image paths relative to the file)
     or a folder of class sub-folders of images (classification).
     """
     if name in BUILTIN:
         kind = BUILTIN[name]
+    elif name.endswith(":base-to-novel"):
+        return load_splits(name.rsplit(":", 1)[0], task, seed, train_size, base_to_novel=True)
     elif Path(name).exists():
         kind = "classification" if Path(name).is_dir() else "retrieval"
     else:
@@ -59,6 +77,11 @@ def load_splits(name: str, task: str | None = None, seed: int = 0, train_size: i
                                "or give a path: a .csv/.jsonl of image,caption or a folder of class folders")
     if task is not None and task != kind:
         raise InvalidInputError(f"data {name!r} is for {kind}, not {task!r}; pick --task {kind}")
+    splits = _builtin(name, kind, seed, train_size) if name in BUILTIN else _from_path(Path(name), kind, seed)
+    return _base_to_novel(splits) if base_to_novel else splits
+
+
+def _builtin(name: str, kind: str, seed: int, train_size: int | None) -> Splits:
     if name == "tuxpaint":
         data = load_tuxpaint()
         p = _perm(len(data), seed)
@@ -77,7 +100,33 @@ def load_splits(name: str, task: str | None = None, seed: int = 0, train_size: i
         n_train = train_size or 2000
         return Splits(name, kind, data.subset(p[:n_train]), data.subset(p[n_train:n_train + 500]),
                       data.subset(p[-3000:]), prompt="this is a definition of a kind of {}")
-    return _from_path(Path(name), kind, seed)
+    if name == "fortunes":
+        data = load_fortunes(seed=seed)
+        p = _perm(len(data), seed)
+        return Splits(name, kind, data.subset(p[:train_size or 500]), data.subset(p[500:700]),
+                      data.subset(p[700:]), prompt="a quote about {}")
+    if name == "emoji":
+        data = load_emoji()
+        p = _perm(len(data), seed)
+        return Splits(name, kind, data.subset(p[:train_size or 873]), data.subset(p[873:973]),
+                      data.subset(p[973:]))
+    sketches = load_sketches()
+    p = _perm(len(sketches), seed)
+    return Splits(name, kind, sketches.subset(p[:train_size or 500]), sketches.subset(p[500:585]),
+                  sketches.subset(p[585:]), fit="pad")
+
+
+def _base_to_novel(splits: Splits) -> Splits:
+    if splits.task != "classification":
+        raise InvalidInputError(f"base-to-novel needs a classification set; {splits.name} is for {splits.task}")
+    n = len(splits.train.class_names)
+    base, novel = tuple(range(n // 2)), tuple(range(n // 2, n))
+
+    def keep(data):  # type: ignore[no-untyped-def]
+        return data.subset([i for i, y in enumerate(data.labels.tolist()) if y in base])
+
+    return replace(splits, name=f"{splits.name}:base-to-novel", train=keep(splits.train), val=keep(splits.val),
+                   classes=base, eval_splits={"base": base, "novel": novel})
 
 
 def _from_path(path: Path, kind: str, seed: int) -> Splits:
@@ -88,8 +137,13 @@ def _from_path(path: Path, kind: str, seed: int) -> Splits:
         data = ImageCaptionSet(path.stem, tuple(images), tuple(r[1] for r in rows),
                                tuple(index[r[0]] for r in rows), tuple("" for _ in images))
         return _split(path.stem, kind, data, _perm(len(images), seed))
-    raise MissingDependencyError(f"{path}: image-folder classification is not supported yet; "
-                                 "use fashion-mnist or a .csv/.jsonl of image,caption pairs")
+    data = load_image_folder(path)
+    order = _perm(len(data), seed)
+    n = len(order)
+    n_test, n_val = max(1, n // 5), max(1, n // 10)
+    return Splits(path.name, kind, data.subset(order[:n - n_test - n_val]),
+                  data.subset(order[n - n_test - n_val:n - n_test]), data.subset(order[n - n_test:]),
+                  prompt="a picture of a {}")
 
 
 def _read_pairs(path: Path) -> list[tuple[Path, str]]:
@@ -123,10 +177,3 @@ def _split(name: str, kind: str, data: ImageCaptionSet, order: list[int]) -> Spl
     return Splits(name, kind, data.subset(order[:n - n_test - n_val]), data.subset(order[n - n_test - n_val:n - n_test]),
                   data.subset(order[n - n_test:]))
 
-
-def is_images(data: Any) -> bool:
-    return isinstance(data, LabeledImages)
-
-
-def is_texts(data: Any) -> bool:
-    return isinstance(data, LabeledTexts)

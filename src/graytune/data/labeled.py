@@ -46,6 +46,47 @@ class LabeledImages:
 
 
 @dataclass(frozen=True)
+class LabeledImageFiles:
+    """Image files with labels (an image folder: one sub-folder per class)."""
+
+    name: str
+    paths: tuple[Path, ...]
+    labels: torch.Tensor
+    class_names: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def pil(self, index: int) -> Image.Image:
+        with Image.open(self.paths[index]) as image:
+            return image.convert("RGB")
+
+    def subset(self, indices: Sequence[int]) -> LabeledImageFiles:
+        return LabeledImageFiles(self.name, tuple(self.paths[i] for i in indices),
+                                 self.labels[torch.as_tensor(list(indices), dtype=torch.long)], self.class_names)
+
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+
+
+def load_image_folder(root: str | Path) -> LabeledImageFiles:
+    """``root/<class>/<image>``: classes are the sub-folder names, sorted."""
+    root = Path(root)
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        for path in sorted((root / name).rglob("*")):
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                paths.append(path)
+                labels.append(label)
+    if len(classes) < 2 or not paths:
+        raise InvalidInputError(f"{root}: an image folder needs at least 2 class sub-folders holding images "
+                                f"({', '.join(sorted(IMAGE_SUFFIXES))}); found {len(classes)} folders, "
+                                f"{len(paths)} images")
+    return LabeledImageFiles(root.name, tuple(paths), torch.tensor(labels), tuple(classes))
+
+
+@dataclass(frozen=True)
 class LabeledTexts:
     """Texts with labels."""
 

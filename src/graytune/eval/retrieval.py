@@ -54,3 +54,29 @@ def retrieval_metrics(
     out["image_retrieval_median_rank"] = float(t2i_rank.float().median())
     out["text_retrieval_median_rank"] = float(i2t_rank.float().median())
     return out
+
+
+def category_metrics(query_emb: Tensor, gallery_emb: Tensor, query_labels: Sequence[int],
+                     gallery_labels: Sequence[int], ks: Sequence[int] = (1, 10)) -> dict[str, float]:
+    """Category-level retrieval (sketch → image): mean average precision and precision@k, in %.
+
+    A gallery item is relevant to a query when their labels match. Queries with
+    no relevant item are left out of the means.
+    """
+    q = torch.as_tensor(list(query_labels))
+    g = torch.as_tensor(list(gallery_labels))
+    if len(q) != len(query_emb) or len(g) != len(gallery_emb):
+        raise InvalidInputError(f"labels ({len(q)}, {len(g)}) must match the embeddings ({len(query_emb)}, "
+                                f"{len(gallery_emb)})")
+    sim = F.normalize(query_emb.float(), dim=-1) @ F.normalize(gallery_emb.float(), dim=-1).T  # [Q, G]
+    order = sim.argsort(dim=1, descending=True, stable=True)
+    relevant = (g[order] == q.unsqueeze(1)).float()  # [Q, G] in ranked order
+    has = relevant.sum(1) > 0
+    relevant = relevant[has]
+    ranks = torch.arange(1, relevant.shape[1] + 1).float()
+    precision_at = relevant.cumsum(1) / ranks  # [Q', G]
+    ap = (precision_at * relevant).sum(1) / relevant.sum(1)
+    out = {"mAP": 100.0 * float(ap.mean())}
+    for k in ks:
+        out[f"P@{k}"] = 100.0 * float(relevant[:, :k].sum(1).div(min(k, relevant.shape[1])).mean())
+    return out

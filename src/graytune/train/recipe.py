@@ -18,9 +18,9 @@ from graytune.access import LocalHandle, open_backbone
 from graytune.artifacts import load_adapter, read_config, save_adapter
 from graytune.data.catalog import Splits, load_splits
 from graytune.data.images import ImagePreprocess
-from graytune.data.labeled import LabeledImages
+from graytune.data.labeled import LabeledImageFiles, LabeledImages
 from graytune.model import METHODS, AdaptedModel
-from graytune.train.tasks import ClassificationTask, RetrievalTask, Task
+from graytune.train.tasks import ClassificationTask, RetrievalTask, SketchRetrievalTask, Task
 from graytune.train.trainer import TrainConfig, fit, seed_everything
 from graytune.types import AccessLevel
 
@@ -46,11 +46,13 @@ def open_for(backbone: str, access: str, method: str) -> LocalHandle:
 
 
 def make_task(splits: Splits, handle: LocalHandle, image_size: int | None) -> Task:
-    needs_images = splits.task == "retrieval" or isinstance(splits.train, LabeledImages)
+    needs_images = splits.task in ("retrieval", "sketch") or isinstance(splits.train, LabeledImages | LabeledImageFiles)
     pre = ImagePreprocess.from_spec(handle.spec, image_size, fit=splits.fit) if needs_images else None
     if splits.task == "retrieval":
         return RetrievalTask(splits.train, pre)  # type: ignore[arg-type]
-    return ClassificationTask(splits.train, splits.prompt, pre)
+    if splits.task == "sketch":
+        return SketchRetrievalTask(splits.train, pre)  # type: ignore[arg-type]
+    return ClassificationTask(splits.train, splits.prompt, pre, splits.classes, splits.eval_splits)
 
 
 def train_and_save(run: RunSpec, progress: bool = True) -> dict[str, Any]:

@@ -17,9 +17,10 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from graytune.data.images import ImagePreprocess
-from graytune.data.labeled import LabeledImages, LabeledTexts
+from graytune.data.labeled import LabeledImageFiles, LabeledImages, LabeledTexts
+from graytune.data.sketch import SketchSet
 from graytune.data.tuxpaint import ImageCaptionSet
-from graytune.eval.retrieval import retrieval_metrics
+from graytune.eval.retrieval import category_metrics, retrieval_metrics
 from graytune.model import AdaptedModel
 
 Tensor = torch.Tensor
@@ -104,12 +105,15 @@ class ClassificationTask:
     primary = "accuracy"
 
     def __init__(self, data: LabeledImages | LabeledTexts, prompt: str, preprocess: ImagePreprocess | None = None,
-                 classes: Sequence[int] | None = None) -> None:
-        self.data, self.prompt, self.preprocess = data, prompt, preprocess
+                 classes: Sequence[int] | None = None, splits: dict[str, Sequence[int]] | None = None) -> None:
+        self.data, self.prompt, self.preprocess, self.splits = data, prompt, preprocess, splits
         self.classes = list(classes) if classes is not None else list(range(len(data.class_names)))
-        self.pixels = self._queries(data) if isinstance(data, LabeledImages) else None
+        outside = set(data.labels.tolist()) - set(self.classes)
+        if outside:
+            raise ValueError(f"training samples carry labels {sorted(outside)} outside the trained classes")
+        self.pixels = self._queries(data) if isinstance(data, LabeledImages | LabeledImageFiles) else None
 
-    def _queries(self, data: LabeledImages) -> Tensor:
+    def _queries(self, data: LabeledImages | LabeledImageFiles) -> Tensor:
         if self.preprocess is None:
             raise ValueError("image classification needs a preprocess")
         return pixel_cache([data.pil(i) for i in range(len(data))], self.preprocess)
@@ -140,9 +144,15 @@ class ClassificationTask:
     @torch.no_grad()
     def evaluate(self, model: AdaptedModel, data: LabeledImages | LabeledTexts, batch_size: int = 128,
                  splits: dict[str, Sequence[int]] | None = None) -> dict[str, float]:
-        """Accuracy (%) among all classes, and among each split's classes on its own samples (base/novel)."""
-        pixels = self.pixels if data is self.data else (self._queries(data) if isinstance(data, LabeledImages)
-                                                         else None)
+        """Accuracy (%) among all classes, and among each split's classes on its own samples (base/novel).
+
+        The harmonic mean is of the base and novel accuracies of this one evaluation.
+        """
+        splits = self.splits if splits is None else splits
+        if data is self.data:
+            pixels = self.pixels
+        else:
+            pixels = self._queries(data) if isinstance(data, LabeledImages | LabeledImageFiles) else None
         chunks = []
         for i in tqdm(range(0, len(data), batch_size), desc="eval", unit="batch", leave=False, disable=None):
             queries = pixels[i:i + batch_size] if pixels is not None else list(data.texts[i:i + batch_size])
@@ -160,4 +170,43 @@ class ClassificationTask:
         if {"base_accuracy", "novel_accuracy"} <= set(out):
             b, n = out["base_accuracy"], out["novel_accuracy"]
             out["harmonic_mean"] = 2 * b * n / (b + n) if b + n > 0 else 0.0
+        return out
+
+
+class SketchRetrievalTask:
+    """Sketch → image retrieval through one image tower: instance-level contrastive training,
+    category-level evaluation (mAP, P@k) plus instance recall@1."""
+
+    primary = "mAP"
+
+    def __init__(self, data: SketchSet, preprocess: ImagePreprocess) -> None:
+        self.data, self.preprocess = data, preprocess
+        self.sketches = pixel_cache(data.sketches, preprocess)
+        self.images = pixel_cache(data.images, preprocess)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def batches(self, batch_size: int, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
+        order = torch.randperm(len(self.data), generator=generator).tolist()
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            idx = order[start:start + batch_size]
+            yield self.sketches[idx], self.images[idx]
+
+    def loss(self, model: AdaptedModel, batch: tuple[Tensor, Tensor]) -> Tensor:
+        sketches, images = batch
+        logits = model.similarity(model.encode_image(sketches), model.encode_image(images))
+        target = torch.arange(len(sketches))
+        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+    @torch.no_grad()
+    def evaluate(self, model: AdaptedModel, data: SketchSet, batch_size: int = 64) -> dict[str, float]:
+        same = data is self.data
+        sketches = self.sketches if same else pixel_cache(data.sketches, self.preprocess)
+        images = self.images if same else pixel_cache(data.images, self.preprocess)
+        q = torch.cat([model.encode_image(sketches[i:i + batch_size]) for i in range(0, len(data), batch_size)])
+        g = torch.cat([model.encode_image(images[i:i + batch_size]) for i in range(0, len(data), batch_size)])
+        out = category_metrics(q, g, data.labels, data.labels)
+        top = (F.normalize(q, dim=-1) @ F.normalize(g, dim=-1).T).argmax(1)
+        out["sketch_recall@1"] = 100.0 * float((top == torch.arange(len(data))).float().mean())
         return out
