@@ -22,6 +22,8 @@ SETTINGS = [
      ["zero-shot", "output", "output-mlp", "dga", "lga", "adalink", "lora", "full"]),
     ("image-text", "bridge:efficientnet-lite0+minilm", "tuxpaint", 128,
      ["zero-shot", "output", "output-mlp", "dga", "lga", "adalink", "lora", "full"]),
+    ("sketch", "bridge:efficientnet-lite0+minilm", "tuxpaint-sketch", 96,
+     ["zero-shot", "output", "output-mlp", "dga", "lga", "lora", "full"]),
 ]
 
 

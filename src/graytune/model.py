@@ -114,6 +114,13 @@ class AdaptedModel(nn.Module):
         """``[B, E]`` adapted image embeddings (not normalised) for ``[B, 3, H, W]`` pixels."""
         return self._tower("image", {"image.pixels": pixels}, self.image_adapters)
 
+    def encode_video(self, frames: Tensor) -> Tensor:
+        """``[B, E]`` video embeddings: the mean of the frames' image embeddings, for ``[B, F, 3, H, W]``."""
+        if frames.dim() != 5:
+            raise InvalidInputError(f"encode_video takes [B, F, 3, H, W] frames; got shape {list(frames.shape)}")
+        per_frame = self.encode_image(frames.flatten(0, 1))  # [B*F, E]
+        return per_frame.view(frames.shape[0], frames.shape[1], -1).mean(dim=1)
+
     def encode_text(self, text: Sequence[str] | Mapping[str, Tensor]) -> Tensor:
         """``[B, E]`` adapted text embeddings (not normalised) for strings or tokenized ids."""
         tokens = dict(text) if isinstance(text, Mapping) else self.handle.tokenize(text)

@@ -28,7 +28,9 @@ from graytune.data.labeled import (
     load_image_folder,
     load_wordnet_supersenses,
 )
-from graytune.data.sketch import load_sketches
+from graytune.data.karpathy import load_karpathy_json
+from graytune.data.sketch import load_sketch_folders, load_sketches
+from graytune.data.video import load_msrvtt_json
 from graytune.data.tuxpaint import ImageCaptionSet, load_tuxpaint
 from graytune.errors import InvalidInputError, MissingDependencyError, UnknownNameError
 
@@ -72,6 +74,8 @@ def load_splits(name: str, task: str | None = None, seed: int = 0, train_size: i
         return load_splits(name.rsplit(":", 1)[0], task, seed, train_size, base_to_novel=True)
     elif Path(name).exists():
         kind = "classification" if Path(name).is_dir() else "retrieval"
+        if Path(name).is_dir() and {"sketch", "photo"} <= {p.name for p in Path(name).iterdir()}:
+            kind = "sketch"
     else:
         raise UnknownNameError("data set", name, BUILTIN,
                                "or give a path: a .csv/.jsonl of image,caption or a folder of class folders")
@@ -130,6 +134,19 @@ def _base_to_novel(splits: Splits) -> Splits:
 
 
 def _from_path(path: Path, kind: str, seed: int) -> Splits:
+    if kind == "retrieval" and path.suffix == ".json":
+        if _is_msrvtt(path):
+            data = load_msrvtt_json(path)
+            return _split(path.stem, kind, data, _perm(len(data), seed))
+        parts = load_karpathy_json(path)
+        return Splits(path.stem, kind, parts["train"], parts["val"], parts["test"])
+    if kind == "sketch":
+        pairs = load_sketch_folders(path)
+        order = _perm(len(pairs), seed)
+        n = len(order)
+        n_test, n_val = max(1, n // 5), max(1, n // 10)
+        return Splits(path.name, kind, pairs.subset(order[:n - n_test - n_val]),
+                      pairs.subset(order[n - n_test - n_val:n - n_test]), pairs.subset(order[n - n_test:]), fit="pad")
     if kind == "retrieval":
         rows = _read_pairs(path)
         images = sorted({r[0] for r in rows})
@@ -144,6 +161,13 @@ def _from_path(path: Path, kind: str, seed: int) -> Splits:
     return Splits(path.name, kind, data.subset(order[:n - n_test - n_val]),
                   data.subset(order[n - n_test - n_val:n - n_test]), data.subset(order[n - n_test:]),
                   prompt="a picture of a {}")
+
+
+def _is_msrvtt(path: Path) -> bool:
+    try:
+        return "videos" in json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, TypeError):
+        return False
 
 
 def _read_pairs(path: Path) -> list[tuple[Path, str]]:
@@ -162,7 +186,8 @@ def _read_pairs(path: Path) -> list[tuple[Path, str]]:
                 raise InvalidInputError(f"{path}: needs a header with 'image' and 'caption'; got {reader.fieldnames}")
             rows = [(path.parent / r["image"], r["caption"]) for r in reader]
     else:
-        raise InvalidInputError(f"{path}: expected a .csv or .jsonl of image,caption pairs")
+        raise InvalidInputError(f"{path}: expected a .csv or .jsonl of image,caption pairs, a Karpathy-split "
+                                ".json or an MSR-VTT-style .json")
     missing = [str(p) for p, _ in rows if not p.is_file()]
     if missing:
         raise MissingDependencyError(f"{path}: {len(missing)} image files are missing, e.g. {missing[0]}")

@@ -60,3 +60,25 @@ def sketches_of(data: ImageCaptionSet) -> SketchSet:
 def load_sketches() -> SketchSet:
     """Edge maps of all 785 captioned Tux Paint drawings, with the drawings and their categories."""
     return sketches_of(load_tuxpaint())
+
+
+def load_sketch_folders(root: str | Path) -> SketchSet:
+    """``root/sketch/<class>/<name>.*`` paired with ``root/photo/<class>/<name>.*`` (same class and stem)."""
+    from graytune.data.labeled import IMAGE_SUFFIXES
+    from graytune.errors import InvalidInputError
+
+    root = Path(root)
+    classes = sorted(p.name for p in (root / "sketch").iterdir() if p.is_dir())
+    sketches, photos, labels = [], [], []
+    for label, name in enumerate(classes):
+        photo_by_stem = {p.stem: p for p in (root / "photo" / name).glob("*") if p.suffix.lower() in IMAGE_SUFFIXES}
+        for sketch in sorted((root / "sketch" / name).glob("*")):
+            if sketch.suffix.lower() in IMAGE_SUFFIXES and sketch.stem in photo_by_stem:
+                with Image.open(sketch) as im:
+                    sketches.append(im.convert("RGB"))
+                photos.append(photo_by_stem[sketch.stem])
+                labels.append(label)
+    if len(photos) < 10:
+        raise InvalidInputError(f"{root}: found {len(photos)} sketch/photo pairs; pairs share a class folder and "
+                                "a file stem under sketch/ and photo/, and at least 10 are needed to split")
+    return SketchSet(root.name, tuple(sketches), tuple(photos), tuple(labels), tuple(classes))

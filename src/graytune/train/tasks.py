@@ -9,6 +9,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -20,6 +21,7 @@ from graytune.data.images import ImagePreprocess
 from graytune.data.labeled import LabeledImageFiles, LabeledImages, LabeledTexts
 from graytune.data.sketch import SketchSet
 from graytune.data.tuxpaint import ImageCaptionSet
+from graytune.data.video import sample_frames
 from graytune.eval.retrieval import category_metrics, retrieval_metrics
 from graytune.model import AdaptedModel
 
@@ -44,8 +46,17 @@ def _pixels(images: Sequence[Image.Image], preprocess: ImagePreprocess) -> Tenso
     return preprocess(list(images))
 
 
-def pixel_cache(paths_or_images: Sequence[Any], preprocess: ImagePreprocess, batch: int = 64) -> Tensor:
-    """``[N, 3, S, S]`` preprocessed pixels, computed once (the adapters see the same tensors each epoch)."""
+VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm"}
+
+
+def pixel_cache(paths_or_images: Sequence[Any], preprocess: ImagePreprocess, batch: int = 64,
+                frames: int = 8) -> Tensor:
+    """Preprocessed pixels, computed once (the adapters see the same tensors each epoch).
+
+    ``[N, 3, S, S]`` for images; ``[N, F, 3, S, S]`` when the items are video files (``frames`` each).
+    """
+    if paths_or_images and Path(str(paths_or_images[0])).suffix.lower() in VIDEO_SUFFIXES:
+        return torch.stack([preprocess(sample_frames(p, frames)) for p in paths_or_images])
     chunks = []
     for i in range(0, len(paths_or_images), batch):
         images = []
@@ -80,16 +91,22 @@ class RetrievalTask:
             idx = order[start:start + batch_size]
             yield self.pixels[idx], [self.data.captions[self.first_caption[i]] for i in idx]
 
+    @staticmethod
+    def encode_visual(model: AdaptedModel, pixels: Tensor) -> Tensor:
+        """Images ``[B, 3, S, S]``, or videos ``[B, F, 3, S, S]`` pooled over frames."""
+        return model.encode_video(pixels) if pixels.dim() == 5 else model.encode_image(pixels)
+
     def loss(self, model: AdaptedModel, batch: tuple[Tensor, list[str]]) -> Tensor:
         pixels, captions = batch
-        logits = model.similarity(model.encode_image(pixels), model.encode_text(captions))  # [B, B]
+        logits = model.similarity(self.encode_visual(model, pixels), model.encode_text(captions))  # [B, B]
         target = torch.arange(len(captions))
         return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
     @torch.no_grad()
     def evaluate(self, model: AdaptedModel, data: ImageCaptionSet, batch_size: int = 64) -> dict[str, float]:
         pixels = self.pixels if data is self.data else pixel_cache(data.images, self.preprocess)
-        img = torch.cat([model.encode_image(pixels[i:i + batch_size]) for i in range(0, len(pixels), batch_size)])
+        img = torch.cat([self.encode_visual(model, pixels[i:i + batch_size])
+                         for i in range(0, len(pixels), batch_size)])
         txt = torch.cat([model.encode_text(list(data.captions[i:i + batch_size]))
                          for i in range(0, len(data.captions), batch_size)])
         return retrieval_metrics(img, txt, data.caption_image)

@@ -100,7 +100,10 @@ def fit(model: AdaptedModel, task: Task, val_data: Any, config: TrainConfig,
     seed_everything(config.seed)
     opt = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(config))
-    per_epoch = max(1, len(task) // (config.batch_size * config.grad_accum))
+    per_epoch = len(task) // (config.batch_size * config.grad_accum)
+    if per_epoch < 1:
+        raise InvalidInputError(f"the training set has {len(task)} samples, fewer than one step's "
+                                f"{config.batch_size * config.grad_accum}; lower --batch-size or add data")
     eval_every = config.eval_every or per_epoch
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best": -math.inf, "best_step": 0, "bad": 0,
              "history": [], "best_state": None}
