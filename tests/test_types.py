@@ -74,3 +74,12 @@ def test_registry_exact_family_and_unknown() -> None:
         reg.lookup("alpah")
     with pytest.raises(ValueError, match="registered twice"):
         reg.register("alpha")(lambda: None)
+
+
+def test_field_docstrings_become_cli_help() -> None:
+    from graytune.config import field_docs
+    from graytune.train.trainer import TrainConfig
+
+    docs = field_docs(TrainConfig)
+    assert docs["lr"] == "Peak learning rate of AdamW."
+    assert set(docs) == {f for f in TrainConfig.__dataclass_fields__}

@@ -6,6 +6,7 @@ import argparse
 import json
 from dataclasses import fields
 
+from graytune.config import field_docs
 from graytune.model import METHODS
 from graytune.train.trainer import TrainConfig
 from graytune.types import AccessLevel
@@ -24,9 +25,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="folder for the adapter (a checkpoint there resumes the run)")
     p.add_argument("--image-size", type=int, default=None, help="image side in pixels (default: the spec's)")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    docs = field_docs(TrainConfig)
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        p.add_argument(flag, type=type(f.default), default=f.default, help=(f.__doc__ or "").strip() or None)
+        p.add_argument(flag, type=type(f.default), default=f.default,
+                       help=f"{docs.get(f.name, '')} (default: {f.default})")
     p.set_defaults(run=run)
 
 
