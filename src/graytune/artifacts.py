@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,11 +61,24 @@ def save_adapter(model: AdaptedModel, folder: str | os.PathLike[str], options: d
         "exposure": model.handle.exposure.to_dict(),
         **(extra or {}),
     }
+    state = adapter_state(model)
+    return write_atomically(target, {
+        WEIGHTS_NAME: lambda path: save_file(state, str(path), metadata={"format": "pt"}),
+        CONFIG_NAME: lambda path: path.write_text(json.dumps(config, indent=2, sort_keys=True)),
+    })
+
+
+def write_atomically(target: Path, writers: dict[str, Callable[[Path], object]]) -> Path:
+    """Write each file into a staging folder beside ``target``, then swap it into place.
+
+    A reader sees the old folder or the new one, never a half-written one; a
+    failure leaves the old folder untouched and no staging folder behind.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        save_file(adapter_state(model), str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
-        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+        for name, write in writers.items():
+            write(staging / name)
         old = None
         if target.exists():
             old = target.with_name(f".{target.name}.old")
