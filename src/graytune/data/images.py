@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -88,3 +89,29 @@ class ImagePreprocess:
         """``[B, 3, S, S]`` float32 pixels ready for ``image.pixels``."""
         arrays = [np.asarray(self.square(im), dtype=np.float32) / 255.0 for im in images]
         return self.normalize(torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous())
+
+
+VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm"}
+
+
+def pixel_cache(paths_or_images: Sequence[Any], preprocess: ImagePreprocess, batch: int = 64,
+                frames: int = 8) -> Tensor:
+    """Preprocessed pixels, computed once (the adapters see the same tensors each epoch).
+
+    ``[N, 3, S, S]`` for images; ``[N, F, 3, S, S]`` when the items are video files (``frames`` each).
+    """
+    if paths_or_images and Path(str(paths_or_images[0])).suffix.lower() in VIDEO_SUFFIXES:
+        from graytune.data.video import sample_frames
+
+        return torch.stack([preprocess(sample_frames(p, frames)) for p in paths_or_images])
+    chunks = []
+    for i in range(0, len(paths_or_images), batch):
+        images = []
+        for item in paths_or_images[i:i + batch]:
+            if isinstance(item, Image.Image):
+                images.append(item)
+            else:
+                with Image.open(item) as im:
+                    images.append(im.copy())
+        chunks.append(preprocess(images))
+    return torch.cat(chunks) if chunks else torch.zeros(0, 3, preprocess.image_size, preprocess.image_size)

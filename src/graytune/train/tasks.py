@@ -9,7 +9,6 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -17,11 +16,10 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from graytune.data.images import ImagePreprocess
+from graytune.data.images import ImagePreprocess, pixel_cache
 from graytune.data.labeled import LabeledImageFiles, LabeledImages, LabeledTexts
 from graytune.data.sketch import SketchSet
 from graytune.data.tuxpaint import ImageCaptionSet
-from graytune.data.video import sample_frames
 from graytune.eval.retrieval import category_metrics, retrieval_metrics
 from graytune.model import AdaptedModel
 
@@ -40,34 +38,6 @@ class Task(Protocol):
     def loss(self, model: AdaptedModel, batch: Any) -> Tensor: ...
 
     def evaluate(self, model: AdaptedModel, data: Any) -> dict[str, float]: ...
-
-
-def _pixels(images: Sequence[Image.Image], preprocess: ImagePreprocess) -> Tensor:
-    return preprocess(list(images))
-
-
-VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm"}
-
-
-def pixel_cache(paths_or_images: Sequence[Any], preprocess: ImagePreprocess, batch: int = 64,
-                frames: int = 8) -> Tensor:
-    """Preprocessed pixels, computed once (the adapters see the same tensors each epoch).
-
-    ``[N, 3, S, S]`` for images; ``[N, F, 3, S, S]`` when the items are video files (``frames`` each).
-    """
-    if paths_or_images and Path(str(paths_or_images[0])).suffix.lower() in VIDEO_SUFFIXES:
-        return torch.stack([preprocess(sample_frames(p, frames)) for p in paths_or_images])
-    chunks = []
-    for i in range(0, len(paths_or_images), batch):
-        images = []
-        for item in paths_or_images[i:i + batch]:
-            if isinstance(item, Image.Image):
-                images.append(item)
-            else:
-                with Image.open(item) as im:
-                    images.append(im.copy())
-        chunks.append(preprocess(images))
-    return torch.cat(chunks) if chunks else torch.zeros(0, 3, preprocess.image_size, preprocess.image_size)
 
 
 class RetrievalTask:

@@ -70,6 +70,17 @@ class PlusConfig:
     seed: int = 0
 
 
+@torch.no_grad()
+def class_scores(encoder: Encoder, pixels: Tensor, names: Sequence[str], prompt: str, batch_size: int = 128
+                 ) -> Tensor:
+    """``[N, C]`` scores, 100 × cosine of image embeddings and class-prompt embeddings (forward only)."""
+    text = F.normalize(torch.cat([encoder.encode_text([prompt.format(c) for c in names[i:i + 256]])
+                                  for i in range(0, len(names), 256)]), dim=-1)
+    chunks = [F.normalize(encoder.encode_image(pixels[i:i + batch_size]), dim=-1) @ text.T
+              for i in range(0, len(pixels), batch_size)]
+    return 100.0 * torch.cat(chunks)
+
+
 def _cosine(step: int, total: int, warmup: float) -> float:
     warm = max(1, int(warmup * total))
     if step < warm:
@@ -97,14 +108,9 @@ class TransMiter:
 
     # -- scores ----------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def scores(self, encoder: Encoder, pixels: Tensor, batch_size: int = 128) -> Tensor:
-        """``[N, M]`` zero-shot scores, 100 × cosine of images and class prompts (forward only)."""
-        text = F.normalize(torch.cat([encoder.encode_text([self.prompt.format(c) for c in self.classes[i:i + 256]])
-                                      for i in range(0, len(self.classes), 256)]), dim=-1)
-        chunks = [F.normalize(encoder.encode_image(pixels[i:i + batch_size]), dim=-1) @ text.T
-                  for i in range(0, len(pixels), batch_size)]
-        return 100.0 * torch.cat(chunks)
+    def scores(self, encoder: Encoder, pixels: Tensor) -> Tensor:
+        """``[N, M]`` zero-shot scores over this class list (forward only)."""
+        return class_scores(encoder, pixels, self.classes, self.prompt)
 
     @torch.no_grad()
     def predict(self, encoder: Encoder, pixels: Tensor) -> Tensor:
