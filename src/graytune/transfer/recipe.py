@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from graytune.access import LocalHandle
-from graytune.data.catalog import Splits, load_splits
+from graytune.data.catalog import Splits
 from graytune.data.images import ImagePreprocess, pixel_cache
 from graytune.errors import InvalidInputError
 from graytune.transfer.transmiter import PlusConfig, TransMiter
@@ -37,9 +37,12 @@ class Pixels:
     test_labels: Tensor
 
 
-def load_pixels(splits: Splits, handle: LocalHandle, image_size: int, unlabeled: int = 2000,
-                shots: int | None = None, seed: int = 0) -> Pixels:
-    """Pixels of ``unlabeled`` training images (labels dropped), a labelled ``shots``-per-class subset, val, test."""
+def load_pixels(splits: Splits, handle: LocalHandle, image_size: int, unlabeled: Any,
+                shots: int | None = None) -> Pixels:
+    """Pixels of the ``unlabeled`` images (labels unused), a labelled ``shots``-per-class subset of train, val, test.
+
+    ``unlabeled`` is any set with ``pil(i)``; keep it disjoint from ``splits.val`` and ``splits.test``.
+    """
     if splits.task != "classification" or not hasattr(splits.train, "pil"):
         raise InvalidInputError(f"TransMiter runs on image classification sets; {splits.name} is {splits.task}")
     pre = ImagePreprocess.from_spec(handle.spec, image_size, fit=splits.fit)
@@ -47,14 +50,11 @@ def load_pixels(splits: Splits, handle: LocalHandle, image_size: int, unlabeled:
     def pixels(data: Any, idx: list[int]) -> Tensor:
         return pixel_cache([data.pil(i) for i in idx], pre)
 
-    full_train = load_splits(splits.name.split(":")[0], seed=seed).train  # every class: unlabeled images
-    order = torch.randperm(len(full_train), generator=torch.Generator().manual_seed(seed)).tolist()
-    pool = order[:unlabeled]
     labels = splits.train.labels
     few = list(range(len(labels)))
     if shots:
         few = [i for c in sorted(set(labels.tolist())) for i in (labels == c).nonzero().flatten().tolist()[:shots]]
-    return Pixels(pixels(full_train, pool), pixels(splits.train, few), labels[few],
+    return Pixels(pixels(unlabeled, list(range(len(unlabeled)))), pixels(splits.train, few), labels[few],
                   pixels(splits.val, list(range(len(splits.val)))), splits.val.labels,
                   pixels(splits.test, list(range(len(splits.test)))), splits.test.labels)
 
