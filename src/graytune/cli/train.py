@@ -17,7 +17,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Methods: " + "; ".join(f"{k}: {v.doc}" for k, v in METHODS.items()))
     p.add_argument("--backbone", required=True, help="backbone id, e.g. bridge:efficientnet-lite0+minilm")
     p.add_argument("--access", default="dark-gray", choices=[lvl.label for lvl in AccessLevel])
-    p.add_argument("--method", required=True, choices=sorted(METHODS))
+    p.add_argument("--method", required=True, choices=[*sorted(METHODS), "transmiter+"],
+                   help="transmiter+ fine-tunes a transferred TransMiter (--adapter) with --shots labels per class")
+    p.add_argument("--adapter", default=None, help="transmiter+: the folder written by graytune transfer")
+    p.add_argument("--shots", type=int, default=16, help="transmiter+: labelled images per class (default: 16)")
     p.add_argument("--task", choices=["retrieval", "classification", "sketch"], help="default: the data set's own")
     p.add_argument("--data", required=True,
                    help="tuxpaint, emoji, tuxpaint-sketch, fashion-mnist, wordnet-supersense, fortunes (add "
@@ -36,6 +39,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from graytune.train.recipe import RunSpec, train_and_save
 
+    if args.method == "transmiter+":
+        from graytune.errors import InvalidInputError
+        from graytune.transfer.recipe import run_plus
+
+        if not args.adapter:
+            raise InvalidInputError("--method transmiter+ needs --adapter: the folder written by graytune transfer")
+        result = run_plus(args.adapter, args.backbone, args.data, args.out, args.shots, args.seed, args.image_size)
+        print(json.dumps(result, sort_keys=True) if args.json else f"saved to {args.out}; test {result['test']}")
+        return 0
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     summary = train_and_save(RunSpec(args.backbone, args.access, args.method, args.data, args.task, args.out,
                                      args.image_size, config), progress=not args.json)

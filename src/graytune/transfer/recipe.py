@@ -77,3 +77,98 @@ def plus(tm: TransMiter, strong: LocalHandle, pixels: Pixels, seed: int = 0) -> 
     """TransMiter+: fine-tune the transferred adapter on the labelled few-shot set, select on val."""
     return tm.finetune(tm.scores(strong, pixels.train), pixels.train_labels, tm.scores(strong, pixels.val),
                        pixels.val_labels, PlusConfig(seed=seed))
+
+
+# -- the command-line runs: extract, transfer, TransMiter+ -------------------------------------
+
+
+def _image_pixels(splits: Splits, handle: LocalHandle, image_size: int | None, shots: int | None = None) -> Pixels:
+    return load_pixels(splits, handle, image_size or int(handle.spec.preprocess["image"]["image_size"]),
+                       unlabeled=splits.train, shots=shots)
+
+
+def _evaluate(tm: TransMiter, strong: LocalHandle, splits: Splits, px: Pixels) -> dict[str, float]:
+    scores = tm.predict(strong, px.test)
+    out = {"accuracy": 100.0 * float((scores.argmax(1) == px.test_labels).float().mean())}
+    if splits.eval_splits:
+        out.update(base_novel_accuracy(scores, px.test_labels, splits.eval_splits["base"],
+                                       splits.eval_splits["novel"]))
+    return out
+
+
+def run_extract(weak_id: str, weak_adapter: str, data: str, out: str, classes: int = 1024, seed: int = 0,
+                image_size: int | None = None) -> dict[str, Any]:
+    """Extract a TransMiter from a saved weak adapter, on the training images with labels unused; save it."""
+    from graytune.access import open_backbone
+    from graytune.artifacts import load_adapter, read_config
+    from graytune.data.catalog import load_splits
+    from graytune.transfer.transmiter import ExtractConfig, save_transmiter
+
+    splits = load_splits(data)
+    weak = open_backbone(weak_id, access="black-box")
+    fine_tuned = load_adapter(weak_adapter, open_backbone(weak_id, access=read_config(weak_adapter)["access"]))
+    px = _image_pixels(splits, weak, image_size)
+    tm = TransMiter.create(list(splits.train.class_names), total=classes, seed=seed, prompt=splits.prompt)
+    teacher = tm.scores(fine_tuned, px.unlabeled)[:, :tm.n_task]
+    history = tm.extract(tm.scores(weak, px.unlabeled), teacher, ExtractConfig(seed=seed))
+    save_transmiter(tm, out, weak.spec.id, weak.spec.fingerprint,
+                    extra={"source_adapter": str(weak_adapter), "data": data, "image_size": image_size,
+                           "extract_loss": history})
+    return {"out": out, "classes": len(tm.classes), "task_classes": tm.n_task, "extract_loss": history}
+
+
+def run_transfer(adapter: str, strong_id: str, data: str, out: str, beta: float = 500.0,
+                 image_size: int | None = None) -> dict[str, Any]:
+    """Move a saved TransMiter from its weak backbone to ``strong_id``, forward only; save and test it."""
+    import time
+
+    from graytune.access import open_backbone
+    from graytune.data.catalog import load_splits
+    from graytune.errors import ArtifactError
+    from graytune.transfer.transmiter import load_transmiter, save_transmiter
+
+    tm, config = load_transmiter(adapter)
+    if config.get("transferred_to"):
+        raise ArtifactError(f"{adapter} was already transferred to {config['transferred_to']}; transfer the "
+                            "adapter extracted on the weak backbone")
+    weak = open_backbone(config["backbone"], access="black-box")
+    if weak.spec.fingerprint != config["fingerprint"]:
+        raise ArtifactError(f"{adapter} was extracted on {config['backbone']} with fingerprint "
+                            f"{config['fingerprint'][:16]}…, but that backbone now has {weak.spec.fingerprint[:16]}…")
+    strong = open_backbone(strong_id, access="black-box")
+    splits = load_splits(data)
+    px = _image_pixels(splits, strong, image_size or config.get("image_size"))
+    start = time.perf_counter()
+    moved = tm.transfer(tm.scores(weak, px.unlabeled), tm.scores(strong, px.unlabeled), beta=beta)
+    seconds = time.perf_counter() - start
+    metrics = _evaluate(moved, strong, splits, px)
+    save_transmiter(moved, out, strong.spec.id, strong.spec.fingerprint,
+                    extra={"transferred_from": config["backbone"], "transferred_to": strong.spec.id, "beta": beta,
+                           "data": data, "image_size": image_size or config.get("image_size"),
+                           "metrics": {"test": metrics}})
+    return {"out": out, "transfer_seconds": seconds, "gradient_queries": weak.exposure.gradient_queries
+            + strong.exposure.gradient_queries, "test": metrics}
+
+
+def run_plus(adapter: str, backbone: str, data: str, out: str, shots: int | None = 16, seed: int = 0,
+             image_size: int | None = None) -> dict[str, Any]:
+    """TransMiter+: fine-tune a transferred adapter with ``shots`` labels per class; select on val; save."""
+    from graytune.access import open_backbone
+    from graytune.data.catalog import load_splits
+    from graytune.errors import ArtifactError
+    from graytune.transfer.transmiter import load_transmiter, save_transmiter
+
+    tm, config = load_transmiter(adapter)
+    handle = open_backbone(backbone, access="black-box")
+    if handle.spec.fingerprint != config["fingerprint"]:
+        raise ArtifactError(f"{adapter} is for {config['backbone']} (fingerprint {config['fingerprint'][:16]}…), "
+                            f"not {handle.spec.id} ({handle.spec.fingerprint[:16]}…); transfer it there first")
+    splits = load_splits(data)
+    px = _image_pixels(splits, handle, image_size or config.get("image_size"), shots=shots)
+    best = plus(tm, handle, px, seed=seed)
+    metrics = _evaluate(tm, handle, splits, px)
+    save_transmiter(tm, out, handle.spec.id, handle.spec.fingerprint,
+                    extra={**{k: v for k, v in config.items() if k in ("transferred_from", "transferred_to")},
+                           "method": "transmiter", "plus": {"shots": shots, **best}, "data": data,
+                           "metrics": {"test": metrics}})
+    return {"out": out, "best_val": best, "test": metrics}

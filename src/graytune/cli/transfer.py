@@ -1,0 +1,50 @@
+"""``graytune extract`` and ``graytune transfer``: TransMiter from a weak backbone to a stronger one."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    e = sub.add_parser("extract", help="TransMiter: distil a weak fine-tuned adapter into a logit adapter (no labels)")
+    e.add_argument("--weak", required=True, help="the weak backbone the adapter was trained on")
+    e.add_argument("--adapter", required=True, help="the weak backbone's fine-tuned adapter (graytune train --out)")
+    e.add_argument("--data", required=True, help="an image classification set; its training images, labels unused")
+    e.add_argument("--out", required=True, help="folder for the TransMiter adapter (with its class list)")
+    e.add_argument("--classes", type=int, default=1024, help="M: task plus auxiliary classes (default: 1024)")
+    e.add_argument("--image-size", type=int, default=None)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(run=run_extract)
+    t = sub.add_parser("transfer", help="TransMiter: move an extracted adapter to a stronger backbone, forward only")
+    t.add_argument("--adapter", required=True, help="folder written by graytune extract")
+    t.add_argument("--strong", required=True, help="the stronger backbone")
+    t.add_argument("--data", required=True, help="the same data set; its training images, labels unused")
+    t.add_argument("--out", required=True)
+    t.add_argument("--beta", type=float, default=500.0, help="pull of the basis change towards the identity")
+    t.add_argument("--image-size", type=int, default=None)
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(run=run_transfer)
+
+
+def _print(result: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result, sort_keys=True))
+        return
+    for key, value in result.items():
+        print(f"{key:<20} {value}")
+
+
+def run_extract(args: argparse.Namespace) -> int:
+    from graytune.transfer.recipe import run_extract as extract
+
+    _print(extract(args.weak, args.adapter, args.data, args.out, args.classes, args.seed, args.image_size), args.json)
+    return 0
+
+
+def run_transfer(args: argparse.Namespace) -> int:
+    from graytune.transfer.recipe import run_transfer as transfer
+
+    _print(transfer(args.adapter, args.strong, args.data, args.out, args.beta, args.image_size), args.json)
+    return 0

@@ -1,0 +1,75 @@
+"""graytune extract → transfer → train --method transmiter+, on two tiny CLIPs and an image folder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from graytune import ArtifactError
+from graytune.cli.main import main
+from tests.conftest import build_tiny_clip
+
+
+@pytest.fixture(scope="module")
+def two_backbones(tmp_path_factory):  # type: ignore[no-untyped-def]
+    from transformers import CLIPModel
+
+    weak = build_tiny_clip(tmp_path_factory.mktemp("weak"))
+    strong = build_tiny_clip(tmp_path_factory.mktemp("strong"))
+    model = CLIPModel.from_pretrained(strong)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    model.save_pretrained(strong)
+    return f"hf-clip:{weak}", f"hf-clip:{strong}"
+
+
+def image_folder(root):  # type: ignore[no-untyped-def]
+    g = torch.Generator().manual_seed(0)
+    for c in ("ant", "bee", "cow"):
+        (root / c).mkdir(parents=True)
+        for i in range(10):
+            pixels = (torch.rand(32, 32, 3, generator=g) * 255).byte().numpy()
+            Image.fromarray(pixels).save(root / c / f"{i}.png")
+    return str(root)
+
+
+def test_extract_transfer_plus_round_trip(two_backbones, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    weak, strong = two_backbones
+    data = image_folder(tmp_path / "imgs")
+    assert main(["train", "--backbone", weak, "--method", "dga", "--data", data, "--out", str(tmp_path / "ft"),
+                 "--max-steps", "2", "--batch-size", "4", "--json"]) == 0
+    capsys.readouterr()
+    assert main(["extract", "--weak", weak, "--adapter", str(tmp_path / "ft"), "--data", data,
+                 "--out", str(tmp_path / "tm"), "--classes", "16", "--json"]) == 0
+    extracted = json.loads(capsys.readouterr().out)
+    assert extracted["classes"] == 16 and extracted["task_classes"] == 3
+    config = json.loads((tmp_path / "tm" / "adapter_config.json").read_text())
+    assert config["classes"][:3] == ["ant", "bee", "cow"] and len(config["classes"]) == 16
+
+    assert main(["transfer", "--adapter", str(tmp_path / "tm"), "--strong", strong, "--data", data,
+                 "--out", str(tmp_path / "moved"), "--json"]) == 0
+    moved = json.loads(capsys.readouterr().out)
+    assert moved["gradient_queries"] == 0 and 0 <= moved["test"]["accuracy"] <= 100
+    moved_config = json.loads((tmp_path / "moved" / "adapter_config.json").read_text())
+    assert moved_config["transferred_to"] == strong and moved_config["classes"] == config["classes"]
+
+    assert main(["train", "--backbone", strong, "--method", "transmiter+", "--adapter", str(tmp_path / "moved"),
+                 "--data", data, "--out", str(tmp_path / "plus"), "--shots", "2", "--json"]) == 0
+    plus = json.loads(capsys.readouterr().out)
+    assert "accuracy" in plus["test"] and "val_accuracy" in plus["best_val"]
+
+    assert main(["train", "--backbone", weak, "--method", "transmiter+", "--adapter", str(tmp_path / "moved"),
+                 "--data", data, "--out", str(tmp_path / "x")]) == 2  # made for the strong backbone
+    assert "transfer it there first" in capsys.readouterr().err
+    assert main(["transfer", "--adapter", str(tmp_path / "moved"), "--strong", strong, "--data", data,
+                 "--out", str(tmp_path / "y")]) == 2
+    assert "already transferred" in capsys.readouterr().err
+    with pytest.raises(ArtifactError):
+        from graytune.transfer.transmiter import load_transmiter
+
+        load_transmiter(tmp_path / "ft")  # a DGA adapter is not a TransMiter one
