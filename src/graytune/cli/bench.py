@@ -9,7 +9,9 @@ import json
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="boundary vs plain autograd step time, adapter vs full fine-tuning memory")
     p.add_argument("--rounds", type=int, default=12, help="timed steps per path, interleaved (default: 12)")
-    p.add_argument("--cases", default="minilm,efficientnet-lite0", help="comma-separated cases")
+    p.add_argument("--cases", default="minilm,efficientnet-lite0", help="comma-separated boundary cases")
+    p.add_argument("--transmiter", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time TransMiter's transfer and adapted inference (default: on)")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     p.set_defaults(run=run)
 
@@ -18,5 +20,14 @@ def run(args: argparse.Namespace) -> int:
     from graytune.bench.boundary import format_report, run_benchmarks
 
     results = run_benchmarks(args.cases.split(","), rounds=args.rounds)
-    print(json.dumps(results, indent=2) if args.json else format_report(results))
+    if args.transmiter:
+        from graytune.bench import transmiter
+
+        results["transmiter"] = transmiter.run()
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print(format_report(results))
+        if args.transmiter:
+            print("\n" + transmiter.format_report(results["transmiter"]))
     return 0
