@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from graytune.errors import InvalidInputError
 from graytune.model import AdaptedModel
+from graytune.schedules import warmup_cosine
 from graytune.train.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -73,18 +74,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _schedule(config: TrainConfig) -> Any:
-    warm = max(1, int(config.warmup * config.max_steps))
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        progress = (step - warm) / max(1, config.max_steps - warm)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
 def _trainable(model: AdaptedModel) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
@@ -99,7 +88,7 @@ def fit(model: AdaptedModel, task: Task, val_data: Any, config: TrainConfig,
         raise InvalidInputError(f"method {model.method!r} has nothing to train; evaluate it instead")
     seed_everything(config.seed)
     opt = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=config.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(config))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_cosine(step, config.max_steps, config.warmup))
     per_epoch = len(task) // (config.batch_size * config.grad_accum)
     if per_epoch < 1:
         raise InvalidInputError(f"the training set has {len(task)} samples, fewer than one step's "

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from graytune.adapters.transmiter import TransMiterAdapter, TransMiterConfig
 from graytune.artifacts import CONFIG_NAME, WEIGHTS_NAME, write_atomically
 from graytune.errors import ArtifactError, InvalidInputError
+from graytune.schedules import warmup_cosine
 from graytune.transfer.classes import expand_classes
 from graytune.transfer.procrustes import orthogonal_procrustes
 
@@ -79,13 +80,6 @@ def class_scores(encoder: Encoder, pixels: Tensor, names: Sequence[str], prompt:
     chunks = [F.normalize(encoder.encode_image(pixels[i:i + batch_size]), dim=-1) @ text.T
               for i in range(0, len(pixels), batch_size)]
     return 100.0 * torch.cat(chunks)
-
-
-def _cosine(step: int, total: int, warmup: float) -> float:
-    warm = max(1, int(warmup * total))
-    if step < warm:
-        return (step + 1) / warm
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
 
 
 class TransMiter:
@@ -198,7 +192,7 @@ class TransMiter:
         opt = torch.optim.AdamW(self.adapter.parameters(), lr=lr, weight_decay=weight_decay)
         per_epoch = max(1, math.ceil(n / batch_size))
         total = per_epoch * epochs
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, total, warmup))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total, warmup))
         history = []
         for epoch in range(1, epochs + 1):
             order, running = torch.randperm(n, generator=gen), 0.0

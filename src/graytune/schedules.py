@@ -1,0 +1,18 @@
+"""Learning-rate schedules shared by the trainers.
+
+Example:
+    >>> torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_cosine(step, total=100, warmup=0.05))
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def warmup_cosine(step: int, total: int, warmup: float) -> float:
+    """LR factor: linear warm-up over ``warmup`` × ``total`` steps, then cosine decay to zero at ``total``."""
+    warm = max(1, int(warmup * total))
+    if step < warm:
+        return (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
