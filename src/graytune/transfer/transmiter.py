@@ -72,11 +72,17 @@ class PlusConfig:
 
 
 @torch.no_grad()
-def class_scores(encoder: Encoder, pixels: Tensor, names: Sequence[str], prompt: str, batch_size: int = 128
-                 ) -> Tensor:
-    """``[N, C]`` scores, 100 × cosine of image embeddings and class-prompt embeddings (forward only)."""
-    text = F.normalize(torch.cat([encoder.encode_text([prompt.format(c) for c in names[i:i + 256]])
+def class_text(encoder: Encoder, names: Sequence[str], prompt: str) -> Tensor:
+    """``[C, E]`` normalised embeddings of the class prompts (compute once, reuse for every image batch)."""
+    return F.normalize(torch.cat([encoder.encode_text([prompt.format(c) for c in names[i:i + 256]])
                                   for i in range(0, len(names), 256)]), dim=-1)
+
+
+@torch.no_grad()
+def class_scores(encoder: Encoder, pixels: Tensor, names: Sequence[str], prompt: str, batch_size: int = 128,
+                 text: Tensor | None = None) -> Tensor:
+    """``[N, C]`` scores, 100 × cosine of image embeddings and class-prompt embeddings (forward only)."""
+    text = class_text(encoder, names, prompt) if text is None else text
     chunks = [F.normalize(encoder.encode_image(pixels[i:i + batch_size]), dim=-1) @ text.T
               for i in range(0, len(pixels), batch_size)]
     return 100.0 * torch.cat(chunks)
@@ -90,6 +96,7 @@ class TransMiter:
             raise InvalidInputError(f"transmiter: {len(classes)} class names for an adapter over "
                                     f"{adapter.config.classes} classes with {n_task} task classes")
         self.adapter, self.classes, self.n_task, self.prompt = adapter, list(classes), n_task, prompt
+        self._text: dict[int, tuple[Encoder, Tensor]] = {}  # class-prompt embeddings per (frozen) encoder
 
     @classmethod
     def create(cls, task_classes: Sequence[str], total: int = 1024, dim: int | None = None, seed: int = 0,
@@ -103,8 +110,16 @@ class TransMiter:
     # -- scores ----------------------------------------------------------------------------
 
     def scores(self, encoder: Encoder, pixels: Tensor) -> Tensor:
-        """``[N, M]`` zero-shot scores over this class list (forward only)."""
-        return class_scores(encoder, pixels, self.classes, self.prompt)
+        """``[N, M]`` zero-shot scores over this class list (forward only).
+
+        The M prompt embeddings are computed once per encoder and reused: encoders here are frozen
+        (backbone handles, or a fine-tuned teacher that no longer trains).
+        """
+        cached = self._text.get(id(encoder))
+        if cached is None or cached[0] is not encoder:
+            cached = (encoder, class_text(encoder, self.classes, self.prompt))
+            self._text[id(encoder)] = cached
+        return class_scores(encoder, pixels, self.classes, self.prompt, text=cached[1])
 
     @torch.no_grad()
     def predict(self, encoder: Encoder, pixels: Tensor) -> Tensor:
@@ -158,7 +173,9 @@ class TransMiter:
         rotation = orthogonal_procrustes(h_t, h_s, beta)  # argmin ‖H_t R − H_s‖ + β‖R − I‖
         moved = copy.deepcopy(self.adapter)
         moved.set_weight(rotation.T @ w_s)  # new in-projection W_sᵀ R, out-projection Rᵀ W_s
-        return TransMiter(moved.eval(), self.classes, self.n_task, self.prompt)
+        result = TransMiter(moved.eval(), self.classes, self.n_task, self.prompt)
+        result._text = dict(self._text)
+        return result
 
     def finetune(self, scores: Tensor, labels: Tensor, val_scores: Tensor, val_labels: Tensor,
                  config: PlusConfig | None = None) -> dict[str, float]:
