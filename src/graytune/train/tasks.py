@@ -20,6 +20,7 @@ from graytune.data.images import ImagePreprocess, pixel_cache
 from graytune.data.labeled import LabeledImageFiles, LabeledImages, LabeledTexts
 from graytune.data.sketch import SketchSet
 from graytune.data.tuxpaint import ImageCaptionSet
+from graytune.eval.classification import split_accuracy
 from graytune.eval.retrieval import category_metrics, retrieval_metrics
 from graytune.model import AdaptedModel
 
@@ -148,15 +149,7 @@ class ClassificationTask:
         class_emb = F.normalize(model.encode_text(self.prompts(range(len(data.class_names)))), dim=-1)
         scores = queries @ class_emb.T  # [N, C]
         out = {"accuracy": 100.0 * float((scores.argmax(1) == data.labels).float().mean())}
-        for name, classes in (splits or {}).items():
-            cls = torch.as_tensor(list(classes))
-            rows = torch.isin(data.labels, cls)
-            if rows.any():
-                pred = cls[scores[rows][:, cls].argmax(1)]
-                out[f"{name}_accuracy"] = 100.0 * float((pred == data.labels[rows]).float().mean())
-        if {"base_accuracy", "novel_accuracy"} <= set(out):
-            b, n = out["base_accuracy"], out["novel_accuracy"]
-            out["harmonic_mean"] = 2 * b * n / (b + n) if b + n > 0 else 0.0
+        out.update(split_accuracy(scores, data.labels, splits or {}))
         return out
 
 

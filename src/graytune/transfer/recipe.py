@@ -19,6 +19,7 @@ from graytune.access import LocalHandle
 from graytune.data.catalog import Splits
 from graytune.data.images import ImagePreprocess, pixel_cache
 from graytune.errors import InvalidInputError
+from graytune.eval.classification import split_accuracy
 from graytune.transfer.transmiter import PlusConfig, TransMiter
 
 Tensor = torch.Tensor
@@ -62,15 +63,7 @@ def load_pixels(splits: Splits, handle: LocalHandle, image_size: int, unlabeled:
 def base_novel_accuracy(scores: Tensor, labels: Tensor, base: tuple[int, ...], novel: tuple[int, ...]
                         ) -> dict[str, float]:
     """Accuracy among base classes on base samples, among novel on novel, and their harmonic mean (%)."""
-    out = {}
-    for name, classes in (("base", base), ("novel", novel)):
-        cls = torch.as_tensor(classes)
-        rows = torch.isin(labels, cls)
-        pred = cls[scores[rows][:, cls].argmax(1)]
-        out[f"{name}_accuracy"] = 100.0 * float((pred == labels[rows]).float().mean())
-    b, n = out["base_accuracy"], out["novel_accuracy"]
-    out["harmonic_mean"] = 2 * b * n / (b + n) if b + n else 0.0
-    return out
+    return split_accuracy(scores, labels, {"base": base, "novel": novel})
 
 
 def plus(tm: TransMiter, strong: LocalHandle, pixels: Pixels, seed: int = 0) -> dict[str, float]:
