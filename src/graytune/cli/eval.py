@@ -18,9 +18,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from graytune.artifacts import read_config
     from graytune.train.recipe import evaluate_saved
 
-    result = evaluate_saved(args.backbone, args.adapter, args.data, args.task, args.image_size)
+    if args.adapter and read_config(args.adapter).get("method") == "transmiter":
+        from graytune.transfer.recipe import evaluate_transmiter
+
+        result = evaluate_transmiter(args.adapter, args.backbone, args.data, args.image_size)
+    else:
+        result = evaluate_saved(args.backbone, args.adapter, args.data, args.task, args.image_size)
     if args.json:
         print(json.dumps(result, sort_keys=True))
     else:

@@ -165,3 +165,20 @@ def run_plus(adapter: str, backbone: str, data: str, out: str, shots: int | None
                            "method": "transmiter", "plus": {"shots": shots, **best}, "data": data,
                            "metrics": {"test": metrics}})
     return {"out": out, "best_val": best, "test": metrics}
+
+
+def evaluate_transmiter(adapter: str, backbone: str, data: str, image_size: int | None = None) -> dict[str, Any]:
+    """Test metrics of a saved TransMiter on the backbone it was transferred to (or extracted on)."""
+    from graytune.access import open_backbone
+    from graytune.data.catalog import load_splits
+    from graytune.errors import ArtifactError
+    from graytune.transfer.transmiter import load_transmiter
+
+    tm, config = load_transmiter(adapter)
+    handle = open_backbone(backbone, access="black-box")
+    if handle.spec.fingerprint != config["fingerprint"]:
+        raise ArtifactError(f"{adapter} is for {config['backbone']} (fingerprint {config['fingerprint'][:16]}…), "
+                            f"not {handle.spec.id} ({handle.spec.fingerprint[:16]}…)")
+    splits = load_splits(data)
+    px = _image_pixels(splits, handle, image_size or config.get("image_size"))
+    return {"backbone": handle.spec.id, "method": "transmiter", "data": data, "test": _evaluate(tm, handle, splits, px)}
