@@ -142,11 +142,7 @@ def _from_path(path: Path, kind: str, seed: int) -> Splits:
         return Splits(path.stem, kind, parts["train"], parts["val"], parts["test"])
     if kind == "sketch":
         pairs = load_sketch_folders(path)
-        order = _perm(len(pairs), seed)
-        n = len(order)
-        n_test, n_val = max(1, n // 5), max(1, n // 10)
-        return Splits(path.name, kind, pairs.subset(order[:n - n_test - n_val]),
-                      pairs.subset(order[n - n_test - n_val:n - n_test]), pairs.subset(order[n - n_test:]), fit="pad")
+        return _split(path.name, kind, pairs, _perm(len(pairs), seed), fit="pad")
     if kind == "retrieval":
         rows = _read_pairs(path)
         images = sorted({r[0] for r in rows})
@@ -154,13 +150,8 @@ def _from_path(path: Path, kind: str, seed: int) -> Splits:
         data = ImageCaptionSet(path.stem, tuple(images), tuple(r[1] for r in rows),
                                tuple(index[r[0]] for r in rows), tuple("" for _ in images))
         return _split(path.stem, kind, data, _perm(len(images), seed))
-    data = load_image_folder(path)
-    order = _perm(len(data), seed)
-    n = len(order)
-    n_test, n_val = max(1, n // 5), max(1, n // 10)
-    return Splits(path.name, kind, data.subset(order[:n - n_test - n_val]),
-                  data.subset(order[n - n_test - n_val:n - n_test]), data.subset(order[n - n_test:]),
-                  prompt="a picture of a {}")
+    folder = load_image_folder(path)
+    return _split(path.name, kind, folder, _perm(len(folder), seed), prompt="a picture of a {}")
 
 
 def _is_msrvtt(path: Path) -> bool:
@@ -196,9 +187,10 @@ def _read_pairs(path: Path) -> list[tuple[Path, str]]:
     return rows
 
 
-def _split(name: str, kind: str, data: ImageCaptionSet, order: list[int]) -> Splits:
+def _split(name: str, kind: str, data: Any, order: list[int], **extra: Any) -> Splits:
+    """70 / 10 / 20 % train / val / test of any set with ``subset``, in the order ``order``."""
     n = len(order)
     n_test, n_val = max(1, n // 5), max(1, n // 10)
     return Splits(name, kind, data.subset(order[:n - n_test - n_val]), data.subset(order[n - n_test - n_val:n - n_test]),
-                  data.subset(order[n - n_test:]))
+                  data.subset(order[n - n_test:]), **extra)
 

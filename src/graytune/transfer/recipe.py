@@ -13,14 +13,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import time
+
 import torch
 
-from graytune.access import LocalHandle
-from graytune.data.catalog import Splits
+from graytune.access import LocalHandle, open_backbone
+from graytune.artifacts import load_adapter, read_config
+from graytune.data.catalog import Splits, load_splits
 from graytune.data.images import ImagePreprocess, pixel_cache
-from graytune.errors import InvalidInputError
+from graytune.errors import ArtifactError, InvalidInputError
 from graytune.eval.classification import split_accuracy
-from graytune.transfer.transmiter import PlusConfig, TransMiter
+from graytune.transfer.transmiter import (
+    ExtractConfig,
+    PlusConfig,
+    TransMiter,
+    load_transmiter,
+    save_transmiter,
+)
 
 Tensor = torch.Tensor
 
@@ -89,14 +98,19 @@ def _evaluate(tm: TransMiter, strong: LocalHandle, splits: Splits, px: Pixels) -
     return out
 
 
+def _load_for(adapter: str, backbone_id: str, hint: str = "") -> tuple[TransMiter, dict[str, Any], LocalHandle]:
+    """The saved TransMiter, its config, and a black-box handle of ``backbone_id``, whose fingerprint must match."""
+    tm, config = load_transmiter(adapter)
+    handle = open_backbone(backbone_id, access="black-box")
+    if handle.spec.fingerprint != config["fingerprint"]:
+        raise ArtifactError(f"{adapter} is for {config['backbone']} (fingerprint {config['fingerprint'][:16]}…), "
+                            f"not {handle.spec.id} ({handle.spec.fingerprint[:16]}…){hint}")
+    return tm, config, handle
+
+
 def run_extract(weak_id: str, weak_adapter: str, data: str, out: str, classes: int = 1024, seed: int = 0,
                 image_size: int | None = None) -> dict[str, Any]:
     """Extract a TransMiter from a saved weak adapter, on the training images with labels unused; save it."""
-    from graytune.access import open_backbone
-    from graytune.artifacts import load_adapter, read_config
-    from graytune.data.catalog import load_splits
-    from graytune.transfer.transmiter import ExtractConfig, save_transmiter
-
     splits = load_splits(data)
     weak = open_backbone(weak_id, access="black-box")
     fine_tuned = load_adapter(weak_adapter, open_backbone(weak_id, access=read_config(weak_adapter)["access"]))
@@ -113,21 +127,11 @@ def run_extract(weak_id: str, weak_adapter: str, data: str, out: str, classes: i
 def run_transfer(adapter: str, strong_id: str, data: str, out: str, beta: float = 500.0,
                  image_size: int | None = None) -> dict[str, Any]:
     """Move a saved TransMiter from its weak backbone to ``strong_id``, forward only; save and test it."""
-    import time
-
-    from graytune.access import open_backbone
-    from graytune.data.catalog import load_splits
-    from graytune.errors import ArtifactError
-    from graytune.transfer.transmiter import load_transmiter, save_transmiter
-
-    tm, config = load_transmiter(adapter)
-    if config.get("transferred_to"):
-        raise ArtifactError(f"{adapter} was already transferred to {config['transferred_to']}; transfer the "
+    saved = read_config(adapter)
+    if saved.get("transferred_to"):
+        raise ArtifactError(f"{adapter} was already transferred to {saved['transferred_to']}; transfer the "
                             "adapter extracted on the weak backbone")
-    weak = open_backbone(config["backbone"], access="black-box")
-    if weak.spec.fingerprint != config["fingerprint"]:
-        raise ArtifactError(f"{adapter} was extracted on {config['backbone']} with fingerprint "
-                            f"{config['fingerprint'][:16]}…, but that backbone now has {weak.spec.fingerprint[:16]}…")
+    tm, config, weak = _load_for(adapter, saved["backbone"], "; it changed since extraction")
     strong = open_backbone(strong_id, access="black-box")
     splits = load_splits(data)
     px = _image_pixels(splits, strong, image_size or config.get("image_size"))
@@ -146,16 +150,7 @@ def run_transfer(adapter: str, strong_id: str, data: str, out: str, beta: float 
 def run_plus(adapter: str, backbone: str, data: str, out: str, shots: int | None = 16, seed: int = 0,
              image_size: int | None = None) -> dict[str, Any]:
     """TransMiter+: fine-tune a transferred adapter with ``shots`` labels per class; select on val; save."""
-    from graytune.access import open_backbone
-    from graytune.data.catalog import load_splits
-    from graytune.errors import ArtifactError
-    from graytune.transfer.transmiter import load_transmiter, save_transmiter
-
-    tm, config = load_transmiter(adapter)
-    handle = open_backbone(backbone, access="black-box")
-    if handle.spec.fingerprint != config["fingerprint"]:
-        raise ArtifactError(f"{adapter} is for {config['backbone']} (fingerprint {config['fingerprint'][:16]}…), "
-                            f"not {handle.spec.id} ({handle.spec.fingerprint[:16]}…); transfer it there first")
+    tm, config, handle = _load_for(adapter, backbone, "; transfer it there first")
     splits = load_splits(data)
     px = _image_pixels(splits, handle, image_size or config.get("image_size"), shots=shots)
     best = plus(tm, handle, px, seed=seed)
@@ -169,16 +164,7 @@ def run_plus(adapter: str, backbone: str, data: str, out: str, shots: int | None
 
 def evaluate_transmiter(adapter: str, backbone: str, data: str, image_size: int | None = None) -> dict[str, Any]:
     """Test metrics of a saved TransMiter on the backbone it was transferred to (or extracted on)."""
-    from graytune.access import open_backbone
-    from graytune.data.catalog import load_splits
-    from graytune.errors import ArtifactError
-    from graytune.transfer.transmiter import load_transmiter
-
-    tm, config = load_transmiter(adapter)
-    handle = open_backbone(backbone, access="black-box")
-    if handle.spec.fingerprint != config["fingerprint"]:
-        raise ArtifactError(f"{adapter} is for {config['backbone']} (fingerprint {config['fingerprint'][:16]}…), "
-                            f"not {handle.spec.id} ({handle.spec.fingerprint[:16]}…)")
+    tm, config, handle = _load_for(adapter, backbone)
     splits = load_splits(data)
     px = _image_pixels(splits, handle, image_size or config.get("image_size"))
     return {"backbone": handle.spec.id, "method": "transmiter", "data": data, "test": _evaluate(tm, handle, splits, px)}
