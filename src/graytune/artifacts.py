@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import graytune
-from graytune.access import LocalHandle
+from graytune.access import Handle
 from graytune.errors import ArtifactError
 from graytune.model import AdaptedModel, WhiteboxConfig
 
@@ -109,7 +109,7 @@ def read_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
     return config
 
 
-def load_adapter(folder: str | os.PathLike[str], handle: LocalHandle,
+def load_adapter(folder: str | os.PathLike[str], handle: Handle,
                  whitebox: WhiteboxConfig | None = None) -> AdaptedModel:
     """Rebuild the adapted model saved in ``folder`` around ``handle``.
 

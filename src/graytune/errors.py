@@ -60,3 +60,16 @@ class ArtifactError(GraytuneError):
 
 class MissingDependencyError(GraytuneError, ImportError):
     """An optional package or a data package that is not installed."""
+
+
+class RemoteError(GraytuneError):
+    """A backbone server refused a request or could not be reached.
+
+    Attributes:
+        status: the HTTP status (0 when the server could not be reached).
+        kind: the server's short error kind, e.g. ``unauthorized``, ``quota``, ``session_gone``.
+    """
+
+    def __init__(self, status: int, kind: str, detail: str) -> None:
+        self.status, self.kind = status, kind
+        super().__init__(f"backbone server answered {status} ({kind}): {detail}" if status else detail)

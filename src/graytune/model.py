@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from graytune.access import LocalHandle
+from graytune.access import Handle
 from graytune.adapters import ADAPTERS, Adapter, TowerRequest, build_adapter
 from graytune.errors import InvalidInputError, UnknownNameError
 from graytune.types import AccessLevel
@@ -75,7 +75,7 @@ class WhiteboxConfig:
 class AdaptedModel(nn.Module):
     """Adapters around a handle; ``encode_image``/``encode_text`` as in CLIP."""
 
-    def __init__(self, handle: LocalHandle, adapters: Sequence[Adapter] = (), module: nn.Module | None = None,
+    def __init__(self, handle: Handle, adapters: Sequence[Adapter] = (), module: nn.Module | None = None,
                  temperature: float = 0.07, method: str = "custom") -> None:
         super().__init__()
         for adapter in adapters:
@@ -88,7 +88,7 @@ class AdaptedModel(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
 
     @classmethod
-    def build(cls, handle: LocalHandle, method: str, whitebox: WhiteboxConfig | None = None,
+    def build(cls, handle: Handle, method: str, whitebox: WhiteboxConfig | None = None,
               **options: Mapping[str, Any]) -> AdaptedModel:
         """The model for a named method (see ``METHODS``); ``options[name]`` overrides an adapter's config."""
         if method not in METHODS:
@@ -152,7 +152,7 @@ class AdaptedModel(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
 
-def _whitebox_module(handle: LocalHandle, kind: str, config: WhiteboxConfig) -> nn.Module:
+def _whitebox_module(handle: Handle, kind: str, config: WhiteboxConfig) -> nn.Module:
     module = handle.module()  # a copy; the owner's stays untouched
     if kind == "full":
         return module.requires_grad_(True)

@@ -10,23 +10,27 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
+from graytune.access.handle import Handle
 from graytune.access.local import LocalHandle
+from graytune.access.remote import API_KEY_ENV, RemoteHandle
 from graytune.backbones import BACKBONES, load_backbone
-from graytune.errors import InvalidInputError
 from graytune.types import AccessLevel
 
 
 def open_backbone(
-    backbone_id: str, access: AccessLevel | str = AccessLevel.DARK_GRAY, *, reads: Collection[str] = ()
-) -> LocalHandle:
+    backbone_id: str, access: AccessLevel | str = AccessLevel.DARK_GRAY, *, reads: Collection[str] = (),
+    api_key: str | None = None,
+) -> Handle:
     """Open a backbone behind the boundary at one access level.
 
     Args:
         backbone_id: ``minilm``, ``efficientnet-lite0``, ``efficientnet-lite1``,
-            ``bridge:efficientnet-lite0+minilm``, ``hf-clip:<dir or hub id>``.
+            ``bridge:efficientnet-lite0+minilm``, ``hf-clip:<dir or hub id>``, or the
+            ``http://host:port`` of a ``graytune serve`` (a ``RemoteHandle``).
         access: ``black-box``, ``dark-gray`` (default), ``light-gray`` or ``white-box``.
         reads: input or entry ports whose values the owner lets the client read
             (e.g. ``["text.token_embeds"]`` for AdaLink); each reveals weights.
+        api_key: for a server, the key the owner gave you (default: $GRAYTUNE_API_KEY).
 
     Returns:
         A handle exposing only what ``access`` (and ``reads``) allow.
@@ -36,10 +40,7 @@ def open_backbone(
     """
     level = AccessLevel.parse(access)
     if backbone_id.startswith(("http://", "https://")):
-        raise InvalidInputError(
-            f"{backbone_id!r}: remote backbones are not supported by this version; "
-            f"open a local one (one of {', '.join(BACKBONES.names())})"
-        )
+        return RemoteHandle(backbone_id, level, reads, api_key)
     return LocalHandle(load_backbone(backbone_id), level, reads)
 
 
@@ -48,4 +49,4 @@ def known_backbones() -> list[str]:
     return BACKBONES.names()
 
 
-__all__ = ["LocalHandle", "known_backbones", "open_backbone"]
+__all__ = ["API_KEY_ENV", "Handle", "LocalHandle", "RemoteHandle", "known_backbones", "open_backbone"]

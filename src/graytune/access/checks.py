@@ -6,12 +6,13 @@ answer wherever the boundary runs.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from graytune.errors import AccessDeniedError, InvalidInputError, UnknownNameError
-from graytune.types import AccessLevel, BackboneSpec, Op, PortKind, PortSpec, required_level
+from graytune.types import AccessLevel, BackboneSpec, Exposure, Op, PortKind, PortSpec, required_level
 
 Tensor = torch.Tensor
 _DTYPES = {"float32": torch.float32, "int64": torch.int64}
@@ -107,3 +108,85 @@ def unknown_input(spec: BackboneSpec, name: str) -> UnknownNameError:
         allowed.append("text")
     return UnknownNameError("input", name, allowed,
                             "inputs take replace ports; use add= or insert= for edits")
+
+
+@dataclass
+class CallPlan:
+    """One checked request to the boundary: what to run, and which client tensors want gradients."""
+
+    inputs: dict[str, Tensor]
+    add: dict[str, Tensor]
+    insert: dict[str, Tensor]
+    outputs: list[str]
+    reads: list[str]
+    slots: list[tuple[str, str]]  # (group, port) of each differentiable client tensor
+
+    def tensor(self, group: str, port: str) -> Tensor:
+        return {"inputs": self.inputs, "add": self.add, "insert": self.insert}[group][port]
+
+
+def plan_call(spec: BackboneSpec, level: AccessLevel, grants: Collection[str], exposure: Exposure,
+              tokenize: Callable[[list[str]], dict[str, Tensor]],
+              raw_inputs: Mapping[str, Tensor | Sequence[str]], add: Mapping[str, Tensor],
+              insert: Mapping[str, Tensor], outputs: Sequence[str] | None, reads: Sequence[str]) -> CallPlan:
+    """Check a request against ``spec`` at ``level`` and note it in ``exposure``; nothing runs yet.
+
+    The in-process handle, the remote client and the server all call this, so the
+    same request gets the same answer wherever the boundary runs.
+    """
+    inputs: dict[str, Tensor] = {}
+    for name, value in raw_inputs.items():
+        if name == "text" and "text" in spec.modalities:
+            inputs.update(tokenize(texts_of(value)))  # type: ignore[arg-type]
+            continue
+        if name not in spec.port_names(PortKind.INPUT) or Op.REPLACE not in spec.port(name).ops:
+            raise unknown_input(spec, name)
+    for name, value in raw_inputs.items():
+        if name != "text":
+            grad = isinstance(value, Tensor) and value.requires_grad
+            inputs[name] = check_tensor(port_for(spec, name, Op.REPLACE, level, grad), value, Op.REPLACE, None)
+    for prefix in spec.modalities:
+        if f"{prefix}.input_ids" in inputs:
+            check_token_inputs(spec, inputs, prefix)
+    batch = batch_size(inputs)
+    slots = [("inputs", n) for n, t in inputs.items() if t.requires_grad]
+    for op, group in ((Op.ADD, add), (Op.INSERT, insert)):
+        for name, value in group.items():
+            port = port_for(spec, name, op, level, True)
+            check_tensor(port, value, op, batch)
+            if not any(k.startswith(port.modality + ".") for k in inputs):
+                raise InvalidInputError(f"{op.value} at {name}: no {port.modality} input was sent")
+            exposure.note(port, op)
+            if value.requires_grad:
+                slots.append(("add" if op is Op.ADD else "insert", name))
+    for name in reads:
+        exposure.note(port_for(spec, name, Op.READ, level, False, grants), Op.READ)
+    outputs = _outputs(spec, level, inputs, outputs)
+    for name in [*inputs, *outputs]:
+        exposure.note(spec.port(name), Op.READ if name in outputs else Op.REPLACE)
+    exposure.forward_queries += 1
+    exposure.forward_samples += batch
+    return CallPlan(inputs, dict(add), dict(insert), outputs, list(reads), slots)
+
+
+def _outputs(spec: BackboneSpec, level: AccessLevel, inputs: Mapping[str, Tensor],
+             asked: Sequence[str] | None) -> list[str]:
+    modalities = {name.split(".")[0] for name in inputs}
+    available = [p.name for p in spec.ports if p.kind is PortKind.OUTPUT and (p.modality in modalities)]
+    if asked is None:
+        return available
+    for name in asked:
+        port_for(spec, name, Op.READ, level, False)
+        if name not in available:
+            raise InvalidInputError(f"output {name} needs {spec.port(name).modality} "
+                                    f"inputs; this call sent {sorted(inputs)}")
+    return list(asked)
+
+
+def texts_of(texts: object) -> list[str]:
+    """``texts`` as a non-empty list of strings; a clear error otherwise."""
+    if isinstance(texts, str) or not isinstance(texts, Sequence) or not all(isinstance(t, str) for t in texts):
+        raise InvalidInputError("text input must be a list of strings, e.g. ['a cat', 'a dog']")
+    if not texts:
+        raise InvalidInputError("text input is empty; send at least one string")
+    return list(texts)

@@ -8,54 +8,52 @@ the client's tensors, so adapters train with any optimizer.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Collection, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from graytune.access.checks import (
-    batch_size,
-    check_tensor,
-    check_token_inputs,
-    port_for,
-    unknown_input,
-)
+from graytune.access.checks import CallPlan, plan_call, port_for, texts_of
 from graytune.backbones.base import Backbone
 from graytune.errors import AccessDeniedError, InvalidInputError
-from graytune.types import AccessLevel, BackboneSpec, Exposure, Op, PortKind
+from graytune.types import AccessLevel, BackboneSpec, Exposure, Op
 
 Tensor = torch.Tensor
 
 
-@dataclass
-class _Call:
-    """One forward through the boundary, kept until its backward (owner side)."""
+class BoundaryCall:
+    """One forward through the boundary, kept until its backward (owner side).
 
-    backbone: Backbone
-    inputs: dict[str, Tensor]
-    add: dict[str, Tensor]
-    insert: dict[str, Tensor]
-    outputs: list[str]
-    reads: list[str]
-    slots: list[tuple[str, str]]  # (group, port) of each differentiable client tensor
-    exposure: Exposure
-    _graph: tuple[list[Tensor], list[Tensor]] | None = None
-    values_read: dict[str, Tensor] = field(default_factory=dict)
+    The in-process handle drives it through an autograd node; the server drives it
+    directly (forward now, ``vjp`` on a later request) and keeps it in its session store.
+    """
+
+    def __init__(self, backbone: Backbone, plan: CallPlan, exposure: Exposure, measure: bool = False) -> None:
+        self.backbone, self.plan, self.exposure, self.measure = backbone, plan, exposure, measure
+        self.values_read: dict[str, Tensor] = {}
+        self.nbytes = 0  # what this call holds until its backward (counted when ``measure``)
+        self.output_shapes: dict[str, list[int]] = {}
+        self._graph: tuple[list[Tensor], list[Tensor]] | None = None
+
+    @property
+    def differentiable(self) -> bool:
+        return bool(self.plan.slots)
 
     def forward(self, tensors: Sequence[Tensor]) -> tuple[Tensor, ...]:
-        groups = {"inputs": dict(self.inputs), "add": dict(self.add), "insert": dict(self.insert)}
+        plan = self.plan
+        groups = {"inputs": dict(plan.inputs), "add": dict(plan.add), "insert": dict(plan.insert)}
         leaves = []
-        for (group, port), tensor in zip(self.slots, tensors):
+        for (group, port), tensor in zip(plan.slots, tensors):
             leaf = tensor.detach().requires_grad_(True)
             groups[group][port] = leaf
             leaves.append(leaf)
-        with torch.set_grad_enabled(bool(leaves)):
-            result = self.backbone.run(groups["inputs"], groups["add"], groups["insert"],
-                                       self.outputs, self.reads)
-        outs = [result[name] for name in self.outputs]
-        self.values_read = {name: result[name].detach() for name in self.reads}
+        with torch.set_grad_enabled(bool(leaves)), _saved_bytes(self):
+            result = self.backbone.run(groups["inputs"], groups["add"], groups["insert"], plan.outputs, plan.reads)
+        outs = [result[name] for name in plan.outputs]
+        self.output_shapes = {name: list(o.shape) for name, o in zip(plan.outputs, outs)}
+        self.values_read = {name: result[name].detach() for name in plan.reads}
         if leaves:
             self._graph = (outs, leaves)
         return tuple(o.detach() for o in outs)
@@ -65,21 +63,41 @@ class _Call:
             raise InvalidInputError("this boundary call was already differentiated once; run forward again")
         outs, leaves = self._graph
         self._graph = None
-        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
-        for name, g in zip(self.outputs, grads):
+        self.nbytes = 0
+        for name, g in zip(self.plan.outputs, grads):
             if g is not None and not bool(torch.isfinite(g).all()):
                 raise InvalidInputError(f"the gradient sent back to {name} has NaN or infinite values")
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
         self.exposure.gradient_queries += 1
         if not pairs:
             return tuple(None for _ in leaves)
         return torch.autograd.grad([o for o, _ in pairs], leaves, [g for _, g in pairs], allow_unused=True)
 
 
+@contextlib.contextmanager
+def _saved_bytes(call: BoundaryCall) -> Iterator[None]:
+    """Count the bytes autograd keeps for ``call``'s backward (each storage once)."""
+    if not call.measure:
+        yield
+        return
+    seen: set[int] = set()
+
+    def pack(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            call.nbytes += storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield
+
+
 class _Crossing(torch.autograd.Function):
     """The autograd node standing for the hidden backbone."""
 
     @staticmethod
-    def forward(ctx, call: _Call, *tensors: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+    def forward(ctx, call: BoundaryCall, *tensors: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
         ctx.call = call
         ctx.set_materialize_grads(False)
         return call.forward(tensors)
@@ -115,12 +133,17 @@ class LocalHandle:
         return f"LocalHandle({self.spec.id!r}, access={self.access.label!r})"
 
     @property
+    def grants(self) -> frozenset[str]:
+        """Input or entry ports this handle may read."""
+        return self._grants
+
+    @property
     def fingerprint(self) -> str:
         return self.spec.fingerprint
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
         """``{"text.input_ids", "text.attention_mask"}`` for ``texts`` (the owner's tokenizer)."""
-        return self._backbone.tokenize(_texts(texts))
+        return self._backbone.tokenize(texts_of(texts))
 
     def forward(
         self,
@@ -145,18 +168,32 @@ class LocalHandle:
         Returns:
             ``{port name: tensor}`` for each output (and read) port.
         """
-        call = self._prepare(inputs, dict(add or {}), dict(insert or {}), outputs, list(reads))
+        plan = self.plan(inputs, add or {}, insert or {}, outputs, reads)
         if self.access is AccessLevel.WHITE_BOX:  # plain autograd: weights of a rebound module train too
-            result = self._backbone.run(call.inputs, call.add, call.insert, call.outputs, call.reads)
-            return {name: result[name] for name in [*call.outputs, *call.reads]}
-        diff = [self._lookup(call, group, port) for group, port in call.slots]
-        if diff:
-            values = _Crossing.apply(call, *diff)
-        else:
-            values = call.forward(())
-        result = dict(zip(call.outputs, values))
+            result = self._backbone.run(plan.inputs, plan.add, plan.insert, plan.outputs, plan.reads)
+            return {name: result[name] for name in [*plan.outputs, *plan.reads]}
+        call = BoundaryCall(self._backbone, plan, self.exposure)
+        diff = [plan.tensor(group, port) for group, port in plan.slots]
+        values = _Crossing.apply(call, *diff) if diff else call.forward(())
+        result = dict(zip(plan.outputs, values))
         result.update(call.values_read)
         return result
+
+    def plan(self, inputs: Mapping[str, Tensor | Sequence[str]], add: Mapping[str, Tensor],
+             insert: Mapping[str, Tensor], outputs: Sequence[str] | None, reads: Sequence[str]) -> CallPlan:
+        """Check a request at this handle's level and note it in ``exposure`` (see ``forward``)."""
+        return plan_call(self._full_spec, self.access, self._grants, self.exposure, self.tokenize,
+                         inputs, add, insert, outputs, reads)
+
+    def open_call(self, plan: CallPlan, measure: bool = False) -> BoundaryCall:
+        """A call the owner drives by hand (the server): ``forward`` now, ``vjp`` later."""
+        return BoundaryCall(self._backbone, plan, self.exposure, measure)
+
+    def at_level(self, access: AccessLevel) -> LocalHandle:
+        """The same backbone at a level no higher than this handle's (same grants)."""
+        if access > self.access:
+            raise AccessDeniedError(f"a handle at {access.label}", access.label, self.access.label)
+        return LocalHandle(self._backbone, access, self._grants)
 
     def encode_image(self, pixels: Tensor, **edits: Mapping[str, Tensor]) -> Tensor:
         """``[B, E]`` image embeddings (not normalised), the CLIP way."""
@@ -183,68 +220,3 @@ class LocalHandle:
             raise AccessDeniedError("running a modified backbone module", AccessLevel.WHITE_BOX.label,
                                     self.access.label)
         return LocalHandle(self._backbone.with_module(module), self.access, self._grants)
-
-    # -- internals -------------------------------------------------------------------
-
-    @staticmethod
-    def _lookup(call: _Call, group: str, port: str) -> Tensor:
-        return {"inputs": call.inputs, "add": call.add, "insert": call.insert}[group][port]
-
-    def _prepare(self, raw_inputs: Mapping[str, Tensor | Sequence[str]], add: dict[str, Tensor],
-                 insert: dict[str, Tensor], outputs: Sequence[str] | None, reads: list[str]) -> _Call:
-        spec, level, exposure = self._full_spec, self.access, self.exposure
-        inputs: dict[str, Tensor] = {}
-        for name, value in raw_inputs.items():
-            if name == "text" and "text" in spec.modalities:
-                inputs.update(self.tokenize(value))  # type: ignore[arg-type]
-                continue
-            if name not in spec.port_names(PortKind.INPUT) or Op.REPLACE not in spec.port(name).ops:
-                raise unknown_input(spec, name)
-        for name, value in raw_inputs.items():
-            if name != "text":
-                grad = isinstance(value, Tensor) and value.requires_grad
-                inputs[name] = check_tensor(port_for(spec, name, Op.REPLACE, level, grad), value, Op.REPLACE, None)
-        for prefix in spec.modalities:
-            if f"{prefix}.input_ids" in inputs:
-                check_token_inputs(spec, inputs, prefix)
-        batch = batch_size(inputs)
-        slots = [("inputs", n) for n, t in inputs.items() if t.requires_grad]
-        for op, group in ((Op.ADD, add), (Op.INSERT, insert)):
-            for name, value in group.items():
-                port = port_for(spec, name, op, level, True)
-                check_tensor(port, value, op, batch)
-                modality_in = any(k.startswith(port.modality + ".") for k in inputs)
-                if not modality_in:
-                    raise InvalidInputError(f"{op.value} at {name}: no {port.modality} input was sent")
-                exposure.note(port, op)
-                if value.requires_grad:
-                    slots.append(("add" if op is Op.ADD else "insert", name))
-        for name in reads:
-            exposure.note(port_for(spec, name, Op.READ, level, False, self._grants), Op.READ)
-        outputs = self._outputs(inputs, outputs)
-        for name in [*inputs, *outputs]:
-            exposure.note(spec.port(name), Op.READ if name in outputs else Op.REPLACE)
-        exposure.forward_queries += 1
-        exposure.forward_samples += batch
-        return _Call(self._backbone, inputs, add, insert, outputs, reads, slots, exposure)
-
-    def _outputs(self, inputs: Mapping[str, Tensor], asked: Sequence[str] | None) -> list[str]:
-        modalities = {name.split(".")[0] for name in inputs}
-        available = [p.name for p in self._full_spec.ports
-                     if p.kind is PortKind.OUTPUT and (p.modality in modalities)]
-        if asked is None:
-            return available
-        for name in asked:
-            port_for(self._full_spec, name, Op.READ, self.access, False)
-            if name not in available:
-                raise InvalidInputError(f"output {name} needs {self._full_spec.port(name).modality} "
-                                        f"inputs; this call sent {sorted(inputs)}")
-        return list(asked)
-
-
-def _texts(texts: Sequence[str]) -> list[str]:
-    if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
-        raise InvalidInputError("text input must be a list of strings, e.g. ['a cat', 'a dog']")
-    if not texts:
-        raise InvalidInputError("text input is empty; send at least one string")
-    return list(texts)

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from graytune.access import LocalHandle, open_backbone
+from graytune.access import Handle, open_backbone
 from graytune.artifacts import load_adapter, read_config, save_adapter
 from graytune.data.catalog import Splits, load_splits
 from graytune.data.images import ImagePreprocess
@@ -39,13 +39,13 @@ class RunSpec:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-def open_for(backbone: str, access: str, method: str) -> LocalHandle:
+def open_for(backbone: str, access: str, method: str) -> Handle:
     """Open ``backbone`` at ``access``, granting the reads ``method`` needs (the owner's explicit grant)."""
     reads = ("text.token_embeds",) if method == "adalink" else ()
     return open_backbone(backbone, access=access, reads=reads)
 
 
-def make_task(splits: Splits, handle: LocalHandle, image_size: int | None) -> Task:
+def make_task(splits: Splits, handle: Handle, image_size: int | None) -> Task:
     needs_images = splits.task in ("retrieval", "sketch") or isinstance(splits.train, LabeledImages | LabeledImageFiles)
     pre = ImagePreprocess.from_spec(handle.spec, image_size, fit=splits.fit) if needs_images else None
     if splits.task == "retrieval":

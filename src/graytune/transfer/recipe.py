@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from graytune.access import LocalHandle, open_backbone
+from graytune.access import Handle, open_backbone
 from graytune.artifacts import load_adapter, read_config
 from graytune.data.catalog import Splits, load_splits
 from graytune.data.images import ImagePreprocess, pixel_cache
@@ -47,7 +47,7 @@ class Pixels:
     test_labels: Tensor
 
 
-def load_pixels(splits: Splits, handle: LocalHandle, image_size: int, unlabeled: Any,
+def load_pixels(splits: Splits, handle: Handle, image_size: int, unlabeled: Any,
                 shots: int | None = None) -> Pixels:
     """Pixels of the ``unlabeled`` images (labels unused), a labelled ``shots``-per-class subset of train, val, test.
 
@@ -75,7 +75,7 @@ def base_novel_accuracy(scores: Tensor, labels: Tensor, base: tuple[int, ...], n
     return split_accuracy(scores, labels, {"base": base, "novel": novel})
 
 
-def plus(tm: TransMiter, strong: LocalHandle, pixels: Pixels, seed: int = 0) -> dict[str, float]:
+def plus(tm: TransMiter, strong: Handle, pixels: Pixels, seed: int = 0) -> dict[str, float]:
     """TransMiter+: fine-tune the transferred adapter on the labelled few-shot set, select on val."""
     return tm.finetune(tm.scores(strong, pixels.train), pixels.train_labels, tm.scores(strong, pixels.val),
                        pixels.val_labels, PlusConfig(seed=seed))
@@ -84,12 +84,12 @@ def plus(tm: TransMiter, strong: LocalHandle, pixels: Pixels, seed: int = 0) -> 
 # -- the command-line runs: extract, transfer, TransMiter+ -------------------------------------
 
 
-def _image_pixels(splits: Splits, handle: LocalHandle, image_size: int | None, shots: int | None = None) -> Pixels:
+def _image_pixels(splits: Splits, handle: Handle, image_size: int | None, shots: int | None = None) -> Pixels:
     return load_pixels(splits, handle, image_size or int(handle.spec.preprocess["image"]["image_size"]),
                        unlabeled=splits.train, shots=shots)
 
 
-def _evaluate(tm: TransMiter, strong: LocalHandle, splits: Splits, px: Pixels) -> dict[str, float]:
+def _evaluate(tm: TransMiter, strong: Handle, splits: Splits, px: Pixels) -> dict[str, float]:
     scores = tm.predict(strong, px.test)
     out = {"accuracy": 100.0 * float((scores.argmax(1) == px.test_labels).float().mean())}
     if splits.eval_splits:
@@ -98,7 +98,7 @@ def _evaluate(tm: TransMiter, strong: LocalHandle, splits: Splits, px: Pixels) -
     return out
 
 
-def _load_for(adapter: str, backbone_id: str, hint: str = "") -> tuple[TransMiter, dict[str, Any], LocalHandle]:
+def _load_for(adapter: str, backbone_id: str, hint: str = "") -> tuple[TransMiter, dict[str, Any], Handle]:
     """The saved TransMiter, its config, and a black-box handle of ``backbone_id``, whose fingerprint must match."""
     tm, config = load_transmiter(adapter)
     handle = open_backbone(backbone_id, access="black-box")
