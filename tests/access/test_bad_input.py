@@ -105,6 +105,13 @@ def test_black_box_refuses_gradients_with_the_level_needed() -> None:
         bb.forward({"image.pixels": torch.zeros(1, 3, 64, 64, requires_grad=True)})
 
 
-def test_remote_ids_are_refused_clearly() -> None:
-    with pytest.raises(InvalidInputError, match="remote backbones are not supported"):
+def test_remote_ids_need_a_key_and_a_reachable_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    from graytune.access import RemoteHandle
+    from graytune.errors import RemoteError
+
+    monkeypatch.delenv("GRAYTUNE_API_KEY", raising=False)
+    with pytest.raises(InvalidInputError, match="needs an API key"):
         graytune.open_backbone("http://127.0.0.1:9/")
+    with pytest.raises(RemoteError, match="could not be reached") as err:
+        RemoteHandle("http://127.0.0.1:9/", graytune.AccessLevel.DARK_GRAY, api_key="x" * 32, retries=0)
+    assert err.value.status == 0
