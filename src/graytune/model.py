@@ -136,15 +136,28 @@ class AdaptedModel(nn.Module):
         return scale * F.normalize(queries, dim=-1) @ F.normalize(keys, dim=-1).T
 
     def _tower(self, modality: str, inputs: dict[str, Tensor], adapters: nn.ModuleList) -> Tensor:
+        request = self.prepare_tower(modality, inputs)
+        port = f"{modality}.embeds"
+        embeds = self.handle.forward(request.inputs, add=request.add, insert=request.insert, outputs=[port])[port]
+        return self.finish_tower(modality, embeds)
+
+    def prepare_tower(self, modality: str, inputs: Mapping[str, Tensor]) -> TowerRequest:
+        """The request this model's adapters make for one tower (before the boundary is crossed).
+
+        A server batching several adapters through one backbone call uses this and ``finish_tower``.
+        """
+        adapters = self.image_adapters if modality == "image" else self.text_adapters
         request = TowerRequest(modality, dict(inputs))
         reads = sorted({port for a in adapters for port in a.reads})
         if reads:
-            request.read = self.handle.forward(inputs, outputs=[], reads=reads)
+            request.read = self.handle.forward(dict(inputs), outputs=[], reads=reads)
         for adapter in adapters:
             adapter.before(request)
-        port = f"{modality}.embeds"
-        embeds = self.handle.forward(request.inputs, add=request.add, insert=request.insert, outputs=[port])[port]
-        for adapter in adapters:
+        return request
+
+    def finish_tower(self, modality: str, embeds: Tensor) -> Tensor:
+        """``[B, E]`` tower embeddings mapped by this model's output adapters."""
+        for adapter in self.image_adapters if modality == "image" else self.text_adapters:
             embeds = adapter.after(embeds)
         return embeds
 

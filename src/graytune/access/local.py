@@ -18,7 +18,7 @@ from torch import nn
 from graytune.access.checks import CallPlan, plan_call, port_for, texts_of
 from graytune.backbones.base import Backbone
 from graytune.errors import AccessDeniedError, InvalidInputError
-from graytune.types import AccessLevel, BackboneSpec, Exposure, Op
+from graytune.types import AccessLevel, BackboneSpec, Exposure, Op, required_level
 
 Tensor = torch.Tensor
 
@@ -190,10 +190,11 @@ class LocalHandle:
         return BoundaryCall(self._backbone, plan, self.exposure, measure)
 
     def at_level(self, access: AccessLevel) -> LocalHandle:
-        """The same backbone at a level no higher than this handle's (same grants)."""
+        """The same backbone at a level no higher than this handle's (the grants that level may hold)."""
         if access > self.access:
             raise AccessDeniedError(f"a handle at {access.label}", access.label, self.access.label)
-        return LocalHandle(self._backbone, access, self._grants)
+        grants = [n for n in self._grants if required_level(self._full_spec.port(n).kind, Op.READ, False) <= access]
+        return LocalHandle(self._backbone, access, grants)
 
     def encode_image(self, pixels: Tensor, **edits: Mapping[str, Tensor]) -> Tensor:
         """``[B, E]`` image embeddings (not normalised), the CLIP way."""

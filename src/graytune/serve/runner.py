@@ -7,13 +7,19 @@ Example:
 
 from __future__ import annotations
 
+import json
+import os
 import threading
 import time
+from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import uvicorn
 
-from graytune.errors import RemoteError
+from graytune.errors import InvalidInputError, RemoteError
+from graytune.serve.app import create_app
+from graytune.serve.config import ApiKeys, ServeConfig
 
 
 class BackgroundServer:
@@ -46,3 +52,38 @@ class BackgroundServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+ENV_VAR = "GRAYTUNE_SERVE"
+
+
+def build_app(backbone_id: str, config: ServeConfig, keys: ApiKeys) -> Any:
+    """The service for a backbone id, with the adapters named in ``config.adapters`` hosted."""
+    from graytune.access import LocalHandle, open_backbone
+    from graytune.serve.adapters import install_adapters
+
+    if backbone_id.startswith(("http://", "https://")):
+        raise InvalidInputError("graytune serve lends a backbone it holds; give a local id such as minilm")
+    handle = open_backbone(backbone_id, config.access, reads=config.reads)
+    assert isinstance(handle, LocalHandle)
+    return create_app(handle, config, keys, extra=install_adapters if config.adapters else None)
+
+
+def app_from_env() -> Any:
+    """uvicorn's factory for worker processes: the app described by ``$GRAYTUNE_SERVE`` (JSON)."""
+    settings = json.loads(os.environ[ENV_VAR])
+    config = ServeConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings["config"].items()})
+    return build_app(settings["backbone"], config, ApiKeys.load(settings["keys"]))
+
+
+def serve_forever(backbone_id: str, config: ServeConfig, keys_file: str) -> None:
+    """Run the service in the foreground (``graytune serve``); several workers share nothing."""
+    keys = ApiKeys.load(keys_file)
+    options = dict(host=config.host, port=config.port, log_level="info", timeout_keep_alive=30,
+                   limit_concurrency=1024)
+    if config.workers > 1:
+        os.environ[ENV_VAR] = json.dumps({"backbone": backbone_id, "config": asdict(config),
+                                          "keys": str(Path(keys_file).resolve())})
+        uvicorn.run("graytune.serve.runner:app_from_env", factory=True, workers=config.workers, **options)
+    else:
+        uvicorn.run(build_app(backbone_id, config, keys), **options)

@@ -1,0 +1,53 @@
+"""``graytune serve``: lend a backbone you hold to many clients over HTTP, at a level you choose."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+
+from graytune.config import field_docs
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from graytune.serve.config import ServeConfig
+
+    p = sub.add_parser("serve", help="serve a backbone behind the boundary (FastAPI + uvicorn)",
+                       description="Clients open it with graytune.open_backbone('http://HOST:PORT', api_key=...) "
+                                   "or --backbone http://HOST:PORT (key in $GRAYTUNE_API_KEY).")
+    p.add_argument("backbone", help="backbone id, e.g. minilm or bridge:efficientnet-lite0+minilm")
+    p.add_argument("--api-keys", required=True, metavar="FILE",
+                   help="lines of 'client-name secret-key' (keys of at least 16 characters)")
+    p.add_argument("--ray", type=int, default=0, metavar="REPLICAS",
+                   help="run as a Ray Serve deployment with this many replicas (needs graytune[ray])")
+    docs = field_docs(ServeConfig)
+    for f in fields(ServeConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "reads":
+            p.add_argument(flag, nargs="*", default=(), help=docs[f.name])
+        elif f.name == "adapters":
+            p.add_argument("--adapter", dest="adapters", action="append", default=[], metavar="NAME=FOLDER",
+                           help=docs[f.name] + " Repeat for several.")
+        elif f.name == "access":
+            p.add_argument(flag, default=f.default, choices=["black-box", "dark-gray", "light-gray"],
+                           help=f"{docs[f.name]} (default: {f.default})")
+        else:
+            p.add_argument(flag, type=type(f.default), default=f.default,
+                           help=f"{docs.get(f.name, '')} (default: {f.default})")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from graytune.serve.config import ServeConfig
+
+    values = {f.name: getattr(args, f.name) for f in fields(ServeConfig)}
+    config = ServeConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    if args.ray:
+        from graytune.serve.ray_app import serve_on_ray
+
+        serve_on_ray(args.backbone, config, args.api_keys, replicas=args.ray)
+        return 0
+    from graytune.serve.runner import serve_forever
+
+    print(f"graytune serve: {args.backbone} at {config.access} on http://{config.host}:{config.port}")
+    serve_forever(args.backbone, config, args.api_keys)
+    return 0

@@ -1,0 +1,241 @@
+"""Many adapters on one backbone: the server hosts trained adapters and batches their requests.
+
+Requests that name different adapters are gathered for a few milliseconds and run
+through one backbone call: each adapter prepares its own edits (``prepare_tower``),
+requests whose edits fit together (same input shapes, same inserted token counts)
+are stacked along the batch, deltas an adapter does not make are zeros, and each
+adapter maps its own rows of the result (``finish_tower``). A group that fails is
+rerun request by request, so one bad request never fails another client's.
+
+Endpoints: ``GET /v1/adapters``; ``POST /v1/adapters/{name}/embed`` (pixels as
+``inputs/image.pixels`` or ``texts`` in the metadata) → ``embeds`` ``[B, E]``;
+``POST /v1/adapters/{name}/classify`` (pixels and ``classes``) → ``logits`` ``[B, C]``.
+
+Example:
+    >>> host = AdapterHost(handle, {"fashion": "runs/fashion-dga"})
+    >>> host.submit("fashion", "image", {"image.pixels": pixels}).result()   # [B, E]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from fastapi import FastAPI, Request, Response
+
+from graytune.access import LocalHandle
+from graytune.access.checks import plan_call
+from graytune.access.wire import decode, encode
+from graytune.adapters import TowerRequest
+from graytune.artifacts import load_adapter
+from graytune.errors import InvalidInputError, UnknownNameError
+from graytune.model import AdaptedModel
+from graytune.types import Exposure
+
+log = logging.getLogger(__name__)
+Tensor = torch.Tensor
+
+
+@dataclass
+class _Job:
+    model: AdaptedModel
+    modality: str
+    inputs: dict[str, Tensor] = field(default_factory=dict)
+    texts: list[str] = field(default_factory=list)
+    future: Future = field(default_factory=Future)
+    request: TowerRequest | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.texts) if self.texts else int(next(iter(self.inputs.values())).shape[0])
+
+
+class AdapterHost:
+    """Trained adapters around one handle, and the thread that batches their requests."""
+
+    def __init__(self, handle: LocalHandle, folders: Mapping[str, str], window_ms: float = 5.0,
+                 max_batch: int = 256, lock: Any = None) -> None:
+        self.handle, self.window_s, self.max_batch = handle, window_ms / 1000, max_batch
+        self.models: dict[str, AdaptedModel] = {}
+        for name, folder in folders.items():
+            self.models[name] = load_adapter(folder, handle).eval().requires_grad_(False)
+        self.backbone_calls = 0
+        self._queue: queue.Queue[_Job] = queue.Queue()
+        self._lock = lock or threading.Lock()  # the server's compute lock: one backbone call at a time
+        threading.Thread(target=self._loop, daemon=True, name="graytune-adapter-batcher").start()
+
+    def model(self, name: str) -> AdaptedModel:
+        if name not in self.models:
+            raise UnknownNameError("hosted adapter", name, self.models)
+        return self.models[name]
+
+    def submit(self, name: str, modality: str, inputs: Mapping[str, Tensor] | None = None,
+               texts: Sequence[str] = ()) -> Future:
+        """Queue one request; its future gives ``[B, E]`` adapted embeddings (not normalised)."""
+        model = self.model(name)
+        if modality == "text":
+            job = _Job(model, "text", texts=list(texts))
+            self.handle.tokenize(job.texts[:1])  # the text checks, before any compute
+        else:
+            job = _Job(model, "image", inputs=dict(inputs or {}))
+            plan_call(self.handle.spec, self.handle.access, (), Exposure(self.handle.access), self.handle.tokenize,
+                      job.inputs, {}, {}, ["image.embeds"], ())
+        self._queue.put(job)
+        return job.future
+
+    def _loop(self) -> None:
+        while True:
+            jobs = [self._queue.get()]
+            deadline = time.monotonic() + self.window_s
+            while sum(j.size for j in jobs) < self.max_batch:
+                try:
+                    jobs.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
+                except queue.Empty:
+                    break
+            with self._lock, torch.no_grad():
+                self.run(jobs)
+
+    def run(self, jobs: list[_Job]) -> None:
+        """Answer ``jobs``: compatible ones share one backbone call."""
+        texts = [j for j in jobs if j.modality == "text"]
+        if texts:  # one tokenization pads every text request to the same length
+            ids = self.handle.tokenize([t for j in texts for t in j.texts])
+            start = 0
+            for job in texts:
+                job.inputs = {k: v[start:start + len(job.texts)] for k, v in ids.items()}
+                start += len(job.texts)
+        groups: dict[tuple, list[_Job]] = {}
+        for job in jobs:
+            try:
+                job.request = job.model.prepare_tower(job.modality, job.inputs)
+                groups.setdefault(_signature(job.request), []).append(job)
+            except Exception as err:  # noqa: BLE001 - handed to that request's caller
+                job.future.set_exception(err)
+        for group in groups.values():
+            try:
+                self._run_group(group)
+            except Exception:  # noqa: BLE001 - isolate the request that broke the batch
+                if len(group) == 1:
+                    group[0].future.set_exception(_safe(group[0]))
+                    continue
+                for job in group:
+                    try:
+                        self._run_group([job])
+                    except Exception as err:  # noqa: BLE001
+                        job.future.set_exception(err)
+
+    def _run_group(self, group: list[_Job]) -> None:
+        requests = [j.request for j in group]
+        sizes = [j.size for j in group]
+        inputs = {k: torch.cat([r.inputs[k] for r in requests]) for k in requests[0].inputs}
+        add = {port: torch.cat(_stacked([r.add.get(port) for r in requests], sizes))
+               for port in sorted({p for r in requests for p in r.add})}
+        insert = {port: torch.cat([r.insert[port].expand(n, -1, -1) for r, n in zip(requests, sizes)])
+                  for port in requests[0].insert}
+        port = f"{group[0].modality}.embeds"
+        embeds = self.handle.forward(inputs, add=add, insert=insert, outputs=[port])[port]
+        self.backbone_calls += 1
+        for job, rows in zip(group, embeds.split(sizes)):
+            job.future.set_result(job.model.finish_tower(job.modality, rows))
+
+
+def _signature(request: TowerRequest) -> tuple:
+    """Requests with equal signatures can share one backbone call."""
+    shapes = tuple(sorted((k, tuple(v.shape[1:])) for k, v in request.inputs.items()))
+    inserts = tuple(sorted((k, tuple(v.shape[1:])) for k, v in request.insert.items()))
+    return request.modality, shapes, inserts
+
+
+def _stacked(deltas: list[Tensor | None], sizes: list[int]) -> list[Tensor]:
+    """Each request's delta as ``[n_i, *S]`` with one common ``S``; zeros where a request adds nothing."""
+    present = [d for d in deltas if d is not None]
+    rank = max(d.dim() for d in present)
+    shaped = [d.reshape((1,) * (rank - d.dim()) + tuple(d.shape)) for d in present]
+    tail = torch.broadcast_shapes(*[tuple(d.shape[1:]) for d in shaped])
+    out = []
+    for delta, n in zip(deltas, sizes):
+        if delta is None:
+            out.append(present[0].new_zeros((n, *tail)))
+        else:
+            delta = delta.reshape((1,) * (rank - delta.dim()) + tuple(delta.shape))
+            out.append(delta.expand(n, *tail))
+    return out
+
+
+def _safe(job: _Job) -> Exception:
+    try:
+        job.model.handle.forward(job.request.inputs, add=job.request.add, insert=job.request.insert,  # type: ignore[union-attr]
+                                 outputs=[f"{job.modality}.embeds"])
+    except Exception as err:  # noqa: BLE001 - the request's own error, for its caller
+        return err
+    return InvalidInputError("this request could not be batched with others")
+
+
+def install_adapters(app: FastAPI, service: Any) -> None:
+    """Add the hosted-adapter routes to the service's app."""
+    from graytune.serve.app import WIRE_MEDIA
+
+    folders = dict(_name_folder(item) for item in service.config.adapters)
+    host = AdapterHost(service.handle, folders, service.config.batch_window_ms, service.config.max_batch,
+                       service.compute_lock)
+    app.state.adapters = host
+
+    async def embeds_for(name: str, request: Request) -> tuple[Tensor, dict[str, Any]]:
+        client = service.client(request)
+        tensors, meta = decode(await service.body(request))
+        host.model(name)
+        if meta.get("texts") is not None:
+            texts = service.texts(meta["texts"])
+            service.quotas.charge(client, samples=len(texts))
+            future = host.submit(name, "text", texts=texts)
+        else:
+            pixels = {k.removeprefix("inputs/"): v for k, v in tensors.items()}
+            if set(pixels) != {"image.pixels"}:
+                raise InvalidInputError("send inputs/image.pixels, or texts in the metadata")
+            service.quotas.charge(client, samples=int(pixels["image.pixels"].shape[0]))
+            future = host.submit(name, "image", pixels)
+        return await _wait(future, service.config.request_timeout_s), meta
+
+    @app.get("/v1/adapters")
+    def listing(request: Request) -> dict[str, Any]:
+        service.client(request)
+        return {name: {"method": m.method, "backbone": service.handle.spec.id} for name, m in host.models.items()}
+
+    @app.post("/v1/adapters/{name}/embed")
+    async def embed(name: str, request: Request) -> Response:
+        embeds, _ = await embeds_for(name, request)
+        return Response(encode({"embeds": embeds}), media_type=WIRE_MEDIA)
+
+    @app.post("/v1/adapters/{name}/classify")
+    async def classify(name: str, request: Request) -> Response:
+        embeds, meta = await embeds_for(name, request)
+        classes = service.texts(meta.get("classes"))
+        template = str(meta.get("template", "a photo of a {}."))
+        prompts = host.submit(name, "text", texts=[template.replace("{}", c) for c in classes])
+        text = await _wait(prompts, service.config.request_timeout_s)
+        logits = host.model(name).similarity(embeds, text)
+        return Response(encode({"logits": logits}, {"classes": classes}), media_type=WIRE_MEDIA)
+
+
+async def _wait(future: Future, timeout_s: float) -> Tensor:
+    from graytune.serve.app import HTTPProblem
+
+    try:
+        return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
+    except TimeoutError:
+        raise HTTPProblem(504, "timeout", f"the request took over {timeout_s} s") from None
+
+
+def _name_folder(item: str) -> tuple[str, str]:
+    name, sep, folder = item.partition("=")
+    if not sep or not name or not folder:
+        raise InvalidInputError(f"--adapter {item!r}: write NAME=FOLDER, e.g. fashion=runs/fashion-dga")
+    return name, folder
