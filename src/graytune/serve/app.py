@@ -253,6 +253,8 @@ def _grads_for(call: BoundaryCall, tensors: dict[str, torch.Tensor]) -> list[tor
         if g is not None and (g.dtype != torch.float32 or (name in shapes and list(g.shape) != shapes[name])):
             raise InvalidInputError(f"the gradient for {name} has shape {list(g.shape)} ({g.dtype}); "
                                     f"the output has shape {shapes.get(name)} (float32)")
+        if g is not None and not bool(torch.isfinite(g).all()):
+            raise InvalidInputError(f"the gradient sent back to {name} has NaN or infinite values")
         grads.append(g)
     return grads
 
