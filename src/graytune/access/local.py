@@ -74,13 +74,25 @@ class BoundaryCall:
         return torch.autograd.grad([o for o, _ in pairs], leaves, [g for _, g in pairs], allow_unused=True)
 
 
+_WEIGHTS: dict[int, frozenset[int]] = {}
+
+
+def _weight_storages(backbone: Backbone) -> frozenset[int]:
+    key = id(backbone.module())
+    if key not in _WEIGHTS:
+        module = backbone.module()
+        _WEIGHTS[key] = frozenset(t.untyped_storage().data_ptr()
+                                  for t in [*module.parameters(), *module.buffers()])
+    return _WEIGHTS[key]
+
+
 @contextlib.contextmanager
 def _saved_bytes(call: BoundaryCall) -> Iterator[None]:
     """Count the bytes autograd keeps for ``call``'s backward (each storage once)."""
     if not call.measure:
         yield
         return
-    seen: set[int] = set()
+    seen = set(_weight_storages(call.backbone))  # the owner's weights are shared, not the session's
 
     def pack(t: Tensor) -> Tensor:
         storage = t.untyped_storage()

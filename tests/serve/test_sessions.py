@@ -1,0 +1,67 @@
+"""The session store: TTL, byte budget, per-client caps, LRU eviction, client binding."""
+
+from __future__ import annotations
+
+import pytest
+
+from graytune.errors import AccessDeniedError
+from graytune.serve.sessions import SessionGone, SessionStore
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _store(clock: Clock, **limits: int) -> SessionStore:
+    options = dict(ttl_s=10, budget_bytes=1000, per_client_sessions=3, per_client_bytes=600)
+    return SessionStore(**{**options, **limits}, clock=clock)  # type: ignore[arg-type]
+
+
+def test_a_session_is_taken_once_by_its_own_client() -> None:
+    store = _store(Clock())
+    sid = store.put("alice", "call", 10)
+    assert sid is not None and len(sid) >= 40 and sid != store.put("alice", "other", 10)
+    with pytest.raises(AccessDeniedError, match="another client"):
+        store.take("bob", sid)
+    assert store.take("alice", sid) == "call"
+    with pytest.raises(SessionGone):
+        store.take("alice", sid)
+
+
+def test_sessions_expire_after_the_ttl() -> None:
+    clock = Clock()
+    store = _store(clock)
+    sid = store.put("alice", "call", 10)
+    clock.now = 9.9
+    assert store.peek("alice", sid) == "call"
+    clock.now = 10.0
+    assert store.sweep() == 0
+    with pytest.raises(SessionGone):
+        store.take("alice", sid)
+    assert store.stats()["expired"] == 1
+
+
+def test_the_byte_budget_evicts_the_least_recently_made() -> None:
+    store = _store(Clock(), per_client_bytes=1000, per_client_sessions=10)
+    ids = [store.put(client, i, 300) for i, client in enumerate(["a", "b", "c", "d"])]
+    assert store.stats()["bytes"] <= 1000 and store.stats()["evicted"] == 1
+    with pytest.raises(SessionGone):
+        store.take("a", ids[0])  # the oldest went first
+    assert store.take("d", ids[3]) == 3
+
+
+def test_per_client_caps_evict_only_that_client() -> None:
+    store = _store(Clock())
+    theirs = store.put("bob", "b", 10)
+    mine = [store.put("alice", i, 10) for i in range(4)]  # cap of 3 sessions
+    with pytest.raises(SessionGone):
+        store.take("alice", mine[0])
+    assert store.take("bob", theirs) == "b"
+    big = [store.put("alice", i, 250) for i in range(3)]  # 600 bytes per client
+    with pytest.raises(SessionGone):
+        store.take("alice", big[0])
+    assert store.put("alice", "huge", 700) is None  # alone over the cap: not kept; the VJP recomputes
