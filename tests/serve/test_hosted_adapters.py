@@ -1,0 +1,94 @@
+"""Hosted adapters: requests naming different adapters share one backbone call and get their own answers."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from graytune.access.wire import decode, encode
+from graytune.artifacts import save_adapter
+from graytune.model import AdaptedModel
+from graytune.serve.adapters import AdapterHost, _Job, install_adapters
+from tests.serve.conftest import ALICE
+
+
+def _saved(handle, method: str, seed: int, folder: Path) -> Path:  # type: ignore[no-untyped-def]
+    model = AdaptedModel.build(handle, method)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    save_adapter(model, folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def folders(minilm, tmp_path_factory) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    root = tmp_path_factory.mktemp("hosted")
+    return {"dga-a": str(_saved(minilm, "dga", 1, root / "a")), "dga-b": str(_saved(minilm, "dga", 2, root / "b")),
+            "out": str(_saved(minilm, "output", 3, root / "c"))}
+
+
+REQUESTS = [("dga-a", ["a red bicycle", "rain"]), ("dga-b", ["the quick brown fox jumps over it"]),
+            ("out", ["a lamp"]), ("dga-a", ["two cups of tea on a table"]), ("dga-b", ["snow", "fog", "sun"])]
+
+
+def test_mixed_adapters_batch_through_one_call_and_match_one_by_one(minilm, folders) -> None:
+    host = AdapterHost(minilm, folders, window_ms=1)
+    jobs = [_Job(host.model(name), "text", texts=texts) for name, texts in REQUESTS]
+    with torch.no_grad():
+        host.run(jobs)
+    assert host.backbone_calls == 2  # both DGA adapters in one call; the output-only adapter has no inserts
+    for (name, texts), job in zip(REQUESTS, jobs):
+        with torch.no_grad():
+            alone = host.model(name).encode_text(texts)
+        torch.testing.assert_close(job.future.result(), alone, rtol=1e-4, atol=1e-5)
+    a, b = jobs[0].future.result(), AdapterHost(minilm, {"x": folders["dga-b"]}).model("x").encode_text(
+        REQUESTS[0][1])
+    assert (a - b).abs().max() > 1e-3  # each request got its own adapter, not its neighbour's
+
+
+def test_a_broken_request_does_not_fail_its_batch(minilm, folders) -> None:
+    host = AdapterHost(minilm, folders, window_ms=1)
+    good = _Job(host.model("dga-a"), "text", texts=["a cat"])
+    bad = _Job(host.model("dga-b"), "text", texts=["a dog"])
+    bad.model = None  # type: ignore[assignment]  # fails while preparing
+    with torch.no_grad():
+        host.run([good, bad])
+    assert good.future.result().shape == (1, 384)
+    with pytest.raises(AttributeError):
+        bad.future.result()
+
+
+def test_embed_and_classify_over_http_batch_concurrent_clients(serve, folders) -> None:
+    url, app = serve(access="dark-gray", reads=(), adapters=tuple(f"{k}={v}" for k, v in folders.items()),
+                     batch_window_ms=50, extra=install_adapters)
+    host = app.state.adapters
+    client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ALICE}"}, timeout=60)
+    assert set(client.get("/v1/adapters").json()) == set(folders)
+    answers: dict[int, torch.Tensor] = {}
+
+    def ask(i: int, name: str, texts: list[str]) -> None:
+        reply = httpx.post(f"{url}/v1/adapters/{name}/embed", content=encode({}, {"texts": texts}),
+                           headers={"Authorization": f"Bearer {ALICE}"}, timeout=60)
+        answers[i] = decode(reply.content)[0]["embeds"]
+
+    threads = [threading.Thread(target=ask, args=(i, n, t)) for i, (n, t) in enumerate(REQUESTS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert host.backbone_calls < len(REQUESTS)
+    for i, (name, texts) in enumerate(REQUESTS):
+        with torch.no_grad():
+            torch.testing.assert_close(answers[i], host.model(name).encode_text(texts), rtol=1e-4, atol=1e-5)
+    reply = client.post("/v1/adapters/dga-a/classify",
+                        content=encode({}, {"texts": ["a kitten"], "classes": ["cat", "car"], "template": "a {}"}))
+    logits = decode(reply.content)[0]["logits"]
+    assert logits.shape == (1, 2)
+    reply = client.post("/v1/adapters/dga-c/embed", content=encode({}, {"texts": ["x"]}))
+    assert reply.status_code == 400 and "dga-a" in reply.json()["detail"]  # unknown name, with suggestions
