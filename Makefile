@@ -5,7 +5,7 @@ STAMP := $(VENV)/.graytune-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test test-slow bench setup data clean
+.PHONY: demo test test-slow test-scale bench setup data clean
 
 $(STAMP): pyproject.toml constraints.txt scripts/setup.sh
 	bash scripts/setup.sh
@@ -21,10 +21,14 @@ demo: setup  ## zero-shot retrieval on real data through the packaged bridge bac
 
 test: setup  ## the default suite, layer contracts included
 	$(VENV)/bin/lint-imports
-	$(VENV)/bin/python -m pytest -m "not slow"
+	$(VENV)/bin/python -m pytest -m "not slow and not scale"
 
-test-slow: setup  ## long training and distributed engines
+test-slow: setup  ## long training
 	$(VENV)/bin/python -m pytest -m slow
+
+test-scale: setup  ## distributed engines: Ray Serve replicas and 2-process gloo DDP against a live server
+	bash scripts/setup.sh ray
+	$(VENV)/bin/python -m pytest -m scale
 
 bench: setup  ## ratios measured side by side; numbers committed in docs/benchmarks.md
 	$(VENV)/bin/graytune bench
