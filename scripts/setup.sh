@@ -17,6 +17,10 @@ pip_install() {
 echo "setup: installing torch==2.13.0 and graytune[dev] into .venv"
 pip_install "torch==2.13.0"
 pip_install -e ".[dev]"
+if [ "${1:-}" = "ray" ]; then  # make test-scale: Ray Serve for the scale-out tests (large; not in make test)
+    echo "setup: installing graytune[ray] (Ray Serve)"
+    pip_install -e ".[dev,ray]"
+fi
 # CLIP_benchmark's evaluator runs unchanged on adapted models in the tests; its own dependencies
 # (open_clip, hence torchvision and timm) are not needed by the module used and must not come in.
 pip_install --no-deps "clip_benchmark==1.6.2"

@@ -133,6 +133,7 @@ class RemoteHandle:
             if response.status_code < 400:
                 return response
             if response.status_code in (502, 503) and attempt < self.retries:
+                log.info("backbone server busy (%d); retrying", response.status_code)
                 time.sleep(min(0.2 * 2**attempt, 3.0))
                 continue
             raise _error(response)
