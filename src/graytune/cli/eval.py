@@ -8,7 +8,9 @@ import json
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a saved adapter on a data set's test split")
-    p.add_argument("--backbone", required=True, help="the backbone the adapter was trained on")
+    p.add_argument("--backbone", required=True,
+                   help="the backbone the adapter was trained on: an id, or http://HOST:PORT of a graytune serve "
+                        "(key in $GRAYTUNE_API_KEY)")
     p.add_argument("--adapter", default=None, help="folder written by graytune train (omit for zero-shot)")
     p.add_argument("--task", choices=["retrieval", "classification", "sketch"], help="default: the data set's own")
     p.add_argument("--data", required=True, help="a built-in set (see graytune train --help) or a path")

@@ -15,7 +15,9 @@ from graytune.types import AccessLevel
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train an adapter through the boundary and save it",
                        description="Methods: " + "; ".join(f"{k}: {v.doc}" for k, v in METHODS.items()))
-    p.add_argument("--backbone", required=True, help="backbone id, e.g. bridge:efficientnet-lite0+minilm")
+    p.add_argument("--backbone", required=True,
+                   help="backbone id, e.g. bridge:efficientnet-lite0+minilm, or http://HOST:PORT of a graytune "
+                        "serve (key in $GRAYTUNE_API_KEY)")
     p.add_argument("--access", default="dark-gray", choices=[lvl.label for lvl in AccessLevel])
     p.add_argument("--method", required=True, choices=[*sorted(METHODS), "transmiter+"],
                    help="transmiter+ fine-tunes a transferred TransMiter (--adapter) with --shots labels per class")
