@@ -165,3 +165,26 @@ def test_quotas_count_samples_and_vjp_calls(serve) -> None:
 def _metadata(body: bytes) -> str:
     size = struct.unpack("<Q", body[:8])[0]
     return json.loads(body[8:8 + size])["__metadata__"]["graytune"]
+
+
+def test_a_busy_backbone_answers_503_within_the_timeout(serve) -> None:
+    url, app = serve(access="dark-gray", reads=(), request_timeout_s=0.3)
+    svc = app.state.service
+    client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ALICE}"}, timeout=30)
+    svc.compute_lock.acquire()  # someone else's long step holds the backbone
+    try:
+        _expect(_forward(client), 503, "busy")
+    finally:
+        svc.compute_lock.release()
+    assert _forward(client).status_code == 200
+
+
+def test_white_box_is_never_served(minilm) -> None:
+    from graytune.serve import ApiKeys, ServeConfig, create_app
+
+    whitebox = graytune.open_backbone("minilm", "white-box")
+    for handle, level in ((minilm, "white-box"), (whitebox, "dark-gray")):
+        with pytest.raises(graytune.InvalidInputError, match="never crosses the network"):
+            create_app(handle, ServeConfig(access=level), ApiKeys({"a": ALICE}))
+    with pytest.raises(graytune.InvalidInputError, match="shorter than 16"):
+        ApiKeys({"a": "short"})

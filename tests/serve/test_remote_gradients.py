@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 import graytune
 from graytune.access import RemoteHandle
-from graytune.train.recipe import RunSpec, train_and_save
+from graytune.train.recipe import RunSpec, evaluate_saved, train_and_save
 from graytune.train.trainer import TrainConfig
 from tests.serve.conftest import ALICE
 
@@ -83,3 +83,6 @@ def test_train_against_a_server_gives_the_same_adapter_as_in_process(serve, tmp_
     for key in local:
         torch.testing.assert_close(remote[key], local[key], rtol=1e-5, atol=1e-6)
     assert results["remote"]["test"] == pytest.approx(results["local"]["test"], abs=1e-6)
+    # graytune eval of the locally trained adapter against the server: same fingerprint, same scores
+    scored = evaluate_saved(url, str(tmp_path / "local"), "wordnet-supersense")
+    assert scored["test"] == pytest.approx(results["local"]["test"], abs=1e-6)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+
 from graytune.errors import AccessDeniedError
 from graytune.serve.sessions import SessionGone, SessionStore
 
@@ -65,3 +66,27 @@ def test_per_client_caps_evict_only_that_client() -> None:
     with pytest.raises(SessionGone):
         store.take("alice", big[0])
     assert store.put("alice", "huge", 700) is None  # alone over the cap: not kept; the VJP recomputes
+
+
+def test_an_evicted_session_frees_its_graph(minilm) -> None:  # type: ignore[no-untyped-def]
+    import gc
+    import weakref
+
+    import torch
+
+    def call():  # type: ignore[no-untyped-def]
+        shift = torch.zeros(1, 1, 384, requires_grad=True)
+        plan = minilm.plan({"text": ["a cat on a mat", "rain"]}, {"text.token_embeds": shift}, {}, None, [])
+        c = minilm.open_call(plan, measure=True)
+        c.forward([plan.tensor(g, p) for g, p in plan.slots])
+        return c
+
+    first = call()
+    assert first.nbytes > 0
+    refs = [weakref.ref(first._graph[0][0]), weakref.ref(first._graph[1][0])]  # an output and the leaf
+    store = SessionStore(ttl_s=60, budget_bytes=first.nbytes, per_client_sessions=8, per_client_bytes=1 << 40)
+    store.put("alice", first, first.nbytes)
+    del first
+    store.put("alice", call(), 1)  # over the budget: the first goes
+    gc.collect()
+    assert [r() for r in refs] == [None, None]  # nothing keeps the evicted graph alive

@@ -132,8 +132,10 @@ def plan_call(spec: BackboneSpec, level: AccessLevel, grants: Collection[str], e
     """Check a request against ``spec`` at ``level`` and note it in ``exposure``; nothing runs yet.
 
     The in-process handle, the remote client and the server all call this, so the
-    same request gets the same answer wherever the boundary runs.
+    same request gets the same answer wherever the boundary runs. Under ``torch.no_grad()``
+    no client tensor asks for a gradient, so the backbone keeps no graph.
     """
+    grad_mode = torch.is_grad_enabled()
     inputs: dict[str, Tensor] = {}
     for name, value in raw_inputs.items():
         if name == "text" and "text" in spec.modalities:
@@ -143,13 +145,13 @@ def plan_call(spec: BackboneSpec, level: AccessLevel, grants: Collection[str], e
             raise unknown_input(spec, name)
     for name, value in raw_inputs.items():
         if name != "text":
-            grad = isinstance(value, Tensor) and value.requires_grad
+            grad = isinstance(value, Tensor) and value.requires_grad and grad_mode
             inputs[name] = check_tensor(port_for(spec, name, Op.REPLACE, level, grad), value, Op.REPLACE, None)
     for prefix in spec.modalities:
         if f"{prefix}.input_ids" in inputs:
             check_token_inputs(spec, inputs, prefix)
     batch = batch_size(inputs)
-    slots = [("inputs", n) for n, t in inputs.items() if t.requires_grad]
+    slots = [("inputs", n) for n, t in inputs.items() if t.requires_grad and grad_mode]
     for op, group in ((Op.ADD, add), (Op.INSERT, insert)):
         for name, value in group.items():
             port = port_for(spec, name, op, level, True)
@@ -157,7 +159,7 @@ def plan_call(spec: BackboneSpec, level: AccessLevel, grants: Collection[str], e
             if not any(k.startswith(port.modality + ".") for k in inputs):
                 raise InvalidInputError(f"{op.value} at {name}: no {port.modality} input was sent")
             exposure.note(port, op)
-            if value.requires_grad:
+            if value.requires_grad and grad_mode:
                 slots.append(("add" if op is Op.ADD else "insert", name))
     for name in reads:
         exposure.note(port_for(spec, name, Op.READ, level, False, grants), Op.READ)

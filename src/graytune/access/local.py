@@ -8,9 +8,8 @@ the client's tensors, so adapters train with any optimizer.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -49,13 +48,15 @@ class BoundaryCall:
             leaf = tensor.detach().requires_grad_(True)
             groups[group][port] = leaf
             leaves.append(leaf)
-        with torch.set_grad_enabled(bool(leaves)), _saved_bytes(self):
+        with torch.set_grad_enabled(bool(leaves)):
             result = self.backbone.run(groups["inputs"], groups["add"], groups["insert"], plan.outputs, plan.reads)
         outs = [result[name] for name in plan.outputs]
         self.output_shapes = {name: list(o.shape) for name, o in zip(plan.outputs, outs)}
         self.values_read = {name: result[name].detach() for name in plan.reads}
         if leaves:
             self._graph = (outs, leaves)
+            if self.measure:
+                self.nbytes = _graph_bytes(self, outs)
         return tuple(o.detach() for o in outs)
 
     def vjp(self, grads: Sequence[Tensor | None]) -> tuple[Tensor | None, ...]:
@@ -86,23 +87,34 @@ def _weight_storages(backbone: Backbone) -> frozenset[int]:
     return _WEIGHTS[key]
 
 
-@contextlib.contextmanager
-def _saved_bytes(call: BoundaryCall) -> Iterator[None]:
-    """Count the bytes autograd keeps for ``call``'s backward (each storage once)."""
-    if not call.measure:
-        yield
-        return
+def _graph_bytes(call: BoundaryCall, outs: Sequence[Tensor]) -> int:
+    """The bytes of the tensors ``outs``' graph saved for the backward (each storage once).
+
+    Walks the graph's nodes rather than installing saved-tensor hooks: a pack hook
+    that returns the tensor makes a cycle through C++ for every saved output, and
+    those graphs would never be freed.
+    """
     seen = set(_weight_storages(call.backbone))  # the owner's weights are shared, not the session's
-
-    def pack(t: Tensor) -> Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in seen:
-            seen.add(storage.data_ptr())
-            call.nbytes += storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        yield
+    total, visited = 0, set()
+    stack = [o.grad_fn for o in outs]
+    while stack:
+        node = stack.pop()
+        if node is None or node in visited:
+            continue
+        visited.add(node)
+        for name in dir(node):
+            if not name.startswith("_saved_"):
+                continue
+            try:
+                value = getattr(node, name)
+            except RuntimeError:  # already freed, or not a tensor
+                continue
+            for t in value if isinstance(value, tuple | list) else (value,):
+                if isinstance(t, Tensor) and t.untyped_storage().data_ptr() not in seen:
+                    seen.add(t.untyped_storage().data_ptr())
+                    total += t.untyped_storage().nbytes()
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return total
 
 
 class _Crossing(torch.autograd.Function):

@@ -102,7 +102,7 @@ class Service:
 
     async def compute(self, work: Callable[[], T]) -> T:
         """Run ``work`` on a worker thread, one at a time on the backbone, within the request timeout."""
-        deadline = time.monotonic() + self.config.request_timeout_s
+        deadline = time.monotonic() + 0.9 * self.config.request_timeout_s  # busy (503) before timed out (504)
 
         def locked() -> T:
             if not self.compute_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
