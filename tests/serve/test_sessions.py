@@ -90,3 +90,21 @@ def test_an_evicted_session_frees_its_graph(minilm) -> None:  # type: ignore[no-
     store.put("alice", call(), 1)  # over the budget: the first goes
     gc.collect()
     assert [r() for r in refs] == [None, None]  # nothing keeps the evicted graph alive
+
+
+def test_api_key_files(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from graytune.errors import InvalidInputError
+    from graytune.serve.config import ApiKeys
+
+    path = tmp_path / "keys.txt"
+    path.write_text("# owner's clients\nalice  aaaaaaaaaaaaaaaaaaaa\nbob bbbbbbbbbbbbbbbbbbbb  # lab\n\n")
+    keys = ApiKeys.load(path)
+    assert keys.client("Bearer aaaaaaaaaaaaaaaaaaaa") == "alice"
+    assert keys.client("bearer bbbbbbbbbbbbbbbbbbbb") == "bob"
+    assert keys.client("Bearer aaaaaaaaaaaaaaaaaaab") is None
+    assert keys.client("Basic aaaaaaaaaaaaaaaaaaaa") is None and keys.client(None) is None
+    path.write_text("alice aaaaaaaaaaaaaaaaaaaa extra\n")
+    with pytest.raises(InvalidInputError, match=":1: expected"):
+        ApiKeys.load(path)
+    with pytest.raises(InvalidInputError, match="does not exist"):
+        ApiKeys.load(tmp_path / "missing.txt")
