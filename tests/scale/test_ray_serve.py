@@ -16,7 +16,6 @@ from graytune.access import RemoteHandle
 from graytune.serve.config import ServeConfig
 
 pytestmark = pytest.mark.scale
-ray = pytest.importorskip("ray")
 KEY = "ray-key-0123456789abcdefghij"
 TEXTS = ["the cat sat on the mat", "a storm over the sea", "bread in the oven"]
 
@@ -30,6 +29,7 @@ def _grad(handle, shift: torch.Tensor) -> torch.Tensor:  # type: ignore[no-untyp
 
 @pytest.fixture(scope="module")
 def ray_url(tmp_path_factory) -> str:  # type: ignore[no-untyped-def]
+    import ray  # make test-scale installs graytune[ray]; a missing Ray fails here rather than skipping
     from ray import serve
 
     from graytune.serve.ray_app import serve_on_ray
