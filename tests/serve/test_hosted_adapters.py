@@ -92,3 +92,19 @@ def test_embed_and_classify_over_http_batch_concurrent_clients(serve, folders) -
     assert logits.shape == (1, 2)
     reply = client.post("/v1/adapters/dga-c/embed", content=encode({}, {"texts": ["x"]}))
     assert reply.status_code == 400 and "dga-a" in reply.json()["detail"]  # unknown name, with suggestions
+
+
+def test_image_requests_for_two_adapters_share_a_call(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import graytune
+
+    bridge = graytune.open_backbone("bridge:efficientnet-lite0+minilm", "dark-gray")
+    folders = {"p": str(_saved(bridge, "dga", 4, tmp_path / "p")), "q": str(_saved(bridge, "dga", 5, tmp_path / "q"))}
+    host = AdapterHost(bridge, folders, window_ms=1)  # type: ignore[arg-type]
+    g = torch.Generator().manual_seed(0)
+    pixels = [torch.randn(n, 3, 64, 64, generator=g) for n in (2, 1, 3)]
+    jobs = [_Job(host.model(name), "image", inputs={"image.pixels": px}) for name, px in zip("pqp", pixels)]
+    with torch.no_grad():
+        host.run(jobs)
+        assert host.backbone_calls == 1
+        for name, px, job in zip("pqp", pixels, jobs):
+            torch.testing.assert_close(job.future.result(), host.model(name).encode_image(px), rtol=1e-4, atol=1e-4)
