@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from graytune.access.checks import CallPlan, plan_call, port_for, texts_of
+from graytune.access.handle import cross
 from graytune.backbones.base import Backbone
 from graytune.errors import AccessDeniedError, InvalidInputError
 from graytune.types import AccessLevel, BackboneSpec, Exposure, Op, required_level
@@ -117,20 +118,6 @@ def _graph_bytes(call: BoundaryCall, outs: Sequence[Tensor]) -> int:
     return total
 
 
-class _Crossing(torch.autograd.Function):
-    """The autograd node standing for the hidden backbone."""
-
-    @staticmethod
-    def forward(ctx, call: BoundaryCall, *tensors: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
-        ctx.call = call
-        ctx.set_materialize_grads(False)
-        return call.forward(tensors)
-
-    @staticmethod
-    def backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        return (None, *ctx.call.vjp(grads))
-
-
 class LocalHandle:
     """A backbone behind the boundary, in this process. Make one with ``open_backbone``.
 
@@ -196,12 +183,7 @@ class LocalHandle:
         if self.access is AccessLevel.WHITE_BOX:  # plain autograd: weights of a rebound module train too
             result = self._backbone.run(plan.inputs, plan.add, plan.insert, plan.outputs, plan.reads)
             return {name: result[name] for name in [*plan.outputs, *plan.reads]}
-        call = BoundaryCall(self._backbone, plan, self.exposure)
-        diff = [plan.tensor(group, port) for group, port in plan.slots]
-        values = _Crossing.apply(call, *diff) if diff else call.forward(())
-        result = dict(zip(plan.outputs, values))
-        result.update(call.values_read)
-        return result
+        return cross(BoundaryCall(self._backbone, plan, self.exposure))
 
     def plan(self, inputs: Mapping[str, Tensor | Sequence[str]], add: Mapping[str, Tensor],
              insert: Mapping[str, Tensor], outputs: Sequence[str] | None, reads: Sequence[str]) -> CallPlan:

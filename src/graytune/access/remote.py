@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from graytune.access.checks import CallPlan, plan_call, texts_of
+from graytune.access.handle import cross
 from graytune.access.wire import decode, encode
 from graytune.errors import AccessDeniedError, InvalidInputError, RemoteError
 from graytune.types import AccessLevel, BackboneSpec, Exposure
@@ -91,12 +92,7 @@ class RemoteHandle:
         """As ``LocalHandle.forward``; the backbone runs on the server."""
         plan = plan_call(self.spec, self.access, self._grants, self.exposure, self.tokenize,
                          inputs, add or {}, insert or {}, outputs, reads)
-        call = _RemoteCall(self, plan)
-        diff = [plan.tensor(group, port) for group, port in plan.slots]
-        values = _RemoteCrossing.apply(call, *diff) if diff else call.forward(())
-        result = dict(zip(plan.outputs, values))
-        result.update(call.values_read)
-        return result
+        return cross(_RemoteCall(self, plan))
 
     def encode_image(self, pixels: Tensor, **edits: Mapping[str, Tensor]) -> Tensor:
         """``[B, E]`` image embeddings (not normalised)."""
@@ -180,20 +176,6 @@ class _RemoteCall:
         self.session = None
         self.handle.exposure.gradient_queries += 1
         return tuple(result.get(f"{group}/{port}") for group, port in self.plan.slots)
-
-
-class _RemoteCrossing(torch.autograd.Function):
-    """The autograd node standing for the backbone on the server."""
-
-    @staticmethod
-    def forward(ctx, call: _RemoteCall, *tensors: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
-        ctx.call = call
-        ctx.set_materialize_grads(False)
-        return call.forward(tensors)
-
-    @staticmethod
-    def backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        return (None, *ctx.call.vjp(grads))
 
 
 def _error(response: httpx.Response) -> Exception:
