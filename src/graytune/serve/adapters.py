@@ -122,15 +122,15 @@ class AdapterHost:
         for group in groups.values():
             try:
                 self._run_group(group)
-            except Exception:  # noqa: BLE001 - isolate the request that broke the batch
+            except Exception as err:  # noqa: BLE001 - isolate the request that broke the batch
                 if len(group) == 1:
-                    group[0].future.set_exception(_safe(group[0]))
+                    group[0].future.set_exception(err)
                     continue
                 for job in group:
                     try:
                         self._run_group([job])
-                    except Exception as err:  # noqa: BLE001
-                        job.future.set_exception(err)
+                    except Exception as own:  # noqa: BLE001 - that request's own error, for its caller
+                        job.future.set_exception(own)
 
     def _run_group(self, group: list[_Job]) -> None:
         requests = [j.request for j in group]
@@ -143,8 +143,9 @@ class AdapterHost:
         port = f"{group[0].modality}.embeds"
         embeds = self.handle.forward(inputs, add=add, insert=insert, outputs=[port])[port]
         self.backbone_calls += 1
-        for job, rows in zip(group, embeds.split(sizes)):
-            job.future.set_result(job.model.finish_tower(job.modality, rows))
+        answers = [job.model.finish_tower(job.modality, rows) for job, rows in zip(group, embeds.split(sizes))]
+        for job, answer in zip(group, answers):  # all or none: a failing group is rerun request by request
+            job.future.set_result(answer)
 
 
 def _signature(request: TowerRequest) -> tuple:
@@ -168,15 +169,6 @@ def _stacked(deltas: list[Tensor | None], sizes: list[int]) -> list[Tensor]:
             delta = delta.reshape((1,) * (rank - delta.dim()) + tuple(delta.shape))
             out.append(delta.expand(n, *tail))
     return out
-
-
-def _safe(job: _Job) -> Exception:
-    try:
-        job.model.handle.forward(job.request.inputs, add=job.request.add, insert=job.request.insert,  # type: ignore[union-attr]
-                                 outputs=[f"{job.modality}.embeds"])
-    except Exception as err:  # noqa: BLE001 - the request's own error, for its caller
-        return err
-    return InvalidInputError("this request could not be batched with others")
 
 
 def install_adapters(app: FastAPI, service: Any) -> None:

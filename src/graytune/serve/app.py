@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -260,8 +261,6 @@ def _grads_for(call: BoundaryCall, tensors: dict[str, torch.Tensor]) -> list[tor
 
 
 def _json(body: bytes) -> Any:
-    import json
-
     try:
         return json.loads(body or b"null")
     except (UnicodeDecodeError, json.JSONDecodeError):
