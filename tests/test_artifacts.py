@@ -9,11 +9,76 @@ import torch
 
 from graytune import ArtifactError
 from graytune.artifacts import CONFIG_NAME, WEIGHTS_NAME, load_adapter, read_config, save_adapter
+from graytune.methods import METHODS, MethodKind
 from graytune.model import AdaptedModel
 from graytune.train.recipe import open_for
 from tests.conftest import build_tiny_clip
 
 TEXTS = ["a cat", "dogs run far"]
+
+#: Non-default options for every registered method: a round trip must rebuild each exactly.
+NON_DEFAULT = {
+    "zero-shot": {},
+    "output": {"bias": "false"},
+    "output-mlp": {"reduction": "2", "mix": "0.5"},
+    "dga": {"kernel": "5", "depth": "2", "channels": "4", "extra_tokens": "2", "bias": "false"},
+    "lga": {"layers": "1", "tokens": "2", "extra_tokens": "0", "shift": "false"},
+    "adalink": {"rank": "3", "dga-output.bias": "false"},
+    "lora": {"rank": "4", "alpha": "8", "targets": "q_proj,k_proj"},
+    "full": {},
+    "transmiter": {"classes": "12", "dim": "6", "hidden_ratio": "2"},
+    "transmiter+": {"classes": "10", "dim": "10", "hidden_ratio": "1"},
+}
+
+
+def test_the_round_trip_table_covers_every_registered_method() -> None:
+    assert set(NON_DEFAULT) == set(METHODS)
+
+
+@pytest.mark.parametrize("method", sorted(NON_DEFAULT))
+def test_every_method_round_trips_with_non_default_options(tiny_clip_dir, tmp_path, method: str) -> None:
+    if METHODS[method].kind is MethodKind.LOGIT:
+        _logit_round_trip(method, tmp_path)
+        return
+    handle = open_for(f"hf-clip:{tiny_clip_dir}", None, method)
+    model = AdaptedModel.build(handle, method, NON_DEFAULT[method])
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(images=pixels, texts=TEXTS)
+    folder = model.save_pretrained(tmp_path / method)
+    # load needs nothing but the folder and a handle: no option, no flag
+    loaded = AdaptedModel.from_pretrained(folder, open_for(f"hf-clip:{tiny_clip_dir}", None, method))
+    assert loaded.adapter_options() == model.adapter_options()
+    with torch.no_grad():
+        out = loaded(images=pixels, texts=TEXTS)
+    torch.testing.assert_close(out.logits_per_image, ref.logits_per_image, rtol=0, atol=0)
+    torch.testing.assert_close(out.text_embeds, ref.text_embeds, rtol=0, atol=0)
+
+
+def _logit_round_trip(method: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from graytune.transfer.transmiter import TransMiter, load_transmiter, save_transmiter
+
+    from graytune.adapters.transmiter import TransMiterAdapter, TransMiterConfig
+
+    opts = {k: int(v) for k, v in NON_DEFAULT[method].items()}
+    names = TransMiter.create(["cat", "dog", "bird"], total=opts["classes"], seed=1).classes
+    tm = TransMiter(TransMiterAdapter(TransMiterConfig(**opts)), names, 3, "a photo of a {}")
+    with torch.no_grad():
+        for p in tm.adapter.mlp.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    scores = torch.randn(5, opts["classes"])
+    folder = save_transmiter(tm, tmp_path / method, "some-backbone", "f" * 64, extra={"method": method})
+    loaded, config = load_transmiter(folder)
+    assert config["method"] == method and config["format_version"] == 2
+    assert config["options"]["transmiter"] == {"classes": opts["classes"], "dim": opts["dim"],
+                                               "hidden_ratio": opts["hidden_ratio"]}
+    tm.adapter.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.adapt(scores), tm.adapt(scores), rtol=0, atol=0)
 
 
 def trained(handle, method: str) -> AdaptedModel:  # type: ignore[no-untyped-def]

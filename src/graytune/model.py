@@ -8,13 +8,18 @@ Example:
     >>> model = AdaptedModel.build(h, "dga")
     >>> z = model.encode_text(["a red bicycle"])     # [1, 384], not normalised
     >>> logits = model.similarity(model.encode_image(pixels), z)
+    >>> model(images=pixels, texts=["a red bicycle"]).logits_per_image     # [B, 1], as CLIP
+    >>> model.save_pretrained("out/dga"); AdaptedModel.from_pretrained("out/dga", h)
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
+from enum import Enum
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,54 +27,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from graytune.access import Handle
-from graytune.adapters import ADAPTERS, Adapter, TowerRequest, build_adapter
-from graytune.errors import InvalidInputError, UnknownNameError
-from graytune.types import AccessLevel
+from graytune.adapters import Adapter, TowerRequest, apply_whitebox, build_adapter, config_from_dict
+from graytune.adapters.lora import LoRAConfig, peft_config
+from graytune.artifact_files import WEIGHTS_NAME, check_fingerprint, read_config, read_weights, write_artifact
+from graytune.errors import ArtifactError, InvalidInputError
+from graytune.methods import METHODS, Method, MethodKind, get_method
 
 Tensor = torch.Tensor
-
-
-@dataclass(frozen=True)
-class MethodPlan:
-    """A method: which adapters go on which tower, and whether it changes the module (white-box)."""
-
-    adapters: tuple[tuple[str, str, Mapping[str, Any]], ...] = ()  # (adapter name, modality, options)
-    whitebox: str = ""  # "", "lora" or "full"
-    min_access: AccessLevel = AccessLevel.BLACK_BOX
-    doc: str = ""
-
-
-def _both(name: str, **options: Any) -> tuple[tuple[str, str, Mapping[str, Any]], ...]:
-    return ((name, "image", options), (name, "text", options))
-
-
-#: The methods ``graytune train --method`` knows; adapters on towers the backbone lacks are skipped.
-METHODS: dict[str, MethodPlan] = {
-    "zero-shot": MethodPlan(doc="the frozen backbone, no adapter"),
-    "output": MethodPlan(_both("dga-output"), doc="DGA output adapters only (black-box)"),
-    "output-mlp": MethodPlan(_both("output-mlp"), doc="CLIP-Adapter-style residual MLP on the outputs (black-box)"),
-    "dga": MethodPlan((("dga-pixel", "image", {}), ("dga-text", "text", {}), *_both("dga-output")),
-                      min_access=AccessLevel.DARK_GRAY, doc="DGA input and output adapters (dark-gray)"),
-    "lga": MethodPlan((("dga-pixel", "image", {}), ("dga-text", "text", {}), *_both("lga"), *_both("dga-output")),
-                      min_access=AccessLevel.LIGHT_GRAY, doc="DGA plus tokens at the declared entry layers"),
-    "adalink": MethodPlan((("adalink", "text", {}), *_both("dga-output")), min_access=AccessLevel.DARK_GRAY,
-                          doc="AdaLink on the token embeddings (needs a read grant) plus output adapters"),
-    "lora": MethodPlan(whitebox="lora", min_access=AccessLevel.WHITE_BOX, doc="LoRA through PEFT (white-box)"),
-    "full": MethodPlan(whitebox="full", min_access=AccessLevel.WHITE_BOX, doc="full fine-tuning (white-box)"),
-}
-
-# EfficientNet's convs are a custom "same"-padding class that PEFT cannot wrap (it rebuilds the
-# class with other arguments), so on the image tower LoRA reaches its classifier layer only.
-LORA_TARGETS = ("query", "value", "q_proj", "v_proj", "_fc")
-
-
-@dataclass
-class WhiteboxConfig:
-    """Settings of the white-box baselines."""
-
-    lora_rank: int = 8
-    lora_alpha: int = 16
-    lora_targets: tuple[str, ...] = field(default=LORA_TARGETS)
 
 
 class AdaptedModel(nn.Module):
@@ -85,28 +49,122 @@ class AdaptedModel(nn.Module):
         self.image_adapters = nn.ModuleList([a for a in adapters if a.modality == "image"])
         self.text_adapters = nn.ModuleList([a for a in adapters if a.modality == "text"])
         self.backbone_module = module  # white-box baselines only: the client's own copy
+        self.whitebox: tuple[str, Any] | None = None  # white-box baselines: (adapter name, its config)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
 
     @classmethod
-    def build(cls, handle: Handle, method: str, whitebox: WhiteboxConfig | None = None,
-              **options: Mapping[str, Any]) -> AdaptedModel:
-        """The model for a named method (see ``METHODS``); ``options[name]`` overrides an adapter's config."""
-        if method not in METHODS:
-            raise UnknownNameError("method", method, METHODS)
-        plan = METHODS[method]
-        if handle.access < plan.min_access:
-            raise InvalidInputError(f"method {method!r} needs access level {plan.min_access.label}; the handle "
-                                    f"was granted {handle.access.label}")
-        unknown = set(options) - set(ADAPTERS.names())
-        if unknown:
-            raise UnknownNameError("adapter", sorted(unknown)[0], ADAPTERS.names())
-        adapters = [build_adapter(name, handle.spec, modality, **{**opts, **options.get(name, {})})
-                    for name, modality, opts in plan.adapters if modality in handle.spec.modalities]
-        module = None
-        if plan.whitebox:
-            module = _whitebox_module(handle, plan.whitebox, whitebox or WhiteboxConfig())
-            handle = handle.with_module(module)
-        return cls(handle, adapters, module, method=method)
+    def build(cls, handle: Handle, method: str, options: Mapping[str, Any] | None = None) -> AdaptedModel:
+        """The model for a registered method (``graytune methods`` lists them).
+
+        Args:
+            handle: the backbone, opened at the method's level or above.
+            method: a name from ``graytune.methods.METHODS``.
+            options: as ``--option`` takes them: ``{"rank": 4}``, ``{"lga.layers": "2,4"}``; typed and
+                checked against the method's adapters' config fields.
+
+        Raises:
+            AccessDeniedError: the handle's level is below the method's.
+            InvalidInputError: an unknown option or a value of the wrong type (all reported at once).
+        """
+        spec = get_method(method)
+        if spec.kind is MethodKind.LOGIT:
+            raise InvalidInputError(f"method {method!r} is a logit adapter on class scores, not adapters around "
+                                    f"a handle; it is made by {spec.trained_by}")
+        spec.check_access(handle.access)
+        return cls._assemble(handle, spec, spec.resolve_options(options or {}))
+
+    @classmethod
+    def _assemble(cls, handle: Handle, method: Method, options: Mapping[str, Mapping[str, Any]]) -> AdaptedModel:
+        """The model for ``method`` with ``options`` per adapter name (resolved, as artifacts store them)."""
+        if method.kind is MethodKind.WHITEBOX:
+            name = method.slots[0].adapter
+            config = config_from_dict(method.adapter_class(method.slots[0]).config_class, options.get(name, {}), name)
+            module = apply_whitebox(name, handle.module(), config, handle.spec.id)  # a copy; the owner's stays
+            model = cls(handle.with_module(module), (), module, method=method.name)
+            model.whitebox = (name, config)
+            return model
+        adapters = [build_adapter(s.adapter, handle.spec, s.modality, **options.get(s.adapter, {}))
+                    for s in method.slots if s.modality in handle.spec.modalities]
+        return cls(handle, adapters, method=method.name)
+
+    def adapter_options(self) -> dict[str, dict[str, Any]]:
+        """Per adapter name, its resolved options: what an artifact records to rebuild this model."""
+        options = {a.name: asdict(a.config) for a in [*self.image_adapters, *self.text_adapters]}
+        if self.whitebox is not None:
+            options[self.whitebox[0]] = asdict(self.whitebox[1])
+        return options
+
+    # -- PyTorch / transformers habits ---------------------------------------------------
+
+    def forward(self, images: Tensor | None = None, texts: Sequence[str] | Mapping[str, Tensor] | None = None,
+                ) -> CLIPOutput:
+        """CLIP-style logits between ``images`` ``[I, 3, H, W]`` and ``texts`` (strings or token ids).
+
+        Always returns a ``CLIPOutput``; with one modality only, its logits are None.
+        """
+        if images is None and texts is None:
+            raise InvalidInputError("give images=[I, 3, H, W] pixels, texts=[...], or both")
+        z_img = F.normalize(self.encode_image(images), dim=-1) if images is not None else None
+        z_txt = F.normalize(self.encode_text(texts), dim=-1) if texts is not None else None
+        per_image = per_text = None
+        if z_img is not None and z_txt is not None:
+            per_image = self.logit_scale.clamp(max=math.log(100.0)).exp() * z_img @ z_txt.T  # [I, T]
+            per_text = per_image.T
+        return CLIPOutput(per_image, per_text, z_img, z_txt)
+
+    def save_pretrained(self, folder: str | os.PathLike[str], extra: Mapping[str, Any] | None = None) -> Path:
+        """Write this model's adapters as an artifact (see ``graytune.artifact_files``); returns the folder.
+
+        ``extra`` (task, classes, preprocessing, metrics) goes into the config.
+        """
+        spec = self.handle.spec
+        entries = [{"name": a.name, "modality": a.modality, "ports": list(a.ports), "reads": list(a.reads)}
+                   for a in [*self.image_adapters, *self.text_adapters]]
+        config: dict[str, Any] = {
+            "method": self.method, "kind": get_method(self.method).kind.value if self.method in METHODS else "custom",
+            "options": self.adapter_options(), "access": self.handle.access.label,
+            "reads": sorted(self.handle.grants), "backbone": spec.id, "fingerprint": spec.fingerprint,
+            "adapters": entries, "trainable_parameters": self.trainable_parameters(),
+            "exposure": self.handle.exposure.to_dict(), **(extra or {})}
+        if self.whitebox is not None and self.whitebox[0] == "lora":
+            config = {**peft_fields(self.backbone_module, self.whitebox[1], spec.id), **config}
+        return write_artifact(folder, config, self.adapter_state(peft_names=True))
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike[str], handle: Handle) -> AdaptedModel:
+        """The model saved in ``folder``, rebuilt around ``handle`` from the artifact alone.
+
+        Raises:
+            ArtifactError: missing or damaged files, a backbone whose fingerprint differs, or tensors
+                that do not fit the recorded method.
+            AccessDeniedError: the handle's level is below the artifact's method.
+        """
+        config = read_config(folder)
+        check_fingerprint(config, handle.spec, folder)
+        method = get_method(config["method"])
+        if method.kind is MethodKind.LOGIT:
+            raise ArtifactError(f"{folder} holds a {config['method']} logit adapter; load it with "
+                                "graytune.transfer.load_transmiter (graytune eval does so itself)")
+        method.check_access(handle.access)
+        model = cls._assemble(handle, method, config.get("options") or {})
+        state = read_weights(folder)
+        expected = model.adapter_state(peft_names=True)
+        if set(state) != set(expected):
+            missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+            raise ArtifactError(f"{folder}/{WEIGHTS_NAME} does not fit method {config['method']!r} with options "
+                                f"{config.get('options')}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        model.load_state_dict({_internal_name(k): v for k, v in state.items()}, strict=False)
+        return model
+
+    def adapter_state(self, peft_names: bool = False) -> dict[str, Tensor]:
+        """The tensors an artifact holds: adapters, temperature, and trainable white-box weights.
+
+        With ``peft_names``, LoRA tensors carry PEFT's names (``base_model.model.<path>.lora_A.weight``).
+        """
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        state = {k: v.detach() for k, v in self.state_dict().items()
+                 if not k.startswith(_MODULE) or k in trainable}
+        return {_peft_name(k) if peft_names else k: v for k, v in state.items()}
 
     # -- CLIP conventions ----------------------------------------------------------------
 
@@ -165,18 +223,46 @@ class AdaptedModel(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
 
-def _whitebox_module(handle: Handle, kind: str, config: WhiteboxConfig) -> nn.Module:
-    module = handle.module()  # a copy; the owner's stays untouched
-    if kind == "full":
-        return module.requires_grad_(True)
-    from peft import LoraConfig, inject_adapter_in_model
+@dataclass
+class CLIPOutput:
+    """What calling an ``AdaptedModel`` returns, in CLIP's names.
 
-    present = {name.rsplit(".", 1)[-1] for name, _ in module.named_modules()}
-    targets = [t for t in config.lora_targets if t in present]
-    if not targets:
-        raise InvalidInputError(f"lora: none of {list(config.lora_targets)} names a layer of {handle.spec.id}")
-    lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, target_modules=targets, lora_dropout=0.0)
-    module = inject_adapter_in_model(lora, module)
-    for name, param in module.named_parameters():
-        param.requires_grad_("lora_" in name)
-    return module
+    Attributes:
+        logits_per_image: ``[I, T]`` scaled cosine similarities (None unless both modalities were given).
+        logits_per_text: ``[T, I]``, its transpose.
+        image_embeds: ``[I, E]`` normalised image embeddings, or None.
+        text_embeds: ``[T, E]`` normalised text embeddings, or None.
+    """
+
+    logits_per_image: Tensor | None
+    logits_per_text: Tensor | None
+    image_embeds: Tensor | None
+    text_embeds: Tensor | None
+
+
+_MODULE = "backbone_module."
+_PEFT = "base_model.model."
+
+
+def _peft_name(key: str) -> str:
+    """``backbone_module.<path>.lora_A.default.weight`` → PEFT's ``base_model.model.<path>.lora_A.weight``."""
+    if key.startswith(_MODULE) and (".lora_A.default." in key or ".lora_B.default." in key):
+        return _PEFT + key[len(_MODULE):].replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.",
+                                                                                            ".lora_B.")
+    return key
+
+
+def _internal_name(key: str) -> str:
+    if key.startswith(_PEFT):
+        return _MODULE + key[len(_PEFT):].replace(".lora_A.", ".lora_A.default.").replace(".lora_B.",
+                                                                                          ".lora_B.default.")
+    return key
+
+
+def peft_fields(module: nn.Module | None, config: LoRAConfig, backbone: str) -> dict[str, Any]:
+    """PEFT's ``LoraConfig`` fields for a LoRA artifact, so ``PeftModel.from_pretrained`` reads it."""
+    assert module is not None  # a LoRA model always holds its module
+    base = getattr(getattr(module, "config", None), "_name_or_path", "") or backbone
+    fields = peft_config(module, config, backbone).to_dict()
+    fields.update(base_model_name_or_path=base, inference_mode=True)
+    return {k: (v.value if isinstance(v, Enum) else v) for k, v in fields.items()}

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from graytune.errors import InvalidInputError, UnknownNameError
+from graytune.errors import AccessDeniedError, InvalidInputError, UnknownNameError
 
 
 class AccessLevel(enum.IntEnum):
@@ -48,6 +48,13 @@ class AccessLevel(enum.IntEnum):
 
     def __str__(self) -> str:
         return self.label
+
+
+def require_level(granted: AccessLevel, needed: AccessLevel, what: str,
+                  hint: str = "open the backbone at that level or pick another method") -> None:
+    """The one level check: ``AccessDeniedError`` naming ``what``, the level needed and the level granted."""
+    if granted < needed:
+        raise AccessDeniedError(what, needed.label, granted.label, hint)
 
 
 class PortKind(str, enum.Enum):
@@ -197,8 +204,14 @@ class BackboneSpec:
         return cls.from_dict(json.loads(text))
 
     def with_fingerprint(self, weights_identity: str) -> BackboneSpec:
-        """This spec with its fingerprint computed from its content and ``weights_identity``."""
-        body = replace(self, fingerprint="").to_json()
+        """This spec with its fingerprint computed from its content and ``weights_identity``.
+
+        The id and description are left out: they name where the weights were loaded from
+        (``hf-clip:./my-clip``), and the same weights under another path, working directory
+        or copied folder must give the same fingerprint. ``weights_identity`` must hence not
+        hold a path either (see ``backbones.base.file_identity``).
+        """
+        body = replace(self, id="", description="", fingerprint="").to_json()
         digest = hashlib.sha256((body + "\n" + weights_identity).encode()).hexdigest()
         return replace(self, fingerprint=digest)
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from graytune.adapters.base import ADAPTERS, Adapter, TowerRequest, config_from_dict, port_dim
+from graytune.adapters.base import ADAPTERS, Adapter, TowerRequest, port_dim
 from graytune.errors import InvalidInputError
 from graytune.types import AccessLevel, BackboneSpec
 
@@ -22,9 +22,14 @@ class AdaLinkConfig:
     """Width of the bottleneck."""
 
 
+@ADAPTERS.register("adalink")
 class AdaLink(Adapter):
     name = "adalink"
     min_access = AccessLevel.DARK_GRAY
+    config_class = AdaLinkConfig
+    port_patterns = ("{m}.token_embeds",)
+    read_patterns = ("{m}.token_embeds",)
+    trains = "a residual low-rank map of the token embeddings"
 
     def __init__(self, config: AdaLinkConfig, spec: BackboneSpec, modality: str) -> None:
         super().__init__(config, spec, modality)
@@ -39,18 +44,5 @@ class AdaLink(Adapter):
         self.up = nn.Linear(config.rank, dim, bias=False)
         nn.init.zeros_(self.up.weight)
 
-    @property
-    def ports(self) -> tuple[str, ...]:
-        return (self.port,)
-
-    @property
-    def reads(self) -> tuple[str, ...]:
-        return (self.port,)
-
     def before(self, request: TowerRequest) -> None:
         request.add_at(self.port, self.up(self.down(request.read[self.port])))  # [B, L, D]
-
-
-@ADAPTERS.register("adalink")
-def build(spec: BackboneSpec, modality: str, **options: object) -> AdaLink:
-    return AdaLink(config_from_dict(AdaLinkConfig, options, "adalink"), spec, modality)

@@ -8,24 +8,29 @@ Example:
     >>> adapter = build_adapter("dga-output", spec, modality="image")
     >>> adapter.min_access
     <AccessLevel.BLACK_BOX: 0>
+
+An adapter file holds ``XConfig`` and ``X(Adapter)``, registered with
+``@ADAPTERS.register("name")`` on the class; the class declares its ports, reads,
+level and config, from which the method registry derives each method's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from graytune.errors import AccessDeniedError, InvalidInputError
+from graytune.config import coerce_option
+from graytune.errors import InvalidInputError
 from graytune.registry import Registry
-from graytune.types import AccessLevel, BackboneSpec
+from graytune.types import AccessLevel, BackboneSpec, require_level
 
 Tensor = torch.Tensor
 
-ADAPTERS: Registry = Registry("adapter")
+ADAPTERS: Registry = Registry("adapter")  # name -> Adapter subclass
 
 
 @dataclass
@@ -67,6 +72,14 @@ class Adapter(nn.Module):
 
     name: ClassVar[str] = ""
     min_access: ClassVar[AccessLevel] = AccessLevel.DARK_GRAY
+    config_class: ClassVar[type] = object
+    """The dataclass of this adapter's options (each field documented by the string under it)."""
+    port_patterns: ClassVar[tuple[str, ...]] = ()
+    """Ports it edits, with ``{m}`` for the modality (``{m}.layer.*``: some declared entry layers)."""
+    read_patterns: ClassVar[tuple[str, ...]] = ()
+    """Ports whose values it must read, which the owner grants explicitly (same pattern syntax)."""
+    trains: ClassVar[str] = ""
+    """What it trains, in a few words (for ``graytune methods``)."""
 
     def __init__(self, config: Any, spec: BackboneSpec, modality: str) -> None:
         super().__init__()
@@ -78,12 +91,12 @@ class Adapter(nn.Module):
     @property
     def ports(self) -> tuple[str, ...]:
         """The ports this adapter edits or reads (for the exposure record)."""
-        return ()
+        return tuple(p.format(m=self.modality) for p in self.port_patterns)
 
     @property
     def reads(self) -> tuple[str, ...]:
         """Ports whose values must be read (granted) before ``before`` runs."""
-        return ()
+        return tuple(p.format(m=self.modality) for p in self.read_patterns)
 
     def before(self, request: TowerRequest) -> None:  # noqa: B027 - optional hook
         """Edit the request before it crosses the boundary."""
@@ -93,26 +106,28 @@ class Adapter(nn.Module):
         return embeds
 
     def check_level(self, granted: AccessLevel) -> None:
-        """Raise when the handle's level is below what this adapter needs."""
-        if granted < self.min_access:
-            raise AccessDeniedError(f"adapter {self.name!r} ({self.modality})", self.min_access.label,
-                                    granted.label, "open the backbone at that level or pick another method")
+        """Raise ``AccessDeniedError`` when the handle's level is below what this adapter needs."""
+        require_level(granted, self.min_access, f"adapter {self.name!r} ({self.modality})")
 
 
-def config_from_dict(cls: type, values: dict[str, Any], adapter: str) -> Any:
-    """``cls(**values)``; unknown keys are reported all at once with the allowed ones."""
-    allowed = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - allowed)
+def config_from_dict(cls: type, values: Mapping[str, Any], adapter: str) -> Any:
+    """``cls(**values)``; unknown keys are reported all at once with the allowed ones.
+
+    Values read from JSON or a command line are coerced to the field's type
+    (a list for a tuple field, ``"2,4"`` for ``tuple[int, ...]``, ``"false"`` for a bool).
+    """
+    allowed = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(allowed))
     if unknown:
         raise InvalidInputError(f"adapter {adapter!r}: unknown option(s) {', '.join(unknown)}; "
                                 f"allowed: {', '.join(sorted(allowed))}")
-    return cls(**values)
+    return cls(**{k: coerce_option(f"{adapter}.{k}", allowed[k].type, v) for k, v in values.items()})
 
 
 def build_adapter(name: str, spec: BackboneSpec, modality: str, **options: Any) -> Adapter:
     """The adapter registered as ``name`` for one ``modality`` of ``spec``, with ``options``."""
-    builder: Callable[..., Adapter] = ADAPTERS.lookup(name)[0]
-    return builder(spec, modality, **options)
+    adapter_class: type[Adapter] = ADAPTERS.lookup(name)[0]
+    return adapter_class(config_from_dict(adapter_class.config_class, options, name), spec, modality)
 
 
 def port_dim(spec: BackboneSpec, port: str) -> int:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from graytune.adapters.base import ADAPTERS, Adapter, config_from_dict, port_dim
+from graytune.adapters.base import ADAPTERS, Adapter, port_dim
 from graytune.types import AccessLevel, BackboneSpec
 
 
@@ -21,9 +21,13 @@ class DGAOutputConfig:
     """Learn a bias beside the residual matrix."""
 
 
+@ADAPTERS.register("dga-output")
 class DGAOutput(Adapter):
     name = "dga-output"
     min_access = AccessLevel.BLACK_BOX
+    config_class = DGAOutputConfig
+    port_patterns = ("{m}.embeds",)
+    trains = "a residual linear map of the embedding"
 
     def __init__(self, config: DGAOutputConfig, spec: BackboneSpec, modality: str) -> None:
         super().__init__(config, spec, modality)
@@ -33,14 +37,6 @@ class DGAOutput(Adapter):
         if config.bias:
             nn.init.zeros_(self.linear.bias)
 
-    @property
-    def ports(self) -> tuple[str, ...]:
-        return (f"{self.modality}.embeds",)
 
     def after(self, embeds: torch.Tensor) -> torch.Tensor:
         return embeds + self.linear(embeds)  # [B, E]
-
-
-@ADAPTERS.register("dga-output")
-def build(spec: BackboneSpec, modality: str, **options: object) -> DGAOutput:
-    return DGAOutput(config_from_dict(DGAOutputConfig, options, "dga-output"), spec, modality)

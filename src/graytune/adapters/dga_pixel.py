@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from graytune.adapters.base import ADAPTERS, Adapter, TowerRequest, config_from_dict
+from graytune.adapters.base import ADAPTERS, Adapter, TowerRequest
 from graytune.errors import InvalidInputError
 from graytune.types import AccessLevel, BackboneSpec
 
@@ -25,9 +25,13 @@ class DGAPixelConfig:
     """Channels between layers (at least 3 so that the identity can pass through)."""
 
 
+@ADAPTERS.register("dga-pixel")
 class DGAPixel(Adapter):
     name = "dga-pixel"
     min_access = AccessLevel.DARK_GRAY
+    config_class = DGAPixelConfig
+    port_patterns = ("{m}.pixels",)
+    trains = "affine conv layers on the pixels"
 
     def __init__(self, config: DGAPixelConfig, spec: BackboneSpec, modality: str = "image") -> None:
         super().__init__(config, spec, modality)
@@ -41,14 +45,6 @@ class DGAPixel(Adapter):
             nn.init.dirac_(conv.weight)  # channel i -> channel i: the identity
             nn.init.zeros_(conv.bias)
 
-    @property
-    def ports(self) -> tuple[str, ...]:
-        return ("image.pixels",)
 
     def before(self, request: TowerRequest) -> None:
         request.inputs["image.pixels"] = self.convs(request.inputs["image.pixels"])  # [B, 3, H, W]
-
-
-@ADAPTERS.register("dga-pixel")
-def build(spec: BackboneSpec, modality: str = "image", **options: object) -> DGAPixel:
-    return DGAPixel(config_from_dict(DGAPixelConfig, options, "dga-pixel"), spec, modality)

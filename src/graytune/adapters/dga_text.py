@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from graytune.adapters.base import ADAPTERS, Adapter, TowerRequest, config_from_dict, port_dim
+from graytune.adapters.base import ADAPTERS, Adapter, TowerRequest, port_dim
 from graytune.types import AccessLevel, BackboneSpec
 
 PORT = "text.token_embeds"
@@ -28,9 +28,13 @@ class DGATextConfig:
     """Learn the shift vector added to every real token."""
 
 
+@ADAPTERS.register("dga-text")
 class DGAText(Adapter):
     name = "dga-text"
     min_access = AccessLevel.DARK_GRAY
+    config_class = DGATextConfig
+    port_patterns = ("{m}.token_embeds",)
+    trains = "a shift added to every token embedding and extra tokens"
 
     def __init__(self, config: DGATextConfig, spec: BackboneSpec, modality: str = "text") -> None:
         super().__init__(config, spec, modality)
@@ -38,17 +42,9 @@ class DGAText(Adapter):
         self.shift = nn.Parameter(torch.zeros(1, 1, dim)) if config.shift else None
         self.extra = nn.Parameter(torch.zeros(1, config.extra_tokens, dim)) if config.extra_tokens else None
 
-    @property
-    def ports(self) -> tuple[str, ...]:
-        return (PORT,)
 
     def before(self, request: TowerRequest) -> None:
         if self.shift is not None:
             request.add_at(PORT, self.shift)  # [1, 1, D]
         if self.extra is not None:
             request.insert_at(PORT, self.extra)  # [1, K, D]
-
-
-@ADAPTERS.register("dga-text")
-def build(spec: BackboneSpec, modality: str = "text", **options: object) -> DGAText:
-    return DGAText(config_from_dict(DGATextConfig, options, "dga-text"), spec, modality)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from graytune.adapters.base import ADAPTERS, Adapter, TowerRequest, config_from_dict, port_dim
+from graytune.adapters.base import ADAPTERS, Adapter, TowerRequest, port_dim
 from graytune.errors import InvalidInputError
 from graytune.types import AccessLevel, BackboneSpec, Op, PortKind
 
@@ -27,9 +27,13 @@ class LGAConfig:
     """``insert``, ``add`` or ``auto`` (insert where the port allows it, else add)."""
 
 
+@ADAPTERS.register("lga")
 class LGA(Adapter):
     name = "lga"
     min_access = AccessLevel.LIGHT_GRAY
+    config_class = LGAConfig
+    port_patterns = ("{m}.layer.*",)
+    trains = "tokens at declared entry layers"
 
     def __init__(self, config: LGAConfig, spec: BackboneSpec, modality: str) -> None:
         super().__init__(config, spec, modality)
@@ -66,10 +70,3 @@ class LGA(Adapter):
                 request.insert_at(port, value)
             else:
                 request.add_at(port, value)
-
-
-@ADAPTERS.register("lga")
-def build(spec: BackboneSpec, modality: str, **options: object) -> LGA:
-    if "layers" in options:
-        options["layers"] = tuple(int(k) for k in options["layers"])  # type: ignore[union-attr]
-    return LGA(config_from_dict(LGAConfig, options, "lga"), spec, modality)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from graytune.adapters.base import ADAPTERS, Adapter, config_from_dict, port_dim
+from graytune.adapters.base import ADAPTERS, Adapter, port_dim
 from graytune.types import AccessLevel, BackboneSpec
 
 
@@ -23,9 +23,13 @@ class OutputMLPConfig:
     """Weight of the MLP branch in the residual mix (CLIP-Adapter uses 0.2)."""
 
 
+@ADAPTERS.register("output-mlp")
 class OutputMLP(Adapter):
     name = "output-mlp"
     min_access = AccessLevel.BLACK_BOX
+    config_class = OutputMLPConfig
+    port_patterns = ("{m}.embeds",)
+    trains = "a residual bottleneck MLP on the embedding"
 
     def __init__(self, config: OutputMLPConfig, spec: BackboneSpec, modality: str) -> None:
         super().__init__(config, spec, modality)
@@ -34,15 +38,7 @@ class OutputMLP(Adapter):
         self.mlp = nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.ReLU(), nn.Linear(hidden, dim, bias=False))
         nn.init.zeros_(self.mlp[2].weight)
 
-    @property
-    def ports(self) -> tuple[str, ...]:
-        return (f"{self.modality}.embeds",)
 
     def after(self, embeds: torch.Tensor) -> torch.Tensor:
         mix = self.config.mix
         return (1 - mix) * embeds + mix * self.mlp(embeds)  # [B, E]
-
-
-@ADAPTERS.register("output-mlp")
-def build(spec: BackboneSpec, modality: str, **options: object) -> OutputMLP:
-    return OutputMLP(config_from_dict(OutputMLPConfig, options, "output-mlp"), spec, modality)

@@ -15,12 +15,14 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrizations
 
 from graytune.errors import InvalidInputError
+from graytune.registry import Registry
 from graytune.types import AccessLevel
 
 Tensor = torch.Tensor
@@ -36,12 +38,21 @@ class TransMiterConfig:
     """The MLP's hidden width is ``hidden_ratio * D``."""
 
 
+#: name -> logit adapter class (adapters on class scores, trained forward-only)
+LOGIT_ADAPTERS: Registry = Registry("logit adapter")
+
+
+@LOGIT_ADAPTERS.register("transmiter")
 class TransMiterAdapter(nn.Module):
     """Standardise → orthogonal in-projection → residual MLP → out-projection → de-standardise."""
 
-    name = "transmiter"
-    port = "logits"
-    min_access = AccessLevel.BLACK_BOX
+    name: ClassVar[str] = "transmiter"
+    port: ClassVar[str] = "logits"
+    min_access: ClassVar[AccessLevel] = AccessLevel.BLACK_BOX
+    config_class: ClassVar[type] = TransMiterConfig
+    port_patterns: ClassVar[tuple[str, ...]] = ("logits",)
+    read_patterns: ClassVar[tuple[str, ...]] = ()
+    trains: ClassVar[str] = "an orthogonal projection and residual MLP on class scores"
 
     def __init__(self, config: TransMiterConfig) -> None:
         super().__init__()

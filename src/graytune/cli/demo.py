@@ -12,25 +12,42 @@ import argparse
 import time
 
 from graytune.access import open_backbone
+from graytune.train.arguments import positive_int
 from graytune.data.images import ImagePreprocess
 from graytune.data.tuxpaint import load_tuxpaint
 from graytune.eval.embed import embed_images, embed_texts
 from graytune.eval.retrieval import retrieval_metrics
 
 BACKBONE = "bridge:efficientnet-lite0+minilm"
+#: One method per rung of the ladder that ``graytune train`` makes (the registry has more: graytune methods).
 METHODS = ("zero-shot", "output", "dga", "lga", "adalink", "lora", "full")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="compare adaptation methods on Tux Paint retrieval through the bridge backbone")
     p.add_argument("--backbone", default=BACKBONE, help=f"an image–text backbone (default: {BACKBONE})")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods (default: all)")
-    p.add_argument("--steps", type=int, default=40, help="training steps per method (default: 40)")
-    p.add_argument("--image-size", type=int, default=128, help="image side in pixels (default: 128)")
+    p.add_argument("--methods", default=",".join(METHODS), type=_method_list,
+                   help=f"comma-separated methods (default: {','.join(METHODS)}; graytune methods lists them)")
+    p.add_argument("--steps", type=positive_int, default=40, help="training steps per method (default: 40)")
+    p.add_argument("--image-size", type=positive_int, default=128, help="image side in pixels (default: 128)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--zero-shot", action="store_true", help="only zero-shot retrieval on all 785 pairs")
-    p.add_argument("--limit", type=int, default=None, help="with --zero-shot: the first N pairs only")
+    p.add_argument("--limit", type=positive_int, default=None, help="with --zero-shot: the first N pairs only")
     p.set_defaults(run=run)
+
+
+def _method_list(text: str) -> list[str]:
+    from graytune.methods import get_method
+
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("give at least one method, e.g. --methods zero-shot,dga")
+    for name in names:
+        try:
+            get_method(name)
+        except KeyError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    return names
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,7 +58,7 @@ def comparison(args: argparse.Namespace) -> int:
     from graytune.train.compare import compare
 
     start = time.perf_counter()
-    rows = compare(args.backbone, "tuxpaint", args.methods.split(","), args.steps, args.seed, args.image_size)
+    rows = compare(args.backbone, "tuxpaint", args.methods, args.steps, args.seed, args.image_size)
     print(f"\nTux Paint image↔caption retrieval, {args.backbone}, {args.image_size} px, {args.steps} steps of "
           f"batch 32 per method, seed {args.seed}; test split of 200 drawings (train 500, val 85)")
     print("(the bridge composes two real models and is not contrastively trained)\n")

@@ -1,4 +1,4 @@
-"""``graytune eval``: test metrics of a saved adapter (or of the zero-shot backbone)."""
+"""``graytune eval``: test metrics of a saved adapter of any method (or of the zero-shot backbone)."""
 
 from __future__ import annotations
 
@@ -7,23 +7,29 @@ import json
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from graytune.train.arguments import positive_int
+
     p = sub.add_parser("eval", help="evaluate a saved adapter on a data set's test split")
     p.add_argument("--backbone", required=True,
                    help="the backbone the adapter was trained on: an id, or http://HOST:PORT of a graytune serve "
                         "(key in $GRAYTUNE_API_KEY)")
-    p.add_argument("--adapter", default=None, help="folder written by graytune train (omit for zero-shot)")
+    p.add_argument("--adapter", default=None, help="folder written by graytune train or transfer (omit for "
+                                                   "zero-shot); its config says everything else")
     p.add_argument("--task", choices=["retrieval", "classification", "sketch"], help="default: the data set's own")
     p.add_argument("--data", required=True, help="a built-in set (see graytune train --help) or a path")
-    p.add_argument("--image-size", type=int, default=None, help="default: the size the adapter was trained at")
+    p.add_argument("--image-size", type=positive_int, default=None,
+                   help="default: the size the adapter was trained at")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from graytune.artifacts import read_config
+    from graytune.methods import MethodKind, get_method
     from graytune.train.recipe import evaluate_saved
 
-    if args.adapter and read_config(args.adapter).get("method") == "transmiter":
+    method = get_method(read_config(args.adapter)["method"]) if args.adapter else get_method("zero-shot")
+    if method.kind is MethodKind.LOGIT:
         from graytune.transfer.recipe import evaluate_transmiter
 
         result = evaluate_transmiter(args.adapter, args.backbone, args.data, args.image_size)

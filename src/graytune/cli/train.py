@@ -4,61 +4,62 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import fields
 
-from graytune.config import field_docs
-from graytune.model import METHODS
-from graytune.train.trainer import TrainConfig
-from graytune.types import AccessLevel
+from graytune.methods import METHODS
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from graytune.train.arguments import TRAINABLE, add_train_arguments
+
     p = sub.add_parser("train", help="train an adapter through the boundary and save it",
-                       description="Methods: " + "; ".join(f"{k}: {v.doc}" for k, v in METHODS.items()))
-    p.add_argument("--backbone", required=True,
-                   help="backbone id, e.g. bridge:efficientnet-lite0+minilm, or http://HOST:PORT of a graytune "
-                        "serve (key in $GRAYTUNE_API_KEY)")
-    p.add_argument("--access", default="dark-gray", choices=[lvl.label for lvl in AccessLevel])
-    p.add_argument("--method", required=True, choices=[*sorted(METHODS), "transmiter+"],
-                   help="transmiter+ fine-tunes a transferred TransMiter (--adapter) with --shots labels per class")
-    p.add_argument("--adapter", default=None, help="transmiter+: the folder written by graytune transfer")
-    p.add_argument("--shots", type=int, default=16, help="transmiter+: labelled images per class (default: 16)")
-    p.add_argument("--task", choices=["retrieval", "classification", "sketch"], help="default: the data set's own")
-    p.add_argument("--data", required=True,
-                   help="tuxpaint, emoji, tuxpaint-sketch, fashion-mnist, wordnet-supersense, fortunes (add "
-                        ":base-to-novel to a classification set), or a .csv/.jsonl of image,caption")
-    p.add_argument("--out", required=True, help="folder for the adapter (a checkpoint there resumes the run)")
-    p.add_argument("--image-size", type=int, default=None, help="image side in pixels (default: the spec's)")
-    p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
-    docs = field_docs(TrainConfig)
-    for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        p.add_argument(flag, type=type(f.default), default=f.default,
-                       help=f"{docs.get(f.name, '')} (default: {f.default})")
+                       description="Methods: " + "; ".join(f"{k}: {METHODS[k].doc}" for k in TRAINABLE)
+                       + ". graytune methods lists their levels, options and learning rates.")
+    add_train_arguments(p)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from graytune.train.recipe import RunSpec, train_and_save
+    from graytune.train.arguments import run_spec
 
+    run_ = run_spec(args)  # every flag checked before a backbone loads
     if args.method == "transmiter+":
-        from graytune.errors import InvalidInputError
-        from graytune.transfer.recipe import run_plus
+        return _transmiter_plus(args)
+    from graytune.train.recipe import train_and_save
 
-        if not args.adapter:
-            raise InvalidInputError("--method transmiter+ needs --adapter: the folder written by graytune transfer")
-        result = run_plus(args.adapter, args.backbone, args.data, args.out, args.shots, args.seed, args.image_size)
-        print(json.dumps(result, sort_keys=True) if args.json else f"saved to {args.out}; test {result['test']}")
-        return 0
-    config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
-    summary = train_and_save(RunSpec(args.backbone, args.access, args.method, args.data, args.task, args.out,
-                                     args.image_size, config), progress=not args.json)
+    summary = train_and_save(run_, progress=not args.json)
     if args.json:
         print(json.dumps({k: v for k, v in summary.items() if k != "history"}, sort_keys=True))
     else:
         print(f"{summary['method']} on {summary['backbone']} ({summary['access']}), {summary['data']}: "
-              f"{summary['steps']} steps, {summary['trainable_parameters']} trainable parameters")
+              f"{summary['steps']} steps at lr {summary['lr']:g}, {summary['trainable_parameters']} trainable "
+              "parameters")
         for key, value in summary["test"].items():
             print(f"  test {key:<32} {value:8.2f}")
         print(f"saved to {args.out}")
+    return 0
+
+
+def _transmiter_plus(args: argparse.Namespace) -> int:
+    """TransMiter+ with the flags that mean something for it; the others are refused, not ignored."""
+    from graytune.errors import InvalidInputError
+    from graytune.train.arguments import given_train_fields
+    from graytune.transfer.recipe import run_plus
+    from graytune.transfer.transmiter import PlusConfig
+
+    if not args.adapter:
+        raise InvalidInputError("--method transmiter+ needs --adapter: the folder written by graytune transfer")
+    given = given_train_fields(args)
+    refused = [f"--{k.replace('_', '-')}" for k in ("grad_accum", "eval_every", "patience") if k in given]
+    refused += [flag for flag, value in (("--option", args.option), ("--task", args.task)) if value]
+    if args.access not in (None, "black-box"):
+        refused.append("--access")
+    if refused:
+        raise InvalidInputError(f"--method transmiter+ does not use {', '.join(refused)}: it fine-tunes a logit "
+                                "adapter at black-box, validating after each pass; it takes --lr, --max-steps, "
+                                "--batch-size, --weight-decay, --warmup, --seed, --shots and --image-size")
+    config = PlusConfig(**{k: v for k, v in given.items() if k in ("lr", "max_steps", "batch_size", "weight_decay",
+                                                                  "warmup")})
+    result = run_plus(args.adapter, args.backbone, args.data, args.out, args.shots or 16, given.get("seed", 0),
+                      args.image_size, config)
+    print(json.dumps(result, sort_keys=True) if args.json else f"saved to {args.out}; test {result['test']}")
     return 0

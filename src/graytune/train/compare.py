@@ -18,18 +18,14 @@ import torch
 
 from graytune.data.catalog import load_splits
 from graytune.eval.profiling import peak_tensor_mb
-from graytune.model import METHODS, AdaptedModel
+from graytune.errors import InvalidInputError
+from graytune.methods import MethodKind, get_method
+from graytune.model import AdaptedModel
 from graytune.train.recipe import make_task, open_for
 from graytune.train.tasks import Task
 from graytune.train.trainer import TrainConfig, fit, seed_everything
-from graytune.types import AccessLevel
 
 log = logging.getLogger(__name__)
-
-#: Per-method learning rates (AdamW): adapters take large steps, whole-model tuning small ones.
-#: Chosen once, before the results runs, and used for every task (no per-task tuning, no test-set peeking).
-DEFAULT_LR = {"output": 1e-3, "output-mlp": 1e-3, "dga": 3e-3, "lga": 3e-3, "adalink": 3e-3, "lora": 1e-3,
-              "full": 3e-5}
 
 
 def step_peak_mb(model: AdaptedModel, task: Task, batch_size: int) -> float:
@@ -50,17 +46,22 @@ def compare(backbone: str, data: str, methods: Sequence[str], steps: int, seed: 
     splits = load_splits(data)
     rows = []
     task = None
+    for name in methods:
+        if get_method(name).kind is MethodKind.LOGIT:
+            raise InvalidInputError(f"compare trains methods with graytune train; {name!r} is made by "
+                                    f"{get_method(name).trained_by}")
     for method in methods:
         seed_everything(seed)
-        level = max(METHODS[method].min_access, AccessLevel.BLACK_BOX)
-        handle = open_for(backbone, level.label, method)
+        spec = get_method(method)
+        handle = open_for(backbone, None, method)  # each method at its own level, with its own grants
         task = task or make_task(splits, handle, image_size)
-        row: dict[str, Any] = {"method": method, "access": level.label}
-        if METHODS[method].adapters or METHODS[method].whitebox:
+        row: dict[str, Any] = {"method": method, "access": spec.min_access.label}
+        if spec.slots:
             row["peak_mb"] = step_peak_mb(AdaptedModel.build(handle, method), task, batch_size)
             seed_everything(seed)
             model = AdaptedModel.build(handle, method)
-            config = TrainConfig(lr=DEFAULT_LR.get(method, 1e-3), max_steps=steps, batch_size=batch_size, seed=seed)
+            # the registry's learning rates: chosen once, before the results runs, for every task
+            config = TrainConfig(lr=spec.lr, max_steps=steps, batch_size=batch_size, seed=seed)
             result = fit(model, task, splits.val, config, progress=progress)
             row.update(steps=result.steps, step_seconds=result.step_seconds, best_val=result.best_metric,
                        lr=config.lr)

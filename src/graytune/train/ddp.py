@@ -7,15 +7,17 @@ rank holds the same adapter after every step. Rank 0 saves it.
 Example (two processes on this machine, key in $GRAYTUNE_API_KEY)::
 
     torchrun --standalone --nproc-per-node 2 -m graytune.train.ddp \\
-        --backbone http://127.0.0.1:8470 --method dga --data wordnet-supersense --steps 20 --out runs/ddp
+        --backbone http://127.0.0.1:8470 --method dga --data wordnet-supersense --max-steps 20 --out runs/ddp
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +29,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from graytune.artifacts import adapter_state, save_adapter
 from graytune.data.catalog import load_splits
+from graytune.methods import get_method
 from graytune.model import AdaptedModel
-from graytune.train.recipe import make_task, open_for
+from graytune.schedules import warmup_cosine
+from graytune.train.arguments import add_train_arguments, run_spec
+from graytune.train.recipe import RunSpec, describe, make_task, open_for, warm_start
 from graytune.train.trainer import seed_everything
 
 log = logging.getLogger(__name__)
@@ -45,59 +50,67 @@ class _TaskLoss(nn.Module):
         return self.task.loss(self.model, batch)
 
 
-def train(backbone: str, access: str, method: str, data: str, steps: int, batch_size: int, lr: float, seed: int,
-          out: str | None, task_name: str | None = None) -> dict[str, Any]:
-    """Run on every rank of an initialised process group; returns this rank's summary."""
+def train(run: RunSpec) -> dict[str, Any]:
+    """Run on every rank of an initialised process group; returns this rank's summary.
+
+    AdamW with the same warm-up-then-cosine schedule, weight decay and accumulation as
+    ``graytune train``; no validation yet (``eval_every``/``patience`` are refused).
+    """
     rank, world = dist.get_rank(), dist.get_world_size()
-    seed_everything(seed)  # the same initial adapter everywhere (DDP also broadcasts rank 0's)
-    handle = open_for(backbone, access, method)
-    splits = load_splits(data, task_name)
-    task = make_task(splits, handle, None)
-    model = AdaptedModel.build(handle, method)
+    method = get_method(run.method)
+    config = replace(run.train, lr=run.train.lr if run.train.lr is not None else method.lr or 0.0)
+    seed_everything(config.seed)  # the same initial adapter everywhere (DDP also broadcasts rank 0's)
+    handle = open_for(run.backbone, run.access, run.method)
+    splits = load_splits(run.data, run.task)
+    task = make_task(splits, handle, run.image_size)
+    model = warm_start(run, handle) if run.adapter else AdaptedModel.build(handle, run.method, run.options)
     ddp = DistributedDataParallel(_TaskLoss(model, task), find_unused_parameters=True)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    generator = torch.Generator().manual_seed(seed + 1000 * rank)  # each rank its own batches
-    batches = task.batches(batch_size, generator)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
+                            weight_decay=config.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, config.max_steps, config.warmup))
+    generator = torch.Generator().manual_seed(config.seed + 1000 * rank)  # each rank its own batches
+    batches = task.batches(config.batch_size, generator)
     losses = []
-    for _ in range(steps):
-        try:
-            batch = next(batches)
-        except StopIteration:
-            batches = task.batches(batch_size, generator)
-            batch = next(batches)
+    for _ in range(config.max_steps):
         opt.zero_grad(set_to_none=True)
-        loss = ddp(batch)
-        loss.backward()
+        total = 0.0
+        for _ in range(config.grad_accum):
+            batch = next(batches, None)
+            if batch is None:
+                batches = task.batches(config.batch_size, generator)
+                batch = next(batches)
+            loss = ddp(batch) / config.grad_accum
+            loss.backward()
+            total += float(loss.detach())
         opt.step()
-        losses.append(float(loss.detach()))
-    if out:  # rank 0 writes the artifact (atomically, as a whole folder), then each rank its own copy
+        sched.step()
+        losses.append(total)
+    if run.out:  # rank 0 writes the artifact (atomically, as a whole folder), then each rank its own copy
         if rank == 0:
-            save_adapter(model, out, extra={"data": data, "task": splits.task, "ddp_world_size": world})
+            save_adapter(model, run.out, extra={"train": asdict(config), **describe(splits, task, run.data),
+                                                "ddp_world_size": world})
         dist.barrier()
-        save_file(adapter_state(model), str(Path(out) / f"rank{rank}.safetensors"))
+        save_file(adapter_state(model), str(Path(run.out) / f"rank{rank}.safetensors"))
         dist.barrier()
     return {"rank": rank, "world": world, "losses": losses, "samples_sent": handle.exposure.forward_samples}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m graytune.train.ddp", description=__doc__.split("\n")[0])
-    p.add_argument("--backbone", required=True)
-    p.add_argument("--access", default="dark-gray")
-    p.add_argument("--method", required=True)
-    p.add_argument("--data", required=True)
-    p.add_argument("--task", default=None)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None)
+    add_train_arguments(p)  # the same flags as graytune train
     args = p.parse_args(argv)
+    run = run_spec(args)
+    if run.method == "transmiter+" or run.train.eval_every or run.train.patience:
+        p.error("DDP trains tower adapters and white-box baselines without validation: --method transmiter+, "
+                "--eval-every and --patience are for graytune train")
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // int(os.environ.get("WORLD_SIZE", "1"))))
     dist.init_process_group("gloo")
     try:
-        summary = train(args.backbone, args.access, args.method, args.data, args.steps, args.batch_size, args.lr,
-                        args.seed, args.out, args.task)
-        print(f"rank {summary['rank']}/{summary['world']}: final loss {summary['losses'][-1]:.4f}")
+        summary = train(run)
+        if args.json:
+            print(json.dumps(summary, sort_keys=True))
+        else:
+            print(f"rank {summary['rank']}/{summary['world']}: final loss {summary['losses'][-1]:.4f}")
     finally:
         dist.destroy_process_group()
     return 0

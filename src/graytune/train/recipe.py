@@ -10,7 +10,7 @@ Example:
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,9 @@ from graytune.artifacts import load_adapter, read_config, save_adapter
 from graytune.data.catalog import Splits, load_splits
 from graytune.data.images import ImagePreprocess
 from graytune.data.labeled import LabeledImageFiles, LabeledImages
-from graytune.model import METHODS, AdaptedModel
+from graytune.errors import ArtifactError, InvalidInputError
+from graytune.methods import MethodKind, get_method
+from graytune.model import AdaptedModel
 from graytune.train.tasks import ClassificationTask, RetrievalTask, SketchRetrievalTask, Task
 from graytune.train.trainer import TrainConfig, fit, seed_everything
 from graytune.types import AccessLevel
@@ -27,27 +29,36 @@ from graytune.types import AccessLevel
 
 @dataclass
 class RunSpec:
-    """What to train, where, and how."""
+    """What to train, where, and how.
+
+    Attributes:
+        access: the level to open the backbone at; None: the method's own (the least exposure).
+        options: the method's options (``graytune methods``), e.g. ``{"rank": 4}``.
+        adapter: an artifact of the same method and backbone to start from (warm start).
+    """
 
     backbone: str
-    access: str
+    access: str | None
     method: str
     data: str
     task: str | None = None
     out: str | None = None
     image_size: int | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
+    options: dict[str, Any] = field(default_factory=dict)
+    adapter: str | None = None
 
 
-def open_for(backbone: str, access: str, method: str) -> Handle:
-    """Open ``backbone`` at ``access``, granting the reads ``method`` needs (the owner's explicit grant)."""
-    reads = ("text.token_embeds",) if method == "adalink" else ()
-    return open_backbone(backbone, access=access, reads=reads)
+def open_for(backbone: str, access: str | None, method: str) -> Handle:
+    """Open ``backbone`` at ``access`` (default: the method's level), granting the reads ``method`` needs."""
+    spec = get_method(method)
+    level = AccessLevel.parse(access) if access else spec.min_access
+    return open_backbone(backbone, access=level, reads=spec.reads)
 
 
-def make_task(splits: Splits, handle: Handle, image_size: int | None) -> Task:
+def make_task(splits: Splits, handle: Handle, image_size: int | None, fit: str | None = None) -> Task:
     needs_images = splits.task in ("retrieval", "sketch") or isinstance(splits.train, LabeledImages | LabeledImageFiles)
-    pre = ImagePreprocess.from_spec(handle.spec, image_size, fit=splits.fit) if needs_images else None
+    pre = ImagePreprocess.from_spec(handle.spec, image_size, fit=fit or splits.fit) if needs_images else None
     if splits.task == "retrieval":
         return RetrievalTask(splits.train, pre)  # type: ignore[arg-type]
     if splits.task == "sketch":
@@ -55,17 +66,50 @@ def make_task(splits: Splits, handle: Handle, image_size: int | None) -> Task:
     return ClassificationTask(splits.train, splits.prompt, pre, splits.classes, splits.eval_splits)
 
 
+def describe(splits: Splits, task: Task, run_data: str) -> dict[str, Any]:
+    """What an artifact records of its data: task, class list and prompt, preprocessing."""
+    out: dict[str, Any] = {"data": run_data, "task": splits.task}
+    pre = getattr(task, "preprocess", None)
+    out["preprocess"] = ({"image_size": pre.image_size, "fit": pre.fit, "mean": list(pre.mean), "std": list(pre.std)}
+                         if pre is not None else None)
+    out["image_size"] = pre.image_size if pre is not None else None
+    if isinstance(task, ClassificationTask):
+        out.update(classes=list(task.data.class_names), trained_classes=list(task.classes), prompt=task.prompt,
+                   eval_splits={k: list(v) for k, v in (splits.eval_splits or {}).items()} or None)
+    return out
+
+
+def warm_start(run: RunSpec, handle: Handle) -> AdaptedModel:
+    """The model of ``run.adapter`` (same method and backbone) to continue training from."""
+    saved = read_config(run.adapter)  # type: ignore[arg-type]
+    if saved.get("method") != run.method:
+        raise ArtifactError(f"--adapter {run.adapter} holds a {saved.get('method')!r} adapter; warm-starting "
+                            f"--method {run.method} needs an artifact of that method (or drop --adapter)")
+    model = load_adapter(run.adapter, handle)  # type: ignore[arg-type]
+    if run.options:
+        wanted = AdaptedModel.build(handle, run.method, run.options).adapter_options()
+        if wanted != model.adapter_options():
+            raise InvalidInputError(f"--option {run.options} differs from the options of --adapter {run.adapter} "
+                                    f"({model.adapter_options()}); a warm start keeps the artifact's options, "
+                                    "so drop --option")
+    return model
+
+
 def train_and_save(run: RunSpec, progress: bool = True) -> dict[str, Any]:
     """Train, select on val, evaluate once on test; save to ``run.out`` when given. Returns a summary."""
+    method = get_method(run.method)
+    if method.kind is MethodKind.LOGIT:
+        raise InvalidInputError(f"method {run.method!r} is made by {method.trained_by}, not by this recipe")
     seed_everything(run.train.seed)
     handle = open_for(run.backbone, run.access, run.method)
     splits = load_splits(run.data, run.task)
     task = make_task(splits, handle, run.image_size)
-    model = AdaptedModel.build(handle, run.method)
+    model = warm_start(run, handle) if run.adapter else AdaptedModel.build(handle, run.method, run.options)
+    config = replace(run.train, lr=run.train.lr if run.train.lr is not None else method.lr or 0.0)
     result = None
-    if METHODS[run.method].adapters or METHODS[run.method].whitebox:
+    if method.slots:
         ckpt = Path(run.out) / "checkpoint.pt" if run.out else None
-        result = fit(model, task, splits.val, run.train, checkpoint=ckpt, progress=progress)
+        result = fit(model, task, splits.val, config, checkpoint=ckpt, progress=progress)
     start = time.perf_counter()
     test = task.evaluate(model, splits.test)
     summary = {
@@ -74,21 +118,32 @@ def train_and_save(run: RunSpec, progress: bool = True) -> dict[str, Any]:
         "steps": result.steps if result else 0, "best_val": result.best_metric if result else None,
         "train_seconds": result.seconds if result else 0.0, "step_seconds": result.step_seconds if result else 0.0,
         "test_seconds": time.perf_counter() - start, "test": test, "history": result.history if result else [],
+        "lr": config.lr, "options": model.adapter_options(),
     }
     if run.out:
-        save_adapter(model, run.out, extra={"train": asdict(run.train), "data": run.data, "task": splits.task,
-                                            "image_size": run.image_size, "metrics": {"test": test}})
+        save_adapter(model, run.out, extra={"train": asdict(config), **describe(splits, task, run.data),
+                                            "warm_start": run.adapter, "metrics": {"test": test}})
     return summary
 
 
 def evaluate_saved(backbone: str, adapter: str | None, data: str, task: str | None = None,
                    image_size: int | None = None) -> dict[str, Any]:
-    """Test metrics of a saved adapter (or the zero-shot backbone when ``adapter`` is None)."""
+    """Test metrics of a saved adapter of any method (or of the zero-shot backbone when ``adapter`` is None).
+
+    The artifact says everything needed (method, options, access, grants, preprocessing); ``image_size``
+    overrides its recorded size.
+    """
     config = read_config(adapter) if adapter else {"method": "zero-shot", "access": "black-box"}
-    level = max(AccessLevel.parse(config["access"]), AccessLevel.BLACK_BOX)
+    method = get_method(config["method"])
+    if method.kind is MethodKind.LOGIT:
+        raise InvalidInputError(f"{adapter} holds a {config['method']} logit adapter; score it with "
+                                "graytune.transfer.recipe.evaluate_transmiter (graytune eval does)")
+    level = max(AccessLevel.parse(config["access"]), method.min_access)
     handle = open_for(backbone, level.label, config["method"])
     splits = load_splits(data, task)
-    evaluator = make_task(splits, handle, image_size or config.get("image_size"))
+    pre = config.get("preprocess") or {}
+    evaluator = make_task(splits, handle, image_size or pre.get("image_size") or config.get("image_size"),
+                          fit=pre.get("fit"))
     model = load_adapter(adapter, handle) if adapter else AdaptedModel.build(handle, "zero-shot")
     return {"backbone": handle.spec.id, "method": config["method"], "data": data,
             "test": evaluator.evaluate(model, splits.test)}

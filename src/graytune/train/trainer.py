@@ -18,7 +18,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +34,20 @@ from graytune.train.tasks import Task
 log = logging.getLogger(__name__)
 
 
+#: What each field of ``TrainConfig`` accepts: (lowest, whether the lowest is allowed, highest or None).
+LIMITS: dict[str, tuple[float, bool, float | None]] = {
+    "lr": (0.0, True, None), "weight_decay": (0.0, True, None), "batch_size": (1, True, None),
+    "grad_accum": (1, True, None), "max_steps": (1, True, None), "warmup": (0.0, True, 1.0),
+    "eval_every": (0, True, None), "patience": (0, True, None), "seed": (0, True, None),
+}
+
+
 @dataclass
 class TrainConfig:
-    """How to train; every field is written into the artifact."""
+    """How to train; every field is written into the artifact. Bad values are refused all at once."""
 
-    lr: float = 1e-3
-    """Peak learning rate of AdamW."""
+    lr: float | None = None
+    """Peak learning rate of AdamW; None: the method's default (graytune methods lists it)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     batch_size: int = 32
@@ -49,13 +57,29 @@ class TrainConfig:
     max_steps: int = 100
     """Optimizer steps in all."""
     warmup: float = 0.05
-    """Fraction of ``max_steps`` with a linear warm-up, then cosine decay to zero."""
+    """Fraction of ``max_steps`` with a linear warm-up (0 <= warmup < 1), then cosine decay to zero."""
     eval_every: int = 0
     """Validate every this many steps; 0 means once per epoch."""
     patience: int = 0
     """Stop after this many validations without improvement; 0 never stops early."""
     seed: int = 0
     """Seed of the data order and of every random draw."""
+
+    def __post_init__(self) -> None:
+        errors = [problem for name in LIMITS if (problem := limit_problem(name, getattr(self, name)))]
+        if errors:
+            raise InvalidInputError("training settings refused: " + "; ".join(errors))
+
+
+def limit_problem(name: str, value: float | None) -> str:
+    """Why ``value`` is not allowed for the ``TrainConfig`` field ``name`` ("" when it is)."""
+    if value is None and name == "lr":
+        return ""
+    low, low_ok, high = LIMITS[name]
+    if value is None or value < low or (value == low and not low_ok) or (high is not None and value >= high):
+        allowed = (f"{'>=' if low_ok else '>'} {low:g}" + (f" and < {high:g}" if high is not None else ""))
+        return f"{name} must be {allowed}; got {value}"
+    return ""
 
 
 @dataclass
@@ -81,8 +105,9 @@ def _trainable(model: AdaptedModel) -> dict[str, torch.Tensor]:
 def fit(model: AdaptedModel, task: Task, val_data: Any, config: TrainConfig,
         checkpoint: str | os.PathLike[str] | None = None, progress: bool = True) -> FitResult:
     """Train ``model``'s trainable tensors on ``task``; returns with the best validated state loaded."""
-    if config.max_steps < 1 or config.batch_size < 1 or config.grad_accum < 1:
-        raise InvalidInputError(f"max_steps, batch_size and grad_accum must be >= 1; got {asdict(config)}")
+    if config.lr is None:
+        raise InvalidInputError("TrainConfig.lr is None: give a learning rate (graytune methods lists each "
+                                "method's default)")
     params = _trainable(model)
     if not params:
         raise InvalidInputError(f"method {model.method!r} has nothing to train; evaluate it instead")

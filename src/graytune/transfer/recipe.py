@@ -10,15 +10,14 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
 import time
+from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import torch
 
 from graytune.access import Handle, open_backbone
-from graytune.artifacts import load_adapter, read_config
+from graytune.artifacts import check_fingerprint, load_adapter, read_config
 from graytune.data.catalog import Splits, load_splits
 from graytune.data.images import ImagePreprocess, pixel_cache
 from graytune.errors import ArtifactError, InvalidInputError
@@ -75,10 +74,12 @@ def base_novel_accuracy(scores: Tensor, labels: Tensor, base: tuple[int, ...], n
     return split_accuracy(scores, labels, {"base": base, "novel": novel})
 
 
-def plus(tm: TransMiter, strong: Handle, pixels: Pixels, seed: int = 0) -> dict[str, float]:
+def plus(tm: TransMiter, strong: Handle, pixels: Pixels, seed: int = 0, config: PlusConfig | None = None,
+         ) -> dict[str, float]:
     """TransMiter+: fine-tune the transferred adapter on the labelled few-shot set, select on val."""
+    config = config or PlusConfig(seed=seed)
     return tm.finetune(tm.scores(strong, pixels.train), pixels.train_labels, tm.scores(strong, pixels.val),
-                       pixels.val_labels, PlusConfig(seed=seed))
+                       pixels.val_labels, config)
 
 
 # -- the command-line runs: extract, transfer, TransMiter+ -------------------------------------
@@ -102,9 +103,7 @@ def _load_for(adapter: str, backbone_id: str, hint: str = "") -> tuple[TransMite
     """The saved TransMiter, its config, and a black-box handle of ``backbone_id``, whose fingerprint must match."""
     tm, config = load_transmiter(adapter)
     handle = open_backbone(backbone_id, access="black-box")
-    if handle.spec.fingerprint != config["fingerprint"]:
-        raise ArtifactError(f"{adapter} is for {config['backbone']} (fingerprint {config['fingerprint'][:16]}…), "
-                            f"not {handle.spec.id} ({handle.spec.fingerprint[:16]}…){hint}")
+    check_fingerprint(config, handle.spec, adapter, hint or "open the backbone it was made on")
     return tm, config, handle
 
 
@@ -113,7 +112,9 @@ def run_extract(weak_id: str, weak_adapter: str, data: str, out: str, classes: i
     """Extract a TransMiter from a saved weak adapter, on the training images with labels unused; save it."""
     splits = load_splits(data)
     weak = open_backbone(weak_id, access="black-box")
-    fine_tuned = load_adapter(weak_adapter, open_backbone(weak_id, access=read_config(weak_adapter)["access"]))
+    saved = read_config(weak_adapter)
+    fine_tuned = load_adapter(weak_adapter, open_backbone(weak_id, access=saved["access"],
+                                                          reads=saved.get("reads", ())))
     px = _image_pixels(splits, weak, image_size)
     tm = TransMiter.create(list(splits.train.class_names), total=classes, seed=seed, prompt=splits.prompt)
     teacher = tm.scores(fine_tuned, px.unlabeled)[:, :tm.n_task]
@@ -131,7 +132,7 @@ def run_transfer(adapter: str, strong_id: str, data: str, out: str, beta: float 
     if saved.get("transferred_to"):
         raise ArtifactError(f"{adapter} was already transferred to {saved['transferred_to']}; transfer the "
                             "adapter extracted on the weak backbone")
-    tm, config, weak = _load_for(adapter, saved["backbone"], "; it changed since extraction")
+    tm, config, weak = _load_for(adapter, saved["backbone"], "the weak backbone changed since extraction")
     strong = open_backbone(strong_id, access="black-box")
     splits = load_splits(data)
     px = _image_pixels(splits, strong, image_size or config.get("image_size"))
@@ -148,18 +149,23 @@ def run_transfer(adapter: str, strong_id: str, data: str, out: str, beta: float 
 
 
 def run_plus(adapter: str, backbone: str, data: str, out: str, shots: int | None = 16, seed: int = 0,
-             image_size: int | None = None) -> dict[str, Any]:
-    """TransMiter+: fine-tune a transferred adapter with ``shots`` labels per class; select on val; save."""
-    tm, config, handle = _load_for(adapter, backbone, "; transfer it there first")
+             image_size: int | None = None, config: PlusConfig | None = None) -> dict[str, Any]:
+    """TransMiter+: fine-tune a transferred adapter with ``shots`` labels per class; select on val; save.
+
+    ``config`` sets the optimiser (lr, batch size, steps, warm-up, weight decay); its seed is ``seed``.
+    """
+    tm, saved, handle = _load_for(adapter, backbone, "transfer it there first")
     splits = load_splits(data)
-    px = _image_pixels(splits, handle, image_size or config.get("image_size"), shots=shots)
-    best = plus(tm, handle, px, seed=seed)
+    size = image_size or saved.get("image_size")
+    px = _image_pixels(splits, handle, size, shots=shots)
+    config = replace(config or PlusConfig(), seed=seed)
+    best = plus(tm, handle, px, config=config)
     metrics = _evaluate(tm, handle, splits, px)
     save_transmiter(tm, out, handle.spec.id, handle.spec.fingerprint,
-                    extra={**{k: v for k, v in config.items() if k in ("transferred_from", "transferred_to")},
-                           "method": "transmiter", "plus": {"shots": shots, **best}, "data": data,
-                           "metrics": {"test": metrics}})
-    return {"out": out, "best_val": best, "test": metrics}
+                    extra={**{k: v for k, v in saved.items() if k in ("transferred_from", "transferred_to")},
+                           "method": "transmiter+", "plus": {"shots": shots, **best}, "train": asdict(config),
+                           "data": data, "image_size": size, "metrics": {"test": metrics}})
+    return {"out": out, "best_val": best, "test": metrics, "train": asdict(config)}
 
 
 def evaluate_transmiter(adapter: str, backbone: str, data: str, image_size: int | None = None) -> dict[str, Any]:

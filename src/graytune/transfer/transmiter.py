@@ -14,7 +14,6 @@ Example:
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -24,11 +23,12 @@ from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
+from graytune.adapters import config_from_dict
 from graytune.adapters.transmiter import TransMiterAdapter, TransMiterConfig
-from graytune.artifacts import CONFIG_NAME, WEIGHTS_NAME, write_atomically
+from graytune.artifact_files import read_config, read_weights, write_artifact
 from graytune.errors import ArtifactError, InvalidInputError
+from graytune.methods import METHODS, MethodKind, get_method
 from graytune.schedules import warmup_cosine
 from graytune.transfer.classes import expand_classes
 from graytune.transfer.procrustes import orthogonal_procrustes
@@ -67,6 +67,9 @@ class PlusConfig:
     weight_decay: float = 1e-3
     batch_size: int = 128
     epochs: int = 20
+    """Passes over the labelled set (validated after each), unless ``max_steps`` is given."""
+    max_steps: int | None = None
+    """Optimizer steps in all (validated after each pass and at the last step); overrides ``epochs``."""
     warmup: float = 0.1
     seed: int = 0
 
@@ -100,11 +103,17 @@ class TransMiter:
 
     @classmethod
     def create(cls, task_classes: Sequence[str], total: int = 1024, dim: int | None = None, seed: int = 0,
-               prompt: str = "a picture of a {}") -> TransMiter:
-        """A fresh (identity) adapter over ``task_classes`` + seeded auxiliary names."""
-        torch.manual_seed(seed)
+               prompt: str = "a picture of a {}", generator: torch.Generator | None = None) -> TransMiter:
+        """A fresh (identity) adapter over ``task_classes`` + auxiliary names drawn with ``seed``.
+
+        ``generator`` draws the adapter's initial weights (default: one seeded with ``seed``);
+        torch's global random state is left untouched.
+        """
         classes = expand_classes(task_classes, total, seed)
-        adapter = TransMiterAdapter(TransMiterConfig(classes=total, dim=dim or total))
+        generator = generator or torch.Generator().manual_seed(seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+            adapter = TransMiterAdapter(TransMiterConfig(classes=total, dim=dim or total))
         return cls(adapter, classes, len(task_classes), prompt)
 
     # -- scores ----------------------------------------------------------------------------
@@ -193,7 +202,8 @@ class TransMiter:
                 best_state = copy.deepcopy(self.adapter.state_dict())
 
         self._optimise(lambda idx: F.cross_entropy(self.adapt(scores[idx]), labels[idx]), len(scores), config.lr,
-                       config.weight_decay, config.batch_size, config.epochs, config.warmup, gen, on_epoch)
+                       config.weight_decay, config.batch_size, config.epochs, config.warmup, gen, on_epoch,
+                       max_steps=config.max_steps)
         self.adapter.load_state_dict(best_state)
         self.adapter.eval()
         return best
@@ -204,23 +214,28 @@ class TransMiter:
         return 100.0 * float((self.adapt(scores).argmax(-1) == labels).float().mean())
 
     def _optimise(self, loss_fn: Any, n: int, lr: float, weight_decay: float, batch_size: int, epochs: int,
-                  warmup: float, gen: torch.Generator, on_epoch: Any = None) -> list[float]:
+                  warmup: float, gen: torch.Generator, on_epoch: Any = None, max_steps: int | None = None,
+                  ) -> list[float]:
+        """AdamW with warm-up then cosine over ``max_steps`` steps (default: ``epochs`` passes); loss per pass."""
         self.adapter.train()
         opt = torch.optim.AdamW(self.adapter.parameters(), lr=lr, weight_decay=weight_decay)
         per_epoch = max(1, math.ceil(n / batch_size))
-        total = per_epoch * epochs
+        total = max_steps or per_epoch * epochs
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total, warmup))
-        history = []
-        for epoch in range(1, epochs + 1):
-            order, running = torch.randperm(n, generator=gen), 0.0
+        history, step, epoch = [], 0, 0
+        while step < total:
+            epoch += 1
+            order, running, batches = torch.randperm(n, generator=gen), 0.0, 0
             for start in range(0, n, batch_size):
                 loss = loss_fn(order[start:start + batch_size])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 sched.step()
-                running += float(loss.detach())
-            history.append(running / per_epoch)
+                running, batches, step = running + float(loss.detach()), batches + 1, step + 1
+                if step >= total:
+                    break
+            history.append(running / batches)
             if on_epoch is not None:
                 on_epoch(epoch)
                 self.adapter.train()
@@ -230,32 +245,32 @@ class TransMiter:
 
 def save_transmiter(tm: TransMiter, folder: str | os.PathLike[str], backbone: str, fingerprint: str,
                     extra: dict[str, Any] | None = None) -> Path:
-    """Write the adapter and its class list (PEFT layout), atomically."""
-    import graytune
-
-    config = {"library": "graytune", "library_version": graytune.__version__, "format_version": 1,
-              "method": "transmiter", "access": "black-box", "backbone": backbone, "fingerprint": fingerprint,
-              "adapter": asdict(tm.adapter.config), "classes": tm.classes, "n_task": tm.n_task, "prompt": tm.prompt,
-              **(extra or {})}
-    state = {k: v.detach().contiguous().clone() for k, v in tm.adapter.state_dict().items()}
-    return write_atomically(Path(folder), {WEIGHTS_NAME: lambda p: save_file(state, str(p)),
-                                           CONFIG_NAME: lambda p: p.write_text(json.dumps(config, indent=2))})
+    """Write the adapter, its class list and prompt in the one artifact format (``graytune.artifact_files``)."""
+    config = {"method": "transmiter", "kind": get_method("transmiter").kind.value, "access": "black-box",
+              "reads": [], "backbone": backbone, "fingerprint": fingerprint,
+              "options": {"transmiter": asdict(tm.adapter.config)},
+              "adapters": [{"name": "transmiter", "modality": None, "ports": ["logits"], "reads": []}],
+              "trainable_parameters": sum(p.numel() for p in tm.adapter.parameters()),
+              "classes": tm.classes, "n_task": tm.n_task, "prompt": tm.prompt, **(extra or {})}
+    return write_artifact(folder, config, tm.adapter.state_dict())
 
 
 def load_transmiter(folder: str | os.PathLike[str], classes: Sequence[str] | None = None) -> tuple[TransMiter, dict]:
     """The saved TransMiter and its config; ``classes``, when given, must be the saved list in order."""
-    path = Path(folder) / CONFIG_NAME
-    if not path.is_file() or not (Path(folder) / WEIGHTS_NAME).is_file():
-        raise ArtifactError(f"{folder} is not a saved TransMiter adapter ({CONFIG_NAME} and {WEIGHTS_NAME} needed)")
-    config = json.loads(path.read_text())
-    if config.get("method") != "transmiter":
+    config = read_config(folder)
+    if config.get("method") not in METHODS or get_method(config["method"]).kind is not MethodKind.LOGIT:
         raise ArtifactError(f"{folder} holds a {config.get('method')!r} adapter, not a TransMiter one")
-    if classes is not None and list(classes) != config["classes"]:
-        diff = next((i for i, (a, b) in enumerate(zip(classes, config["classes"])) if a != b),
-                    min(len(classes), len(config["classes"])))
-        raise ArtifactError(f"class list mismatch: the adapter in {folder} was extracted over {len(config['classes'])} "
+    saved = config["classes"]
+    if classes is not None and list(classes) != saved:
+        diff = next((i for i, (a, b) in enumerate(zip(classes, saved)) if a != b), min(len(classes), len(saved)))
+        raise ArtifactError(f"class list mismatch: the adapter in {folder} was extracted over {len(saved)} "
                             f"classes, this call gives {len(classes)}; they first differ at position {diff}; "
                             "score the saved list (its 'classes' field) in the same order")
-    adapter = TransMiterAdapter(TransMiterConfig(**config["adapter"]))
-    adapter.load_state_dict(load_file(str(Path(folder) / WEIGHTS_NAME)))
-    return TransMiter(adapter.eval(), config["classes"], config["n_task"], config["prompt"]), config
+    options = (config.get("options") or {}).get("transmiter") or config.get("adapter")  # format 1: "adapter"
+    adapter = TransMiterAdapter(config_from_dict(TransMiterConfig, options, "transmiter"))
+    state = read_weights(folder)
+    try:
+        adapter.load_state_dict(state)
+    except RuntimeError as err:
+        raise ArtifactError(f"{folder}: the tensors do not fit a TransMiter with options {options} ({err})") from None
+    return TransMiter(adapter.eval(), saved, config["n_task"], config["prompt"]), config

@@ -1,0 +1,101 @@
+"""White-box baselines: LoRA through PEFT, and full fine-tuning, on the client's copy of the module.
+
+These change the backbone module itself, so they need white-box access (a copy
+from ``handle.module()``); they never run over the network. A LoRA artifact is a
+PEFT artifact too: its config holds PEFT's ``LoraConfig`` fields and its tensors
+PEFT's names, so ``peft.PeftModel.from_pretrained`` loads it on the same
+transformers model.
+
+Example:
+    >>> module = apply_whitebox("lora", handle.module(), LoRAConfig(rank=4), handle.spec.id)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from torch import nn
+
+from graytune.errors import InvalidInputError
+from graytune.registry import Registry
+from graytune.types import AccessLevel
+
+#: name -> white-box module adapter class (``lora``, ``full``)
+WHITEBOX: Registry = Registry("white-box adapter")
+
+# EfficientNet's convs are a custom "same"-padding class that PEFT cannot wrap (it rebuilds the
+# class with other arguments), so on the image tower LoRA reaches its classifier layer only.
+LORA_TARGETS = ("query", "value", "q_proj", "v_proj", "_fc")
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 8
+    """Rank r of each low-rank update."""
+    alpha: int = 16
+    """Scale numerator: updates are multiplied by alpha / r."""
+    dropout: float = 0.0
+    """Dropout on the LoRA branch's input."""
+    targets: tuple[str, ...] = field(default=LORA_TARGETS)
+    """Names of the layers to adapt (the last part of a module path); those the module lacks are skipped."""
+
+
+@dataclass
+class FullConfig:
+    """Full fine-tuning has no options: every weight of the copy trains."""
+
+
+@WHITEBOX.register("lora")
+class LoRA:
+    name: ClassVar[str] = "lora"
+    min_access: ClassVar[AccessLevel] = AccessLevel.WHITE_BOX
+    config_class: ClassVar[type] = LoRAConfig
+    port_patterns: ClassVar[tuple[str, ...]] = ()
+    read_patterns: ClassVar[tuple[str, ...]] = ()
+    trains: ClassVar[str] = "low-rank updates of the attention (or classifier) weights"
+
+    @staticmethod
+    def apply(module: nn.Module, config: LoRAConfig, backbone: str) -> nn.Module:
+        from peft import inject_adapter_in_model
+
+        if config.rank < 1 or config.alpha <= 0 or not 0 <= config.dropout < 1:
+            raise InvalidInputError(f"lora: got rank={config.rank}, alpha={config.alpha}, dropout={config.dropout}; "
+                                    "need rank >= 1, alpha > 0 and 0 <= dropout < 1")
+        module = inject_adapter_in_model(peft_config(module, config, backbone), module)
+        for name, param in module.named_parameters():
+            param.requires_grad_("lora_" in name)
+        return module
+
+
+@WHITEBOX.register("full")
+class Full:
+    name: ClassVar[str] = "full"
+    min_access: ClassVar[AccessLevel] = AccessLevel.WHITE_BOX
+    config_class: ClassVar[type] = FullConfig
+    port_patterns: ClassVar[tuple[str, ...]] = ()
+    read_patterns: ClassVar[tuple[str, ...]] = ()
+    trains: ClassVar[str] = "every weight of the client's copy of the backbone"
+
+    @staticmethod
+    def apply(module: nn.Module, config: FullConfig, backbone: str) -> nn.Module:
+        return module.requires_grad_(True)
+
+
+def peft_config(module: nn.Module, config: LoRAConfig, backbone: str) -> Any:
+    """PEFT's ``LoraConfig`` for ``config`` on ``module`` (targets it lacks dropped; none left is an error)."""
+    from peft import LoraConfig
+
+    present = {name.rsplit(".", 1)[-1] for name, _ in module.named_modules()}
+    targets = [t for t in config.targets if t in present]
+    if not targets:
+        raise InvalidInputError(f"lora: none of the targets {list(config.targets)} names a layer of {backbone}; "
+                                f"give --option targets=NAME,... with names such as "
+                                f"{', '.join(sorted(present - {''})[:6])}")
+    return LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=sorted(targets),
+                      lora_dropout=config.dropout)
+
+
+def apply_whitebox(name: str, module: nn.Module, config: Any, backbone: str) -> nn.Module:
+    """``module`` (a copy from ``handle.module()``) changed by the white-box adapter ``name``."""
+    return WHITEBOX.lookup(name)[0].apply(module, config, backbone)

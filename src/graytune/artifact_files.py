@@ -1,0 +1,124 @@
+"""The artifact format on disk, one for every method: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+The layout is PEFT's. The config describes the artifact completely (library and
+format version, method and kind, every adapter with its resolved options, the
+access level and read grants used, the backbone id and fingerprint, the
+preprocessing, class lists, the exposure record), so loading never needs a flag
+given at training time. Tensors are safetensors, never pickle. Writes are atomic:
+a folder is written beside the target and renamed into place.
+
+This module knows files, not models: ``AdaptedModel.save_pretrained`` and the
+TransMiter recipe build on it.
+
+Example:
+    >>> write_artifact("out/a", {"method": "dga", ...}, {"image_adapters.0.convs.0.weight": w})
+    >>> config, tensors = read_config("out/a"), read_weights("out/a")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import graytune
+from graytune.errors import ArtifactError
+from graytune.types import BackboneSpec
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+FORMAT_VERSION = 2
+"""2: every adapter's resolved options, the kind, the preprocessing and white-box settings are recorded."""
+
+
+def write_artifact(folder: str | os.PathLike[str], config: Mapping[str, Any],
+                   tensors: Mapping[str, torch.Tensor]) -> Path:
+    """Write ``config`` (the library and format fields added) and ``tensors`` to ``folder``, atomically."""
+    from safetensors.torch import save_file
+
+    full = {"library": "graytune", "library_version": graytune.__version__, "format_version": FORMAT_VERSION,
+            **config}
+    state = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
+    return write_atomically(Path(folder), {
+        WEIGHTS_NAME: lambda path: save_file(state, str(path), metadata={"format": "pt"}),
+        CONFIG_NAME: lambda path: path.write_text(json.dumps(full, indent=2, sort_keys=True, default=_plain)),
+    })
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple | set | frozenset):
+        return sorted(value) if isinstance(value, set | frozenset) else list(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def write_atomically(target: Path, writers: dict[str, Callable[[Path], object]]) -> Path:
+    """Write each file into a staging folder beside ``target``, then swap it into place.
+
+    A reader sees the old folder or the new one, never a half-written one; a
+    failure leaves the old folder untouched and no staging folder behind.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        for name, write in writers.items():
+            write(staging / name)
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            target.rename(old)
+        staging.rename(target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def read_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """The artifact's config; a clear error when the folder is not an artifact or is too new."""
+    path = Path(folder) / CONFIG_NAME
+    if not path.is_file():
+        raise ArtifactError(f"{folder} is not a graytune adapter: {CONFIG_NAME} is missing; "
+                            "give the --out folder of 'graytune train'")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ArtifactError(f"{path} is damaged ({err}); train again or restore it") from err
+    if not isinstance(config, dict) or config.get("library") != "graytune" \
+            or not isinstance(config.get("format_version", 0), int) or config.get("format_version", 0) > FORMAT_VERSION:
+        found = config.get("format_version") if isinstance(config, dict) else None
+        raise ArtifactError(f"{path}: format {found} is not one this graytune {graytune.__version__} reads "
+                            f"(graytune artifacts of format <= {FORMAT_VERSION}); upgrade graytune to read it")
+    return config
+
+
+def read_weights(folder: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """The artifact's tensors; a clear error when the file is missing or damaged."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(folder) / WEIGHTS_NAME
+    if not path.is_file():
+        raise ArtifactError(f"{folder}: {WEIGHTS_NAME} is missing; the artifact is incomplete")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise ArtifactError(f"{path} is damaged ({err}); train again or restore it") from None
+
+
+def check_fingerprint(config: Mapping[str, Any], spec: BackboneSpec, folder: str | os.PathLike[str],
+                      hint: str = "open the backbone it was trained on") -> None:
+    """``ArtifactError`` naming both backbones when ``spec`` is not the one the artifact was made on."""
+    if config.get("fingerprint") != spec.fingerprint:
+        raise ArtifactError(
+            f"adapter in {folder} was trained on backbone {config.get('backbone')!r} (fingerprint "
+            f"{str(config.get('fingerprint'))[:16]}…), but this handle is {spec.id!r} (fingerprint "
+            f"{spec.fingerprint[:16]}…); {hint}")

@@ -1,0 +1,40 @@
+"""``graytune methods``: the table to consult before choosing a method (all of it from the registry)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("methods", help="list the adaptation methods: access level, grants, ports, options, lr")
+    p.add_argument("names", nargs="*", metavar="METHOD", help="only these methods (default: all)")
+    p.add_argument("--json", action="store_true", help="print one JSON list")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from graytune.methods import METHODS, MethodKind, get_method
+
+    chosen = [get_method(n) for n in args.names] if args.names else list(METHODS.values())
+    if args.json:
+        print(json.dumps([m.to_dict() for m in chosen], indent=2))
+        return 0
+    head = f"{'method':<12}{'access':<12}{'lr':>8}  {'reads':<20}{'ports touched'}"
+    print(head)
+    print("-" * 100)
+    for m in chosen:
+        lr = f"{m.lr:g}" if m.lr is not None else "-"
+        ports = ", ".join(m.ports) or ("the module itself (a copy)" if m.kind is MethodKind.WHITEBOX else "-")
+        print(f"{m.name:<12}{m.min_access.label:<12}{lr:>8}  {', '.join(m.reads) or '-':<20}{ports}")
+    for m in chosen:
+        print(f"\n{m.name} ({m.kind.value}): {m.doc}")
+        print(f"  trains: {m.trains}")
+        print(f"  made by: {m.trained_by}")
+        for o in m.options():
+            default = ",".join(map(str, o.default)) if isinstance(o.default, tuple) else o.default
+            print(f"  --option {o.name + '=' + str(default):<28} {o.type:<16} {o.doc}")
+    print("\naccess: the lowest level that runs the method; reads: ports whose values the owner must grant "
+          "(they reveal weights); lr: the default peak learning rate (--lr overrides). "
+          "Write an option as KEY or ADAPTER.KEY.")
+    return 0

@@ -1,0 +1,212 @@
+"""The method registry: every adaptation method graytune knows, one entry each, data only.
+
+An entry says which adapters go on which tower (or which white-box module
+change, or which logit adapter), its kind and its default learning rate. Its
+minimum access level, read grants, ports and options are *derived* from its
+adapters' own declarations (``min_access``, ``port_patterns``, ``read_patterns``,
+``config_class``), never written twice. The CLI's choices and help, train and
+eval dispatch, ``compare``/``demo``, ``graytune methods`` and the tests' method
+tables all read this table. Adding a method is one entry here plus, if its
+adapter is new, one adapter file.
+
+Example:
+    >>> METHODS["dga"].min_access.label, METHODS["dga"].lr
+    ('dark-gray', 0.003)
+    >>> get_method("lora").resolve_options({"rank": "4"})["lora"]
+    {'rank': 4}
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from enum import Enum
+from typing import Any
+
+from graytune.adapters import ADAPTERS, LOGIT_ADAPTERS, WHITEBOX
+from graytune.config import coerce_option, field_docs, type_name
+from graytune.errors import InvalidInputError, UnknownNameError
+from graytune.types import AccessLevel, require_level
+
+
+class MethodKind(str, Enum):
+    """What a method trains."""
+
+    TOWER = "tower adapters"  # adapters around the hidden towers, through the boundary
+    WHITEBOX = "white-box module"  # the client's own copy of the module (baselines)
+    LOGIT = "logit adapter"  # an adapter on class scores, forward only (TransMiter)
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One adapter on one tower (``modality``), or the method's white-box / logit adapter (no modality)."""
+
+    adapter: str
+    modality: str = ""
+
+
+@dataclass(frozen=True)
+class OptionField:
+    """One option of a method: an adapter config field, for ``--option KEY=VALUE`` and ``graytune methods``."""
+
+    adapter: str
+    name: str
+    type: str
+    default: Any
+    doc: str
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.adapter}.{self.name}"
+
+    def to_dict(self) -> dict[str, Any]:
+        default = list(self.default) if isinstance(self.default, tuple) else self.default
+        return {"key": self.name, "adapter": self.adapter, "type": self.type, "default": default, "doc": self.doc}
+
+
+@dataclass(frozen=True)
+class Method:
+    """One adaptation method (see the module docstring)."""
+
+    name: str
+    kind: MethodKind
+    doc: str
+    lr: float | None
+    """Default peak learning rate (the one ``docs/results.md`` uses); None when nothing trains."""
+    slots: tuple[Slot, ...] = ()
+    trained_by: str = "graytune train"
+    defaults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    """Per adapter, this method's own option defaults where they differ from the adapter's."""
+
+    def adapter_class(self, slot: Slot) -> Any:
+        table = {MethodKind.TOWER: ADAPTERS, MethodKind.WHITEBOX: WHITEBOX, MethodKind.LOGIT: LOGIT_ADAPTERS}
+        return table[self.kind].lookup(slot.adapter)[0]
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """Each adapter once, in slot order."""
+        return list(dict.fromkeys(s.adapter for s in self.slots))
+
+    @property
+    def min_access(self) -> AccessLevel:
+        """The lowest level at which every adapter of this method works (black-box with none)."""
+        return max((self.adapter_class(s).min_access for s in self.slots), default=AccessLevel.BLACK_BOX)
+
+    @property
+    def reads(self) -> tuple[str, ...]:
+        """Ports whose values the owner must let the client read (explicit grants)."""
+        return tuple(dict.fromkeys(p.format(m=s.modality) for s in self.slots
+                                   for p in self.adapter_class(s).read_patterns))
+
+    @property
+    def ports(self) -> tuple[str, ...]:
+        """Ports the method touches (``image.layer.*``: some of the declared entry layers)."""
+        return tuple(dict.fromkeys(p.format(m=s.modality) for s in self.slots
+                                   for p in self.adapter_class(s).port_patterns))
+
+    @property
+    def trains(self) -> str:
+        if not self.slots:
+            return "nothing"
+        parts = {}
+        for s in self.slots:
+            parts.setdefault(s.adapter, []).append(s.modality)
+        return "; ".join(f"{self.adapter_class(Slot(a)).trains}" + (f" ({', '.join(m)})" if any(m) else "")
+                         for a, m in parts.items())
+
+    def options(self) -> list[OptionField]:
+        """Every option of every adapter of this method, with this method's defaults."""
+        out = []
+        for name in self.adapter_names:
+            config_class = self.adapter_class(Slot(name)).config_class
+            docs = field_docs(config_class)
+            for f in fields(config_class):
+                default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+                default = self.defaults.get(name, {}).get(f.name, default)
+                out.append(OptionField(name, f.name, type_name(f.type), default, docs.get(f.name, "")))
+        return out
+
+    def resolve_options(self, given: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+        """Per adapter, the options ``given`` sets (``key`` or ``adapter.key``), typed; every error at once.
+
+        Raises:
+            InvalidInputError: unknown or ambiguous keys (listing the allowed keys with their types and
+                defaults), or values of the wrong type.
+        """
+        known = self.options()
+        resolved: dict[str, dict[str, Any]] = {name: dict(self.defaults.get(name, {})) for name in self.adapter_names}
+        errors = []
+        for key, value in given.items():
+            matches = [o for o in known if key in (o.name, o.qualified)]
+            if len(matches) > 1 and "." not in key:
+                errors.append(f"{key!r} is an option of several adapters; write one of "
+                              f"{', '.join(o.qualified for o in matches)}")
+                continue
+            if not matches:
+                close = difflib.get_close_matches(key, [o.name for o in known], n=1)
+                errors.append(f"unknown option {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+                continue
+            try:
+                resolved[matches[0].adapter][matches[0].name] = coerce_option(key, matches[0].type, value)
+            except InvalidInputError as err:
+                errors.append(str(err))
+        if errors:
+            allowed = ", ".join(f"{o.name} ({o.type}, default {o.default!r})" for o in known) or "none"
+            raise InvalidInputError(f"method {self.name!r}: " + "; ".join(errors) + f". Its options: {allowed}")
+        return {name: opts for name, opts in resolved.items() if opts}
+
+    def check_access(self, granted: AccessLevel) -> None:
+        """``AccessDeniedError`` when ``granted`` is below this method's level (the one level check)."""
+        require_level(granted, self.min_access, f"method {self.name!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The row ``graytune methods --json`` prints."""
+        return {"name": self.name, "kind": self.kind.value, "access": self.min_access.label,
+                "reads": list(self.reads), "ports": list(self.ports), "lr": self.lr, "trains": self.trains,
+                "trained_by": self.trained_by, "doc": self.doc,
+                "adapters": [{"adapter": s.adapter, "modality": s.modality or None} for s in self.slots],
+                "options": [o.to_dict() for o in self.options()]}
+
+
+def _both(adapter: str) -> tuple[Slot, ...]:
+    return Slot(adapter, "image"), Slot(adapter, "text")
+
+
+_DGA_INPUTS = (Slot("dga-pixel", "image"), Slot("dga-text", "text"))
+_TOWER, _WHITE, _LOGIT = MethodKind.TOWER, MethodKind.WHITEBOX, MethodKind.LOGIT
+
+#: Every method, by name. Adapters on towers a backbone lacks are skipped when a model is built.
+METHODS: dict[str, Method] = {m.name: m for m in [
+    Method("zero-shot", _TOWER, "the frozen backbone, no adapter", None, trained_by="nothing to train"),
+    Method("output", _TOWER, "DGA output adapters: a residual linear map per tower's embedding", 1e-3,
+           _both("dga-output")),
+    Method("output-mlp", _TOWER, "CLIP-Adapter-style residual MLP on each tower's embedding", 1e-3,
+           _both("output-mlp")),
+    Method("dga", _TOWER, "dark-gray DGA: pixel conv, text shift + extra token, and output adapters", 3e-3,
+           (*_DGA_INPUTS, *_both("dga-output"))),
+    Method("lga", _TOWER, "light-gray LGA: DGA plus tokens at the declared entry layers", 3e-3,
+           (*_DGA_INPUTS, *_both("lga"), *_both("dga-output"))),
+    Method("adalink", _TOWER, "AdaLink on the text token embeddings (a read grant) plus output adapters", 3e-3,
+           (Slot("adalink", "text"), *_both("dga-output"))),
+    Method("lora", _WHITE, "white-box baseline: LoRA through PEFT on the client's copy of the module", 1e-3,
+           (Slot("lora"),)),
+    Method("full", _WHITE, "white-box baseline: full fine-tuning of the client's copy of the module", 3e-5,
+           (Slot("full"),)),
+    Method("transmiter", _LOGIT, "TransMiter: a logit adapter distilled on a weak backbone, moved to a "
+           "stronger one by an orthogonal basis change", 1e-3, (Slot("transmiter"),),
+           trained_by="graytune extract, then graytune transfer"),
+    Method("transmiter+", _LOGIT, "TransMiter+: a transferred TransMiter fine-tuned with a few labels per class",
+           1e-4, (Slot("transmiter"),), trained_by="graytune train --adapter TRANSFERRED --shots K"),
+]}
+
+
+def get_method(name: str) -> Method:
+    """The registered method ``name``; ``UnknownNameError`` with the closest names otherwise."""
+    if name not in METHODS:
+        raise UnknownNameError("method", name, METHODS, "graytune methods lists them")
+    return METHODS[name]
+
+
+def methods_of(kind: MethodKind) -> list[str]:
+    return [name for name, m in METHODS.items() if m.kind is kind]

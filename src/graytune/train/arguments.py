@@ -1,0 +1,121 @@
+"""The flags of a training run, shared by ``graytune train`` and the DDP entry point (``python -m graytune.train.ddp``).
+
+Bad values are refused at parse time (argparse's usage error) with what is allowed;
+method options (``--option KEY=VALUE``) are checked against the method's adapters'
+config fields before any backbone loads.
+
+Example:
+    >>> parser = argparse.ArgumentParser(); add_train_arguments(parser)
+    >>> args = parser.parse_args(["--backbone", "minilm", "--method", "lora", "--option", "rank=4", ...])
+    >>> run = run_spec(args)
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+from typing import Any
+
+from graytune.config import field_docs
+from graytune.errors import InvalidInputError
+from graytune.methods import METHODS, MethodKind, get_method
+from graytune.train.recipe import RunSpec
+from graytune.train.trainer import LIMITS, TrainConfig, limit_problem
+from graytune.types import AccessLevel
+
+#: Methods ``graytune train`` makes (TransMiter itself is made by ``graytune extract`` + ``transfer``).
+TRAINABLE = [name for name, m in METHODS.items() if m.kind is not MethodKind.LOGIT or name == "transmiter+"]
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer; got {value}")
+    return value
+
+
+def _limited(name: str, kind: type) -> Any:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
+        problem = limit_problem(name, value)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def option_pair(text: str) -> tuple[str, str]:
+    """argparse type: ``KEY=VALUE``."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE; e.g. --option rank=4 "
+                                         "(graytune methods lists each method's options)")
+    return key.strip(), value.strip()
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """Every flag of a training run (see ``run_spec``)."""
+    p.add_argument("--backbone", required=True,
+                   help="backbone id, e.g. bridge:efficientnet-lite0+minilm, or http://HOST:PORT of a graytune "
+                        "serve (key in $GRAYTUNE_API_KEY)")
+    p.add_argument("--access", default=None, choices=[lvl.label for lvl in AccessLevel],
+                   help="level to open the backbone at (default: the method's own, the least exposure)")
+    p.add_argument("--method", required=True, choices=TRAINABLE, metavar="METHOD",
+                   help="one of " + ", ".join(TRAINABLE) + " (graytune methods describes each)")
+    p.add_argument("--option", action="append", type=option_pair, default=[], metavar="KEY=VALUE",
+                   help="a method option, repeatable: e.g. --option rank=4 --option alpha=8 (lora), "
+                        "--option layers=2,4 (lga); graytune methods lists them with types and defaults")
+    p.add_argument("--adapter", default=None,
+                   help="an artifact to start from: for transmiter+, the folder written by graytune transfer; "
+                        "for any other method, an artifact of that method on the same backbone (warm start)")
+    p.add_argument("--shots", type=positive_int, default=None,
+                   help="transmiter+ only: labelled images per class (default: 16)")
+    p.add_argument("--task", choices=["retrieval", "classification", "sketch"], help="default: the data set's own")
+    p.add_argument("--data", required=True,
+                   help="tuxpaint, emoji, tuxpaint-sketch, fashion-mnist, wordnet-supersense, fortunes (add "
+                        ":base-to-novel to a classification set), or a .csv/.jsonl of image,caption")
+    p.add_argument("--out", required=True, help="folder for the adapter (a checkpoint there resumes the run)")
+    p.add_argument("--image-size", type=positive_int, default=None,
+                   help="image side in pixels (default: the spec's)")
+    p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    docs = field_docs(TrainConfig)
+    for f in fields(TrainConfig):
+        kind = float if f.name in ("lr", "weight_decay", "warmup") else int
+        default = "the method's (graytune methods)" if f.name == "lr" else f.default
+        p.add_argument("--" + f.name.replace("_", "-"), type=_limited(f.name, kind), default=None,
+                       help=f"{docs.get(f.name, '')} (default: {default})")
+
+
+def given_train_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``TrainConfig`` fields set on the command line."""
+    return {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None}
+
+
+def run_spec(args: argparse.Namespace) -> RunSpec:
+    """The run the flags describe; method options checked now, before any backbone loads.
+
+    Raises:
+        InvalidInputError: an option the method does not have, or a flag that means nothing for this method.
+    """
+    method = get_method(args.method)
+    options = dict(args.option)
+    if args.shots is not None and args.method != "transmiter+":
+        raise InvalidInputError(f"--shots is for --method transmiter+; --method {args.method} trains on the whole "
+                                "training split")
+    method.resolve_options(options)  # every bad option reported now, with the allowed ones
+    config = TrainConfig(**given_train_fields(args))
+    return RunSpec(args.backbone, args.access, args.method, args.data, args.task, args.out, args.image_size,
+                   config, options, args.adapter)
+
+
+__all__ = ["LIMITS", "TRAINABLE", "add_train_arguments", "given_train_fields", "option_pair", "positive_int",
+           "run_spec"]
