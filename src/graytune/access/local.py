@@ -16,106 +16,12 @@ from torch import nn
 
 from graytune.access.checks import CallPlan, plan_call, port_for, texts_of
 from graytune.access.handle import cross
+from graytune.access.owner import BoundaryCall, weight_storages
 from graytune.backbones.base import Backbone
-from graytune.errors import AccessDeniedError, InvalidInputError
+from graytune.errors import AccessDeniedError
 from graytune.types import AccessLevel, BackboneSpec, Exposure, Op, required_level
 
 Tensor = torch.Tensor
-
-
-class BoundaryCall:
-    """One forward through the boundary, kept until its backward (owner side).
-
-    The in-process handle drives it through an autograd node; the server drives it
-    directly (forward now, ``vjp`` on a later request) and keeps it in its session store.
-    """
-
-    def __init__(self, backbone: Backbone, plan: CallPlan, exposure: Exposure, measure: bool = False) -> None:
-        self.backbone, self.plan, self.exposure, self.measure = backbone, plan, exposure, measure
-        self.values_read: dict[str, Tensor] = {}
-        self.nbytes = 0  # what this call holds until its backward (counted when ``measure``)
-        self.output_shapes: dict[str, list[int]] = {}
-        self._graph: tuple[list[Tensor], list[Tensor]] | None = None
-
-    @property
-    def differentiable(self) -> bool:
-        return bool(self.plan.slots)
-
-    def forward(self, tensors: Sequence[Tensor]) -> tuple[Tensor, ...]:
-        plan = self.plan
-        groups = {"inputs": dict(plan.inputs), "add": dict(plan.add), "insert": dict(plan.insert)}
-        leaves = []
-        for (group, port), tensor in zip(plan.slots, tensors):
-            leaf = tensor.detach().requires_grad_(True)
-            groups[group][port] = leaf
-            leaves.append(leaf)
-        with torch.set_grad_enabled(bool(leaves)):
-            result = self.backbone.run(groups["inputs"], groups["add"], groups["insert"], plan.outputs, plan.reads)
-        outs = [result[name] for name in plan.outputs]
-        self.output_shapes = {name: list(o.shape) for name, o in zip(plan.outputs, outs)}
-        self.values_read = {name: result[name].detach() for name in plan.reads}
-        if leaves:
-            self._graph = (outs, leaves)
-            if self.measure:
-                self.nbytes = _graph_bytes(self, outs)
-        return tuple(o.detach() for o in outs)
-
-    def vjp(self, grads: Sequence[Tensor | None]) -> tuple[Tensor | None, ...]:
-        if self._graph is None:
-            raise InvalidInputError("this boundary call was already differentiated once; run forward again")
-        outs, leaves = self._graph
-        self._graph = None
-        self.nbytes = 0
-        for name, g in zip(self.plan.outputs, grads):
-            if g is not None and not bool(torch.isfinite(g).all()):
-                raise InvalidInputError(f"the gradient sent back to {name} has NaN or infinite values")
-        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
-        self.exposure.gradient_queries += 1
-        if not pairs:
-            return tuple(None for _ in leaves)
-        return torch.autograd.grad([o for o, _ in pairs], leaves, [g for _, g in pairs], allow_unused=True)
-
-
-_WEIGHTS: dict[int, frozenset[int]] = {}
-
-
-def _weight_storages(backbone: Backbone) -> frozenset[int]:
-    key = id(backbone.module())
-    if key not in _WEIGHTS:
-        module = backbone.module()
-        _WEIGHTS[key] = frozenset(t.untyped_storage().data_ptr()
-                                  for t in [*module.parameters(), *module.buffers()])
-    return _WEIGHTS[key]
-
-
-def _graph_bytes(call: BoundaryCall, outs: Sequence[Tensor]) -> int:
-    """The bytes of the tensors ``outs``' graph saved for the backward (each storage once).
-
-    Walks the graph's nodes rather than installing saved-tensor hooks: a pack hook
-    that returns the tensor makes a cycle through C++ for every saved output, and
-    those graphs would never be freed.
-    """
-    seen = set(_weight_storages(call.backbone))  # the owner's weights are shared, not the session's
-    total, visited = 0, set()
-    stack = [o.grad_fn for o in outs]
-    while stack:
-        node = stack.pop()
-        if node is None or node in visited:
-            continue
-        visited.add(node)
-        for name in dir(node):
-            if not name.startswith("_saved_"):
-                continue
-            try:
-                value = getattr(node, name)
-            except RuntimeError:  # already freed, or not a tensor
-                continue
-            for t in value if isinstance(value, tuple | list) else (value,):
-                if isinstance(t, Tensor) and t.untyped_storage().data_ptr() not in seen:
-                    seen.add(t.untyped_storage().data_ptr())
-                    total += t.untyped_storage().nbytes()
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return total
 
 
 class LocalHandle:
@@ -128,11 +34,12 @@ class LocalHandle:
         >>> z.sum().backward()       # shift.grad is the VJP at the token embeddings
     """
 
-    __slots__ = ("_backbone", "_full_spec", "access", "spec", "exposure", "_grants")
+    __slots__ = ("_backbone", "_full_spec", "_weights", "access", "spec", "exposure", "_grants")
 
     def __init__(self, backbone: Backbone, access: AccessLevel, reads: Collection[str] = ()) -> None:
         self._backbone = backbone
         self._full_spec = backbone.spec
+        self._weights = weight_storages(backbone.module())  # once per handle: what no call's graph is charged for
         self.access = access
         self.spec: BackboneSpec = backbone.spec.visible_at(access)
         self.exposure = Exposure(access=access)
@@ -183,7 +90,7 @@ class LocalHandle:
         if self.access is AccessLevel.WHITE_BOX:  # plain autograd: weights of a rebound module train too
             result = self._backbone.run(plan.inputs, plan.add, plan.insert, plan.outputs, plan.reads)
             return {name: result[name] for name in [*plan.outputs, *plan.reads]}
-        return cross(BoundaryCall(self._backbone, plan, self.exposure))
+        return cross(self.open_call(plan))
 
     def plan(self, inputs: Mapping[str, Tensor | Sequence[str]], add: Mapping[str, Tensor],
              insert: Mapping[str, Tensor], outputs: Sequence[str] | None, reads: Sequence[str]) -> CallPlan:
@@ -191,9 +98,19 @@ class LocalHandle:
         return plan_call(self._full_spec, self.access, self._grants, self.exposure, self.tokenize,
                          inputs, add, insert, outputs, reads)
 
+    def check(self, inputs: Mapping[str, Tensor | Sequence[str]], add: Mapping[str, Tensor] | None = None,
+              insert: Mapping[str, Tensor] | None = None, outputs: Sequence[str] | None = None,
+              reads: Sequence[str] = ()) -> CallPlan:
+        """Check a request as ``forward`` would, without running it or noting it in ``exposure``."""
+        return plan_call(self._full_spec, self.access, self._grants, Exposure(access=self.access), self.tokenize,
+                         inputs, add or {}, insert or {}, outputs, reads)
+
     def open_call(self, plan: CallPlan, measure: bool = False) -> BoundaryCall:
-        """A call the owner drives by hand (the server): ``forward`` now, ``vjp`` later."""
-        return BoundaryCall(self._backbone, plan, self.exposure, measure)
+        """A call the owner drives by hand (the server): ``forward`` now, ``vjp`` later.
+
+        With ``measure`` the call counts the bytes its graph keeps (``nbytes``), the owner's weights excluded.
+        """
+        return BoundaryCall(self._backbone, plan, self.exposure, measure, self._weights)
 
     def at_level(self, access: AccessLevel) -> LocalHandle:
         """The same backbone at a level no higher than this handle's (the grants that level may hold)."""

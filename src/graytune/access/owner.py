@@ -1,0 +1,144 @@
+"""The owner's side of the boundary: one call through the hidden backbone, kept until its backward.
+
+The in-process handle drives a ``BoundaryCall`` through an autograd node; the server
+drives it by hand (``forward`` on one request, ``vjp`` on a later one) and keeps it
+in its session store, sized by ``graph_bytes``.
+
+Example:
+    >>> call = handle.open_call(handle.plan({"text": ["a cat"]}, {"text.token_embeds": shift}, {}, None, []),
+    ...                         measure=True)
+    >>> (z,) = call.forward([shift])             # z: [1, E]; call.nbytes: what its graph holds
+    >>> (g_shift,) = call.vjp([torch.ones_like(z)])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+
+import torch
+from torch import nn
+
+from graytune.access.checks import CallPlan
+from graytune.backbones.base import Backbone
+from graytune.errors import InvalidInputError
+from graytune.types import Exposure
+
+Tensor = torch.Tensor
+
+
+def weight_storages(module: nn.Module) -> frozenset[int]:
+    """The storages (data pointers) of ``module``'s parameters and buffers.
+
+    Computed once per handle: every call's graph shares them, so no session is charged for them.
+    """
+    return frozenset(t.untyped_storage().data_ptr() for t in [*module.parameters(), *module.buffers()])
+
+
+class BoundaryCall:
+    """One forward through the boundary, kept until its backward (owner side).
+
+    Args:
+        backbone: the owner's backbone.
+        plan: the checked request (``plan_call``).
+        exposure: the record this call's gradient query is noted in.
+        measure: count the bytes the graph keeps for the backward (``nbytes``), as the server does.
+        shared: storages not to count (the owner's weights, from ``weight_storages``).
+    """
+
+    def __init__(self, backbone: Backbone, plan: CallPlan, exposure: Exposure, measure: bool = False,
+                 shared: frozenset[int] = frozenset()) -> None:
+        self.backbone, self.plan, self.exposure, self.measure = backbone, plan, exposure, measure
+        self.shared = shared
+        self.values_read: dict[str, Tensor] = {}
+        self.nbytes = 0  # what this call holds until its backward (counted when ``measure``)
+        self.output_shapes: dict[str, list[int]] = {}
+        self._graph: tuple[list[Tensor], list[Tensor]] | None = None
+
+    @property
+    def differentiable(self) -> bool:
+        return bool(self.plan.slots)
+
+    def forward(self, tensors: Sequence[Tensor]) -> tuple[Tensor, ...]:
+        """The outputs (detached) for the client tensors at ``plan.slots``; the graph is kept for ``vjp``."""
+        plan = self.plan
+        groups = {"inputs": dict(plan.inputs), "add": dict(plan.add), "insert": dict(plan.insert)}
+        leaves = []
+        for (group, port), tensor in zip(plan.slots, tensors):
+            leaf = tensor.detach().requires_grad_(True)
+            groups[group][port] = leaf
+            leaves.append(leaf)
+        with torch.set_grad_enabled(bool(leaves)):
+            result = self.backbone.run(groups["inputs"], groups["add"], groups["insert"], plan.outputs, plan.reads)
+        outs = [result[name] for name in plan.outputs]
+        self.output_shapes = {name: list(o.shape) for name, o in zip(plan.outputs, outs)}
+        self.values_read = {name: result[name].detach() for name in plan.reads}
+        if leaves:
+            self._graph = (outs, leaves)
+            if self.measure:
+                self.nbytes = graph_bytes(outs, self.shared)
+        return tuple(o.detach() for o in outs)
+
+    def check_grads(self, grads: Sequence[Tensor | None]) -> None:
+        """Each output's gradient (or None): float32, the output's shape once known, finite values."""
+        shapes = self.output_shapes
+        for name, g in zip(self.plan.outputs, grads):
+            if g is None:
+                continue
+            if g.dtype != torch.float32 or (name in shapes and list(g.shape) != shapes[name]):
+                raise InvalidInputError(f"the gradient for {name} has shape {list(g.shape)} ({g.dtype}); "
+                                        f"the output has shape {shapes.get(name)} (float32)")
+            if not bool(torch.isfinite(g).all()):
+                raise InvalidInputError(f"the gradient sent back to {name} has NaN or infinite values")
+
+    def vjp(self, grads: Sequence[Tensor | None]) -> tuple[Tensor | None, ...]:
+        """The gradient at each client tensor of ``plan.slots`` for the outputs' ``grads``; once per forward."""
+        if self._graph is None:
+            raise InvalidInputError("this boundary call was already differentiated once; run forward again")
+        outs, leaves = self._graph
+        self._graph = None
+        self.nbytes = 0
+        for name, g in zip(self.plan.outputs, grads):
+            if g is not None and not bool(torch.isfinite(g).all()):
+                raise InvalidInputError(f"the gradient sent back to {name} has NaN or infinite values")
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+        self.exposure.gradient_queries += 1
+        if not pairs:
+            return tuple(None for _ in leaves)
+        return torch.autograd.grad([o for o, _ in pairs], leaves, [g for _, g in pairs], allow_unused=True)
+
+
+def graph_bytes(outs: Sequence[Tensor], shared: Collection[int] = ()) -> int:
+    """The bytes of the tensors ``outs``' graph saved for the backward (each storage once, ``shared`` not).
+
+    Walks the graph's nodes rather than installing saved-tensor hooks: a pack hook
+    that returns the tensor makes a cycle through C++ for every saved output, and
+    those graphs would never be freed.
+    """
+    seen = set(shared)
+    total, visited = 0, set()
+    stack = [o.grad_fn for o in outs]
+    while stack:
+        node = stack.pop()
+        if node is None or node in visited:
+            continue
+        visited.add(node)
+        for t in _saved_tensors(node):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in seen:
+                seen.add(ptr)
+                total += t.untyped_storage().nbytes()
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return total
+
+
+def _saved_tensors(node: object) -> list[Tensor]:
+    found = []
+    for name in dir(node):
+        if not name.startswith("_saved_"):
+            continue
+        try:
+            value = getattr(node, name)
+        except RuntimeError:  # already freed, or not a tensor
+            continue
+        found.extend(t for t in (value if isinstance(value, tuple | list) else (value,)) if isinstance(t, Tensor))
+    return found
