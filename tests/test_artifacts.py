@@ -161,3 +161,45 @@ def test_saving_again_replaces_atomically(tiny_clip_dir, tmp_path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no staging or old folders left
     loaded = load_adapter(tmp_path / "a", handle)
     torch.testing.assert_close(loaded.logit_scale, second.logit_scale)
+
+
+def test_fingerprint_follows_the_weights_not_the_path(tiny_clip_dir, tmp_path, monkeypatch) -> None:
+    import shutil
+
+    import graytune
+
+    folder = save_adapter(trained(open_for(f"hf-clip:{tiny_clip_dir}", "dark-gray", "dga"), "dga"), tmp_path / "a")
+    copy = tmp_path / "elsewhere" / "my-clip"
+    shutil.copytree(tiny_clip_dir, copy)
+    monkeypatch.chdir(copy.parent)
+    ids = [f"hf-clip:{copy}", "hf-clip:my-clip", "hf-clip:./my-clip"]
+    prints = {graytune.open_backbone(i, "black-box").spec.fingerprint for i in ids}
+    assert prints == {read_config(folder)["fingerprint"]}  # same weights: one fingerprint, whatever the path
+    pixels = torch.randn(2, 3, 32, 32)
+    original = load_adapter(folder, open_for(f"hf-clip:{tiny_clip_dir}", "dark-gray", "dga"))
+    moved = load_adapter(folder, open_for("hf-clip:./my-clip", "dark-gray", "dga"))
+    with torch.no_grad():
+        torch.testing.assert_close(moved.encode_image(pixels), original.encode_image(pixels))
+    from transformers import CLIPModel
+
+    clip = CLIPModel.from_pretrained(copy)
+    with torch.no_grad():
+        clip.visual_projection.weight.mul_(1.5)
+    clip.save_pretrained(copy)  # other weights in the same folder: another fingerprint
+    with pytest.raises(ArtifactError, match="fingerprint"):
+        load_adapter(folder, open_for("hf-clip:my-clip", "dark-gray", "dga"))
+
+
+def test_options_and_flags_are_refused_with_what_is_allowed(tiny_clip_dir) -> None:
+    from graytune import AccessDeniedError, InvalidInputError
+
+    handle = open_for(f"hf-clip:{tiny_clip_dir}", "white-box", "lora")
+    with pytest.raises(InvalidInputError, match=r"unknown option 'rnak' \(did you mean 'rank'\?\).*rank \(int, "
+                                                r"default 8\)"):
+        AdaptedModel.build(handle, "lora", {"rnak": 4})
+    with pytest.raises(InvalidInputError, match="option rank: 'four' is not a int"):
+        AdaptedModel.build(handle, "lora", {"rank": "four"})
+    with pytest.raises(InvalidInputError, match="is a logit adapter"):
+        AdaptedModel.build(handle, "transmiter")
+    with pytest.raises(AccessDeniedError, match="method 'lora' needs access level white-box"):
+        AdaptedModel.build(open_for(f"hf-clip:{tiny_clip_dir}", "dark-gray", "dga"), "lora")

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
+from graytune.access.checks import CallPlan, texts_of
 from graytune.access.handle import Handle
 from graytune.access.local import LocalHandle
+from graytune.access.owner import BoundaryCall
 from graytune.access.remote import API_KEY_ENV, RemoteHandle
+from graytune.access.wire import PROTOCOL_VERSION
 from graytune.backbones import BACKBONES, load_backbone
 from graytune.types import AccessLevel
 
@@ -49,4 +52,5 @@ def known_backbones() -> list[str]:
     return BACKBONES.names()
 
 
-__all__ = ["API_KEY_ENV", "Handle", "LocalHandle", "RemoteHandle", "known_backbones", "open_backbone"]
+__all__ = ["API_KEY_ENV", "PROTOCOL_VERSION", "BoundaryCall", "CallPlan", "Handle", "LocalHandle", "RemoteHandle",
+           "known_backbones", "open_backbone", "texts_of"]

@@ -9,7 +9,9 @@ mistakes fail fast with the in-process message.
 Sessions are kept by the server only until their VJP. When the server answers 410
 (the session expired, was evicted, or lives on another worker or before a restart)
 the client resends the forward with its gradients and the server recomputes it;
-unreachable servers are retried with back-off.
+unreachable servers are retried with back-off. On opening, the client reads the
+server's protocol version from ``/v1/spec`` and refuses a server that cannot read its
+messages (see ``graytune.access.wire``).
 
 Example:
     >>> h = graytune.open_backbone("http://127.0.0.1:8470", access="dark-gray", api_key=KEY)
@@ -31,7 +33,10 @@ from torch import nn
 
 from graytune.access.checks import CallPlan, plan_call, texts_of
 from graytune.access.handle import cross
-from graytune.access.wire import decode, encode
+from graytune.access.wire import (
+    PROTOCOL_VERSION, check_server_protocol, decode, pack_call, pack_grads, pack_recompute, unpack_result,
+    unpack_vjp,
+)
 from graytune.errors import AccessDeniedError, InvalidInputError, RemoteError
 from graytune.types import AccessLevel, BackboneSpec, Exposure
 
@@ -52,6 +57,7 @@ class RemoteHandle:
         self._http = httpx.Client(base_url=self.url, timeout=timeout_s,
                                   headers={"Authorization": f"Bearer {key}"})
         info = self._request("GET", "/v1/spec", params={"access": AccessLevel.parse(access).label}).json()
+        self.protocol = check_server_protocol(info, self.url)
         self.access = AccessLevel.parse(info["access"])
         self.spec: BackboneSpec = BackboneSpec.from_dict(info["spec"])
         self.exposure = Exposure(access=self.access)
@@ -77,7 +83,8 @@ class RemoteHandle:
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
         """``{"text.input_ids", "text.attention_mask"}`` from the owner's tokenizer."""
-        body = self._request("POST", "/v1/tokenize", json={"texts": texts_of(texts)}).content
+        payload = {"texts": texts_of(texts), "protocol": PROTOCOL_VERSION}
+        body = self._request("POST", "/v1/tokenize", json=payload).content
         return decode(body)[0]
 
     def forward(
@@ -143,39 +150,29 @@ class _RemoteCall:
         self.handle, self.plan = handle, plan
         self.values_read: dict[str, Tensor] = {}
         self.session: str | None = None
-        self._tensors: dict[str, Tensor] = {}
-        self._meta: dict[str, Any] = {}
 
     def forward(self, tensors: Sequence[Tensor]) -> tuple[Tensor, ...]:
-        plan = self.plan
-        sent = {f"{group}/{port}": t for group in ("inputs", "add", "insert")
-                for port, t in getattr(plan, group).items()}
-        self._tensors = sent
-        self._meta = {"access": self.handle.access.label, "outputs": plan.outputs, "reads": plan.reads,
-                      "grad": [f"{group}/{port}" for group, port in plan.slots]}
-        body = self.handle._request("POST", "/v1/forward", content=encode(sent, self._meta)).content
-        values, meta = decode(body)
-        self.session = meta.get("session")
-        self.values_read = {name: values[f"read/{name}"] for name in plan.reads}
-        return tuple(values[f"out/{name}"] for name in plan.outputs)
+        body = pack_call(self.plan, self.handle.access.label)
+        result = unpack_result(decode(self.handle._request("POST", "/v1/forward", content=body).content), self.plan)
+        self.session, self.values_read = result.session, result.values_read
+        return result.outputs
 
     def vjp(self, grads: Sequence[Tensor | None]) -> tuple[Tensor | None, ...]:
-        sent = {f"grad/{name}": g.detach().float() for name, g in zip(self.plan.outputs, grads) if g is not None}
         result = None
         if self.session is not None:
             try:
-                body = self.handle._request("POST", "/v1/vjp", content=encode(sent, {"session": self.session}))
-                result = decode(body.content)[0]
+                body = self.handle._request("POST", "/v1/vjp", content=pack_grads(self.plan, grads, self.session))
+                result = unpack_vjp(decode(body.content), self.plan)
             except RemoteError as err:
                 if err.status != 410:
                     raise
                 log.info("session %s… is gone on the server; resending the forward to recompute", self.session[:8])
         if result is None:
-            content = encode({**self._tensors, **sent}, {**self._meta, "recompute": True})
-            result = decode(self.handle._request("POST", "/v1/vjp", content=content).content)[0]
+            content = pack_recompute(self.plan, self.handle.access.label, grads)
+            result = unpack_vjp(decode(self.handle._request("POST", "/v1/vjp", content=content).content), self.plan)
         self.session = None
         self.handle.exposure.gradient_queries += 1
-        return tuple(result.get(f"{group}/{port}") for group, port in self.plan.slots)
+        return result
 
 
 def _error(response: httpx.Response) -> Exception:

@@ -32,13 +32,11 @@ import torch
 from fastapi import FastAPI, Request, Response
 
 from graytune.access import LocalHandle
-from graytune.access.checks import plan_call
-from graytune.access.wire import decode, encode
+from graytune.access.wire import INPUTS, encode, read_request, tensor_name, unpack_inputs
 from graytune.adapters import TowerRequest
 from graytune.artifacts import load_adapter
 from graytune.errors import InvalidInputError, UnknownNameError
 from graytune.model import AdaptedModel
-from graytune.types import Exposure
 
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor
@@ -86,8 +84,7 @@ class AdapterHost:
             self.handle.tokenize(job.texts[:1])  # the text checks, before any compute
         else:
             job = _Job(model, "image", inputs=dict(inputs or {}))
-            plan_call(self.handle.spec, self.handle.access, (), Exposure(self.handle.access), self.handle.tokenize,
-                      job.inputs, {}, {}, ["image.embeds"], ())
+            self.handle.check(job.inputs, outputs=["image.embeds"])
         self._queue.put(job)
         return job.future
 
@@ -182,16 +179,17 @@ def install_adapters(app: FastAPI, service: Any) -> None:
 
     async def embeds_for(name: str, request: Request) -> tuple[Tensor, dict[str, Any]]:
         client = service.client(request)
-        tensors, meta = decode(await service.body(request))
+        message = read_request(await service.body(request))
+        meta = message[1]
         host.model(name)
         if meta.get("texts") is not None:
             texts = service.texts(meta["texts"])
             service.quotas.charge(client, samples=len(texts))
             future = host.submit(name, "text", texts=texts)
         else:
-            pixels = {k.removeprefix("inputs/"): v for k, v in tensors.items()}
+            pixels = unpack_inputs(message)
             if set(pixels) != {"image.pixels"}:
-                raise InvalidInputError("send inputs/image.pixels, or texts in the metadata")
+                raise InvalidInputError(f"send {tensor_name(INPUTS, 'image.pixels')}, or texts in the metadata")
             service.quotas.charge(client, samples=int(pixels["image.pixels"].shape[0]))
             future = host.submit(name, "image", pixels)
         return await _wait(future, service.config.request_timeout_s), meta

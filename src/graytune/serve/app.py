@@ -10,6 +10,9 @@ Endpoints (all but ``/v1/health`` need ``Authorization: Bearer KEY``):
 - ``DELETE /v1/sessions/{id}`` release a session the client will not differentiate;
 - ``/v1/adapters/...`` hosted adapters (see ``graytune.serve.adapters``).
 
+Messages follow ``graytune.access.wire`` (its version answers on ``/v1/spec`` as
+``protocol``); a request in a newer protocol than this server's gets a 400 that says so.
+
 Every request is checked before any compute: key, body size, wire format, dtypes,
 shapes against the spec, finite values, level and quotas. Errors come back as
 ``{"error": kind, "detail": message}`` with a 4xx and never a stack trace.
@@ -33,10 +36,11 @@ import torch
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
-from graytune.access import LocalHandle
-from graytune.access.checks import CallPlan, texts_of
-from graytune.access.local import BoundaryCall
-from graytune.access.wire import decode, encode
+from graytune.access import BoundaryCall, CallPlan, LocalHandle, texts_of
+from graytune.access.wire import (
+    Message, ProtocolError, VjpRequest, check_request_protocol, encode, pack_result, pack_vjp, read_request,
+    server_protocol, unpack_call, unpack_grads,
+)
 from graytune.errors import AccessDeniedError, GraytuneError, InvalidInputError, UnknownNameError
 from graytune.serve.config import ApiKeys, Quotas, QuotaExceeded, ServeConfig
 from graytune.serve.sessions import SessionGone, SessionStore
@@ -44,7 +48,6 @@ from graytune.types import AccessLevel
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-GROUPS = ("inputs", "add", "insert")
 WIRE_MEDIA = "application/vnd.graytune.safetensors"
 
 
@@ -119,30 +122,14 @@ class Service:
         except TimeoutError:
             raise HTTPProblem(504, "timeout", f"the request took over {self.config.request_timeout_s} s") from None
 
-    def plan(self, client: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> tuple[LocalHandle, CallPlan]:
+    def plan(self, client: str, message: Message) -> tuple[LocalHandle, CallPlan]:
         """The checked forward a request describes; quotas charged for its samples."""
-        handle = self.level_handle(meta.get("access"))
-        groups: dict[str, dict[str, torch.Tensor]] = {g: {} for g in GROUPS}
-        for name, tensor in tensors.items():
-            group, _, port = name.partition("/")
-            if group in groups:
-                groups[group][port] = tensor
-            elif group != "grad":
-                raise InvalidInputError(f"tensor {name!r}: names start with inputs/, add/, insert/ or grad/")
-        wanted = meta.get("grad", [])
-        if not isinstance(wanted, list) or any(name not in tensors or name.startswith("grad/") for name in wanted):
-            raise InvalidInputError(f"'grad' must list tensors of this request; got {wanted!r}")
-        for name in wanted:
-            tensors[name].requires_grad_(True)
-        inputs: dict[str, Any] = dict(groups["inputs"])
-        if meta.get("texts") is not None:
-            inputs["text"] = self.texts(meta["texts"])
-        outputs, reads = meta.get("outputs"), meta.get("reads", [])
-        if outputs is not None and not (isinstance(outputs, list) and all(isinstance(o, str) for o in outputs)):
-            raise InvalidInputError(f"'outputs' must be a list of port names; got {outputs!r}")
-        if not (isinstance(reads, list) and all(isinstance(r, str) for r in reads)):
-            raise InvalidInputError(f"'reads' must be a list of port names; got {reads!r}")
-        plan = handle.plan(inputs, groups["add"], groups["insert"], outputs, reads)
+        request = unpack_call(message)
+        handle = self.level_handle(request.access)
+        inputs: dict[str, Any] = dict(request.inputs)
+        if request.texts is not None:
+            inputs["text"] = self.texts(request.texts)
+        plan = handle.plan(inputs, request.add, request.insert, request.outputs, request.reads)
         self.quotas.charge(client, samples=int(next(iter(plan.inputs.values())).shape[0]))
         return handle, plan
 
@@ -170,7 +157,7 @@ def create_app(handle: LocalHandle, config: ServeConfig, keys: ApiKeys, extra: C
         service.client(request)
         level = service.level_handle(access)
         return {"spec": level.spec.to_dict(), "access": level.access.label, "granted": service.granted.label,
-                "reads": sorted(level.grants), "max_body_bytes": service.max_body}
+                "reads": sorted(level.grants), "max_body_bytes": service.max_body, **server_protocol()}
 
     @app.get("/v1/stats")
     def stats(request: Request) -> dict[str, Any]:
@@ -182,6 +169,8 @@ def create_app(handle: LocalHandle, config: ServeConfig, keys: ApiKeys, extra: C
     async def tokenize(request: Request) -> Response:
         service.client(request)
         payload = _json(await service.body(request))
+        if isinstance(payload, dict):
+            check_request_protocol(payload)
         texts = service.texts(payload.get("texts") if isinstance(payload, dict) else None)
         ids = await service.compute(lambda: service.handle.tokenize(texts))
         return Response(encode(ids), media_type=WIRE_MEDIA)
@@ -189,48 +178,33 @@ def create_app(handle: LocalHandle, config: ServeConfig, keys: ApiKeys, extra: C
     @app.post("/v1/forward")
     async def forward(request: Request) -> Response:
         client = service.client(request)
-        tensors, meta = decode(await service.body(request))
-        handle, plan = service.plan(client, tensors, meta)
+        handle, plan = service.plan(client, read_request(await service.body(request)))
 
-        def run() -> tuple[dict[str, torch.Tensor], Any]:
+        def run() -> tuple[tuple[torch.Tensor, ...], BoundaryCall]:
             call = handle.open_call(plan, measure=True)
-            values = call.forward([plan.tensor(g, p) for g, p in plan.slots])
-            out = {f"out/{n}": v for n, v in zip(plan.outputs, values)}
-            out.update({f"read/{n}": v for n, v in call.values_read.items()})
-            return out, call
+            return call.forward([plan.tensor(g, p) for g, p in plan.slots]), call
 
-        out, call = await service.compute(run)
+        values, call = await service.compute(run)
         session = service.store.put(client, call, call.nbytes) if call.differentiable else None
-        return Response(encode(out, {"session": session}), media_type=WIRE_MEDIA)
+        return Response(pack_result(plan, values, call.values_read, session), media_type=WIRE_MEDIA)
 
     @app.post("/v1/vjp")
     async def vjp(request: Request) -> Response:
         client = service.client(request)
-        tensors, meta = decode(await service.body(request))
+        message = read_request(await service.body(request))
         service.quotas.charge(client, vjp=1)
-        if meta.get("recompute"):
-            handle, plan = service.plan(client, tensors, meta)
-            call = handle.open_call(plan)
-            _grads_for(call, tensors)  # names and dtypes checked before any compute; shapes after forward
-        else:
-            session = meta.get("session")
-            if not isinstance(session, str):
-                raise InvalidInputError("'session' must be the id the forward answered with")
-            try:
-                _grads_for(service.store.peek(client, session), tensors)  # checked before the session is used
-                call = service.store.take(client, session)
-            except SessionGone:
-                raise HTTPProblem(410, "session_gone", "the session expired or lives elsewhere; "
-                                  "resend the forward with recompute") from None
+        asked = unpack_grads(message)
+        call = _vjp_call(service, client, message, asked)
         plan = call.plan
 
-        def run() -> dict[str, torch.Tensor]:
-            if meta.get("recompute"):
+        def run() -> tuple[torch.Tensor | None, ...]:
+            if asked.recompute:
                 call.forward([plan.tensor(g, p) for g, p in plan.slots])
-            result = call.vjp(_grads_for(call, tensors))
-            return {f"{g}/{p}": v for (g, p), v in zip(plan.slots, result) if v is not None}
+            grads = asked.aligned(plan.outputs)
+            call.check_grads(grads)
+            return call.vjp(grads)
 
-        return Response(encode(await service.compute(run)), media_type=WIRE_MEDIA)
+        return Response(pack_vjp(plan, await service.compute(run)), media_type=WIRE_MEDIA)
 
     @app.delete("/v1/sessions/{session}")
     def release(session: str, request: Request) -> dict[str, bool]:
@@ -241,23 +215,21 @@ def create_app(handle: LocalHandle, config: ServeConfig, keys: ApiKeys, extra: C
     return app
 
 
-def _grads_for(call: BoundaryCall, tensors: dict[str, torch.Tensor]) -> list[torch.Tensor | None]:
-    """The gradients sent for each output, checked: float32, the output's shape, nothing unknown."""
-    plan, shapes = call.plan, call.output_shapes
-    known = {f"grad/{name}" for name in plan.outputs}
-    extra = sorted(n for n in tensors if n.startswith("grad/") and n not in known)
-    if extra:
-        raise InvalidInputError(f"gradients for {extra} were sent; this call's outputs are {plan.outputs}")
-    grads: list[torch.Tensor | None] = []
-    for name in plan.outputs:
-        g = tensors.get(f"grad/{name}")
-        if g is not None and (g.dtype != torch.float32 or (name in shapes and list(g.shape) != shapes[name])):
-            raise InvalidInputError(f"the gradient for {name} has shape {list(g.shape)} ({g.dtype}); "
-                                    f"the output has shape {shapes.get(name)} (float32)")
-        if g is not None and not bool(torch.isfinite(g).all()):
-            raise InvalidInputError(f"the gradient sent back to {name} has NaN or infinite values")
-        grads.append(g)
-    return grads
+def _vjp_call(service: Service, client: str, message: Message, asked: VjpRequest) -> BoundaryCall:
+    """The call a VJP request differentiates; its gradients checked before any compute (shapes, once known)."""
+    if asked.recompute:
+        handle, plan = service.plan(client, message)
+        call = handle.open_call(plan)
+        call.check_grads(asked.aligned(plan.outputs))  # names and dtypes now; shapes after the forward
+        return call
+    assert asked.session is not None  # unpack_grads refuses a request with neither
+    try:
+        kept = service.store.peek(client, asked.session)
+        kept.check_grads(asked.aligned(kept.plan.outputs))  # checked before the session is used up
+        return service.store.take(client, asked.session)
+    except SessionGone:
+        raise HTTPProblem(410, "session_gone", "the session expired or lives elsewhere; "
+                          "resend the forward with recompute") from None
 
 
 def _json(body: bytes) -> Any:
@@ -274,6 +246,10 @@ def _install_errors(app: FastAPI) -> None:
     @app.exception_handler(HTTPProblem)
     async def problem(_: Request, err: HTTPProblem) -> JSONResponse:
         return answer(err.status, err.kind, err.detail)
+
+    @app.exception_handler(ProtocolError)
+    async def protocol(_: Request, err: ProtocolError) -> JSONResponse:
+        return answer(400, "protocol", str(err))
 
     @app.exception_handler(QuotaExceeded)
     async def quota(_: Request, err: QuotaExceeded) -> JSONResponse:

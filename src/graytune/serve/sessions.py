@@ -1,6 +1,6 @@
 """What the server keeps between a forward and its VJP: sessions, bounded every way.
 
-A session is one ``BoundaryCall`` waiting for its gradient, stored under an
+A session is one ``graytune.access.BoundaryCall`` waiting for its gradient, stored under an
 unguessable id bound to the client that made it. The store is bounded by a
 time-to-live, a total byte budget (the bytes autograd saved for the backward) and
 per-client caps on count and bytes; past a bound the least recently used session
