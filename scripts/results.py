@@ -12,7 +12,8 @@ import logging
 import time
 from pathlib import Path
 
-from graytune.train.compare import DEFAULT_LR, compare
+from graytune.methods import METHODS
+from graytune.train.compare import compare
 
 SETTINGS = [
     # (name, backbone, data, image size, methods)
@@ -37,7 +38,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     out = Path(args.out)
     done = json.loads(out.read_text()) if out.is_file() else {"rows": []}
-    done.update(steps=args.steps, lr=DEFAULT_LR, batch_size=32)
+    done.update(steps=args.steps, lr={m: METHODS[m].lr for m in METHODS if METHODS[m].lr}, batch_size=32)
     have = {(r["setting"], r["seed"], r["method"]) for r in done["rows"]}
     for name, backbone, data, size, methods in SETTINGS:
         if args.only and name not in args.only.split(","):

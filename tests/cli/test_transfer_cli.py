@@ -64,6 +64,19 @@ def test_extract_transfer_plus_round_trip(two_backbones, tmp_path, capsys) -> No
                  "--data", data, "--out", str(tmp_path / "plus"), "--shots", "2", "--json"]) == 0
     plus = json.loads(capsys.readouterr().out)
     assert "accuracy" in plus["test"] and "val_accuracy" in plus["best_val"]
+    assert json.loads((tmp_path / "plus" / "adapter_config.json").read_text())["method"] == "transmiter+"
+    assert main(["eval", "--backbone", strong, "--adapter", str(tmp_path / "plus"), "--data", data, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["test"] == plus["test"]  # eval dispatches on the registry's kind
+
+    # TransMiter+ honours the optimiser flags, and refuses those it has no use for
+    assert main(["train", "--backbone", strong, "--method", "transmiter+", "--adapter", str(tmp_path / "moved"),
+                 "--data", data, "--out", str(tmp_path / "plus2"), "--shots", "2", "--max-steps", "2",
+                 "--lr", "0.01", "--batch-size", "3", "--json"]) == 0
+    train = json.loads(capsys.readouterr().out)["train"]
+    assert (train["max_steps"], train["lr"], train["batch_size"]) == (2, 0.01, 3)
+    assert main(["train", "--backbone", strong, "--method", "transmiter+", "--adapter", str(tmp_path / "moved"),
+                 "--data", data, "--out", str(tmp_path / "z"), "--grad-accum", "2"]) == 2
+    assert "does not use --grad-accum" in capsys.readouterr().err
 
     assert main(["train", "--backbone", weak, "--method", "transmiter+", "--adapter", str(tmp_path / "moved"),
                  "--data", data, "--out", str(tmp_path / "x")]) == 2  # made for the strong backbone

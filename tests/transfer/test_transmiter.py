@@ -126,3 +126,18 @@ def test_class_expansion_is_seeded_and_excludes_task_names() -> None:
     assert len(wordnet) == len(set(wordnet)) == 1024 and wordnet[0] == "T-shirt/top"
     with pytest.raises(InvalidInputError, match="cannot make 500 classes"):
         expand_classes(["cat"], 500, vocabulary=VOCAB)
+
+
+def test_create_leaves_the_global_random_state_alone() -> None:
+    from graytune.transfer.transmiter import TransMiter
+
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    a = TransMiter.create(["cat", "dog"], total=8, seed=4)
+    assert torch.equal(torch.rand(3), expected)  # create drew nothing from torch's global generator
+    b = TransMiter.create(["cat", "dog"], total=8, seed=4, generator=torch.Generator().manual_seed(4))
+    c = TransMiter.create(["cat", "dog"], total=8, seed=4, generator=torch.Generator().manual_seed(5))
+    state = {k: v for k, v in a.adapter.state_dict().items()}
+    assert all(torch.equal(v, b.adapter.state_dict()[k]) for k, v in state.items())
+    assert any(not torch.equal(v, c.adapter.state_dict()[k]) for k, v in state.items())
