@@ -14,6 +14,7 @@ Endpoints: ``GET /v1/adapters``; ``POST /v1/adapters/{name}/embed`` (pixels as
 Example:
     >>> host = AdapterHost(handle, {"fashion": "runs/fashion-dga"})
     >>> host.submit("fashion", "image", {"image.pixels": pixels}).result()   # [B, E]
+    >>> host.close()                                 # stops the batching thread
 """
 
 from __future__ import annotations
@@ -35,11 +36,15 @@ from graytune.access import LocalHandle
 from graytune.access.wire import INPUTS, encode, read_request, tensor_name, unpack_inputs
 from graytune.adapters import TowerRequest
 from graytune.artifacts import load_adapter
-from graytune.errors import InvalidInputError, UnknownNameError
+from graytune.errors import GraytuneError, InvalidInputError, UnknownNameError
 from graytune.model import AdaptedModel
 
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor
+
+
+class HostClosed(GraytuneError):
+    """A request to an ``AdapterHost`` that was closed (the server is shutting down)."""
 
 
 @dataclass
@@ -66,9 +71,24 @@ class AdapterHost:
         for name, folder in folders.items():
             self.models[name] = load_adapter(folder, handle).eval().requires_grad_(False)
         self.backbone_calls = 0
-        self._queue: queue.Queue[_Job] = queue.Queue()
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._lock = lock or threading.Lock()  # the server's compute lock: one backbone call at a time
-        threading.Thread(target=self._loop, daemon=True, name="graytune-adapter-batcher").start()
+        self._closed, self._closing = False, threading.Lock()  # no request is queued after the stop mark
+        self.thread = threading.Thread(target=self._loop, daemon=True, name="graytune-adapter-batcher")
+        self.thread.start()
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Stop the batching thread after the batch it is running; every request not yet run gets ``HostClosed``."""
+        with self._closing:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(None)  # wakes the thread if it waits for work
+        self.thread.join(timeout_s)
+        while not self._queue.empty():
+            _fail([self._queue.get_nowait()])
+        if self.thread.is_alive():  # still finishing its batch (the join timed out): it stops at the next mark
+            self._queue.put(None)
 
     def model(self, name: str) -> AdaptedModel:
         if name not in self.models:
@@ -77,7 +97,8 @@ class AdapterHost:
 
     def submit(self, name: str, modality: str, inputs: Mapping[str, Tensor] | None = None,
                texts: Sequence[str] = ()) -> Future:
-        """Queue one request; its future gives ``[B, E]`` adapted embeddings (not normalised)."""
+        """Queue one request; its future gives ``[B, E]`` adapted embeddings (not normalised),
+        or ``HostClosed`` once the host is closed."""
         model = self.model(name)
         if modality == "text":
             job = _Job(model, "text", texts=list(texts))
@@ -85,20 +106,35 @@ class AdapterHost:
         else:
             job = _Job(model, "image", inputs=dict(inputs or {}))
             self.handle.check(job.inputs, outputs=["image.embeds"])
-        self._queue.put(job)
+        with self._closing:
+            if self._closed:
+                job.future.set_exception(_closed())
+            else:
+                self._queue.put(job)
         return job.future
 
     def _loop(self) -> None:
         while True:
-            jobs = [self._queue.get()]
-            deadline = time.monotonic() + self.window_s
-            while sum(j.size for j in jobs) < self.max_batch:
-                try:
-                    jobs.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
-                except queue.Empty:
-                    break
+            jobs = self._next_batch()
+            if self._closed:
+                _fail(jobs)
+                return
             with self._lock, torch.no_grad():
                 self.run(jobs)
+
+    def _next_batch(self) -> list[_Job]:
+        """The next job and those that arrive within the batching window after it (none once closed)."""
+        first = self._queue.get()
+        jobs = [] if first is None else [first]
+        deadline = time.monotonic() + self.window_s
+        while jobs and not self._closed and sum(j.size for j in jobs) < self.max_batch:
+            try:
+                job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if job is not None:
+                jobs.append(job)
+        return jobs
 
     def run(self, jobs: list[_Job]) -> None:
         """Answer ``jobs``: compatible ones share one backbone call."""
@@ -145,6 +181,17 @@ class AdapterHost:
             job.future.set_result(answer)
 
 
+def _closed() -> HostClosed:
+    return HostClosed("the adapter host was closed (the server is shutting down) before this request ran; "
+                      "send it again to a running server")
+
+
+def _fail(jobs: Sequence[_Job | None]) -> None:
+    for job in jobs:
+        if job is not None and not job.future.done():
+            job.future.set_exception(_closed())
+
+
 def _signature(request: TowerRequest) -> tuple:
     """Requests with equal signatures can share one backbone call."""
     shapes = tuple(sorted((k, tuple(v.shape[1:])) for k, v in request.inputs.items()))
@@ -176,6 +223,7 @@ def install_adapters(app: FastAPI, service: Any) -> None:
     host = AdapterHost(service.handle, folders, service.config.batch_window_ms, service.config.max_batch,
                        service.compute_lock)
     app.state.adapters = host
+    app.state.on_close.append(host.close)
 
     async def embeds_for(name: str, request: Request) -> tuple[Tensor, dict[str, Any]]:
         client = service.client(request)
@@ -220,6 +268,8 @@ async def _wait(future: Future, timeout_s: float) -> Tensor:
 
     try:
         return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
+    except HostClosed as err:
+        raise HTTPProblem(503, "closing", str(err)) from None
     except TimeoutError:
         raise HTTPProblem(504, "timeout", f"the request took over {timeout_s} s") from None
 

@@ -24,11 +24,12 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import anyio
@@ -144,8 +145,9 @@ def create_app(handle: LocalHandle, config: ServeConfig, keys: ApiKeys, extra: C
                | None = None) -> FastAPI:
     """The FastAPI app lending ``handle``'s backbone at ``config.access``; ``extra`` adds routes (adapters)."""
     service = Service(handle, config, keys)
-    app = FastAPI(title="graytune", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="graytune", docs_url=None, redoc_url=None, openapi_url=None, lifespan=_lifespan)
     app.state.service = service
+    app.state.on_close = []  # what to stop when the app shuts down (e.g. the adapter batcher)
     _install_errors(app)
 
     @app.get("/v1/health")
@@ -230,6 +232,13 @@ def _vjp_call(service: Service, client: str, message: Message, asked: VjpRequest
     except SessionGone:
         raise HTTPProblem(410, "session_gone", "the session expired or lives elsewhere; "
                           "resend the forward with recompute") from None
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    yield
+    for close in reversed(app.state.on_close):
+        close()
 
 
 def _json(body: bytes) -> Any:

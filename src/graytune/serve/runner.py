@@ -26,7 +26,7 @@ class BackgroundServer:
     """uvicorn serving ``app`` on a daemon thread; the URL once it accepts connections."""
 
     def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, **options: Any) -> None:
-        config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off", **options)
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on", **options)
         self.server = uvicorn.Server(config)
         self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # not the main thread
         self._thread = threading.Thread(target=self.server.run, daemon=True, name="graytune-serve")
