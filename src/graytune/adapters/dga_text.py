@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from graytune.adapters.base import ADAPTERS, Adapter, TowerRequest, port_dim
+from graytune.errors import InvalidInputError
 from graytune.types import AccessLevel, BackboneSpec
 
 PORT = "text.token_embeds"
@@ -38,6 +39,9 @@ class DGAText(Adapter):
 
     def __init__(self, config: DGATextConfig, spec: BackboneSpec, modality: str = "text") -> None:
         super().__init__(config, spec, modality)
+        if config.extra_tokens < 0:
+            raise InvalidInputError(f"dga-text: extra_tokens must be >= 0 (0 for the shift alone); got "
+                                    f"{config.extra_tokens}")
         dim = port_dim(spec, PORT)
         self.shift = nn.Parameter(torch.zeros(1, 1, dim)) if config.shift else None
         self.extra = nn.Parameter(torch.zeros(1, config.extra_tokens, dim)) if config.extra_tokens else None

@@ -37,6 +37,9 @@ class LGA(Adapter):
 
     def __init__(self, config: LGAConfig, spec: BackboneSpec, modality: str) -> None:
         super().__init__(config, spec, modality)
+        if config.tokens < 1 or config.mode not in ("auto", "insert", "add"):
+            raise InvalidInputError(f"lga: got tokens={config.tokens}, mode={config.mode!r}; need tokens >= 1 and "
+                                    "mode 'auto', 'insert' or 'add'")
         declared = [p for p in spec.ports if p.kind is PortKind.ENTRY and p.modality == modality]
         by_layer = {int(p.name.rsplit(".", 1)[1]): p for p in declared}
         wanted = list(config.layers) or sorted(by_layer)

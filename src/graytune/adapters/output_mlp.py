@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from graytune.adapters.base import ADAPTERS, Adapter, port_dim
+from graytune.errors import InvalidInputError
 from graytune.types import AccessLevel, BackboneSpec
 
 
@@ -33,6 +34,9 @@ class OutputMLP(Adapter):
 
     def __init__(self, config: OutputMLPConfig, spec: BackboneSpec, modality: str) -> None:
         super().__init__(config, spec, modality)
+        if config.reduction < 1 or not 0.0 <= config.mix <= 1.0:
+            raise InvalidInputError(f"output-mlp: got reduction={config.reduction}, mix={config.mix}; need "
+                                    "reduction >= 1 and 0 <= mix <= 1")
         dim = port_dim(spec, f"{modality}.embeds")
         hidden = max(1, dim // config.reduction)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.ReLU(), nn.Linear(hidden, dim, bias=False))
