@@ -27,7 +27,6 @@ from typing import Any
 
 import torch
 
-import graytune
 from graytune.errors import ArtifactError
 from graytune.types import BackboneSpec
 
@@ -37,12 +36,22 @@ FORMAT_VERSION = 2
 """2: every adapter's resolved options, the kind, the preprocessing and white-box settings are recorded."""
 
 
+def library_version() -> str:
+    """The installed graytune's version (recorded in every artifact)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("graytune")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown"
+
+
 def write_artifact(folder: str | os.PathLike[str], config: Mapping[str, Any],
                    tensors: Mapping[str, torch.Tensor]) -> Path:
     """Write ``config`` (the library and format fields added) and ``tensors`` to ``folder``, atomically."""
     from safetensors.torch import save_file
 
-    full = {"library": "graytune", "library_version": graytune.__version__, "format_version": FORMAT_VERSION,
+    full = {"library": "graytune", "library_version": library_version(), "format_version": FORMAT_VERSION,
             **config}
     state = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
     return write_atomically(Path(folder), {
@@ -95,7 +104,7 @@ def read_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(config, dict) or config.get("library") != "graytune" \
             or not isinstance(config.get("format_version", 0), int) or config.get("format_version", 0) > FORMAT_VERSION:
         found = config.get("format_version") if isinstance(config, dict) else None
-        raise ArtifactError(f"{path}: format {found} is not one this graytune {graytune.__version__} reads "
+        raise ArtifactError(f"{path}: format {found} is not one this graytune {library_version()} reads "
                             f"(graytune artifacts of format <= {FORMAT_VERSION}); upgrade graytune to read it")
     return config
 
