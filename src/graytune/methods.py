@@ -75,6 +75,9 @@ class Method:
     lr: float | None
     """Default peak learning rate (the one ``docs/results.md`` uses); None when nothing trains."""
     slots: tuple[Slot, ...] = ()
+    recipe: str = "fit"
+    """How it is made: ``fit`` (the gradient trainer), ``plus`` (TransMiter+ from a transferred artifact),
+    ``extract`` (``graytune extract`` then ``transfer``), ``none`` (nothing to train)."""
     trained_by: str = "graytune train"
     defaults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     """Per adapter, this method's own option defaults where they differ from the adapter's."""
@@ -164,7 +167,7 @@ class Method:
         """The row ``graytune methods --json`` prints."""
         return {"name": self.name, "kind": self.kind.value, "access": self.min_access.label,
                 "reads": list(self.reads), "ports": list(self.ports), "lr": self.lr, "trains": self.trains,
-                "trained_by": self.trained_by, "doc": self.doc,
+                "recipe": self.recipe, "trained_by": self.trained_by, "doc": self.doc,
                 "adapters": [{"adapter": s.adapter, "modality": s.modality or None} for s in self.slots],
                 "options": [o.to_dict() for o in self.options()]}
 
@@ -178,7 +181,8 @@ _TOWER, _WHITE, _LOGIT = MethodKind.TOWER, MethodKind.WHITEBOX, MethodKind.LOGIT
 
 #: Every method, by name. Adapters on towers a backbone lacks are skipped when a model is built.
 METHODS: dict[str, Method] = {m.name: m for m in [
-    Method("zero-shot", _TOWER, "the frozen backbone, no adapter", None, trained_by="nothing to train"),
+    Method("zero-shot", _TOWER, "the frozen backbone, no adapter", None, recipe="none",
+           trained_by="nothing to train"),
     Method("output", _TOWER, "DGA output adapters: a residual linear map per tower's embedding", 1e-3,
            _both("dga-output")),
     Method("output-mlp", _TOWER, "CLIP-Adapter-style residual MLP on each tower's embedding", 1e-3,
@@ -195,9 +199,9 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            (Slot("full"),)),
     Method("transmiter", _LOGIT, "TransMiter: a logit adapter distilled on a weak backbone, moved to a "
            "stronger one by an orthogonal basis change", 1e-3, (Slot("transmiter"),),
-           trained_by="graytune extract, then graytune transfer"),
+           recipe="extract", trained_by="graytune extract, then graytune transfer"),
     Method("transmiter+", _LOGIT, "TransMiter+: a transferred TransMiter fine-tuned with a few labels per class",
-           1e-4, (Slot("transmiter"),), trained_by="graytune train --adapter TRANSFERRED --shots K"),
+           1e-4, (Slot("transmiter"),), recipe="plus", trained_by="graytune train --adapter TRANSFERRED --shots K"),
 ]}
 
 

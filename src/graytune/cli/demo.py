@@ -12,7 +12,7 @@ import argparse
 import time
 
 from graytune.access import open_backbone
-from graytune.train.arguments import positive_int
+from graytune.train.arguments import non_negative_int, positive_int
 from graytune.data.images import ImagePreprocess
 from graytune.data.tuxpaint import load_tuxpaint
 from graytune.eval.embed import embed_images, embed_texts
@@ -30,7 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"comma-separated methods (default: {','.join(METHODS)}; graytune methods lists them)")
     p.add_argument("--steps", type=positive_int, default=40, help="training steps per method (default: 40)")
     p.add_argument("--image-size", type=positive_int, default=128, help="image side in pixels (default: 128)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--zero-shot", action="store_true", help="only zero-shot retrieval on all 785 pairs")
     p.add_argument("--limit", type=positive_int, default=None, help="with --zero-shot: the first N pairs only")
     p.set_defaults(run=run)

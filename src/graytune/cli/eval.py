@@ -30,8 +30,12 @@ def run(args: argparse.Namespace) -> int:
 
     method = get_method(read_config(args.adapter)["method"]) if args.adapter else get_method("zero-shot")
     if method.kind is MethodKind.LOGIT:
+        from graytune.errors import InvalidInputError
         from graytune.transfer.recipe import evaluate_transmiter
 
+        if args.task not in (None, "classification"):
+            raise InvalidInputError(f"{args.adapter} is a {method.name} logit adapter: it classifies; "
+                                    f"--task {args.task} does not apply")
         result = evaluate_transmiter(args.adapter, args.backbone, args.data, args.image_size)
     else:
         result = evaluate_saved(args.backbone, args.adapter, args.data, args.task, args.image_size)

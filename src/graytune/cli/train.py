@@ -22,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
     from graytune.train.arguments import run_spec
 
     run_ = run_spec(args)  # every flag checked before a backbone loads
-    if args.method == "transmiter+":
+    if METHODS[args.method].recipe == "plus":
         return _transmiter_plus(args)
     from graytune.train.recipe import train_and_save
 

@@ -7,14 +7,17 @@ import json
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from graytune.train.arguments import non_negative_float, non_negative_int, positive_int
+
     e = sub.add_parser("extract", help="TransMiter: distil a weak fine-tuned adapter into a logit adapter (no labels)")
     e.add_argument("--weak", required=True, help="the weak backbone the adapter was trained on")
     e.add_argument("--adapter", required=True, help="the weak backbone's fine-tuned adapter (graytune train --out)")
     e.add_argument("--data", required=True, help="an image classification set; its training images, labels unused")
     e.add_argument("--out", required=True, help="folder for the TransMiter adapter (with its class list)")
-    e.add_argument("--classes", type=int, default=1024, help="M: task plus auxiliary classes (default: 1024)")
-    e.add_argument("--image-size", type=int, default=None)
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--classes", type=positive_int, default=1024,
+                   help="M: task plus auxiliary classes (default: 1024)")
+    e.add_argument("--image-size", type=positive_int, default=None)
+    e.add_argument("--seed", type=non_negative_int, default=0)
     e.add_argument("--json", action="store_true")
     e.set_defaults(run=run_extract)
     t = sub.add_parser("transfer", help="TransMiter: move an extracted adapter to a stronger backbone, forward only")
@@ -22,8 +25,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--strong", required=True, help="the stronger backbone")
     t.add_argument("--data", required=True, help="the same data set; its training images, labels unused")
     t.add_argument("--out", required=True)
-    t.add_argument("--beta", type=float, default=500.0, help="pull of the basis change towards the identity")
-    t.add_argument("--image-size", type=int, default=None)
+    t.add_argument("--beta", type=non_negative_float, default=500.0,
+                   help="pull of the basis change towards the identity (>= 0; default: 500)")
+    t.add_argument("--image-size", type=positive_int, default=None)
     t.add_argument("--json", action="store_true")
     t.set_defaults(run=run_transfer)
 

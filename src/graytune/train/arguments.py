@@ -18,13 +18,13 @@ from typing import Any
 
 from graytune.config import field_docs
 from graytune.errors import InvalidInputError
-from graytune.methods import METHODS, MethodKind, get_method
+from graytune.methods import METHODS, get_method
 from graytune.train.recipe import RunSpec
 from graytune.train.trainer import LIMITS, TrainConfig, limit_problem
 from graytune.types import AccessLevel
 
 #: Methods ``graytune train`` makes (TransMiter itself is made by ``graytune extract`` + ``transfer``).
-TRAINABLE = [name for name, m in METHODS.items() if m.kind is not MethodKind.LOGIT or name == "transmiter+"]
+TRAINABLE = [name for name, m in METHODS.items() if m.recipe != "extract"]
 
 
 def positive_int(text: str) -> int:
@@ -35,6 +35,26 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer; got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    return int(_non_negative(text, int))
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a number >= 0."""
+    return float(_non_negative(text, float))
+
+
+def _non_negative(text: str, kind: type) -> float:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0; got {value}")
     return value
 
 
@@ -108,7 +128,7 @@ def run_spec(args: argparse.Namespace) -> RunSpec:
     """
     method = get_method(args.method)
     options = dict(args.option)
-    if args.shots is not None and args.method != "transmiter+":
+    if args.shots is not None and method.recipe != "plus":
         raise InvalidInputError(f"--shots is for --method transmiter+; --method {args.method} trains on the whole "
                                 "training split")
     method.resolve_options(options)  # every bad option reported now, with the allowed ones
@@ -117,5 +137,5 @@ def run_spec(args: argparse.Namespace) -> RunSpec:
                    config, options, args.adapter)
 
 
-__all__ = ["LIMITS", "TRAINABLE", "add_train_arguments", "given_train_fields", "option_pair", "positive_int",
-           "run_spec"]
+__all__ = ["LIMITS", "TRAINABLE", "add_train_arguments", "given_train_fields", "non_negative_float",
+           "non_negative_int", "option_pair", "positive_int", "run_spec"]

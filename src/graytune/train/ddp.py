@@ -100,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_train_arguments(p)  # the same flags as graytune train
     args = p.parse_args(argv)
     run = run_spec(args)
-    if run.method == "transmiter+" or run.train.eval_every or run.train.patience:
+    if get_method(run.method).recipe not in ("fit", "none") or run.train.eval_every or run.train.patience:
         p.error("DDP trains tower adapters and white-box baselines without validation: --method transmiter+, "
                 "--eval-every and --patience are for graytune train")
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // int(os.environ.get("WORLD_SIZE", "1"))))

@@ -173,4 +173,5 @@ def evaluate_transmiter(adapter: str, backbone: str, data: str, image_size: int 
     tm, config, handle = _load_for(adapter, backbone)
     splits = load_splits(data)
     px = _image_pixels(splits, handle, image_size or config.get("image_size"))
-    return {"backbone": handle.spec.id, "method": "transmiter", "data": data, "test": _evaluate(tm, handle, splits, px)}
+    return {"backbone": handle.spec.id, "method": config["method"], "data": data,
+            "test": _evaluate(tm, handle, splits, px)}
