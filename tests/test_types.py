@@ -81,5 +81,5 @@ def test_field_docstrings_become_cli_help() -> None:
     from graytune.train.trainer import TrainConfig
 
     docs = field_docs(TrainConfig)
-    assert docs["lr"] == "Peak learning rate of AdamW."
+    assert docs["lr"].startswith("Peak learning rate of AdamW;")
     assert set(docs) == {f for f in TrainConfig.__dataclass_fields__}

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
 
+from graytune.adapters.declared import Declared
 from graytune.config import coerce_option
 from graytune.errors import InvalidInputError
 from graytune.registry import Registry
@@ -62,7 +63,7 @@ class TowerRequest:
         self.insert[port] = tokens
 
 
-class Adapter(nn.Module):
+class Adapter(nn.Module, Declared):
     """Base of every adapter: declares its ports, minimum level and grants; edits a request.
 
     Subclasses set ``name`` (the registry name), ``min_access`` and override
@@ -70,16 +71,7 @@ class Adapter(nn.Module):
     embeddings). Both default to leaving things unchanged.
     """
 
-    name: ClassVar[str] = ""
-    min_access: ClassVar[AccessLevel] = AccessLevel.DARK_GRAY
-    config_class: ClassVar[type] = object
-    """The dataclass of this adapter's options (each field documented by the string under it)."""
-    port_patterns: ClassVar[tuple[str, ...]] = ()
-    """Ports it edits, with ``{m}`` for the modality (``{m}.layer.*``: some declared entry layers)."""
-    read_patterns: ClassVar[tuple[str, ...]] = ()
-    """Ports whose values it must read, which the owner grants explicitly (same pattern syntax)."""
-    trains: ClassVar[str] = ""
-    """What it trains, in a few words (for ``graytune methods``)."""
+    min_access = AccessLevel.DARK_GRAY
 
     def __init__(self, config: Any, spec: BackboneSpec, modality: str) -> None:
         super().__init__()

@@ -13,10 +13,11 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 from torch import nn
 
+from graytune.adapters.declared import Declared
 from graytune.errors import InvalidInputError
 from graytune.registry import Registry
 from graytune.types import AccessLevel
@@ -46,15 +47,28 @@ class FullConfig:
     """Full fine-tuning has no options: every weight of the copy trains."""
 
 
-@WHITEBOX.register("lora")
-class LoRA:
-    name: ClassVar[str] = "lora"
-    min_access: ClassVar[AccessLevel] = AccessLevel.WHITE_BOX
-    config_class: ClassVar[type] = LoRAConfig
-    port_patterns: ClassVar[tuple[str, ...]] = ()
-    read_patterns: ClassVar[tuple[str, ...]] = ()
-    trains: ClassVar[str] = "low-rank updates of the attention (or classifier) weights"
+class WhiteboxAdapter(Declared):
+    """A change of the client's copy of the module (no port): it needs white-box access.
 
+    A subclass names itself in its class line and is registered in ``WHITEBOX`` there:
+    ``class Full(WhiteboxAdapter, name="full", config=FullConfig, trains="...")``.
+    """
+
+    min_access = AccessLevel.WHITE_BOX
+
+    def __init_subclass__(cls, name: str, config: type, trains: str, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.name, cls.config_class, cls.trains = name, config, trains
+        WHITEBOX.register(name)(cls)
+
+    @staticmethod
+    def apply(module: nn.Module, config: Any, backbone: str) -> nn.Module:
+        """``module`` changed for training (in place or a new one)."""
+        raise NotImplementedError
+
+
+class LoRA(WhiteboxAdapter, name="lora", config=LoRAConfig,
+           trains="low-rank updates of the attention (or classifier) weights"):
     @staticmethod
     def apply(module: nn.Module, config: LoRAConfig, backbone: str) -> nn.Module:
         from peft import inject_adapter_in_model
@@ -68,15 +82,7 @@ class LoRA:
         return module
 
 
-@WHITEBOX.register("full")
-class Full:
-    name: ClassVar[str] = "full"
-    min_access: ClassVar[AccessLevel] = AccessLevel.WHITE_BOX
-    config_class: ClassVar[type] = FullConfig
-    port_patterns: ClassVar[tuple[str, ...]] = ()
-    read_patterns: ClassVar[tuple[str, ...]] = ()
-    trains: ClassVar[str] = "every weight of the client's copy of the backbone"
-
+class Full(WhiteboxAdapter, name="full", config=FullConfig, trains="every weight of the client's copy of the backbone"):
     @staticmethod
     def apply(module: nn.Module, config: FullConfig, backbone: str) -> nn.Module:
         return module.requires_grad_(True)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrizations
 
+from graytune.adapters.declared import Declared
 from graytune.errors import InvalidInputError
 from graytune.registry import Registry
 from graytune.types import AccessLevel
@@ -43,16 +44,15 @@ LOGIT_ADAPTERS: Registry = Registry("logit adapter")
 
 
 @LOGIT_ADAPTERS.register("transmiter")
-class TransMiterAdapter(nn.Module):
+class TransMiterAdapter(nn.Module, Declared):
     """Standardise → orthogonal in-projection → residual MLP → out-projection → de-standardise."""
 
-    name: ClassVar[str] = "transmiter"
+    name = "transmiter"
     port: ClassVar[str] = "logits"
-    min_access: ClassVar[AccessLevel] = AccessLevel.BLACK_BOX
-    config_class: ClassVar[type] = TransMiterConfig
-    port_patterns: ClassVar[tuple[str, ...]] = ("logits",)
-    read_patterns: ClassVar[tuple[str, ...]] = ()
-    trains: ClassVar[str] = "an orthogonal projection and residual MLP on class scores"
+    min_access = AccessLevel.BLACK_BOX
+    config_class = TransMiterConfig
+    port_patterns = ("logits",)
+    trains = "an orthogonal projection and residual MLP on class scores"
 
     def __init__(self, config: TransMiterConfig) -> None:
         super().__init__()

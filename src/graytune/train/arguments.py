@@ -27,47 +27,37 @@ from graytune.types import AccessLevel
 TRAINABLE = [name for name, m in METHODS.items() if m.recipe != "extract"]
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer; got {value}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    return int(_non_negative(text, int))
-
-
-def non_negative_float(text: str) -> float:
-    """argparse type: a number >= 0."""
-    return float(_non_negative(text, float))
-
-
-def _non_negative(text: str, kind: type) -> float:
+def _checked(text: str, kind: type, problem: Any) -> Any:
+    """``text`` as ``kind``, or argparse's usage error with ``problem(value)`` when that is not empty."""
     try:
         value = kind(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0; got {value}")
+    if message := problem(value):
+        raise argparse.ArgumentTypeError(message)
     return value
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    return int(_checked(text, int, lambda v: "" if v >= 1 else f"must be a positive integer; got {v}"))
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    return int(_checked(text, int, lambda v: "" if v >= 0 else f"must be >= 0; got {v}"))
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a number >= 0."""
+    return float(_checked(text, float, lambda v: "" if v >= 0 else f"must be >= 0; got {v}"))
+
+
 def _limited(name: str, kind: type) -> Any:
+    """argparse type for the ``TrainConfig`` field ``name``, with the trainer's own limits."""
+
     def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
-        problem = limit_problem(name, value)
-        if problem:
-            raise argparse.ArgumentTypeError(problem)
-        return value
+        return _checked(text, kind, lambda v: limit_problem(name, v))
 
     parse.__name__ = kind.__name__  # argparse names the type in its messages
     return parse

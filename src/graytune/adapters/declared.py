@@ -1,0 +1,28 @@
+"""What every adapter declares at class level, tower, white-box or logit alike.
+
+The method registry derives a method's level, read grants, ports and options from
+these declarations, never from a second table.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from graytune.types import AccessLevel
+
+
+class Declared:
+    """Class-level declarations of an adapter (a mix-in: no state, no behaviour)."""
+
+    name: ClassVar[str] = ""
+    """The registry name (= the file name)."""
+    min_access: ClassVar[AccessLevel] = AccessLevel.DARK_GRAY
+    """The lowest access level it works at."""
+    config_class: ClassVar[type] = object
+    """The dataclass of its options (each field documented by the string under it)."""
+    port_patterns: ClassVar[tuple[str, ...]] = ()
+    """Ports it edits, with ``{m}`` for the modality (``{m}.layer.*``: some declared entry layers)."""
+    read_patterns: ClassVar[tuple[str, ...]] = ()
+    """Ports whose values it must read, which the owner grants explicitly (same pattern syntax)."""
+    trains: ClassVar[str] = ""
+    """What it trains, in a few words (for ``graytune methods``)."""
