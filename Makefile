@@ -5,7 +5,7 @@ STAMP := $(VENV)/.graytune-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test test-slow test-scale bench setup data clean
+.PHONY: demo test test-slow test-scale test-faults bench setup data clean
 
 $(STAMP): pyproject.toml constraints.txt scripts/setup.sh
 	bash scripts/setup.sh
@@ -21,10 +21,13 @@ demo: setup  ## zero-shot retrieval on real data through the packaged bridge bac
 
 test: setup  ## the default suite, layer contracts included
 	$(VENV)/bin/lint-imports
-	$(VENV)/bin/python -m pytest -m "not slow and not scale"
+	$(VENV)/bin/python -m pytest -m "not slow and not scale and not faults"
 
 test-slow: setup  ## long training
 	$(VENV)/bin/python -m pytest -m slow
+
+test-faults: setup  ## slow server fault tests: kill -9 and restart mid-training, stalled connections, two workers
+	$(VENV)/bin/python -m pytest -m faults
 
 test-scale: setup  ## distributed engines: Ray Serve replicas and 2-process gloo DDP against a live server
 	bash scripts/setup.sh ray
