@@ -1,0 +1,233 @@
+"""Training curves from run folders: loss and validation metric against step, one line per run.
+
+A run folder (``graytune train --out DIR``; an artifact folder is the same folder) holds
+``history.jsonl``, one JSON object per line::
+
+    {"event": "step", "step": 12, "loss": 1.93, "lr": 0.0029, ...}
+    {"event": "val", "step": 20, "metrics": {"mean_recall": 0.41, ...}, "primary": "mean_recall", "best": true}
+
+Other events are ignored; a resumed run may repeat steps, and the last line for a step wins.
+matplotlib is imported only when drawing, through its object API (no pyplot, no global backend
+change), so this works headless and leaves a notebook's backend alone.
+
+Example:
+    >>> runs = [read_history("runs/dga"), read_history("runs/lga")]
+    >>> plot_histories(runs, "curves.png")                     # loss | primary validation metric
+    PosixPath('curves.png')
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from graytune.errors import ArtifactError, InvalidInputError, UnknownNameError
+
+log = logging.getLogger(__name__)
+
+HISTORY_FILE = "history.jsonl"
+CONFIG_FILE = "adapter_config.json"
+FIGURE_SIZE = (11.0, 4.2)
+"""Inches at ``DPI``: a 1100 × 420 pixel image."""
+DPI = 100
+FORMATS = (".png", ".svg", ".pdf")
+
+
+@dataclass
+class RunHistory:
+    """One run's curves, steps ascending, one value per step."""
+
+    name: str
+    """The label: the run folder's name."""
+    path: Path
+    steps: list[int] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+    val_steps: list[int] = field(default_factory=list)
+    val: list[dict[str, float]] = field(default_factory=list)
+    """Validation metrics at each of ``val_steps``."""
+    primary: str | None = None
+    """The metric the run selected on (the last validation line's ``primary``)."""
+    best_step: int | None = None
+    """The step of the last validation flagged ``best`` (the adapter kept), if any."""
+    method: str | None = None
+    backbone: str | None = None
+
+    def metric(self, name: str) -> tuple[list[int], list[float]]:
+        """Steps and values of validation metric ``name`` where it was recorded."""
+        pairs = [(s, float(m[name])) for s, m in zip(self.val_steps, self.val) if name in m]
+        return [s for s, _ in pairs], [v for _, v in pairs]
+
+    @property
+    def metric_names(self) -> list[str]:
+        return sorted({k for m in self.val for k in m})
+
+
+def read_history(run: str | os.PathLike[str]) -> RunHistory:
+    """The curves of a run folder (or of a ``history.jsonl`` path itself).
+
+    Raises:
+        ArtifactError: no ``history.jsonl``, a damaged line, or no step or validation line at all.
+    """
+    path = Path(run)
+    file = path if path.is_file() else path / HISTORY_FILE
+    folder = file.parent
+    if not path.exists():
+        raise ArtifactError(f"{path} does not exist; give a run folder written by graytune train --out DIR")
+    if not file.is_file():
+        raise ArtifactError(f"{folder} has no {HISTORY_FILE}; graytune train --out DIR writes it into DIR "
+                            "while it trains (runs made before history was recorded have none)")
+    steps: dict[int, float] = {}
+    vals: dict[int, dict] = {}
+    lines = file.read_text(encoding="utf-8").split("\n")
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            if number == len(lines):  # no trailing newline: the run was stopped mid-write
+                log.warning("%s: ignoring the unfinished last line %d", file, number)
+                continue
+            raise ArtifactError(f"{file}, line {number}: not JSON ({err.msg}); each line must be one JSON "
+                                "object as graytune train writes them") from None
+        if not isinstance(record, dict) or "step" not in record:
+            continue
+        if record.get("event") == "step" and record.get("loss") is not None:
+            steps[int(record["step"])] = float(record["loss"])
+        elif record.get("event") == "val" and isinstance(record.get("metrics"), dict):
+            vals[int(record["step"])] = record
+    if not steps and not vals:
+        raise ArtifactError(f"{file} holds no step or validation line; nothing to plot (has the run logged "
+                            "its first step yet?)")
+    history = RunHistory(folder.resolve().name, folder)
+    history.steps = sorted(steps)
+    history.loss = [steps[s] for s in history.steps]
+    history.val_steps = sorted(vals)
+    history.val = [{k: float(v) for k, v in vals[s]["metrics"].items() if _is_number(v)}
+                   for s in history.val_steps]
+    if vals:
+        history.primary = vals[history.val_steps[-1]].get("primary")
+        flagged = [s for s in history.val_steps if vals[s].get("best")]
+        history.best_step = flagged[-1] if flagged else None
+    history.method, history.backbone = _describe(folder)
+    return history
+
+
+def plot_histories(runs: list[RunHistory], out: str | os.PathLike[str], metric: str | None = None,
+                   overwrite: bool = False) -> Path:
+    """Draw loss (left) and validation ``metric`` (right; default: the runs' primary metric) against step.
+
+    One line per run, labelled by its folder name; the kept (best) validation point is ringed.
+
+    Raises:
+        InvalidInputError: no runs, an existing ``out`` without ``overwrite``, an unsupported suffix.
+        UnknownNameError: ``metric`` is in none of the runs.
+    """
+    if not runs:
+        raise InvalidInputError("no runs to plot; give at least one run folder")
+    out = Path(out)
+    if out.suffix.lower() not in FORMATS:
+        raise InvalidInputError(f"cannot write {out}: the file name must end in one of {', '.join(FORMATS)}")
+    if out.exists() and not overwrite:
+        raise InvalidInputError(f"{out} exists; choose another --out or pass --overwrite to replace it")
+    metric = metric or _primary(runs)
+    if metric is not None and not any(metric in r.metric_names for r in runs):
+        raise UnknownNameError("validation metric", metric, {m for r in runs for m in r.metric_names},
+                               "choose one with --metric")
+    figure = _draw(runs, metric)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=DPI)
+    return out
+
+
+def _draw(runs: list[RunHistory], metric: str | None):  # -> matplotlib.figure.Figure
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=FIGURE_SIZE, dpi=DPI, layout="constrained")
+    loss_ax, val_ax = figure.subplots(1, 2)
+    labels = _labels(runs)
+    colours = [f"C{i % 10}" for i in range(len(runs))]
+    for run, label, colour in zip(runs, labels, colours):
+        if run.steps:
+            loss_ax.plot(run.steps, run.loss, color=colour, label=label, linewidth=1.4,
+                         marker="." if len(run.steps) < 30 else None)
+    positive = [v for r in runs for v in r.loss if math.isfinite(v)]
+    if positive and min(positive) > 0 and max(positive) / min(positive) > 50:
+        loss_ax.set_yscale("log")
+    loss_ax.set(title="training loss", xlabel="step", ylabel="loss")
+    drawn = False
+    for run, label, colour in zip(runs, labels, colours):
+        steps, values = run.metric(metric) if metric else ([], [])
+        if not steps:
+            continue
+        drawn = True
+        val_ax.plot(steps, values, color=colour, label=label, marker="o", markersize=3, linewidth=1.4)
+        if run.best_step in steps:
+            best = values[steps.index(run.best_step)]
+            val_ax.plot([run.best_step], [best], linestyle="none", marker="o", markersize=11,
+                        markerfacecolor="none", markeredgecolor=colour, markeredgewidth=2)
+            val_ax.annotate(f"best {best:.3g}", (run.best_step, best), textcoords="offset points",
+                            xytext=(6, 6), fontsize=8, color=colour)
+    if drawn:
+        val_ax.set(title=f"validation {metric} (ringed: best, kept)", xlabel="step", ylabel=metric)
+    else:
+        val_ax.set(title="validation", xlabel="step")
+        val_ax.text(0.5, 0.5, "no validation recorded", ha="center", va="center", transform=val_ax.transAxes,
+                    color="0.4")
+    for ax in (loss_ax, val_ax):
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="best")
+    title = _title(runs)
+    if title:
+        figure.suptitle(title, fontsize=11)
+    return figure
+
+
+def _primary(runs: list[RunHistory]) -> str | None:
+    names = [r.primary for r in runs if r.primary]
+    if len(set(names)) > 1:
+        log.warning("the runs select on different metrics (%s); plotting %s; choose one with --metric",
+                    ", ".join(sorted(set(names))), names[0])
+    if names:
+        return names[0]
+    # no primary recorded: the first metric any run has
+    return next((m for r in runs for m in r.metric_names), None)
+
+
+def _labels(runs: list[RunHistory]) -> list[str]:
+    """Folder names; parent/name where two runs share a name."""
+    names = [r.name for r in runs]
+    return [f"{r.path.resolve().parent.name}/{r.name}" if names.count(r.name) > 1 else r.name for r in runs]
+
+
+def _title(runs: list[RunHistory]) -> str:
+    parts = []
+    for run in runs:
+        if run.method or run.backbone:
+            text = " on ".join(x for x in (run.method, run.backbone) if x)
+            if text not in parts:
+                parts.append(text)
+    if len(parts) > 3:
+        parts = parts[:3] + [f"+{len(parts) - 3} more"]
+    return "; ".join(parts)
+
+
+def _describe(folder: Path) -> tuple[str | None, str | None]:
+    """Method and backbone from the folder's ``adapter_config.json``, when it has a readable one."""
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None, None
+    if not isinstance(config, dict):
+        return None, None
+    method, backbone = config.get("method"), config.get("backbone")
+    return (method if isinstance(method, str) else None, backbone if isinstance(backbone, str) else None)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
