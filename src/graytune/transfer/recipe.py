@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from graytune.access import Handle, open_backbone
 from graytune.artifacts import check_fingerprint, load_adapter, read_config
@@ -47,25 +48,31 @@ class Pixels:
 
 
 def load_pixels(splits: Splits, handle: Handle, image_size: int, unlabeled: Any,
-                shots: int | None = None) -> Pixels:
+                shots: int | None = None, progress: bool = True) -> Pixels:
     """Pixels of the ``unlabeled`` images (labels unused), a labelled ``shots``-per-class subset of train, val, test.
 
     ``unlabeled`` is any set with ``pil(i)``; keep it disjoint from ``splits.val`` and ``splits.test``.
+    ``progress`` shows a bar per set decoded (rate and ETA) on stderr.
     """
     if splits.task != "classification" or not hasattr(splits.train, "pil"):
         raise InvalidInputError(f"TransMiter runs on image classification sets; {splits.name} is {splits.task}")
     pre = ImagePreprocess.from_spec(handle.spec, image_size, fit=splits.fit)
 
-    def pixels(data: Any, idx: list[int]) -> Tensor:
-        return pixel_cache([data.pil(i) for i in idx], pre)
+    def pixels(data: Any, idx: list[int], name: str) -> Tensor:
+        chunks = [pixel_cache([], pre)]  # the right empty shape when idx is empty
+        with tqdm(total=len(idx), desc=f"images {name}", unit="img", disable=not progress) as bar:
+            for start in range(0, len(idx), 256):
+                chunks.append(pixel_cache([data.pil(i) for i in idx[start:start + 256]], pre))
+                bar.update(len(chunks[-1]))
+        return torch.cat(chunks)
 
     labels = splits.train.labels
     few = list(range(len(labels)))
     if shots:
         few = [i for c in sorted(set(labels.tolist())) for i in (labels == c).nonzero().flatten().tolist()[:shots]]
-    return Pixels(pixels(unlabeled, list(range(len(unlabeled)))), pixels(splits.train, few), labels[few],
-                  pixels(splits.val, list(range(len(splits.val)))), splits.val.labels,
-                  pixels(splits.test, list(range(len(splits.test)))), splits.test.labels)
+    return Pixels(pixels(unlabeled, list(range(len(unlabeled))), "unlabeled"), pixels(splits.train, few, "train"),
+                  labels[few], pixels(splits.val, list(range(len(splits.val))), "val"), splits.val.labels,
+                  pixels(splits.test, list(range(len(splits.test))), "test"), splits.test.labels)
 
 
 def base_novel_accuracy(scores: Tensor, labels: Tensor, base: tuple[int, ...], novel: tuple[int, ...]
@@ -75,11 +82,12 @@ def base_novel_accuracy(scores: Tensor, labels: Tensor, base: tuple[int, ...], n
 
 
 def plus(tm: TransMiter, strong: Handle, pixels: Pixels, seed: int = 0, config: PlusConfig | None = None,
-         ) -> dict[str, float]:
+         progress: bool = True) -> dict[str, float]:
     """TransMiter+: fine-tune the transferred adapter on the labelled few-shot set, select on val."""
     config = config or PlusConfig(seed=seed)
-    return tm.finetune(tm.scores(strong, pixels.train), pixels.train_labels, tm.scores(strong, pixels.val),
-                       pixels.val_labels, config)
+    return tm.finetune(tm.scores(strong, pixels.train, progress, "scores train"), pixels.train_labels,
+                       tm.scores(strong, pixels.val, progress, "scores val"), pixels.val_labels, config,
+                       progress=progress)
 
 
 # -- the command-line runs: extract, transfer, TransMiter+ -------------------------------------
@@ -91,7 +99,7 @@ def _image_pixels(splits: Splits, handle: Handle, image_size: int | None, shots:
 
 
 def _evaluate(tm: TransMiter, strong: Handle, splits: Splits, px: Pixels) -> dict[str, float]:
-    scores = tm.predict(strong, px.test)
+    scores = tm.predict(strong, px.test, progress=True)
     out = {"accuracy": 100.0 * float((scores.argmax(1) == px.test_labels).float().mean())}
     if splits.eval_splits:
         out.update(base_novel_accuracy(scores, px.test_labels, splits.eval_splits["base"],
@@ -117,8 +125,9 @@ def run_extract(weak_id: str, weak_adapter: str, data: str, out: str, classes: i
                                                           reads=saved.get("reads", ())))
     px = _image_pixels(splits, weak, image_size)
     tm = TransMiter.create(list(splits.train.class_names), total=classes, seed=seed, prompt=splits.prompt)
-    teacher = tm.scores(fine_tuned, px.unlabeled)[:, :tm.n_task]
-    history = tm.extract(tm.scores(weak, px.unlabeled), teacher, ExtractConfig(seed=seed))
+    teacher = tm.scores(fine_tuned, px.unlabeled, progress=True, desc="teacher scores")[:, :tm.n_task]
+    weak_scores = tm.scores(weak, px.unlabeled, progress=True, desc="weak scores")
+    history = tm.extract(weak_scores, teacher, ExtractConfig(seed=seed))
     save_transmiter(tm, out, weak.spec.id, weak.spec.fingerprint,
                     extra={"source_adapter": str(weak_adapter), "data": data, "image_size": image_size,
                            "extract_loss": history})
@@ -137,7 +146,8 @@ def run_transfer(adapter: str, strong_id: str, data: str, out: str, beta: float 
     splits = load_splits(data)
     px = _image_pixels(splits, strong, image_size or config.get("image_size"))
     start = time.perf_counter()
-    moved = tm.transfer(tm.scores(weak, px.unlabeled), tm.scores(strong, px.unlabeled), beta=beta)
+    moved = tm.transfer(tm.scores(weak, px.unlabeled, progress=True, desc="weak scores"),
+                        tm.scores(strong, px.unlabeled, progress=True, desc="strong scores"), beta=beta)
     seconds = time.perf_counter() - start
     metrics = _evaluate(moved, strong, splits, px)
     save_transmiter(moved, out, strong.spec.id, strong.spec.fingerprint,

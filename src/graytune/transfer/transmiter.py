@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from graytune.adapters import config_from_dict
 from graytune.adapters.transmiter import TransMiterAdapter, TransMiterConfig
@@ -75,19 +76,32 @@ class PlusConfig:
 
 
 @torch.no_grad()
-def class_text(encoder: Encoder, names: Sequence[str], prompt: str) -> Tensor:
-    """``[C, E]`` normalised embeddings of the class prompts (compute once, reuse for every image batch)."""
-    return F.normalize(torch.cat([encoder.encode_text([prompt.format(c) for c in names[i:i + 256]])
-                                  for i in range(0, len(names), 256)]), dim=-1)
+def class_text(encoder: Encoder, names: Sequence[str], prompt: str, progress: bool = False) -> Tensor:
+    """``[C, E]`` normalised embeddings of the class prompts (compute once, reuse for every image batch).
+
+    ``progress`` shows a bar over the prompts on stderr.
+    """
+    chunks = []
+    with tqdm(total=len(names), desc="class prompts", unit="prompt", disable=not progress, leave=False) as bar:
+        for i in range(0, len(names), 256):
+            chunks.append(encoder.encode_text([prompt.format(c) for c in names[i:i + 256]]))
+            bar.update(len(chunks[-1]))
+    return F.normalize(torch.cat(chunks), dim=-1)
 
 
 @torch.no_grad()
 def class_scores(encoder: Encoder, pixels: Tensor, names: Sequence[str], prompt: str, batch_size: int = 128,
-                 text: Tensor | None = None) -> Tensor:
-    """``[N, C]`` scores, 100 × cosine of image embeddings and class-prompt embeddings (forward only)."""
-    text = class_text(encoder, names, prompt) if text is None else text
-    chunks = [F.normalize(encoder.encode_image(pixels[i:i + batch_size]), dim=-1) @ text.T
-              for i in range(0, len(pixels), batch_size)]
+                 text: Tensor | None = None, progress: bool = False, desc: str = "scores") -> Tensor:
+    """``[N, C]`` scores, 100 × cosine of image embeddings and class-prompt embeddings (forward only).
+
+    ``progress`` shows a bar over the images (rate and ETA) on stderr, labelled ``desc``.
+    """
+    text = class_text(encoder, names, prompt, progress) if text is None else text
+    chunks = []
+    with tqdm(total=len(pixels), desc=desc, unit="img", disable=not progress) as bar:
+        for i in range(0, len(pixels), batch_size):
+            chunks.append(F.normalize(encoder.encode_image(pixels[i:i + batch_size]), dim=-1) @ text.T)
+            bar.update(len(chunks[-1]))
     return 100.0 * torch.cat(chunks)
 
 
@@ -118,22 +132,24 @@ class TransMiter:
 
     # -- scores ----------------------------------------------------------------------------
 
-    def scores(self, encoder: Encoder, pixels: Tensor) -> Tensor:
+    def scores(self, encoder: Encoder, pixels: Tensor, progress: bool = False, desc: str = "scores") -> Tensor:
         """``[N, M]`` zero-shot scores over this class list (forward only).
 
         The M prompt embeddings are computed once per encoder and reused: encoders here are frozen
-        (backbone handles, or a fine-tuned teacher that no longer trains).
+        (backbone handles, or a fine-tuned teacher that no longer trains). ``progress`` shows a bar
+        over the images on stderr.
         """
         cached = self._text.get(id(encoder))
         if cached is None or cached[0] is not encoder:
-            cached = (encoder, class_text(encoder, self.classes, self.prompt))
+            cached = (encoder, class_text(encoder, self.classes, self.prompt, progress))
             self._text[id(encoder)] = cached
-        return class_scores(encoder, pixels, self.classes, self.prompt, text=cached[1])
+        return class_scores(encoder, pixels, self.classes, self.prompt, text=cached[1], progress=progress,
+                            desc=desc)
 
     @torch.no_grad()
-    def predict(self, encoder: Encoder, pixels: Tensor) -> Tensor:
+    def predict(self, encoder: Encoder, pixels: Tensor, progress: bool = False) -> Tensor:
         """``[N, N_task]`` adapted task-class scores."""
-        return self.adapt(self.scores(encoder, pixels))
+        return self.adapt(self.scores(encoder, pixels, progress, desc="predict"))
 
     def adapt(self, scores: Tensor) -> Tensor:
         """Adapter on ``[N, M]`` scores, task classes kept: ``[N, N_task]``."""
@@ -142,11 +158,12 @@ class TransMiter:
     # -- the three phases ------------------------------------------------------------------------
 
     def extract(self, weak_scores: Tensor, teacher_task_scores: Tensor, config: ExtractConfig | None = None,
-                ) -> list[float]:
+                progress: bool = True) -> list[float]:
         """Distil the fine-tuned weak model (teacher, ``[N, N_task]``) into adapter(weak zero-shot scores).
 
         No labels: the loss is KL between the teacher's task-class distribution
-        (temperature 0.5) and the adapted weak scores'. Returns the loss per epoch.
+        (temperature 0.5) and the adapted weak scores'. Returns the loss per epoch. ``progress``
+        shows a bar over optimizer steps with the loss on stderr.
         """
         config = config or ExtractConfig()
         if teacher_task_scores.shape != (len(weak_scores), self.n_task):
@@ -163,7 +180,7 @@ class TransMiter:
             return F.kl_div(student, teacher[idx], reduction="batchmean")
 
         return self._optimise(loss_fn, len(weak_scores), config.lr, config.weight_decay, config.batch_size,
-                              config.epochs, config.warmup, gen)
+                              config.epochs, config.warmup, gen, progress=progress, desc="extract")
 
     @torch.no_grad()
     def transfer(self, weak_scores: Tensor, strong_scores: Tensor, beta: float = 500.0) -> TransMiter:
@@ -187,23 +204,27 @@ class TransMiter:
         return result
 
     def finetune(self, scores: Tensor, labels: Tensor, val_scores: Tensor, val_labels: Tensor,
-                 config: PlusConfig | None = None) -> dict[str, float]:
-        """TransMiter+: cross-entropy on a few labels; keeps the epoch best on validation accuracy."""
+                 config: PlusConfig | None = None, progress: bool = True) -> dict[str, float]:
+        """TransMiter+: cross-entropy on a few labels; keeps the epoch best on validation accuracy.
+
+        ``progress`` shows a bar over optimizer steps with the loss and validation accuracy on stderr.
+        """
         config = config or PlusConfig()
         gen = torch.Generator().manual_seed(config.seed)
         best = {"val_accuracy": self.accuracy(val_scores, val_labels), "epoch": 0.0}
         best_state = copy.deepcopy(self.adapter.state_dict())
 
-        def on_epoch(epoch: int) -> None:
+        def on_epoch(epoch: int) -> dict[str, str]:
             nonlocal best_state
             acc = self.accuracy(val_scores, val_labels)
             if acc > best["val_accuracy"]:
                 best.update(val_accuracy=acc, epoch=float(epoch))
                 best_state = copy.deepcopy(self.adapter.state_dict())
+            return {"val_acc": f"{acc:.1f}%", "best": f"{best['val_accuracy']:.1f}%"}
 
         self._optimise(lambda idx: F.cross_entropy(self.adapt(scores[idx]), labels[idx]), len(scores), config.lr,
                        config.weight_decay, config.batch_size, config.epochs, config.warmup, gen, on_epoch,
-                       max_steps=config.max_steps)
+                       max_steps=config.max_steps, progress=progress, desc="transmiter+")
         self.adapter.load_state_dict(best_state)
         self.adapter.eval()
         return best
@@ -215,30 +236,37 @@ class TransMiter:
 
     def _optimise(self, loss_fn: Any, n: int, lr: float, weight_decay: float, batch_size: int, epochs: int,
                   warmup: float, gen: torch.Generator, on_epoch: Any = None, max_steps: int | None = None,
-                  ) -> list[float]:
-        """AdamW with warm-up then cosine over ``max_steps`` steps (default: ``epochs`` passes); loss per pass."""
+                  progress: bool = False, desc: str = "optimise") -> list[float]:
+        """AdamW with warm-up then cosine over ``max_steps`` steps (default: ``epochs`` passes); loss per pass.
+
+        ``on_epoch(epoch)`` runs after each pass and may return fields to show beside the loss on the bar.
+        """
         self.adapter.train()
         opt = torch.optim.AdamW(self.adapter.parameters(), lr=lr, weight_decay=weight_decay)
         per_epoch = max(1, math.ceil(n / batch_size))
         total = max_steps or per_epoch * epochs
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total, warmup))
-        history, step, epoch = [], 0, 0
-        while step < total:
-            epoch += 1
-            order, running, batches = torch.randperm(n, generator=gen), 0.0, 0
-            for start in range(0, n, batch_size):
-                loss = loss_fn(order[start:start + batch_size])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                running, batches, step = running + float(loss.detach()), batches + 1, step + 1
-                if step >= total:
-                    break
-            history.append(running / batches)
-            if on_epoch is not None:
-                on_epoch(epoch)
-                self.adapter.train()
+        history, step, epoch, shown = [], 0, 0, {}
+        with tqdm(total=total, desc=desc, unit="step", disable=not progress) as bar:
+            while step < total:
+                epoch += 1
+                order, running, batches = torch.randperm(n, generator=gen), 0.0, 0
+                for start in range(0, n, batch_size):
+                    loss = loss_fn(order[start:start + batch_size])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                    running, batches, step = running + float(loss.detach()), batches + 1, step + 1
+                    bar.set_postfix(loss=f"{running / batches:.4f}", epoch=epoch, **shown, refresh=False)
+                    bar.update()
+                    if step >= total:
+                        break
+                history.append(running / batches)
+                if on_epoch is not None:
+                    shown = on_epoch(epoch) or {}
+                    bar.set_postfix(loss=f"{history[-1]:.4f}", epoch=epoch, **shown)
+                    self.adapter.train()
         self.adapter.eval()
         return history
 
