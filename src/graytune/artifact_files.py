@@ -17,9 +17,10 @@ Example:
 
 from __future__ import annotations
 
+import fnmatch
+import hashlib
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -48,16 +49,24 @@ def library_version() -> str:
 
 def write_artifact(folder: str | os.PathLike[str], config: Mapping[str, Any],
                    tensors: Mapping[str, torch.Tensor]) -> Path:
-    """Write ``config`` (the library and format fields added) and ``tensors`` to ``folder``, atomically."""
+    """Write ``config`` (the library and format fields added) and ``tensors`` into ``folder``.
+
+    Only the artifact's two files are written, each atomically (a temporary file renamed into
+    place), tensors first and config last; the config records the tensors' SHA-256, so a reader
+    never pairs a new config with old tensors unnoticed. Nothing else in ``folder`` is touched.
+    """
     from safetensors.torch import save_file
 
-    full = {"library": "graytune", "library_version": library_version(), "format_version": FORMAT_VERSION,
-            **config}
+    target = Path(folder)
+    target.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
-    return write_atomically(Path(folder), {
-        WEIGHTS_NAME: lambda path: save_file(state, str(path), metadata={"format": "pt"}),
-        CONFIG_NAME: lambda path: path.write_text(json.dumps(full, indent=2, sort_keys=True, default=_plain)),
-    })
+    weights = replace_atomically(target / WEIGHTS_NAME, lambda path: save_file(state, str(path),
+                                                                              metadata={"format": "pt"}))
+    full = {"library": "graytune", "library_version": library_version(), "format_version": FORMAT_VERSION,
+            **config, "weights_sha256": file_sha256(weights)}
+    text = json.dumps(full, indent=2, sort_keys=True, default=_plain)
+    replace_atomically(target / CONFIG_NAME, lambda path: path.write_text(text))
+    return target
 
 
 def _plain(value: Any) -> Any:
@@ -66,29 +75,74 @@ def _plain(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
-def write_atomically(target: Path, writers: dict[str, Callable[[Path], object]]) -> Path:
-    """Write each file into a staging folder beside ``target``, then swap it into place.
-
-    A reader sees the old folder or the new one, never a half-written one; a
-    failure leaves the old folder untouched and no staging folder behind.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+def replace_atomically(path: Path, write: Callable[[Path], object]) -> Path:
+    """Write ``path`` through ``write(temporary path)`` and rename it into place: readers see old or new."""
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
     try:
-        for name, write in writers.items():
-            write(staging / name)
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            target.rename(old)
-        staging.rename(target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        write(Path(tmp))
+        os.replace(tmp, path)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        Path(tmp).unlink(missing_ok=True)
         raise
-    return target
+    return path
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+#: Files a graytune run or artifact folder may hold (``--out`` may replace these, never anything else).
+RUN_FILES = (CONFIG_NAME, WEIGHTS_NAME, "checkpoint.pt", "history.jsonl", "events.out.tfevents.*", "rank*.safetensors",
+             "tensorboard")
+
+
+def prepare_out(folder: str | os.PathLike[str], overwrite: bool = False) -> str:
+    """Check a run's ``--out`` folder before any work; returns ``new``, ``resume`` or ``replace``.
+
+    - a missing or empty folder: ``new``;
+    - a folder holding an interrupted run (``checkpoint.pt``, no finished adapter): ``resume``;
+    - a folder holding a finished adapter: refused unless ``overwrite`` (then ``replace``: graytune's
+      own run files there are removed, nothing else);
+    - a folder holding other files: refused unless ``overwrite`` (then the run's files go beside them).
+
+    Raises:
+        InvalidInputError: what the folder holds and what to do.
+    """
+    from graytune.errors import InvalidInputError
+
+    path = Path(folder)
+    if path.exists() and not path.is_dir():
+        raise InvalidInputError(f"--out {folder} is a file; give a folder for the adapter")
+    entries = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    ours = [n for n in entries if any(fnmatch.fnmatch(n, pat) for pat in RUN_FILES) or n.startswith(".")]
+    others = [n for n in entries if n not in ours]
+    if (path / CONFIG_NAME).is_file():
+        if not overwrite:
+            method = _method_of(path)
+            raise InvalidInputError(f"--out {folder} already holds a finished {method} adapter; pass --overwrite to "
+                                    "replace it (only graytune's run files there are replaced), or choose another --out")
+        for name in ours:
+            if name in ("checkpoint.pt", "history.jsonl"):
+                (path / name).unlink()
+        return "replace"
+    if others and not overwrite:
+        shown = ", ".join(others[:3]) + (" …" if len(others) > 3 else "")
+        raise InvalidInputError(f"--out {folder} holds {len(others)} file(s) that are not a graytune run ({shown}); "
+                                "graytune never deletes them: choose a new or empty folder, or pass --overwrite to "
+                                "write the adapter beside them")
+    return "resume" if (path / "checkpoint.pt").is_file() else "new"
+
+
+def _method_of(path: Path) -> str:
+    try:
+        return repr(json.loads((path / CONFIG_NAME).read_text()).get("method"))
+    except (OSError, ValueError, AttributeError):
+        return "(unreadable)"
 
 
 def read_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
@@ -118,9 +172,15 @@ def read_weights(folder: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ArtifactError(f"{folder}: {WEIGHTS_NAME} is missing; the artifact is incomplete")
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except (SafetensorError, OSError) as err:
-        raise ArtifactError(f"{path} is damaged ({err}); train again or restore it") from None
+        raise ArtifactError(f"{path} is damaged or truncated ({err}); train again, or restore the folder from a "
+                            "copy") from None
+    expected = read_config(folder).get("weights_sha256")
+    if expected and expected != file_sha256(path):
+        raise ArtifactError(f"{path} is not the file {CONFIG_NAME} was written with (its SHA-256 differs): the "
+                            "folder was changed by hand or a save was interrupted; train again or restore it")
+    return tensors
 
 
 def check_fingerprint(config: Mapping[str, Any], spec: BackboneSpec, folder: str | os.PathLike[str],

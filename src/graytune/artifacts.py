@@ -28,8 +28,8 @@ from graytune.artifact_files import (
     check_fingerprint,
     read_config,
     read_weights,
+    prepare_out,
     write_artifact,
-    write_atomically,
 )
 from graytune.model import AdaptedModel
 
@@ -50,4 +50,4 @@ def load_adapter(folder: str | os.PathLike[str], handle: Handle) -> AdaptedModel
 
 
 __all__ = ["CONFIG_NAME", "FORMAT_VERSION", "WEIGHTS_NAME", "adapter_state", "check_fingerprint", "load_adapter",
-           "read_config", "read_weights", "save_adapter", "write_artifact", "write_atomically"]
+           "prepare_out", "read_config", "read_weights", "save_adapter", "write_artifact"]

@@ -27,8 +27,8 @@ def run(args: argparse.Namespace) -> int:
     from graytune.train.recipe import train_and_save
 
     summary = train_and_save(run_, progress=not args.json)
-    if args.json:
-        print(json.dumps({k: v for k, v in summary.items() if k != "history"}, sort_keys=True))
+    if args.json:  # the validation history and best step included
+        print(json.dumps(summary, sort_keys=True))
     else:
         print(f"{summary['method']} on {summary['backbone']} ({summary['access']}), {summary['data']}: "
               f"{summary['steps']} steps at lr {summary['lr']:g}, {summary['trainable_parameters']} trainable "

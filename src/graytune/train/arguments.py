@@ -20,7 +20,7 @@ from graytune.config import field_docs
 from graytune.errors import InvalidInputError
 from graytune.methods import METHODS, get_method
 from graytune.train.recipe import RunSpec
-from graytune.train.trainer import LIMITS, TrainConfig, limit_problem
+from graytune.train.trainer import LIMITS, TrainConfig, checkpoint_cadence, limit_problem
 from graytune.types import AccessLevel
 
 #: Methods ``graytune train`` makes (TransMiter itself is made by ``graytune extract`` + ``transfer``).
@@ -53,8 +53,18 @@ def non_negative_float(text: str) -> float:
     return float(_checked(text, float, lambda v: "" if v >= 0 else f"must be >= 0; got {v}"))
 
 
-def _limited(name: str, kind: type) -> Any:
+def _field_type(name: str) -> Any:
     """argparse type for the ``TrainConfig`` field ``name``, with the trainer's own limits."""
+    if name == "checkpoint_every":
+        def cadence(text: str) -> str:
+            try:
+                checkpoint_cadence(text)
+            except InvalidInputError as err:
+                raise argparse.ArgumentTypeError(str(err)) from None
+            return text
+
+        return cadence
+    kind = float if name in ("lr", "weight_decay", "warmup") else int
 
     def parse(text: str) -> Any:
         return _checked(text, kind, lambda v: limit_problem(name, v))
@@ -99,10 +109,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     docs = field_docs(TrainConfig)
     for f in fields(TrainConfig):
-        kind = float if f.name in ("lr", "weight_decay", "warmup") else int
         default = "the method's (graytune methods)" if f.name == "lr" else f.default
-        p.add_argument("--" + f.name.replace("_", "-"), type=_limited(f.name, kind), default=None,
+        p.add_argument("--" + f.name.replace("_", "-"), type=_field_type(f.name), default=None,
                        help=f"{docs.get(f.name, '')} (default: {default})")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a finished adapter in --out, or write beside files that are not a graytune run "
+                        "(graytune never deletes those)")
 
 
 def given_train_fields(args: argparse.Namespace) -> dict[str, Any]:
@@ -124,7 +136,7 @@ def run_spec(args: argparse.Namespace) -> RunSpec:
     method.resolve_options(options)  # every bad option reported now, with the allowed ones
     config = TrainConfig(**given_train_fields(args))
     return RunSpec(args.backbone, args.access, args.method, args.data, args.task, args.out, args.image_size,
-                   config, options, args.adapter)
+                   config, options, args.adapter, overwrite=args.overwrite)
 
 
 __all__ = ["LIMITS", "TRAINABLE", "add_train_arguments", "given_train_fields", "non_negative_float",

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from graytune.artifacts import adapter_state, save_adapter
+from graytune.artifacts import adapter_state, prepare_out, save_adapter
 from graytune.data.catalog import load_splits
 from graytune.methods import get_method
 from graytune.model import AdaptedModel
@@ -103,6 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if get_method(run.method).recipe not in ("fit", "none") or run.train.eval_every or run.train.patience:
         p.error("DDP trains tower adapters and white-box baselines without validation: --method transmiter+, "
                 "--eval-every and --patience are for graytune train")
+    if int(os.environ.get("RANK", "0")) == 0 and run.out:
+        prepare_out(run.out, run.overwrite)  # before any rank works; init_process_group waits for this rank
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // int(os.environ.get("WORLD_SIZE", "1"))))
     dist.init_process_group("gloo")
     try:

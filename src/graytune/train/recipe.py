@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from graytune.access import Handle, open_backbone
-from graytune.artifacts import load_adapter, read_config, save_adapter
+from graytune.artifacts import load_adapter, prepare_out, read_config, save_adapter
 from graytune.data.catalog import Splits, load_splits
 from graytune.data.images import ImagePreprocess
 from graytune.data.labeled import LabeledImageFiles, LabeledImages
@@ -47,6 +47,8 @@ class RunSpec:
     train: TrainConfig = field(default_factory=TrainConfig)
     options: dict[str, Any] = field(default_factory=dict)
     adapter: str | None = None
+    overwrite: bool = False
+    """Replace a finished adapter in ``out``, or write beside files that are not a graytune run."""
 
 
 def open_for(backbone: str, access: str | None, method: str) -> Handle:
@@ -100,15 +102,17 @@ def train_and_save(run: RunSpec, progress: bool = True) -> dict[str, Any]:
     method = get_method(run.method)
     if method.kind is MethodKind.LOGIT:
         raise InvalidInputError(f"method {run.method!r} is made by {method.trained_by}, not by this recipe")
+    if run.out:
+        prepare_out(run.out, run.overwrite)  # refuses, before any work, a folder it could harm
     seed_everything(run.train.seed)
+    splits = load_splits(run.data, run.task)  # a missing file is said before the backbone loads
     handle = open_for(run.backbone, run.access, run.method)
-    splits = load_splits(run.data, run.task)
     task = make_task(splits, handle, run.image_size)
     model = warm_start(run, handle) if run.adapter else AdaptedModel.build(handle, run.method, run.options)
     config = replace(run.train, lr=run.train.lr if run.train.lr is not None else method.lr or 0.0)
     result = None
+    ckpt = Path(run.out) / "checkpoint.pt" if run.out else None
     if method.slots:
-        ckpt = Path(run.out) / "checkpoint.pt" if run.out else None
         result = fit(model, task, splits.val, config, checkpoint=ckpt, progress=progress)
     start = time.perf_counter()
     test = task.evaluate(model, splits.test)
@@ -119,10 +123,14 @@ def train_and_save(run: RunSpec, progress: bool = True) -> dict[str, Any]:
         "train_seconds": result.seconds if result else 0.0, "step_seconds": result.step_seconds if result else 0.0,
         "test_seconds": time.perf_counter() - start, "test": test, "history": result.history if result else [],
         "lr": config.lr, "options": model.adapter_options(),
+        "best_step": result.best_step if result else 0,
     }
     if run.out:
         save_adapter(model, run.out, extra={"train": asdict(config), **describe(splits, task, run.data),
-                                            "warm_start": run.adapter, "metrics": {"test": test}})
+                                            "warm_start": run.adapter, "best_step": summary["best_step"],
+                                            "metrics": {"test": test}})
+        if ckpt is not None:
+            ckpt.unlink(missing_ok=True)  # the run is finished; history.jsonl stays beside the adapter
     return summary
 
 

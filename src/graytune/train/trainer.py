@@ -13,12 +13,13 @@ Example:
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from graytune.artifact_files import replace_atomically
 from graytune.errors import InvalidInputError
 from graytune.model import AdaptedModel
 from graytune.schedules import warmup_cosine
@@ -64,11 +66,33 @@ class TrainConfig:
     """Stop after this many validations without improvement; 0 never stops early."""
     seed: int = 0
     """Seed of the data order and of every random draw."""
+    checkpoint_every: str = "10m"
+    """Also checkpoint every N steps (``50``) or every N minutes (``10m``); Ctrl-C checkpoints too."""
 
     def __post_init__(self) -> None:
         errors = [problem for name in LIMITS if (problem := limit_problem(name, getattr(self, name)))]
+        try:
+            checkpoint_cadence(self.checkpoint_every)
+        except InvalidInputError as err:
+            errors.append(str(err))
         if errors:
             raise InvalidInputError("training settings refused: " + "; ".join(errors))
+
+
+def checkpoint_cadence(text: str) -> tuple[int, float]:
+    """``(steps, seconds)`` between checkpoints from ``"50"`` (steps) or ``"10m"``/``"30s"`` (time)."""
+    value = str(text).strip().lower()
+    try:
+        if value.endswith(("m", "s")):
+            amount = float(value[:-1])
+            if amount > 0:
+                return 0, amount * (60.0 if value.endswith("m") else 1.0)
+        elif int(value) > 0:
+            return int(value), 0.0
+    except ValueError:
+        pass
+    raise InvalidInputError(f"checkpoint_every must be a number of steps (50) or of minutes (10m) or seconds "
+                            f"(30s), above 0; got {text!r}")
 
 
 def limit_problem(name: str, value: float | None) -> str:
@@ -104,7 +128,12 @@ def _trainable(model: AdaptedModel) -> dict[str, torch.Tensor]:
 
 def fit(model: AdaptedModel, task: Task, val_data: Any, config: TrainConfig,
         checkpoint: str | os.PathLike[str] | None = None, progress: bool = True) -> FitResult:
-    """Train ``model``'s trainable tensors on ``task``; returns with the best validated state loaded."""
+    """Train ``model``'s trainable tensors on ``task``; returns with the best validated state loaded.
+
+    With ``checkpoint`` (a path), an atomic checkpoint is written at every validation, every
+    ``config.checkpoint_every`` and on Ctrl-C, and a run that finds one resumes from it exactly;
+    every step and validation is appended to ``history.jsonl`` beside it.
+    """
     if config.lr is None:
         raise InvalidInputError("TrainConfig.lr is None: give a learning rate (graytune methods lists each "
                                 "method's default)")
@@ -125,41 +154,87 @@ def fit(model: AdaptedModel, task: Task, val_data: Any, config: TrainConfig,
     if ckpt is not None and ckpt.is_file():
         state = _resume(ckpt, model, opt, sched, config)
         log.info("resumed from %s at step %d", ckpt, state["step"])
-    start, step_time = time.perf_counter(), []
+    history = History(ckpt.parent / HISTORY_NAME if ckpt is not None else None)
+    every_steps, every_seconds = checkpoint_cadence(config.checkpoint_every)
+    start, step_time, last_save = time.perf_counter(), [], time.monotonic()
     bar = tqdm(total=config.max_steps, initial=state["step"], desc=f"train {model.method}", unit="step",
                disable=not progress)
-    stop = False
-    while state["step"] < config.max_steps and not stop:
-        for group in _epoch_groups(task, config, state):
-            t0 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            loss_value = 0.0
-            for batch in group:
-                loss = task.loss(model, batch) / config.grad_accum
-                loss.backward()
-                loss_value += float(loss.detach())
-            opt.step()
-            sched.step()
-            step_time.append(time.perf_counter() - t0)
-            state["step"] += 1
-            state["batch_in_epoch"] += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.3f}")
-            if state["step"] % eval_every == 0 or state["step"] == config.max_steps:
-                stop = _validate(model, task, val_data, config, state, loss_value)
-                if ckpt is not None:
-                    _save(ckpt, model, opt, sched, state)
-            if stop or state["step"] >= config.max_steps:
-                break
-        else:  # the epoch ran out of batches
-            state["epoch"] += 1
-            state["batch_in_epoch"] = 0
-    bar.close()
+    stop, rng = False, torch.get_rng_state()
+    try:
+        while state["step"] < config.max_steps and not stop:
+            for group in _epoch_groups(task, config, state):
+                t0, rng = time.perf_counter(), torch.get_rng_state()
+                opt.zero_grad(set_to_none=True)
+                loss_value = 0.0
+                for batch in group:
+                    loss = task.loss(model, batch) / config.grad_accum
+                    loss.backward()
+                    loss_value += float(loss.detach())
+                opt.step()
+                sched.step()
+                step_time.append(time.perf_counter() - t0)
+                state["step"] += 1
+                state["batch_in_epoch"] += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.3f}")
+                history.step(model, state, loss_value, sched.get_last_lr()[0], step_time[-1],
+                             config.batch_size * config.grad_accum, time.perf_counter() - start)
+                due = (every_steps and state["step"] % every_steps == 0) or (
+                    every_seconds and time.monotonic() - last_save >= every_seconds)
+                if state["step"] % eval_every == 0 or state["step"] == config.max_steps:
+                    stop = _validate(model, task, val_data, config, state, loss_value, history, bar)
+                    due = True
+                if ckpt is not None and due:
+                    _save(ckpt, model, opt, sched, state, config)
+                    last_save = time.monotonic()
+                if stop or state["step"] >= config.max_steps:
+                    break
+            else:  # the epoch ran out of batches
+                state["epoch"] += 1
+                state["batch_in_epoch"] = 0
+    except KeyboardInterrupt:
+        if ckpt is not None:  # the last whole step is kept: run the same command again to resume from it
+            _save(ckpt, model, opt, sched, state, config, rng=rng)
+            bar.write(f"interrupted at step {state['step']}; checkpoint saved to {ckpt}: run the same command "
+                      "again to resume")
+        raise
+    finally:
+        bar.close()
     if state["best_state"] is not None:
         model.load_state_dict(state["best_state"], strict=False)
     median = float(np.median(step_time)) if step_time else 0.0
     return FitResult(state["step"], state["best"], state["best_step"], state["history"],
                      time.perf_counter() - start, median)
+
+
+HISTORY_NAME = "history.jsonl"
+
+
+class History:
+    """``history.jsonl``: one JSON object per logged step and per validation, appended (a resumed run continues it).
+
+    Lines: ``{"event": "step", "step", "epoch", "loss", "lr", "step_seconds", "samples_per_s",
+    "forward_queries", "gradient_queries", "time_s"}`` and ``{"event": "val", "step", "metrics", "primary",
+    "best"}``; metrics on a 0–1 scale.
+    """
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record, sort_keys=True) + "\n")
+
+    def step(self, model: AdaptedModel, state: dict[str, Any], loss: float, lr: float, seconds: float,
+             samples: int, elapsed: float) -> None:
+        exposure = model.handle.exposure
+        self.write({"event": "step", "step": state["step"], "epoch": state["epoch"], "loss": loss, "lr": lr,
+                    "step_seconds": seconds, "samples_per_s": samples / seconds if seconds > 0 else 0.0,
+                    "forward_queries": exposure.forward_queries, "gradient_queries": exposure.gradient_queries,
+                    "time_s": elapsed})
 
 
 def _epoch_groups(task: Task, config: TrainConfig, state: dict[str, Any]) -> Any:
@@ -176,12 +251,17 @@ def _epoch_groups(task: Task, config: TrainConfig, state: dict[str, Any]) -> Any
 
 
 def _validate(model: AdaptedModel, task: Task, val_data: Any, config: TrainConfig, state: dict[str, Any],
-              loss: float) -> bool:
+              loss: float, history: History, bar: Any) -> bool:
     metrics = task.evaluate(model, val_data)
     value = metrics[task.primary]
     state["history"].append({"step": state["step"], "loss": loss, **{f"val_{k}": v for k, v in metrics.items()}})
+    best = value > state["best"]
+    history.write({"event": "val", "step": state["step"], "metrics": metrics, "primary": task.primary,
+                   "best": best})
     log.info("step %d: val %s = %.3f", state["step"], task.primary, value)
-    if value > state["best"]:
+    if not bar.disable:  # shown with the progress bar, on stderr
+        bar.write(f"step {state['step']}: val {task.primary} {value:.4f}" + (" (best so far)" if best else ""))
+    if best:
         state.update(best=value, best_step=state["step"], bad=0,
                      best_state={k: v.detach().clone() for k, v in _trainable(model).items()})
     else:
@@ -189,26 +269,43 @@ def _validate(model: AdaptedModel, task: Task, val_data: Any, config: TrainConfi
     return bool(config.patience and state["bad"] >= config.patience)
 
 
-def _save(path: Path, model: AdaptedModel, opt: Any, sched: Any, state: dict[str, Any]) -> None:
+def _save(path: Path, model: AdaptedModel, opt: Any, sched: Any, state: dict[str, Any], config: TrainConfig,
+          rng: torch.Tensor | None = None) -> None:
     payload = {
         "trainable": {k: v.detach().clone() for k, v in _trainable(model).items()},
         "optimizer": opt.state_dict(),
         "scheduler": sched.state_dict(),
-        "rng": torch.get_rng_state(),
+        "rng": torch.get_rng_state() if rng is None else rng,
         "state": state,
+        "config": _resumable(config),
     }
-    tmp = path.with_name(path.name + ".tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(payload, tmp)
-    os.replace(tmp, path)  # atomic: a reader sees the old checkpoint or the new one, never half
+    # atomic: a reader sees the old checkpoint or the new one, never half
+    replace_atomically(path, lambda tmp: torch.save(payload, tmp))
+
+
+def _resumable(config: TrainConfig) -> dict[str, Any]:
+    """The settings a resumed run must share with the run it continues (cadence may change)."""
+    return {k: v for k, v in asdict(config).items() if k != "checkpoint_every"}
 
 
 def _resume(path: Path, model: AdaptedModel, opt: Any, sched: Any, config: TrainConfig) -> dict[str, Any]:
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises several types for a damaged file
+        raise InvalidInputError(f"checkpoint {path} is damaged or truncated ({type(err).__name__}: "
+                                f"{str(err)[:120]}); delete it to start the run over (the adapter of a finished "
+                                "run is not in it)") from None
     trainable = _trainable(model)
     if set(payload["trainable"]) != set(trainable):
         raise InvalidInputError(f"checkpoint {path} belongs to another method or backbone; delete it or use "
                                 "another --out")
+    saved = payload.get("config")
+    if saved is not None and saved != _resumable(config):
+        diff = {k: (saved.get(k), v) for k, v in _resumable(config).items() if saved.get(k) != v}
+        raise InvalidInputError(f"checkpoint {path} was written with other settings: "
+                                + ", ".join(f"{k} {a} then, {b} now" for k, (a, b) in diff.items())
+                                + "; run with the same flags to resume, or delete the checkpoint to start over")
     model.load_state_dict(payload["trainable"], strict=False)
     opt.load_state_dict(payload["optimizer"])
     sched.load_state_dict(payload["scheduler"])
