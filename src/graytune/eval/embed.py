@@ -31,20 +31,25 @@ class Encoder(Protocol):
 @torch.no_grad()
 def embed_images(model: Encoder, paths: Sequence[Path], preprocess: ImagePreprocess, batch_size: int = 32,
                  progress: bool = True) -> Tensor:
-    """``[N, E]`` image embeddings of the files at ``paths``."""
+    """``[N, E]`` image embeddings of the files at ``paths``; ``progress``: a bar (images/s, ETA) on stderr."""
     chunks = []
-    for start in tqdm(range(0, len(paths), batch_size), desc="images", unit="batch", disable=not progress):
-        images = []
-        for path in paths[start:start + batch_size]:
-            with Image.open(path) as im:
-                images.append(im.copy())
-        chunks.append(model.encode_image(preprocess(images)))
+    with tqdm(total=len(paths), desc="embed images", unit="img", disable=not progress) as bar:
+        for start in range(0, len(paths), batch_size):
+            images = []
+            for path in paths[start:start + batch_size]:
+                with Image.open(path) as im:
+                    images.append(im.copy())
+            chunks.append(model.encode_image(preprocess(images)))
+            bar.update(len(images))
     return torch.cat(chunks)
 
 
 @torch.no_grad()
 def embed_texts(model: Encoder, texts: Sequence[str], batch_size: int = 64, progress: bool = True) -> Tensor:
-    """``[M, E]`` text embeddings."""
-    chunks = [model.encode_text(list(texts[i:i + batch_size]))
-              for i in tqdm(range(0, len(texts), batch_size), desc="texts", unit="batch", disable=not progress)]
+    """``[M, E]`` text embeddings; ``progress``: a bar (texts/s, ETA) on stderr."""
+    chunks = []
+    with tqdm(total=len(texts), desc="embed texts", unit="text", disable=not progress) as bar:
+        for i in range(0, len(texts), batch_size):
+            chunks.append(model.encode_text(list(texts[i:i + batch_size])))
+            bar.update(len(chunks[-1]))
     return torch.cat(chunks)
