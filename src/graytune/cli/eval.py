@@ -7,7 +7,7 @@ import json
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from graytune.train.arguments import positive_int
+    from graytune.train.arguments import add_data_arguments, positive_int
 
     p = sub.add_parser("eval", help="evaluate a saved adapter on a data set's test split")
     p.add_argument("--backbone", required=True,
@@ -16,7 +16,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--adapter", default=None, help="folder written by graytune train or transfer (omit for "
                                                    "zero-shot); its config says everything else")
     p.add_argument("--task", choices=["retrieval", "classification", "sketch"], help="default: the data set's own")
-    p.add_argument("--data", required=True, help="a built-in set (see graytune train --help) or a path")
+    add_data_arguments(p, required=True)
+    p.add_argument("--split", choices=["test", "val", "all"], default="test",
+                   help="which split to score: test (default), val, or all (a file of yours scored whole, never "
+                        "re-split)")
     p.add_argument("--image-size", type=positive_int, default=None,
                    help="default: the size the adapter was trained at")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
@@ -33,16 +36,21 @@ def run(args: argparse.Namespace) -> int:
         from graytune.errors import InvalidInputError
         from graytune.transfer.recipe import evaluate_transmiter
 
-        if args.task not in (None, "classification"):
-            raise InvalidInputError(f"{args.adapter} is a {method.name} logit adapter: it classifies; "
-                                    f"--task {args.task} does not apply")
+        if args.task not in (None, "classification") or args.split != "test":
+            raise InvalidInputError(f"{args.adapter} is a {method.name} logit adapter: it is scored on the test "
+                                    "split of a classification set; --task and --split do not apply")
         result = evaluate_transmiter(args.adapter, args.backbone, args.data, args.image_size)
     else:
-        result = evaluate_saved(args.backbone, args.adapter, args.data, args.task, args.image_size)
+        from graytune.train.arguments import loader_config
+
+        result = evaluate_saved(args.backbone, args.adapter, args.data, args.task, args.image_size, args.split,
+                                loader_config(args))
     if args.json:
         print(json.dumps(result, sort_keys=True))
     else:
-        print(f"{result['method']} on {result['backbone']}, {result['data']} test split:")
+        if result.get("data_note"):
+            print(f"note: {result['data_note']}")
+        print(f"{result['method']} on {result['backbone']}, {result['data']} {result.get('split', 'test')} split:")
         for key, value in result["test"].items():
             print(f"  {key:<32} {value:8.2f}")
     return 0

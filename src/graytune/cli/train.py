@@ -30,6 +30,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:  # the validation history and best step included
         print(json.dumps(summary, sort_keys=True))
     else:
+        if summary.get("data_note"):
+            print(f"note: {summary['data_note']}")
         print(f"{summary['method']} on {summary['backbone']} ({summary['access']}), {summary['data']}: "
               f"{summary['steps']} steps at lr {summary['lr']:g}, {summary['trainable_parameters']} trainable "
               "parameters")
@@ -50,7 +52,11 @@ def _transmiter_plus(args: argparse.Namespace) -> int:
         raise InvalidInputError("--method transmiter+ needs --adapter: the folder written by graytune transfer")
     given = given_train_fields(args)
     refused = [f"--{k.replace('_', '-')}" for k in ("grad_accum", "eval_every", "patience") if k in given]
-    refused += [flag for flag, value in (("--option", args.option), ("--task", args.task)) if value]
+    refused += [flag for flag, value in (("--option", args.option), ("--task", args.task), ("--train", args.train),
+                                         ("--val", args.val), ("--test", args.test), ("--workers", args.workers))
+                if value]
+    if args.cache_mb != 64.0:
+        refused.append("--cache-mb")
     if args.access not in (None, "black-box"):
         refused.append("--access")
     if refused:

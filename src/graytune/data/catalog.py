@@ -11,7 +11,6 @@ Example:
 
 from __future__ import annotations
 
-import csv
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,10 +19,9 @@ from typing import Any
 import torch
 
 from graytune.data.emoji import load_emoji
+from graytune.data.files import Record, is_coco, read_coco, read_rows, read_shards, to_classification, to_retrieval
 from graytune.data.fortunes import load_fortunes
 from graytune.data.labeled import (
-    LabeledImages,
-    LabeledTexts,
     load_fashion_mnist,
     load_image_folder,
     load_wordnet_supersenses,
@@ -31,8 +29,8 @@ from graytune.data.labeled import (
 from graytune.data.karpathy import load_karpathy_json
 from graytune.data.sketch import load_sketch_folders, load_sketches
 from graytune.data.video import load_msrvtt_json
-from graytune.data.tuxpaint import ImageCaptionSet, load_tuxpaint
-from graytune.errors import InvalidInputError, MissingDependencyError, UnknownNameError
+from graytune.data.tuxpaint import load_tuxpaint
+from graytune.errors import InvalidInputError, UnknownNameError
 
 
 @dataclass(frozen=True)
@@ -48,6 +46,7 @@ class Splits:
     fit: str = "crop"  # image preprocessing: crop photos, pad drawings
     classes: tuple[int, ...] | None = None  # classification: the classes trained on (base-to-novel: the base)
     eval_splits: dict[str, tuple[int, ...]] | None = None  # classification: class groups scored apart
+    note: str = ""  # how the splits were made when the user did not say (a re-split), shown to the user
 
 
 BUILTIN = {"tuxpaint": "retrieval", "emoji": "retrieval", "tuxpaint-sketch": "sketch",
@@ -58,31 +57,111 @@ def _perm(n: int, seed: int) -> list[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def load_splits(name: str, task: str | None = None, seed: int = 0, train_size: int | None = None,
-                base_to_novel: bool = False) -> Splits:
-    """The splits of a built-in set (see ``BUILTIN``) or of a path.
+def load_splits(name: str | None, task: str | None = None, seed: int = 0, train_size: int | None = None,
+                base_to_novel: bool = False, *, train: str | None = None, val: str | None = None,
+                test: str | None = None) -> Splits:
+    """The splits of a built-in set (see ``BUILTIN``), of a path, or of explicit split files.
 
     With ``base_to_novel`` (classification), the first half of the classes is the base: train and
     val keep base samples only; the test split keeps all, scored among base and among novel classes.
 
-    Paths: a ``.csv``/``.jsonl`` of ``image,caption`` rows (retrieval, image paths relative to the file)
-    or a folder of class sub-folders of images (classification).
+    Paths: a ``.csv``/``.jsonl`` of ``image,caption`` (retrieval) or ``image,label`` (classification)
+    rows, optionally with a ``split`` column (train/val/test); a COCO caption ``.json``, a
+    Karpathy-split ``.json`` or an MSR-VTT ``.json``; WebDataset ``.tar`` shards (brace patterns such
+    as ``shards/{000..009}.tar``); a folder of class folders; a folder with ``sketch/`` and
+    ``photo/``. A file without splits is re-split 70/10/20 with ``seed`` (and ``note`` says so).
+    ``train``/``val``/``test`` give the splits as separate files instead of ``name``.
     """
-    if name in BUILTIN:
-        kind = BUILTIN[name]
+    if train is not None:
+        if name is not None:
+            raise InvalidInputError("give either --data or --train/--val/--test, not both")
+        splits = _explicit(train, val, test, task, seed)
+    elif val is not None or test is not None:
+        raise InvalidInputError("--val/--test go with --train FILE (the training split)")
+    elif name is None:
+        raise InvalidInputError("no data: give --data NAME_OR_PATH, or --train FILE (with --val/--test)")
+    elif name in BUILTIN:
+        splits = _builtin(name, _check_task(name, BUILTIN[name], task), seed, train_size)
     elif name.endswith(":base-to-novel"):
         return load_splits(name.rsplit(":", 1)[0], task, seed, train_size, base_to_novel=True)
-    elif Path(name).exists():
-        kind = "classification" if Path(name).is_dir() else "retrieval"
-        if Path(name).is_dir() and {"sketch", "photo"} <= {p.name for p in Path(name).iterdir()}:
-            kind = "sketch"
     else:
-        raise UnknownNameError("data set", name, BUILTIN,
-                               "or give a path: a .csv/.jsonl of image,caption or a folder of class folders")
+        splits = _from_path(name, task, seed)
+    return _base_to_novel(splits) if base_to_novel else splits
+
+
+def _check_task(name: str, kind: str, task: str | None) -> str:
     if task is not None and task != kind:
         raise InvalidInputError(f"data {name!r} is for {kind}, not {task!r}; pick --task {kind}")
-    splits = _builtin(name, kind, seed, train_size) if name in BUILTIN else _from_path(Path(name), kind, seed)
-    return _base_to_novel(splits) if base_to_novel else splits
+    return kind
+
+
+def _looks_like_path(name: str) -> bool:
+    return "/" in name or "{" in name or Path(name).suffix.lower() in (".csv", ".jsonl", ".json", ".tar")
+
+
+def _explicit(train: str, val: str | None, test: str | None, task: str | None, seed: int) -> Splits:
+    """Splits from separate files (or folders) of one format; a missing val is carved from train."""
+    kind, train_set, extra = _one_source(train, task)
+    class_names = getattr(train_set, "class_names", None)
+    val_set = _one_source(val, kind, class_names)[1] if val else None
+    test_set = _one_source(test, kind, class_names)[1] if test else None
+    note = ""
+    if val_set is None:
+        order = _perm(len(train_set), seed)
+        n_val = max(1, len(order) // 10)
+        train_set, val_set = train_set.subset(order[n_val:]), train_set.subset(order[:n_val])
+        note = f"no --val given: 10 % of --train ({n_val} items, seed {seed}) held out for validation"
+    if test_set is None:
+        note += ("; " if note else "") + "no --test given: no test metrics"
+    extra.pop("karpathy", None)
+    return Splits(Path(train).stem, kind, train_set, val_set, test_set, note=note, **extra)
+
+
+def _one_source(name: str, task: str | None, class_names: Any = None) -> tuple[str, Any, dict[str, Any]]:
+    """``(kind, data set, extra Splits fields)`` of one file or folder, whole (no split)."""
+    records, kind, extra = _records(name, task)
+    if records is None:
+        if "karpathy" in extra:
+            raise InvalidInputError(f"{name}: a Karpathy .json holds its own splits; give it as --data")
+        return kind, extra.pop("data"), extra
+    data = (to_retrieval(Path(name).stem, records) if kind == "retrieval"
+            else to_classification(Path(name).stem, records, class_names))
+    return kind, data, extra
+
+
+def _records(name: str, task: str | None) -> tuple[list[Record] | None, str, dict[str, Any]]:
+    """The records of a file (or, for folders and video JSON, ``None`` and the data set in ``extra``)."""
+    path = Path(name)
+    if ".tar" in name and not path.is_dir():
+        records = read_shards(name)
+        return records, _kind_of(name, records, task), _prompt(records)
+    if not path.exists():
+        if _looks_like_path(name):
+            raise InvalidInputError(f"no such file or folder: {name}")
+        raise UnknownNameError("data set", name, BUILTIN, "or give a path: a .csv/.jsonl, a COCO or Karpathy "
+                               ".json, .tar shards or a folder of class folders")
+    if path.is_dir():
+        if {"sketch", "photo"} <= {p.name for p in path.iterdir()}:
+            return None, _check_task(name, "sketch", task), {"data": load_sketch_folders(path), "fit": "pad"}
+        return None, _check_task(name, "classification", task), {"data": load_image_folder(path),
+                                                                   "prompt": "a picture of a {}"}
+    if path.suffix == ".json":
+        if _is_msrvtt(path):
+            return None, _check_task(name, "retrieval", task), {"data": load_msrvtt_json(path)}
+        if is_coco(path):
+            return read_coco(path), _check_task(name, "retrieval", task), {}
+        return None, _check_task(name, "retrieval", task), {"karpathy": load_karpathy_json(path)}
+    records = read_rows(path)
+    return records, _kind_of(name, records, task), _prompt(records)
+
+
+def _kind_of(name: str, records: list[Record], task: str | None) -> str:
+    kind = "retrieval" if records and records[0].caption is not None else "classification"
+    return _check_task(name, kind, task)
+
+
+def _prompt(records: list[Record]) -> dict[str, Any]:
+    return {"prompt": "a picture of a {}"} if records and records[0].caption is None else {}
 
 
 def _builtin(name: str, kind: str, seed: int, train_size: int | None) -> Splits:
@@ -133,25 +212,39 @@ def _base_to_novel(splits: Splits) -> Splits:
                    classes=base, eval_splits={"base": base, "novel": novel})
 
 
-def _from_path(path: Path, kind: str, seed: int) -> Splits:
-    if kind == "retrieval" and path.suffix == ".json":
-        if _is_msrvtt(path):
-            data = load_msrvtt_json(path)
-            return _split(path.stem, kind, data, _perm(len(data), seed))
-        parts = load_karpathy_json(path)
-        return Splits(path.stem, kind, parts["train"], parts["val"], parts["test"])
-    if kind == "sketch":
-        pairs = load_sketch_folders(path)
-        return _split(path.name, kind, pairs, _perm(len(pairs), seed), fit="pad")
-    if kind == "retrieval":
-        rows = _read_pairs(path)
-        images = sorted({r[0] for r in rows})
-        index = {img: i for i, img in enumerate(images)}
-        data = ImageCaptionSet(path.stem, tuple(images), tuple(r[1] for r in rows),
-                               tuple(index[r[0]] for r in rows), tuple("" for _ in images))
-        return _split(path.stem, kind, data, _perm(len(images), seed))
-    folder = load_image_folder(path)
-    return _split(path.name, kind, folder, _perm(len(folder), seed), prompt="a picture of a {}")
+def _from_path(name: str, task: str | None, seed: int) -> Splits:
+    """Splits of one file or folder: its own (a split column, Karpathy's) or 70/10/20 with ``seed``."""
+    records, kind, extra = _records(name, task)
+    label = Path(name).name if Path(name).is_dir() else Path(name).stem
+    if "karpathy" in extra:
+        parts = extra["karpathy"]
+        return Splits(label, kind, parts["train"], parts["val"], parts["test"])
+    if records is not None and any(r.split for r in records):
+        return _split_column(name, label, kind, records, extra)
+    data = extra.pop("data") if records is None else (
+        to_retrieval(label, records) if kind == "retrieval" else to_classification(label, records))
+    if len(data) < 10:
+        raise InvalidInputError(f"{name}: needs at least 10 images to split into train/val/test; got {len(data)}")
+    note = (f"{name} has no splits: re-split 70/10/20 (train/val/test) with seed {seed}; give a split column "
+            "or --train/--val/--test to use your own")
+    return _split(label, kind, data, _perm(len(data), seed), note=note, **extra)
+
+
+def _split_column(name: str, label: str, kind: str, records: list[Record], extra: dict[str, Any]) -> Splits:
+    """Splits as the file's ``split`` column says."""
+    blank = next((r for r in records if not r.split), None)
+    if blank is not None:
+        raise InvalidInputError(f"{blank.origin}: the split column is empty here but set elsewhere; give every "
+                                "row a split (train, val or test)")
+    parts: dict[str, Any] = {}
+    for split in ("train", "val", "test"):
+        chosen = [r for r in records if r.split == split]
+        if not chosen:
+            raise InvalidInputError(f"{name}: no row has split {split!r}; give train, val and test rows")
+        names = getattr(parts.get("train"), "class_names", None)
+        parts[split] = to_retrieval(label, chosen) if kind == "retrieval" else to_classification(label, chosen,
+                                                                                                  names)
+    return Splits(label, kind, parts["train"], parts["val"], parts["test"], **extra)
 
 
 def _is_msrvtt(path: Path) -> bool:
@@ -161,32 +254,6 @@ def _is_msrvtt(path: Path) -> bool:
         return False
 
 
-def _read_pairs(path: Path) -> list[tuple[Path, str]]:
-    rows: list[tuple[Path, str]] = []
-    if path.suffix == ".jsonl":
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if line.strip():
-                item = json.loads(line)
-                if "image" not in item or "caption" not in item:
-                    raise InvalidInputError(f"{path}:{n}: each line needs 'image' and 'caption'; got {sorted(item)}")
-                rows.append((path.parent / item["image"], str(item["caption"])))
-    elif path.suffix == ".csv":
-        with open(path, newline="") as fh:
-            reader = csv.DictReader(fh)
-            if not reader.fieldnames or not {"image", "caption"} <= set(reader.fieldnames):
-                raise InvalidInputError(f"{path}: needs a header with 'image' and 'caption'; got {reader.fieldnames}")
-            rows = [(path.parent / r["image"], r["caption"]) for r in reader]
-    else:
-        raise InvalidInputError(f"{path}: expected a .csv or .jsonl of image,caption pairs, a Karpathy-split "
-                                ".json or an MSR-VTT-style .json")
-    missing = [str(p) for p, _ in rows if not p.is_file()]
-    if missing:
-        raise MissingDependencyError(f"{path}: {len(missing)} image files are missing, e.g. {missing[0]}")
-    if len({p for p, _ in rows}) < 10:
-        raise InvalidInputError(f"{path}: needs at least 10 images to split into train/val/test")
-    return rows
-
-
 def _split(name: str, kind: str, data: Any, order: list[int], **extra: Any) -> Splits:
     """70 / 10 / 20 % train / val / test of any set with ``subset``, in the order ``order``."""
     n = len(order)
@@ -194,3 +261,17 @@ def _split(name: str, kind: str, data: Any, order: list[int], **extra: Any) -> S
     return Splits(name, kind, data.subset(order[:n - n_test - n_val]), data.subset(order[n - n_test - n_val:n - n_test]),
                   data.subset(order[n - n_test:]), **extra)
 
+
+
+def load_whole(name: str, task: str | None = None) -> Splits:
+    """A file or folder scored whole (``graytune eval --split all``): every item in the test split.
+
+    Raises:
+        InvalidInputError: for built-in sets (they have fixed splits: pick ``test`` or ``val``).
+    """
+    if name in BUILTIN or name.endswith(":base-to-novel"):
+        raise InvalidInputError(f"--split all scores a file of yours whole; {name!r} is a built-in set with fixed "
+                                "splits: use --split test or --split val")
+    kind, data, extra = _one_source(name, task)
+    return Splits(Path(name).stem, kind, data, data, data, note=f"{name} scored whole ({len(data)} items)",
+                  **extra)

@@ -95,7 +95,7 @@ VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm"}
 
 
 def pixel_cache(paths_or_images: Sequence[Any], preprocess: ImagePreprocess, batch: int = 64,
-                frames: int = 8) -> Tensor:
+                frames: int = 8) -> torch.Tensor:
     """Preprocessed pixels, computed once (the adapters see the same tensors each epoch).
 
     ``[N, 3, S, S]`` for images; ``[N, F, 3, S, S]`` when the items are video files (``frames`` each).

@@ -9,6 +9,7 @@ Example:
 from __future__ import annotations
 
 import gzip
+import io
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,17 +54,25 @@ class LabeledImageFiles:
     paths: tuple[Path, ...]
     labels: torch.Tensor
     class_names: tuple[str, ...]
+    origins: tuple[str, ...] = ()  # per image, where it was listed (``labels.csv row 7``), for errors
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def pil(self, index: int) -> Image.Image:
-        with Image.open(self.paths[index]) as image:
+        item = self.paths[index]
+        source = io.BytesIO(item.read_bytes()) if not isinstance(item, str | Path) else item
+        with Image.open(source) as image:
             return image.convert("RGB")
+
+    def where(self, index: int) -> str:
+        """Image ``index``'s file and the row that named it."""
+        return f"{self.paths[index]} ({self.origins[index]})" if self.origins else str(self.paths[index])
 
     def subset(self, indices: Sequence[int]) -> LabeledImageFiles:
         return LabeledImageFiles(self.name, tuple(self.paths[i] for i in indices),
-                                 self.labels[torch.as_tensor(list(indices), dtype=torch.long)], self.class_names)
+                                 self.labels[torch.as_tensor(list(indices), dtype=torch.long)], self.class_names,
+                                 tuple(self.origins[i] for i in indices) if self.origins else ())
 
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}

@@ -28,9 +28,14 @@ class ImageCaptionSet:
     captions: tuple[str, ...]
     caption_image: tuple[int, ...]
     categories: tuple[str, ...]  # one per image
+    origins: tuple[str, ...] = ()  # per image, where it was listed (``pairs.csv row 7``), for errors
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def where(self, index: int) -> str:
+        """Image ``index``'s file and the row that named it."""
+        return f"{self.images[index]} ({self.origins[index]})" if self.origins else str(self.images[index])
 
     def subset(self, indices: list[int]) -> ImageCaptionSet:
         """The images at ``indices`` with their captions, re-indexed."""
@@ -39,7 +44,8 @@ class ImageCaptionSet:
             by_image.setdefault(image, []).append(caption)
         caps = [(c, new) for new, old in enumerate(indices) for c in by_image.get(old, [])]
         return ImageCaptionSet(self.name, tuple(self.images[i] for i in indices), tuple(c for c, _ in caps),
-                               tuple(i for _, i in caps), tuple(self.categories[i] for i in indices))
+                               tuple(i for _, i in caps), tuple(self.categories[i] for i in indices),
+                               tuple(self.origins[i] for i in indices) if self.origins else ())
 
 
 def english_caption(path: Path) -> str | None:

@@ -17,6 +17,7 @@ from dataclasses import fields
 from typing import Any
 
 from graytune.config import field_docs
+from graytune.data.stream import LoaderConfig
 from graytune.errors import InvalidInputError
 from graytune.methods import METHODS, get_method
 from graytune.train.recipe import RunSpec
@@ -82,6 +83,23 @@ def option_pair(text: str) -> tuple[str, str]:
     return key.strip(), value.strip()
 
 
+def add_data_arguments(p: argparse.ArgumentParser, required: bool = False) -> None:
+    """``--data``, ``--workers`` and ``--cache-mb`` (shared with ``graytune eval``)."""
+    p.add_argument("--data", required=required, default=None,
+                   help="tuxpaint, emoji, tuxpaint-sketch, fashion-mnist, wordnet-supersense, fortunes (add "
+                        ":base-to-novel to a classification set), or a path: .csv/.jsonl of image,caption or "
+                        "image,label (optional split column), a COCO or Karpathy caption .json, WebDataset .tar "
+                        "shards (brace patterns), a folder of class folders")
+    p.add_argument("--workers", type=non_negative_int, default=0,
+                   help="processes decoding images on the fly (default: 0, in this process)")
+    p.add_argument("--cache-mb", type=non_negative_float, default=64.0,
+                   help="preprocessed images kept in memory between epochs, at most this many MB (default: 64)")
+
+
+def loader_config(args: argparse.Namespace) -> LoaderConfig:
+    return LoaderConfig(workers=args.workers, cache_mb=args.cache_mb)
+
+
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """Every flag of a training run (see ``run_spec``)."""
     p.add_argument("--backbone", required=True,
@@ -100,9 +118,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shots", type=positive_int, default=None,
                    help="transmiter+ only: labelled images per class (default: 16)")
     p.add_argument("--task", choices=["retrieval", "classification", "sketch"], help="default: the data set's own")
-    p.add_argument("--data", required=True,
-                   help="tuxpaint, emoji, tuxpaint-sketch, fashion-mnist, wordnet-supersense, fortunes (add "
-                        ":base-to-novel to a classification set), or a .csv/.jsonl of image,caption")
+    add_data_arguments(p)
+    p.add_argument("--train", default=None, metavar="FILE", help="the training split as its own file or folder "
+                   "(instead of --data; same formats)")
+    p.add_argument("--val", default=None, metavar="FILE", help="with --train: the validation split (default: "
+                   "10 %% of --train, said in the output)")
+    p.add_argument("--test", default=None, metavar="FILE", help="with --train: the test split (default: none)")
     p.add_argument("--out", required=True, help="folder for the adapter (a checkpoint there resumes the run)")
     p.add_argument("--image-size", type=positive_int, default=None,
                    help="image side in pixels (default: the spec's)")
@@ -135,8 +156,11 @@ def run_spec(args: argparse.Namespace) -> RunSpec:
                                 "training split")
     method.resolve_options(options)  # every bad option reported now, with the allowed ones
     config = TrainConfig(**given_train_fields(args))
+    if args.data is None and args.train is None:
+        raise InvalidInputError("no data: give --data NAME_OR_PATH, or --train FILE (with --val/--test)")
+    files = {"train": args.train, "val": args.val, "test": args.test}
     return RunSpec(args.backbone, args.access, args.method, args.data, args.task, args.out, args.image_size,
-                   config, options, args.adapter, overwrite=args.overwrite)
+                   config, options, args.adapter, files=files, loader=loader_config(args), overwrite=args.overwrite)
 
 
 __all__ = ["LIMITS", "TRAINABLE", "add_train_arguments", "given_train_fields", "non_negative_float",

@@ -28,12 +28,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from graytune.artifacts import adapter_state, prepare_out, save_adapter
-from graytune.data.catalog import load_splits
 from graytune.methods import get_method
 from graytune.model import AdaptedModel
 from graytune.schedules import warmup_cosine
 from graytune.train.arguments import add_train_arguments, run_spec
-from graytune.train.recipe import RunSpec, describe, make_task, open_for, warm_start
+from graytune.train.recipe import RunSpec, describe, make_task, open_for, splits_for, warm_start
 from graytune.train.trainer import seed_everything
 
 log = logging.getLogger(__name__)
@@ -61,8 +60,8 @@ def train(run: RunSpec) -> dict[str, Any]:
     config = replace(run.train, lr=run.train.lr if run.train.lr is not None else method.lr or 0.0)
     seed_everything(config.seed)  # the same initial adapter everywhere (DDP also broadcasts rank 0's)
     handle = open_for(run.backbone, run.access, run.method)
-    splits = load_splits(run.data, run.task)
-    task = make_task(splits, handle, run.image_size)
+    splits = splits_for(run)
+    task = make_task(splits, handle, run.image_size, loader=run.loader)
     model = warm_start(run, handle) if run.adapter else AdaptedModel.build(handle, run.method, run.options)
     ddp = DistributedDataParallel(_TaskLoss(model, task), find_unused_parameters=True)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,

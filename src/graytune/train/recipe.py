@@ -9,6 +9,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -16,7 +17,8 @@ from typing import Any
 
 from graytune.access import Handle, open_backbone
 from graytune.artifacts import load_adapter, prepare_out, read_config, save_adapter
-from graytune.data.catalog import Splits, load_splits
+from graytune.data.catalog import Splits, load_splits, load_whole
+from graytune.data.stream import LoaderConfig
 from graytune.data.images import ImagePreprocess
 from graytune.data.labeled import LabeledImageFiles, LabeledImages
 from graytune.errors import ArtifactError, InvalidInputError
@@ -25,6 +27,8 @@ from graytune.model import AdaptedModel
 from graytune.train.tasks import ClassificationTask, RetrievalTask, SketchRetrievalTask, Task
 from graytune.train.trainer import TrainConfig, fit, seed_everything
 from graytune.types import AccessLevel
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -47,6 +51,9 @@ class RunSpec:
     train: TrainConfig = field(default_factory=TrainConfig)
     options: dict[str, Any] = field(default_factory=dict)
     adapter: str | None = None
+    files: dict[str, str | None] = field(default_factory=dict)
+    """Explicit split files instead of ``data``: ``{"train": …, "val": …, "test": …}``."""
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
     overwrite: bool = False
     """Replace a finished adapter in ``out``, or write beside files that are not a graytune run."""
 
@@ -58,14 +65,21 @@ def open_for(backbone: str, access: str | None, method: str) -> Handle:
     return open_backbone(backbone, access=level, reads=spec.reads)
 
 
-def make_task(splits: Splits, handle: Handle, image_size: int | None, fit: str | None = None) -> Task:
+def make_task(splits: Splits, handle: Handle, image_size: int | None, fit: str | None = None,
+              loader: LoaderConfig | None = None) -> Task:
     needs_images = splits.task in ("retrieval", "sketch") or isinstance(splits.train, LabeledImages | LabeledImageFiles)
     pre = ImagePreprocess.from_spec(handle.spec, image_size, fit=fit or splits.fit) if needs_images else None
     if splits.task == "retrieval":
-        return RetrievalTask(splits.train, pre)  # type: ignore[arg-type]
+        return RetrievalTask(splits.train, pre, loader)  # type: ignore[arg-type]
     if splits.task == "sketch":
-        return SketchRetrievalTask(splits.train, pre)  # type: ignore[arg-type]
-    return ClassificationTask(splits.train, splits.prompt, pre, splits.classes, splits.eval_splits)
+        return SketchRetrievalTask(splits.train, pre, loader)  # type: ignore[arg-type]
+    return ClassificationTask(splits.train, splits.prompt, pre, splits.classes, splits.eval_splits, loader)
+
+
+def splits_for(run: RunSpec) -> Splits:
+    """The run's data: ``run.data``, or its explicit split files."""
+    files = {k: v for k, v in run.files.items() if v}
+    return load_splits(None if files else run.data, run.task, **files)
 
 
 def describe(splits: Splits, task: Task, run_data: str) -> dict[str, Any]:
@@ -105,9 +119,11 @@ def train_and_save(run: RunSpec, progress: bool = True) -> dict[str, Any]:
     if run.out:
         prepare_out(run.out, run.overwrite)  # refuses, before any work, a folder it could harm
     seed_everything(run.train.seed)
-    splits = load_splits(run.data, run.task)  # a missing file is said before the backbone loads
+    splits = splits_for(run)  # a missing file is said before the backbone loads
+    if splits.note:
+        log.warning("%s", splits.note)
     handle = open_for(run.backbone, run.access, run.method)
-    task = make_task(splits, handle, run.image_size)
+    task = make_task(splits, handle, run.image_size, loader=run.loader)
     model = warm_start(run, handle) if run.adapter else AdaptedModel.build(handle, run.method, run.options)
     config = replace(run.train, lr=run.train.lr if run.train.lr is not None else method.lr or 0.0)
     result = None
@@ -115,7 +131,7 @@ def train_and_save(run: RunSpec, progress: bool = True) -> dict[str, Any]:
     if method.slots:
         result = fit(model, task, splits.val, config, checkpoint=ckpt, progress=progress)
     start = time.perf_counter()
-    test = task.evaluate(model, splits.test)
+    test = task.evaluate(model, splits.test) if splits.test is not None else {}
     summary = {
         "backbone": handle.spec.id, "access": handle.access.label, "method": run.method, "data": run.data,
         "task": splits.task, "trainable_parameters": model.trainable_parameters() if result else 0,
@@ -123,7 +139,7 @@ def train_and_save(run: RunSpec, progress: bool = True) -> dict[str, Any]:
         "train_seconds": result.seconds if result else 0.0, "step_seconds": result.step_seconds if result else 0.0,
         "test_seconds": time.perf_counter() - start, "test": test, "history": result.history if result else [],
         "lr": config.lr, "options": model.adapter_options(),
-        "best_step": result.best_step if result else 0,
+        "best_step": result.best_step if result else 0, "data_note": splits.note,
     }
     if run.out:
         save_adapter(model, run.out, extra={"train": asdict(config), **describe(splits, task, run.data),
@@ -135,7 +151,8 @@ def train_and_save(run: RunSpec, progress: bool = True) -> dict[str, Any]:
 
 
 def evaluate_saved(backbone: str, adapter: str | None, data: str, task: str | None = None,
-                   image_size: int | None = None) -> dict[str, Any]:
+                   image_size: int | None = None, split: str = "test", loader: LoaderConfig | None = None,
+                   ) -> dict[str, Any]:
     """Test metrics of a saved adapter of any method (or of the zero-shot backbone when ``adapter`` is None).
 
     The artifact says everything needed (method, options, access, grants, preprocessing); ``image_size``
@@ -147,11 +164,12 @@ def evaluate_saved(backbone: str, adapter: str | None, data: str, task: str | No
         raise InvalidInputError(f"{adapter} holds a {config['method']} logit adapter; score it with "
                                 "graytune.transfer.recipe.evaluate_transmiter (graytune eval does)")
     level = max(AccessLevel.parse(config["access"]), method.min_access)
+    splits = load_whole(data, task) if split == "all" else load_splits(data, task)
     handle = open_for(backbone, level.label, config["method"])
-    splits = load_splits(data, task)
     pre = config.get("preprocess") or {}
     evaluator = make_task(splits, handle, image_size or pre.get("image_size") or config.get("image_size"),
-                          fit=pre.get("fit"))
+                          fit=pre.get("fit"), loader=loader)
     model = load_adapter(adapter, handle) if adapter else AdaptedModel.build(handle, "zero-shot")
-    return {"backbone": handle.spec.id, "method": config["method"], "data": data,
-            "test": evaluator.evaluate(model, splits.test)}
+    scored = splits.val if split == "val" else splits.test
+    return {"backbone": handle.spec.id, "method": config["method"], "data": data, "split": split,
+            "items": len(scored), "data_note": splits.note, "test": evaluator.evaluate(model, scored)}

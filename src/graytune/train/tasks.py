@@ -13,11 +13,11 @@ from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from tqdm.auto import tqdm
 
-from graytune.data.images import ImagePreprocess, pixel_cache
+from graytune.data.images import ImagePreprocess
 from graytune.data.labeled import LabeledImageFiles, LabeledImages, LabeledTexts
+from graytune.data.stream import LoaderConfig, PixelStream
 from graytune.data.sketch import SketchSet
 from graytune.data.tuxpaint import ImageCaptionSet
 from graytune.eval.classification import split_accuracy
@@ -46,9 +46,10 @@ class RetrievalTask:
 
     primary = "mean_recall"
 
-    def __init__(self, data: ImageCaptionSet, preprocess: ImagePreprocess) -> None:
-        self.data, self.preprocess = data, preprocess
-        self.pixels = pixel_cache(data.images, preprocess)
+    def __init__(self, data: ImageCaptionSet, preprocess: ImagePreprocess, loader: LoaderConfig | None = None,
+                 ) -> None:
+        self.data, self.preprocess, self.loader = data, preprocess, loader or LoaderConfig()
+        self.pixels = image_stream(data, preprocess, self.loader)
         self.first_caption = {}
         for j, i in enumerate(data.caption_image):
             self.first_caption.setdefault(i, j)
@@ -58,9 +59,9 @@ class RetrievalTask:
 
     def batches(self, batch_size: int, generator: torch.Generator) -> Iterator[tuple[Tensor, list[str]]]:
         order = torch.randperm(len(self.data), generator=generator).tolist()
-        for start in range(0, len(order) - batch_size + 1, batch_size):  # full batches: a fixed negative count
-            idx = order[start:start + batch_size]
-            yield self.pixels[idx], [self.data.captions[self.first_caption[i]] for i in idx]
+        groups = [order[s:s + batch_size] for s in range(0, len(order) - batch_size + 1, batch_size)]  # full batches
+        for idx, pixels in zip(groups, self.pixels.batches(groups)):
+            yield pixels, [self.data.captions[self.first_caption[i]] for i in idx]
 
     @staticmethod
     def encode_visual(model: AdaptedModel, pixels: Tensor) -> Tensor:
@@ -75,9 +76,8 @@ class RetrievalTask:
 
     @torch.no_grad()
     def evaluate(self, model: AdaptedModel, data: ImageCaptionSet, batch_size: int = 64) -> dict[str, float]:
-        pixels = self.pixels if data is self.data else pixel_cache(data.images, self.preprocess)
-        img = torch.cat([self.encode_visual(model, pixels[i:i + batch_size])
-                         for i in range(0, len(pixels), batch_size)])
+        pixels = self.pixels if data is self.data else image_stream(data, self.preprocess, self.loader)
+        img = torch.cat([self.encode_visual(model, batch) for batch in pixels.sequential(batch_size)])
         txt = torch.cat([model.encode_text(list(data.captions[i:i + batch_size]))
                          for i in range(0, len(data.captions), batch_size)])
         return retrieval_metrics(img, txt, data.caption_image)
@@ -93,18 +93,20 @@ class ClassificationTask:
     primary = "accuracy"
 
     def __init__(self, data: LabeledImages | LabeledTexts, prompt: str, preprocess: ImagePreprocess | None = None,
-                 classes: Sequence[int] | None = None, splits: dict[str, Sequence[int]] | None = None) -> None:
+                 classes: Sequence[int] | None = None, splits: dict[str, Sequence[int]] | None = None,
+                 loader: LoaderConfig | None = None) -> None:
         self.data, self.prompt, self.preprocess, self.splits = data, prompt, preprocess, splits
+        self.loader = loader or LoaderConfig()
         self.classes = list(classes) if classes is not None else list(range(len(data.class_names)))
         outside = set(data.labels.tolist()) - set(self.classes)
         if outside:
             raise ValueError(f"training samples carry labels {sorted(outside)} outside the trained classes")
         self.pixels = self._queries(data) if isinstance(data, LabeledImages | LabeledImageFiles) else None
 
-    def _queries(self, data: LabeledImages | LabeledImageFiles) -> Tensor:
+    def _queries(self, data: LabeledImages | LabeledImageFiles) -> PixelStream:
         if self.preprocess is None:
             raise ValueError("image classification needs a preprocess")
-        return pixel_cache([data.pil(i) for i in range(len(data))], self.preprocess)
+        return image_stream(data, self.preprocess, self.loader)
 
     def __len__(self) -> int:
         return len(self.data)
@@ -114,10 +116,12 @@ class ClassificationTask:
 
     def batches(self, batch_size: int, generator: torch.Generator) -> Iterator[tuple[Any, Tensor]]:
         order = torch.randperm(len(self.data), generator=generator).tolist()
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            queries = self.pixels[idx] if self.pixels is not None else [self.data.texts[i] for i in idx]
-            yield queries, self.data.labels[idx]
+        groups = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+        if self.pixels is not None:
+            yield from zip(self.pixels.batches(groups), (self.data.labels[idx] for idx in groups))
+            return
+        for idx in groups:
+            yield [self.data.texts[i] for i in idx], self.data.labels[idx]
 
     def _encode(self, model: AdaptedModel, queries: Any) -> Tensor:
         return model.encode_image(queries) if isinstance(queries, Tensor) else model.encode_text(queries)
@@ -141,10 +145,10 @@ class ClassificationTask:
             pixels = self.pixels
         else:
             pixels = self._queries(data) if isinstance(data, LabeledImages | LabeledImageFiles) else None
-        chunks = []
-        for i in tqdm(range(0, len(data), batch_size), desc="eval", unit="batch", leave=False, disable=None):
-            queries = pixels[i:i + batch_size] if pixels is not None else list(data.texts[i:i + batch_size])
-            chunks.append(self._encode(model, queries))
+        batches = (pixels.sequential(batch_size) if pixels is not None
+                   else (list(data.texts[i:i + batch_size]) for i in range(0, len(data), batch_size)))
+        chunks = [self._encode(model, queries) for queries in tqdm(
+            batches, total=-(-len(data) // batch_size), desc="eval", unit="batch", leave=False, disable=None)]
         queries = F.normalize(torch.cat(chunks), dim=-1)
         class_emb = F.normalize(model.encode_text(self.prompts(range(len(data.class_names)))), dim=-1)
         scores = queries @ class_emb.T  # [N, C]
@@ -159,19 +163,18 @@ class SketchRetrievalTask:
 
     primary = "mAP"
 
-    def __init__(self, data: SketchSet, preprocess: ImagePreprocess) -> None:
-        self.data, self.preprocess = data, preprocess
-        self.sketches = pixel_cache(data.sketches, preprocess)
-        self.images = pixel_cache(data.images, preprocess)
+    def __init__(self, data: SketchSet, preprocess: ImagePreprocess, loader: LoaderConfig | None = None) -> None:
+        self.data, self.preprocess, self.loader = data, preprocess, loader or LoaderConfig()
+        self.sketches = PixelStream.of(data.sketches, preprocess, self.loader)
+        self.images = PixelStream.of(data.images, preprocess, self.loader)
 
     def __len__(self) -> int:
         return len(self.data)
 
     def batches(self, batch_size: int, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
         order = torch.randperm(len(self.data), generator=generator).tolist()
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            idx = order[start:start + batch_size]
-            yield self.sketches[idx], self.images[idx]
+        groups = [order[s:s + batch_size] for s in range(0, len(order) - batch_size + 1, batch_size)]
+        yield from zip(self.sketches.batches(groups), self.images.batches(groups))
 
     def loss(self, model: AdaptedModel, batch: tuple[Tensor, Tensor]) -> Tensor:
         sketches, images = batch
@@ -182,11 +185,19 @@ class SketchRetrievalTask:
     @torch.no_grad()
     def evaluate(self, model: AdaptedModel, data: SketchSet, batch_size: int = 64) -> dict[str, float]:
         same = data is self.data
-        sketches = self.sketches if same else pixel_cache(data.sketches, self.preprocess)
-        images = self.images if same else pixel_cache(data.images, self.preprocess)
-        q = torch.cat([model.encode_image(sketches[i:i + batch_size]) for i in range(0, len(data), batch_size)])
-        g = torch.cat([model.encode_image(images[i:i + batch_size]) for i in range(0, len(data), batch_size)])
+        sketches = self.sketches if same else PixelStream.of(data.sketches, self.preprocess, self.loader)
+        images = self.images if same else PixelStream.of(data.images, self.preprocess, self.loader)
+        q = torch.cat([model.encode_image(batch) for batch in sketches.sequential(batch_size)])
+        g = torch.cat([model.encode_image(batch) for batch in images.sequential(batch_size)])
         out = category_metrics(q, g, data.labels, data.labels)
         top = (F.normalize(q, dim=-1) @ F.normalize(g, dim=-1).T).argmax(1)
         out["sketch_recall@1"] = 100.0 * float((top == torch.arange(len(data))).float().mean())
         return out
+
+
+def image_stream(data: Any, preprocess: ImagePreprocess, loader: LoaderConfig) -> PixelStream:
+    """A ``PixelStream`` over a data set's images: ``data.pil(i)`` where it has one, else ``data.images``."""
+    where = getattr(data, "where", None)
+    if hasattr(data, "pil"):
+        return PixelStream(data.pil, len(data), preprocess, loader, where)
+    return PixelStream.of(data.images, preprocess, loader, where)
