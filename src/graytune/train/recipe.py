@@ -25,7 +25,7 @@ from graytune.errors import ArtifactError, InvalidInputError
 from graytune.methods import MethodKind, get_method
 from graytune.model import AdaptedModel
 from graytune.train.tasks import ClassificationTask, RetrievalTask, SketchRetrievalTask, Task
-from graytune.train.trainer import TrainConfig, fit, seed_everything
+from graytune.train.trainer import TrainConfig, fit, seed_everything, world_position
 from graytune.types import AccessLevel
 
 log = logging.getLogger(__name__)
@@ -113,10 +113,16 @@ def warm_start(run: RunSpec, handle: Handle) -> AdaptedModel:
 
 def train_and_save(run: RunSpec, progress: bool = True) -> dict[str, Any]:
     """Train, select on val, evaluate once on test; save to ``run.out`` when given. Returns a summary."""
+    return train_model(run, progress)[0]
+
+
+def train_model(run: RunSpec, progress: bool = True) -> tuple[dict[str, Any], AdaptedModel]:
+    """``train_and_save``, also returning the trained model (in a process group: rank 0 tests and saves)."""
     method = get_method(run.method)
     if method.kind is MethodKind.LOGIT:
         raise InvalidInputError(f"method {run.method!r} is made by {method.trained_by}, not by this recipe")
-    if run.out:
+    rank, world = world_position()
+    if run.out and rank == 0:
         prepare_out(run.out, run.overwrite)  # refuses, before any work, a folder it could harm
     seed_everything(run.train.seed)
     splits = splits_for(run)  # a missing file is said before the backbone loads
@@ -131,7 +137,7 @@ def train_and_save(run: RunSpec, progress: bool = True) -> dict[str, Any]:
     if method.slots:
         result = fit(model, task, splits.val, config, checkpoint=ckpt, progress=progress)
     start = time.perf_counter()
-    test = task.evaluate(model, splits.test) if splits.test is not None else {}
+    test = task.evaluate(model, splits.test) if splits.test is not None and rank == 0 else {}
     summary = {
         "backbone": handle.spec.id, "access": handle.access.label, "method": run.method, "data": run.data,
         "task": splits.task, "trainable_parameters": model.trainable_parameters() if result else 0,
@@ -139,15 +145,15 @@ def train_and_save(run: RunSpec, progress: bool = True) -> dict[str, Any]:
         "train_seconds": result.seconds if result else 0.0, "step_seconds": result.step_seconds if result else 0.0,
         "test_seconds": time.perf_counter() - start, "test": test, "history": result.history if result else [],
         "lr": config.lr, "options": model.adapter_options(),
-        "best_step": result.best_step if result else 0, "data_note": splits.note,
+        "best_step": result.best_step if result else 0, "data_note": splits.note, "world_size": world,
     }
-    if run.out:
+    if run.out and rank == 0:
         save_adapter(model, run.out, extra={"train": asdict(config), **describe(splits, task, run.data),
                                             "warm_start": run.adapter, "best_step": summary["best_step"],
                                             "metrics": {"test": test}})
         if ckpt is not None:
             ckpt.unlink(missing_ok=True)  # the run is finished; history.jsonl stays beside the adapter
-    return summary
+    return summary, model
 
 
 def evaluate_saved(backbone: str, adapter: str | None, data: str, task: str | None = None,

@@ -34,7 +34,11 @@ class Task(Protocol):
 
     def __len__(self) -> int: ...
 
-    def batches(self, batch_size: int, generator: torch.Generator) -> Iterator[Any]: ...
+    def batches(self, batch_size: int, generator: torch.Generator, shard: tuple[int, int] = (0, 1)
+                ) -> Iterator[Any]:
+        """Batches of ``batch_size`` in the generator's order; with ``shard=(rank, world)`` this rank's
+        ``batch_size // world`` rows of each (data-parallel ranks split one global batch)."""
+        ...
 
     def loss(self, model: AdaptedModel, batch: Any) -> Tensor: ...
 
@@ -57,9 +61,11 @@ class RetrievalTask:
     def __len__(self) -> int:
         return len(self.data)
 
-    def batches(self, batch_size: int, generator: torch.Generator) -> Iterator[tuple[Tensor, list[str]]]:
+    def batches(self, batch_size: int, generator: torch.Generator, shard: tuple[int, int] = (0, 1)
+                ) -> Iterator[tuple[Tensor, list[str]]]:
         order = torch.randperm(len(self.data), generator=generator).tolist()
-        groups = [order[s:s + batch_size] for s in range(0, len(order) - batch_size + 1, batch_size)]  # full batches
+        groups = shard_groups([order[s:s + batch_size] for s in range(0, len(order) - batch_size + 1, batch_size)],
+                              shard)  # full batches
         for idx, pixels in zip(groups, self.pixels.batches(groups)):
             yield pixels, [self.data.captions[self.first_caption[i]] for i in idx]
 
@@ -114,9 +120,12 @@ class ClassificationTask:
     def prompts(self, classes: Sequence[int]) -> list[str]:
         return [self.prompt.format(self.data.class_names[c]) for c in classes]
 
-    def batches(self, batch_size: int, generator: torch.Generator) -> Iterator[tuple[Any, Tensor]]:
+    def batches(self, batch_size: int, generator: torch.Generator, shard: tuple[int, int] = (0, 1)
+                ) -> Iterator[tuple[Any, Tensor]]:
         order = torch.randperm(len(self.data), generator=generator).tolist()
-        groups = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+        # full batches only, as the other tasks and the trainer's epoch count (and data-parallel ranks) expect
+        groups = shard_groups([order[s:s + batch_size] for s in range(0, len(order) - batch_size + 1, batch_size)],
+                              shard)
         if self.pixels is not None:
             yield from zip(self.pixels.batches(groups), (self.data.labels[idx] for idx in groups))
             return
@@ -171,9 +180,11 @@ class SketchRetrievalTask:
     def __len__(self) -> int:
         return len(self.data)
 
-    def batches(self, batch_size: int, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
+    def batches(self, batch_size: int, generator: torch.Generator, shard: tuple[int, int] = (0, 1)
+                ) -> Iterator[tuple[Tensor, Tensor]]:
         order = torch.randperm(len(self.data), generator=generator).tolist()
-        groups = [order[s:s + batch_size] for s in range(0, len(order) - batch_size + 1, batch_size)]
+        groups = shard_groups([order[s:s + batch_size] for s in range(0, len(order) - batch_size + 1, batch_size)],
+                              shard)
         yield from zip(self.sketches.batches(groups), self.images.batches(groups))
 
     def loss(self, model: AdaptedModel, batch: tuple[Tensor, Tensor]) -> Tensor:
@@ -201,3 +212,11 @@ def image_stream(data: Any, preprocess: ImagePreprocess, loader: LoaderConfig) -
     if hasattr(data, "pil"):
         return PixelStream(data.pil, len(data), preprocess, loader, where)
     return PixelStream.of(data.images, preprocess, loader, where)
+
+
+def shard_groups(groups: list[list[int]], shard: tuple[int, int]) -> list[list[int]]:
+    """This rank's contiguous share of each global batch (``shard = (rank, world)``)."""
+    rank, world = shard
+    if world == 1:
+        return groups
+    return [g[rank * (len(g) // world):(rank + 1) * (len(g) // world)] for g in groups]

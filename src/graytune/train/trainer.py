@@ -141,12 +141,13 @@ def fit(model: AdaptedModel, task: Task, val_data: Any, config: TrainConfig,
     if not params:
         raise InvalidInputError(f"method {model.method!r} has nothing to train; evaluate it instead")
     seed_everything(config.seed)
+    rank, world = world_position()
     opt = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_cosine(step, config.max_steps, config.warmup))
-    per_epoch = len(task) // (config.batch_size * config.grad_accum)
+    per_epoch = len(task) // (config.batch_size * world * config.grad_accum)
     if per_epoch < 1:
         raise InvalidInputError(f"the training set has {len(task)} samples, fewer than one step's "
-                                f"{config.batch_size * config.grad_accum}; lower --batch-size or add data")
+                                f"{config.batch_size * world * config.grad_accum}; lower --batch-size or add data")
     eval_every = config.eval_every or per_epoch
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best": -math.inf, "best_step": 0, "bad": 0,
              "history": [], "best_state": None}
@@ -154,11 +155,12 @@ def fit(model: AdaptedModel, task: Task, val_data: Any, config: TrainConfig,
     if ckpt is not None and ckpt.is_file():
         state = _resume(ckpt, model, opt, sched, config)
         log.info("resumed from %s at step %d", ckpt, state["step"])
-    history = History(ckpt.parent / HISTORY_NAME if ckpt is not None else None)
+    history = History(ckpt.parent / HISTORY_NAME if ckpt is not None and rank == 0 else None)
+    ckpt_write = ckpt if rank == 0 else None  # rank 0 writes the run's files; every rank resumes from them
     every_steps, every_seconds = checkpoint_cadence(config.checkpoint_every)
     start, step_time, last_save = time.perf_counter(), [], time.monotonic()
     bar = tqdm(total=config.max_steps, initial=state["step"], desc=f"train {model.method}", unit="step",
-               disable=not progress)
+               disable=not progress or rank != 0)
     stop, rng = False, torch.get_rng_state()
     try:
         while state["step"] < config.max_steps and not stop:
@@ -170,6 +172,8 @@ def fit(model: AdaptedModel, task: Task, val_data: Any, config: TrainConfig,
                     loss = task.loss(model, batch) / config.grad_accum
                     loss.backward()
                     loss_value += float(loss.detach())
+                if world > 1:
+                    loss_value = _average_gradients(params, loss_value, world)
                 opt.step()
                 sched.step()
                 step_time.append(time.perf_counter() - t0)
@@ -178,14 +182,14 @@ def fit(model: AdaptedModel, task: Task, val_data: Any, config: TrainConfig,
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.3f}")
                 history.step(model, state, loss_value, sched.get_last_lr()[0], step_time[-1],
-                             config.batch_size * config.grad_accum, time.perf_counter() - start)
+                             config.batch_size * world * config.grad_accum, time.perf_counter() - start)
                 due = (every_steps and state["step"] % every_steps == 0) or (
                     every_seconds and time.monotonic() - last_save >= every_seconds)
                 if state["step"] % eval_every == 0 or state["step"] == config.max_steps:
                     stop = _validate(model, task, val_data, config, state, loss_value, history, bar)
                     due = True
-                if ckpt is not None and due:
-                    _save(ckpt, model, opt, sched, state, config)
+                if ckpt_write is not None and due:
+                    _save(ckpt_write, model, opt, sched, state, config)
                     last_save = time.monotonic()
                 if stop or state["step"] >= config.max_steps:
                     break
@@ -193,8 +197,8 @@ def fit(model: AdaptedModel, task: Task, val_data: Any, config: TrainConfig,
                 state["epoch"] += 1
                 state["batch_in_epoch"] = 0
     except KeyboardInterrupt:
-        if ckpt is not None:  # the last whole step is kept: run the same command again to resume from it
-            _save(ckpt, model, opt, sched, state, config, rng=rng)
+        if ckpt_write is not None:  # the last whole step is kept: run the same command again to resume from it
+            _save(ckpt_write, model, opt, sched, state, config, rng=rng)
             bar.write(f"interrupted at step {state['step']}; checkpoint saved to {ckpt}: run the same command "
                       "again to resume")
         raise
@@ -237,10 +241,42 @@ class History:
                     "time_s": elapsed})
 
 
+def world_position() -> tuple[int, int]:
+    """``(rank, world size)`` of this process: ``(0, 1)`` unless a torch.distributed group is running."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _average_gradients(params: dict[str, torch.Tensor], loss: float, world: int) -> float:
+    """Average every trainable tensor's gradient (and the logged loss) over the data-parallel ranks.
+
+    Each rank's loss is the mean over its share of the global batch, so the average equals one
+    process's gradient on the whole batch (for losses that are means over samples).
+    """
+    import torch.distributed as dist
+
+    for p in params.values():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad.div_(world)
+    total = torch.tensor([loss], dtype=torch.float64)
+    dist.all_reduce(total)
+    return float(total) / world
+
+
 def _epoch_groups(task: Task, config: TrainConfig, state: dict[str, Any]) -> Any:
-    """This epoch's groups of ``grad_accum`` batches, from where a resumed run left off."""
+    """This epoch's groups of ``grad_accum`` batches, from where a resumed run left off.
+
+    Every rank draws the same global order and takes its share of each batch.
+    """
     gen = torch.Generator().manual_seed(config.seed * 100_003 + state["epoch"])
-    batches = task.batches(config.batch_size, gen)
+    rank, world = world_position()
+    batches = (task.batches(config.batch_size * world, gen, (rank, world)) if world > 1
+               else task.batches(config.batch_size, gen))
     for _ in range(state["batch_in_epoch"] * config.grad_accum):
         next(batches, None)
     while True:
