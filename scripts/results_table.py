@@ -13,9 +13,9 @@ from collections import defaultdict
 COLUMNS = {
     "text": [("accuracy", "accuracy %")],
     "image": [("accuracy", "accuracy %")],
-    "image-text": [("text_retrieval_recall@1", "i→t R@1"), ("image_retrieval_recall@1", "t→i R@1"),
-                   ("mean_recall", "mean R")],
-    "sketch": [("mAP", "mAP"), ("P@10", "P@10"), ("sketch_recall@1", "inst. R@1")],
+    "image-text": [("text_retrieval_recall@1", "i→t R@1 %"), ("image_retrieval_recall@1", "t→i R@1 %"),
+                   ("mean_recall", "mean R %")],
+    "sketch": [("mAP", "mAP %"), ("P@10", "P@10 %"), ("sketch_recall@1", "inst. R@1 %")],
 }
 TITLES = {
     "text": "Text: MiniLM, WordNet gloss → supersense (10 classes; 2,000 train, 500 val, 3,000 test)",
@@ -28,6 +28,8 @@ TITLES = {
 
 
 def fmt(values: list[float]) -> str:
+    """Mean ± std over seeds, as percentages (the raw JSON holds 0–1, as CLIP_benchmark)."""
+    values = [100.0 * v for v in values]
     if len(values) == 1:
         return f"{values[0]:.1f}"
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"

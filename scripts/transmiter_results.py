@@ -118,7 +118,7 @@ def table(path: str = "docs/transmiter-raw.json") -> str:
     for label in labels:
         cells = []
         for key in ("base_accuracy", "novel_accuracy", "harmonic_mean"):
-            values = [raw["seeds"][s][label][key] for s in seeds]
+            values = [100.0 * raw["seeds"][s][label][key] for s in seeds]  # raw: 0–1; table: %
             sd = statistics.stdev(values) if len(values) > 1 else 0.0
             cells.append(f"{statistics.mean(values):.1f} ± {sd:.1f}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")

@@ -54,7 +54,7 @@ def test_extract_transfer_plus_round_trip(two_backbones, tmp_path, capsys) -> No
     assert main(["transfer", "--adapter", str(tmp_path / "tm"), "--strong", strong, "--data", data,
                  "--out", str(tmp_path / "moved"), "--json"]) == 0
     moved = json.loads(capsys.readouterr().out)
-    assert moved["gradient_queries"] == 0 and 0 <= moved["test"]["accuracy"] <= 100
+    assert moved["gradient_queries"] == 0 and 0 <= moved["test"]["accuracy"] <= 1
     assert main(["eval", "--backbone", strong, "--adapter", str(tmp_path / "moved"), "--data", data, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["test"] == moved["test"]  # eval reproduces transfer's own test
     moved_config = json.loads((tmp_path / "moved" / "adapter_config.json").read_text())

@@ -20,7 +20,7 @@ def naive(image_emb, text_emb, caption_image, k):  # type: ignore[no-untyped-def
     for i in with_caps:
         order = sorted(range(len(txt)), key=lambda j: -float(txt[j] @ img[i]))
         i2t_hits += any(caption_image[j] == i for j in order[:k])
-    return 100 * t2i_hits / len(txt), 100 * i2t_hits / len(with_caps)
+    return t2i_hits / len(txt), i2t_hits / len(with_caps)  # 0–1, as CLIP_benchmark
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -37,10 +37,10 @@ def test_matches_naive_reference_with_multi_captions(seed: int) -> None:
         assert m[f"text_retrieval_recall@{k}"] == pytest.approx(i2t)
 
 
-def test_perfect_embeddings_score_100_and_rank_1() -> None:
+def test_perfect_embeddings_score_1_and_rank_1() -> None:
     emb = torch.eye(5)
     m = retrieval_metrics(emb, emb, list(range(5)))
-    assert m["image_retrieval_recall@1"] == m["text_retrieval_recall@1"] == 100.0
+    assert m["image_retrieval_recall@1"] == m["text_retrieval_recall@1"] == 1.0
     assert m["image_retrieval_median_rank"] == m["text_retrieval_median_rank"] == 1.0
 
 
@@ -75,5 +75,5 @@ def test_category_metrics_match_naive_map_and_precision(seed: int) -> None:
             aps.append(naive_ap(sims[i].tolist(), rel))
             top = sorted(range(15), key=lambda j: -float(sims[i, j]))[:5]
             p5.append(sum(rel[j] for j in top) / 5)
-    assert m["mAP"] == pytest.approx(100 * sum(aps) / len(aps))
-    assert m["P@5"] == pytest.approx(100 * sum(p5) / len(p5))
+    assert m["mAP"] == pytest.approx(sum(aps) / len(aps))
+    assert m["P@5"] == pytest.approx(sum(p5) / len(p5))

@@ -22,7 +22,7 @@ def test_base_to_novel_scores_each_group_among_its_own_classes() -> None:
     assert {"accuracy", "base_accuracy", "novel_accuracy", "harmonic_mean"} <= set(m)
     b, n = m["base_accuracy"], m["novel_accuracy"]
     assert m["harmonic_mean"] == (2 * b * n / (b + n) if b + n else 0.0)
-    assert b > 20 or n > 20  # better than chance among 5 classes in at least one group
+    assert b > 0.2 or n > 0.2  # better than chance among 5 classes in at least one group
 
 
 def test_sketch_task_trains_and_reports_category_metrics() -> None:
@@ -34,7 +34,7 @@ def test_sketch_task_trains_and_reports_category_metrics() -> None:
     model = AdaptedModel.build(handle, "output")
     metrics = task.evaluate(model, small.val)
     assert {"mAP", "P@1", "P@10", "sketch_recall@1"} <= set(metrics)
-    assert all(0 <= v <= 100 for v in metrics.values())
+    assert all(0 <= v <= 1 for v in metrics.values())  # 0–1, as CLIP_benchmark
     batch = next(task.batches(16, torch.Generator().manual_seed(0)))
     with torch.no_grad():
         before = float(task.loss(model, batch))

@@ -17,6 +17,7 @@ from graytune.data.images import ImagePreprocess
 from graytune.data.tuxpaint import load_tuxpaint
 from graytune.eval.embed import embed_images, embed_texts
 from graytune.eval.retrieval import retrieval_metrics
+from graytune.eval.scale import as_percent
 
 BACKBONE = "bridge:efficientnet-lite0+minilm"
 #: One method per rung of the ladder that ``graytune train`` makes (the registry has more: graytune methods).
@@ -67,7 +68,7 @@ def comparison(args: argparse.Namespace) -> int:
     print(head)
     print("-" * len(head))
     for r in rows:
-        t = r["test"]
+        t = as_percent(r["test"])
         print(f"{r['method']:<11}{r['access']:<12}{t['text_retrieval_recall@1']:>8.1f}"
               f"{t['image_retrieval_recall@1']:>8.1f}{t['mean_recall']:>8.1f}{r['trainable_parameters']:>11,}"
               f"{r['step_seconds']:>8.2f}{r['peak_mb']:>9.0f}")
@@ -86,7 +87,7 @@ def zero_shot(args: argparse.Namespace) -> int:
     pre = ImagePreprocess.from_spec(handle.spec, fit="pad")  # drawings: keep the whole outline
     images = embed_images(handle, data.images, pre)
     texts = embed_texts(handle, data.captions)
-    m = retrieval_metrics(images, texts, data.caption_image)
+    m = as_percent(retrieval_metrics(images, texts, data.caption_image))
     print(f"\nZero-shot retrieval, Tux Paint stamps ({len(data)} drawings, {len(data.captions)} captions), "
           f"{handle.spec.id} at {handle.access.label}, {pre.image_size} px, padded on white")
     print("(a composite bridge of two real models, not contrastively trained)\n")

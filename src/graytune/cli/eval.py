@@ -51,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
         if result.get("data_note"):
             print(f"note: {result['data_note']}")
         print(f"{result['method']} on {result['backbone']}, {result['data']} {result.get('split', 'test')} split:")
-        for key, value in result["test"].items():
-            print(f"  {key:<32} {value:8.2f}")
+        from graytune.eval.scale import as_percent, label
+
+        for key, value in as_percent(result["test"]).items():
+            print(f"  {label(key):<34} {value:8.2f}")
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from graytune.eval.scale import as_percent, label
 from graytune.methods import METHODS
 
 
@@ -35,8 +36,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{summary['method']} on {summary['backbone']} ({summary['access']}), {summary['data']}: "
               f"{summary['steps']} steps at lr {summary['lr']:g}, {summary['trainable_parameters']} trainable "
               "parameters")
-        for key, value in summary["test"].items():
-            print(f"  test {key:<32} {value:8.2f}")
+        for key, value in as_percent(summary["test"]).items():
+            print(f"  test {label(key):<34} {value:8.2f}")
         print(f"saved to {args.out}")
     return 0
 

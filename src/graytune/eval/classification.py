@@ -14,7 +14,7 @@ import torch
 
 def split_accuracy(scores: torch.Tensor, labels: torch.Tensor, splits: Mapping[str, Sequence[int]]
                    ) -> dict[str, float]:
-    """Per group: accuracy (%) among the group's classes on the group's samples; ``harmonic_mean`` of
+    """Per group: accuracy (0–1) among the group's classes on the group's samples; ``harmonic_mean`` of
     base and novel when both groups are given. ``scores`` is ``[N, C]`` over all classes."""
     out: dict[str, float] = {}
     for name, classes in splits.items():
@@ -22,7 +22,7 @@ def split_accuracy(scores: torch.Tensor, labels: torch.Tensor, splits: Mapping[s
         rows = torch.isin(labels, cls)
         if rows.any():
             pred = cls[scores[rows][:, cls].argmax(1)]
-            out[f"{name}_accuracy"] = 100.0 * float((pred == labels[rows]).float().mean())
+            out[f"{name}_accuracy"] = float((pred == labels[rows]).float().mean())
     if {"base_accuracy", "novel_accuracy"} <= set(out):
         b, n = out["base_accuracy"], out["novel_accuracy"]
         out["harmonic_mean"] = 2 * b * n / (b + n) if b + n > 0 else 0.0

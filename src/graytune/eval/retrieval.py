@@ -24,7 +24,7 @@ Tensor = torch.Tensor
 def retrieval_metrics(
     image_emb: Tensor, text_emb: Tensor, caption_image: Sequence[int], ks: Sequence[int] = (1, 5, 10)
 ) -> dict[str, float]:
-    """Recall@k both ways (in %), their mean, and median ranks (1 = first).
+    """Recall@k both ways (0–1, as CLIP_benchmark), their mean, and median ranks (1 = first).
 
     Args:
         image_emb: ``[N, E]`` image embeddings (normalised here).
@@ -48,8 +48,8 @@ def retrieval_metrics(
     i2t_rank = ((sim_i > best_own.unsqueeze(1)).sum(1) + 1)[owns.any(1)]  # [N'] images with a caption
     out: dict[str, float] = {}
     for k in ks:
-        out[f"image_retrieval_recall@{k}"] = 100.0 * float((t2i_rank <= k).float().mean())
-        out[f"text_retrieval_recall@{k}"] = 100.0 * float((i2t_rank <= k).float().mean())
+        out[f"image_retrieval_recall@{k}"] = float((t2i_rank <= k).float().mean())
+        out[f"text_retrieval_recall@{k}"] = float((i2t_rank <= k).float().mean())
     out["mean_recall"] = sum(v for key, v in out.items() if "recall@" in key) / (2 * len(ks))
     out["image_retrieval_median_rank"] = float(t2i_rank.float().median())
     out["text_retrieval_median_rank"] = float(i2t_rank.float().median())
@@ -58,7 +58,7 @@ def retrieval_metrics(
 
 def category_metrics(query_emb: Tensor, gallery_emb: Tensor, query_labels: Sequence[int],
                      gallery_labels: Sequence[int], ks: Sequence[int] = (1, 10)) -> dict[str, float]:
-    """Category-level retrieval (sketch → image): mean average precision and precision@k, in %.
+    """Category-level retrieval (sketch → image): mean average precision and precision@k, 0–1.
 
     A gallery item is relevant to a query when their labels match. Queries with
     no relevant item are left out of the means.
@@ -76,7 +76,7 @@ def category_metrics(query_emb: Tensor, gallery_emb: Tensor, query_labels: Seque
     ranks = torch.arange(1, relevant.shape[1] + 1).float()
     precision_at = relevant.cumsum(1) / ranks  # [Q', G]
     ap = (precision_at * relevant).sum(1) / relevant.sum(1)
-    out = {"mAP": 100.0 * float(ap.mean())}
+    out = {"mAP": float(ap.mean())}
     for k in ks:
-        out[f"P@{k}"] = 100.0 * float(relevant[:, :k].sum(1).div(min(k, relevant.shape[1])).mean())
+        out[f"P@{k}"] = float(relevant[:, :k].sum(1).div(min(k, relevant.shape[1])).mean())
     return out

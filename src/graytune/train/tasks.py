@@ -145,7 +145,7 @@ class ClassificationTask:
     @torch.no_grad()
     def evaluate(self, model: AdaptedModel, data: LabeledImages | LabeledTexts, batch_size: int = 128,
                  splits: dict[str, Sequence[int]] | None = None) -> dict[str, float]:
-        """Accuracy (%) among all classes, and among each split's classes on its own samples (base/novel).
+        """Accuracy (0–1) among all classes, and among each split's classes on its own samples (base/novel).
 
         The harmonic mean is of the base and novel accuracies of this one evaluation.
         """
@@ -161,7 +161,7 @@ class ClassificationTask:
         queries = F.normalize(torch.cat(chunks), dim=-1)
         class_emb = F.normalize(model.encode_text(self.prompts(range(len(data.class_names)))), dim=-1)
         scores = queries @ class_emb.T  # [N, C]
-        out = {"accuracy": 100.0 * float((scores.argmax(1) == data.labels).float().mean())}
+        out = {"accuracy": float((scores.argmax(1) == data.labels).float().mean())}
         out.update(split_accuracy(scores, data.labels, splits or {}))
         return out
 
@@ -202,7 +202,7 @@ class SketchRetrievalTask:
         g = torch.cat([model.encode_image(batch) for batch in images.sequential(batch_size)])
         out = category_metrics(q, g, data.labels, data.labels)
         top = (F.normalize(q, dim=-1) @ F.normalize(g, dim=-1).T).argmax(1)
-        out["sketch_recall@1"] = 100.0 * float((top == torch.arange(len(data))).float().mean())
+        out["sketch_recall@1"] = float((top == torch.arange(len(data))).float().mean())
         return out
 
 

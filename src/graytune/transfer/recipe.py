@@ -100,7 +100,7 @@ def _image_pixels(splits: Splits, handle: Handle, image_size: int | None, shots:
 
 def _evaluate(tm: TransMiter, strong: Handle, splits: Splits, px: Pixels) -> dict[str, float]:
     scores = tm.predict(strong, px.test, progress=True)
-    out = {"accuracy": 100.0 * float((scores.argmax(1) == px.test_labels).float().mean())}
+    out = {"accuracy": float((scores.argmax(1) == px.test_labels).float().mean())}
     if splits.eval_splits:
         out.update(base_novel_accuracy(scores, px.test_labels, splits.eval_splits["base"],
                                        splits.eval_splits["novel"]))

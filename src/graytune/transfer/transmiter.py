@@ -232,7 +232,7 @@ class TransMiter:
     @torch.no_grad()
     def accuracy(self, scores: Tensor, labels: Tensor) -> float:
         self.adapter.eval()
-        return 100.0 * float((self.adapt(scores).argmax(-1) == labels).float().mean())
+        return float((self.adapt(scores).argmax(-1) == labels).float().mean())
 
     def _optimise(self, loss_fn: Any, n: int, lr: float, weight_decay: float, batch_size: int, epochs: int,
                   warmup: float, gen: torch.Generator, on_epoch: Any = None, max_steps: int | None = None,
