@@ -58,6 +58,8 @@ def _transmiter_plus(args: argparse.Namespace) -> int:
                 if value]
     if args.cache_mb != 64.0:
         refused.append("--cache-mb")
+    if args.log != "jsonl":
+        refused.append("--log")
     if args.access not in (None, "black-box"):
         refused.append("--access")
     if refused:

@@ -96,29 +96,35 @@ class PixelStream:
         """``[len(indices), 3, S, S]`` pixels (in this process)."""
         return next(self.batches([list(indices)], workers=0))
 
-    def batches(self, groups: Sequence[Sequence[int]] | Iterator[Sequence[int]], workers: int | None = None
-                ) -> Iterator[Tensor]:
-        """One pixel batch per index list, in order; decoded in ``loader.workers`` processes."""
+    def batches(self, groups: Sequence[Sequence[int]] | Iterator[Sequence[int]], workers: int | None = None,
+                keep: bool = True) -> Iterator[Tensor]:
+        """One pixel batch per index list, in order; decoded in ``loader.workers`` processes.
+
+        With ``keep``, decoded images enter the bounded cache (training revisits them every epoch).
+        """
         workers = self.loader.workers if workers is None else workers
         if workers == 0:
             for group in groups:
-                yield torch.stack([self._get(i) for i in group])
+                yield torch.stack([self._get(i, keep) for i in group])
             return
         loader = torch.utils.data.DataLoader(self._data, batch_sampler=[list(g) for g in groups],
                                              num_workers=workers, collate_fn=_stack, persistent_workers=False)
         yield from loader
 
     def sequential(self, batch_size: int) -> Iterator[Tensor]:
-        """Every image in order, ``batch_size`` at a time (evaluation)."""
+        """Every image in order, ``batch_size`` at a time (evaluation: one pass, nothing kept)."""
         n = len(self)
-        yield from self.batches([list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)])
+        yield from self.batches([list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)],
+                                keep=False)
 
-    def _get(self, i: int) -> Tensor:
+    def _get(self, i: int, keep: bool = True) -> Tensor:
         hit = self._cache.get(i)
         if hit is not None:
             self._cache.move_to_end(i)
             return hit
         pixels = self._data[i]
+        if not keep:
+            return pixels
         budget = self.loader.cache_mb * 1e6
         size = pixels.numel() * pixels.element_size()
         if size <= budget:

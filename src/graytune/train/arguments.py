@@ -18,7 +18,7 @@ from typing import Any
 
 from graytune.config import field_docs
 from graytune.data.stream import LoaderConfig
-from graytune.errors import InvalidInputError
+from graytune.errors import InvalidInputError, MissingDependencyError
 from graytune.methods import METHODS, get_method
 from graytune.train.recipe import RunSpec
 from graytune.train.trainer import LIMITS, TrainConfig, checkpoint_cadence, limit_problem
@@ -133,6 +133,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         default = "the method's (graytune methods)" if f.name == "lr" else f.default
         p.add_argument("--" + f.name.replace("_", "-"), type=_field_type(f.name), default=None,
                        help=f"{docs.get(f.name, '')} (default: {default})")
+    p.add_argument("--log", choices=["jsonl", "tensorboard"], default="jsonl",
+                   help="history.jsonl is always written in --out; tensorboard also writes TensorBoard events "
+                        "there (pip install 'graytune[tensorboard]')")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a finished adapter in --out, or write beside files that are not a graytune run "
                         "(graytune never deletes those)")
@@ -155,12 +158,19 @@ def run_spec(args: argparse.Namespace) -> RunSpec:
         raise InvalidInputError(f"--shots is for --method transmiter+; --method {args.method} trains on the whole "
                                 "training split")
     method.resolve_options(options)  # every bad option reported now, with the allowed ones
+    if args.log == "tensorboard":
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None:
+            raise MissingDependencyError("--log tensorboard needs the tensorboard package: "
+                                         "pip install 'graytune[tensorboard]'")
     config = TrainConfig(**given_train_fields(args))
     if args.data is None and args.train is None:
         raise InvalidInputError("no data: give --data NAME_OR_PATH, or --train FILE (with --val/--test)")
     files = {"train": args.train, "val": args.val, "test": args.test}
     return RunSpec(args.backbone, args.access, args.method, args.data, args.task, args.out, args.image_size,
-                   config, options, args.adapter, files=files, loader=loader_config(args), overwrite=args.overwrite)
+                   config, options, args.adapter, files=files, loader=loader_config(args),
+                   tensorboard=args.log == "tensorboard", overwrite=args.overwrite)
 
 
 __all__ = ["LIMITS", "TRAINABLE", "add_train_arguments", "given_train_fields", "non_negative_float",

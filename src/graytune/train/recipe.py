@@ -54,6 +54,8 @@ class RunSpec:
     files: dict[str, str | None] = field(default_factory=dict)
     """Explicit split files instead of ``data``: ``{"train": …, "val": …, "test": …}``."""
     loader: LoaderConfig = field(default_factory=LoaderConfig)
+    tensorboard: bool = False
+    """Also write TensorBoard events beside ``history.jsonl`` (needs the tensorboard package)."""
     overwrite: bool = False
     """Replace a finished adapter in ``out``, or write beside files that are not a graytune run."""
 
@@ -135,7 +137,7 @@ def train_model(run: RunSpec, progress: bool = True) -> tuple[dict[str, Any], Ad
     result = None
     ckpt = Path(run.out) / "checkpoint.pt" if run.out else None
     if method.slots:
-        result = fit(model, task, splits.val, config, checkpoint=ckpt, progress=progress)
+        result = fit(model, task, splits.val, config, checkpoint=ckpt, progress=progress, tensorboard=run.tensorboard)
     start = time.perf_counter()
     test = task.evaluate(model, splits.test) if splits.test is not None and rank == 0 else {}
     summary = {

@@ -28,9 +28,9 @@ import torch
 from tqdm.auto import tqdm
 
 from graytune.artifact_files import replace_atomically
-from graytune.errors import InvalidInputError
+from graytune.errors import InvalidInputError, MissingDependencyError
 from graytune.model import AdaptedModel
-from graytune.schedules import warmup_cosine
+from graytune.schedules import adamw_warmup_cosine
 from graytune.train.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -127,12 +127,14 @@ def _trainable(model: AdaptedModel) -> dict[str, torch.Tensor]:
 
 
 def fit(model: AdaptedModel, task: Task, val_data: Any, config: TrainConfig,
-        checkpoint: str | os.PathLike[str] | None = None, progress: bool = True) -> FitResult:
+        checkpoint: str | os.PathLike[str] | None = None, progress: bool = True, tensorboard: bool = False,
+        ) -> FitResult:
     """Train ``model``'s trainable tensors on ``task``; returns with the best validated state loaded.
 
     With ``checkpoint`` (a path), an atomic checkpoint is written at every validation, every
     ``config.checkpoint_every`` and on Ctrl-C, and a run that finds one resumes from it exactly;
-    every step and validation is appended to ``history.jsonl`` beside it.
+    every step and validation is appended to ``history.jsonl`` beside it (and, with ``tensorboard``,
+    written as TensorBoard events in ``tensorboard/`` there too).
     """
     if config.lr is None:
         raise InvalidInputError("TrainConfig.lr is None: give a learning rate (graytune methods lists each "
@@ -142,8 +144,7 @@ def fit(model: AdaptedModel, task: Task, val_data: Any, config: TrainConfig,
         raise InvalidInputError(f"method {model.method!r} has nothing to train; evaluate it instead")
     seed_everything(config.seed)
     rank, world = world_position()
-    opt = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=config.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_cosine(step, config.max_steps, config.warmup))
+    opt, sched = adamw_warmup_cosine(params.values(), config.lr, config.weight_decay, config.max_steps, config.warmup)
     per_epoch = len(task) // (config.batch_size * world * config.grad_accum)
     if per_epoch < 1:
         raise InvalidInputError(f"the training set has {len(task)} samples, fewer than one step's "
@@ -155,7 +156,8 @@ def fit(model: AdaptedModel, task: Task, val_data: Any, config: TrainConfig,
     if ckpt is not None and ckpt.is_file():
         state = _resume(ckpt, model, opt, sched, config)
         log.info("resumed from %s at step %d", ckpt, state["step"])
-    history = History(ckpt.parent / HISTORY_NAME if ckpt is not None and rank == 0 else None)
+    history = History(ckpt.parent / HISTORY_NAME if ckpt is not None and rank == 0 else None,
+                      tensorboard=tensorboard and rank == 0)
     ckpt_write = ckpt if rank == 0 else None  # rank 0 writes the run's files; every rank resumes from them
     every_steps, every_seconds = checkpoint_cadence(config.checkpoint_every)
     start, step_time, last_save = time.perf_counter(), [], time.monotonic()
@@ -174,6 +176,7 @@ def fit(model: AdaptedModel, task: Task, val_data: Any, config: TrainConfig,
                     loss_value += float(loss.detach())
                 if world > 1:
                     loss_value = _average_gradients(params, loss_value, world)
+                lr = opt.param_groups[0]["lr"]  # the rate this step used
                 opt.step()
                 sched.step()
                 step_time.append(time.perf_counter() - t0)
@@ -181,7 +184,7 @@ def fit(model: AdaptedModel, task: Task, val_data: Any, config: TrainConfig,
                 state["batch_in_epoch"] += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.3f}")
-                history.step(model, state, loss_value, sched.get_last_lr()[0], step_time[-1],
+                history.step(model, state, loss_value, lr, step_time[-1],
                              config.batch_size * world * config.grad_accum, time.perf_counter() - start)
                 due = (every_steps and state["step"] % every_steps == 0) or (
                     every_seconds and time.monotonic() - last_save >= every_seconds)
@@ -204,6 +207,7 @@ def fit(model: AdaptedModel, task: Task, val_data: Any, config: TrainConfig,
         raise
     finally:
         bar.close()
+        history.close()
     if state["best_state"] is not None:
         model.load_state_dict(state["best_state"], strict=False)
     median = float(np.median(step_time)) if step_time else 0.0
@@ -222,8 +226,15 @@ class History:
     "best"}``; metrics on a 0–1 scale.
     """
 
-    def __init__(self, path: Path | None) -> None:
-        self.path = path
+    def __init__(self, path: Path | None, tensorboard: bool = False) -> None:
+        self.path, self.board = path, None
+        if tensorboard and path is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise MissingDependencyError("--log tensorboard needs the tensorboard package: "
+                                             "pip install 'graytune[tensorboard]'") from None
+            self.board = SummaryWriter(str(path.parent / "tensorboard"))
 
     def write(self, record: dict[str, Any]) -> None:
         if self.path is None:
@@ -231,6 +242,18 @@ class History:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as fh:
             fh.write(json.dumps(record, sort_keys=True) + "\n")
+        if self.board is not None:
+            step = record["step"]
+            if record["event"] == "step":
+                for key in ("loss", "lr", "samples_per_s", "forward_queries", "gradient_queries"):
+                    self.board.add_scalar(f"train/{key}", record[key], step)
+            else:
+                for key, value in record["metrics"].items():
+                    self.board.add_scalar(f"val/{key}", value, step)
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
 
     def step(self, model: AdaptedModel, state: dict[str, Any], loss: float, lr: float, seconds: float,
              samples: int, elapsed: float) -> None:

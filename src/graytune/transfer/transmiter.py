@@ -30,7 +30,7 @@ from graytune.adapters.transmiter import TransMiterAdapter, TransMiterConfig
 from graytune.artifact_files import read_config, read_weights, write_artifact
 from graytune.errors import ArtifactError, InvalidInputError
 from graytune.methods import METHODS, MethodKind, get_method
-from graytune.schedules import warmup_cosine
+from graytune.schedules import adamw_warmup_cosine
 from graytune.transfer.classes import expand_classes
 from graytune.transfer.procrustes import orthogonal_procrustes
 
@@ -242,10 +242,9 @@ class TransMiter:
         ``on_epoch(epoch)`` runs after each pass and may return fields to show beside the loss on the bar.
         """
         self.adapter.train()
-        opt = torch.optim.AdamW(self.adapter.parameters(), lr=lr, weight_decay=weight_decay)
         per_epoch = max(1, math.ceil(n / batch_size))
         total = max_steps or per_epoch * epochs
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total, warmup))
+        opt, sched = adamw_warmup_cosine(self.adapter.parameters(), lr, weight_decay, total, warmup)
         history, step, epoch, shown = [], 0, 0, {}
         with tqdm(total=total, desc=desc, unit="step", disable=not progress) as bar:
             while step < total:
