@@ -36,9 +36,10 @@ def run(args: argparse.Namespace) -> int:
         from graytune.errors import InvalidInputError
         from graytune.transfer.recipe import evaluate_transmiter
 
-        if args.task not in (None, "classification") or args.split != "test":
+        if args.task not in (None, "classification") or args.split != "test" or args.workers or args.cache_mb != 64.0:
             raise InvalidInputError(f"{args.adapter} is a {method.name} logit adapter: it is scored on the test "
-                                    "split of a classification set; --task and --split do not apply")
+                                    "split of a classification set; --task, --split, --workers and --cache-mb "
+                                    "do not apply")
         result = evaluate_transmiter(args.adapter, args.backbone, args.data, args.image_size)
     else:
         from graytune.train.arguments import loader_config

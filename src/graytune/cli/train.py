@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
         return _transmiter_plus(args)
     from graytune.train.recipe import train_and_save
 
-    summary = train_and_save(run_, progress=not args.json)
+    summary = train_and_save(run_, progress=True)  # the bar and validation lines go to stderr, --json or not
     if args.json:  # the validation history and best step included
         print(json.dumps(summary, sort_keys=True))
     else:
