@@ -63,30 +63,8 @@ def test_a_finished_adapter_needs_overwrite_and_out_dot_works(base, tmp_path, mo
     assert (run / "adapter_model.safetensors").read_bytes() != weights
 
 
-class CtrlC:
-    """A task whose loss raises KeyboardInterrupt at call ``n`` (a user pressing Ctrl-C mid-step)."""
-
-    def __init__(self, task, n: int) -> None:  # type: ignore[no-untyped-def]
-        self.task, self.n, self.primary = task, n, task.primary
-
-    def __len__(self) -> int:
-        return len(self.task)
-
-    def batches(self, *args):  # type: ignore[no-untyped-def]
-        return self.task.batches(*args)
-
-    def evaluate(self, *args):  # type: ignore[no-untyped-def]
-        return self.task.evaluate(*args)
-
-    def loss(self, model, batch):  # type: ignore[no-untyped-def]
-        self.n -= 1
-        if self.n < 0:
-            raise KeyboardInterrupt
-        return self.task.loss(model, batch)
-
-
 def test_ctrl_c_and_periodic_checkpoints_resume_exactly(tiny_clip_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from tests.train.test_trainer import assert_same, params, setup
+    from tests.train.test_trainer import StopAfter, assert_same, params, setup
 
     config = TrainConfig(lr=1e-2, batch_size=4, max_steps=8, eval_every=100, seed=3, checkpoint_every="1000")
     model, task, val = setup(tiny_clip_dir)
@@ -95,7 +73,7 @@ def test_ctrl_c_and_periodic_checkpoints_resume_exactly(tiny_clip_dir, tmp_path)
     ckpt = tmp_path / "run" / "checkpoint.pt"
     model, task, val = setup(tiny_clip_dir)
     with pytest.raises(KeyboardInterrupt):
-        fit(model, CtrlC(task, 5), val, config, checkpoint=ckpt, progress=False)  # Ctrl-C in step 6
+        fit(model, StopAfter(task, 5, KeyboardInterrupt), val, config, checkpoint=ckpt, progress=False)  # Ctrl-C in step 6
     assert torch.load(ckpt, weights_only=True)["state"]["step"] == 5  # every whole step kept, none half
     model, task, val = setup(tiny_clip_dir)
     fit(model, task, val, config, checkpoint=ckpt, progress=False)
@@ -105,7 +83,7 @@ def test_ctrl_c_and_periodic_checkpoints_resume_exactly(tiny_clip_dir, tmp_path)
     other = tmp_path / "other" / "checkpoint.pt"
     model, task, val = setup(tiny_clip_dir)
     with pytest.raises(RuntimeError):
-        fit(model, Crash(task, 7), val, every, checkpoint=other, progress=False)  # a crash, not Ctrl-C
+        fit(model, StopAfter(task, 7, RuntimeError), val, every, checkpoint=other, progress=False)  # a crash, not Ctrl-C
     assert torch.load(other, weights_only=True)["state"]["step"] == 6  # the last periodic checkpoint
     model, task, val = setup(tiny_clip_dir)
     with pytest.raises(InvalidInputError, match="other settings: lr 0.01 then, 0.02 now"):
@@ -113,14 +91,6 @@ def test_ctrl_c_and_periodic_checkpoints_resume_exactly(tiny_clip_dir, tmp_path)
     other.write_bytes(other.read_bytes()[:200])  # truncated
     with pytest.raises(InvalidInputError, match="damaged or truncated.*delete it to start the run over"):
         fit(model, task, val, every, checkpoint=other, progress=False)
-
-
-class Crash(CtrlC):
-    def loss(self, model, batch):  # type: ignore[no-untyped-def]
-        self.n -= 1
-        if self.n < 0:
-            raise RuntimeError("the machine fell over")
-        return self.task.loss(model, batch)
 
 
 def test_truncated_or_swapped_artifact_files_are_reported(base, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]

@@ -53,10 +53,10 @@ class Interrupt(Exception):
 
 
 class StopAfter:
-    """Wraps a task and raises after ``n`` loss calls: a run killed mid-way."""
+    """Wraps a task and raises ``error`` after ``n`` loss calls: a run killed (or Ctrl-C'd) mid-way."""
 
-    def __init__(self, task: ClassificationTask, n: int) -> None:
-        self.task, self.n, self.primary = task, n, task.primary
+    def __init__(self, task: ClassificationTask, n: int, error: type[BaseException] = Interrupt) -> None:
+        self.task, self.n, self.primary, self.error = task, n, task.primary, error
 
     def __len__(self) -> int:
         return len(self.task)
@@ -70,7 +70,7 @@ class StopAfter:
     def loss(self, model, batch):  # type: ignore[no-untyped-def]
         self.n -= 1
         if self.n < 0:
-            raise Interrupt
+            raise self.error
         return self.task.loss(model, batch)
 
 

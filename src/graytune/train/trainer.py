@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -203,7 +204,7 @@ def fit(model: AdaptedModel, task: Task, val_data: Any, config: TrainConfig,
         if ckpt_write is not None:  # the last whole step is kept: run the same command again to resume from it
             _save(ckpt_write, model, opt, sched, state, config, rng=rng)
             bar.write(f"interrupted at step {state['step']}; checkpoint saved to {ckpt}: run the same command "
-                      "again to resume")
+                      "again to resume", file=sys.stderr)
         raise
     finally:
         bar.close()
@@ -319,7 +320,8 @@ def _validate(model: AdaptedModel, task: Task, val_data: Any, config: TrainConfi
                    "best": best})
     log.info("step %d: val %s = %.3f", state["step"], task.primary, value)
     if not bar.disable:  # shown with the progress bar, on stderr
-        bar.write(f"step {state['step']}: val {task.primary} {value:.4f}" + (" (best so far)" if best else ""))
+        bar.write(f"step {state['step']}: val {task.primary} {value:.4f}" + (" (best so far)" if best else ""),
+                  file=sys.stderr)
     if best:
         state.update(best=value, best_step=state["step"], bad=0,
                      best_state={k: v.detach().clone() for k, v in _trainable(model).items()})
