@@ -21,14 +21,14 @@ SHIFT = torch.zeros(1, 1, 384)
 @pytest.fixture
 def service(serve):  # type: ignore[no-untyped-def]
     """(client for alice, the app) with a counter of every compute the server starts."""
-    url, app = serve(access="dark-gray", reads=(), max_body_mb=1.0, quota_vjp=50)
+    url, app = serve(access="dark-gray", reads=(), max_body_mb=1.0, quota_grad_rows=50)
     svc = app.state.service
     calls = {"n": 0}
     original = svc.compute
 
-    async def counted(work):  # type: ignore[no-untyped-def]
+    async def counted(work, until):  # type: ignore[no-untyped-def]
         calls["n"] += 1
-        return await original(work)
+        return await original(work, until)
 
     svc.compute = counted
     client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ALICE}"}, timeout=30)
@@ -62,16 +62,22 @@ def test_keys(service) -> None:
     assert calls["n"] == 0
 
 
-def test_someone_elses_session(service) -> None:
+def test_someone_elses_session_answers_as_an_unknown_one(service) -> None:
     client, svc, _ = service
     ok = _forward(client, _with_grad(), grad=["add/text.token_embeds"])
     assert ok.status_code == 200
     session = json.loads(_metadata(ok.content))["session"]
     assert session and len(session) >= 40
     bob = httpx.Client(base_url=client.base_url, headers={"Authorization": f"Bearer {BOB}"})
-    _expect(bob.post("/v1/vjp", content=encode({"grad/text.embeds": torch.ones(1, 384)}, {"session": session})),
-            403, "another client")
-    _expect(bob.delete(f"/v1/sessions/{session}"), 403)
+    grads = encode({"grad/text.embeds": torch.ones(1, 384)}, {"session": session})
+    foreign = bob.post("/v1/vjp", content=grads)
+    unknown = bob.post("/v1/vjp", content=encode({"grad/text.embeds": torch.ones(1, 384)}, {"session": "x" * 43}))
+    _expect(foreign, 410, "recompute")
+    assert (foreign.status_code, foreign.content) == (unknown.status_code, unknown.content)
+    for release in (lambda sid: bob.delete(f"/v1/sessions/{sid}"),
+                    lambda sid: bob.post("/v1/sessions/release", json={"session": sid})):
+        answers = [release(sid) for sid in (session, "x" * 43)]
+        assert [(a.status_code, a.json()) for a in answers] == [(200, {"released": False})] * 2
     assert svc.store.stats()["sessions"] == 1  # alice's session survives bob's attempts
 
 
@@ -148,12 +154,12 @@ def test_gradients_of_the_wrong_shape_keep_the_session(service) -> None:
             410, "recompute")
 
 
-def test_quotas_count_samples_and_vjp_calls(serve) -> None:
-    url, _ = serve(access="dark-gray", reads=(), quota_samples=3, quota_vjp=1)
+def test_quotas_count_samples_and_gradient_rows(serve) -> None:
+    url, _ = serve(access="dark-gray", reads=(), quota_samples=3, quota_grad_rows=2)
     remote = graytune.open_backbone(url, "dark-gray", api_key=ALICE)
     shift = torch.zeros(1, 1, 384, requires_grad=True)
     remote.forward({"text": ["a", "b"]}, add={"text.token_embeds": shift})["text.embeds"].sum().backward()
-    with pytest.raises(graytune.errors.RemoteError, match="VJP quota") as err:
+    with pytest.raises(graytune.errors.RemoteError, match="gradient-row quota") as err:
         remote.forward({"text": ["c"]}, add={"text.token_embeds": shift})["text.embeds"].sum().backward()
     assert err.value.status == 429
     with pytest.raises(graytune.errors.RemoteError, match="sample quota"):

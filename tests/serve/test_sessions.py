@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-
-from graytune.errors import AccessDeniedError
 from graytune.serve.sessions import SessionGone, SessionStore
 
 
@@ -26,8 +24,9 @@ def test_a_session_is_taken_once_by_its_own_client() -> None:
     store = _store(Clock())
     sid = store.put("alice", "call", 10)
     assert sid is not None and len(sid) >= 40 and sid != store.put("alice", "other", 10)
-    with pytest.raises(AccessDeniedError, match="another client"):
+    with pytest.raises(SessionGone):  # another client's id reads as an unknown one
         store.take("bob", sid)
+    assert store.release("bob", sid) is False
     assert store.take("alice", sid) == "call"
     with pytest.raises(SessionGone):
         store.take("alice", sid)
@@ -108,3 +107,42 @@ def test_api_key_files(tmp_path) -> None:  # type: ignore[no-untyped-def]
         ApiKeys.load(path)
     with pytest.raises(InvalidInputError, match="does not exist"):
         ApiKeys.load(tmp_path / "missing.txt")
+
+
+def test_over_the_budget_the_client_holding_most_loses_its_own_first() -> None:
+    store = _store(Clock(), budget_bytes=800, per_client_bytes=600, per_client_sessions=10)
+    others = [store.put(client, client, 100) for client in ("a", "b")]
+    abandoned = [store.put("hog", i, 100) for i in range(6)]  # 800 bytes in all: the budget is full
+    store.put("a", "new", 100)  # over the budget: the hog's oldest goes, not b's or a's older session
+    with pytest.raises(SessionGone):
+        store.take("hog", abandoned[0])
+    assert store.take("a", others[0]) == "a" and store.take("b", others[1]) == "b"
+    assert store.stats("hog") == {"sessions": 5, "bytes": 500, "evicted": 1, "expired": 0}
+    assert store.stats("a")["evicted"] == 0
+
+
+def test_the_default_per_client_cap_is_well_under_the_budget() -> None:
+    from graytune.serve import ServeConfig
+
+    config = ServeConfig()
+    assert config.client_session_mb <= config.session_budget_mb / 4
+
+
+def test_sessions_expire_on_a_timer_with_no_traffic(serve) -> None:  # type: ignore[no-untyped-def]
+    import time
+
+    import torch
+
+    import graytune
+    from tests.serve.conftest import ALICE
+
+    url, app = serve(access="dark-gray", reads=(), session_ttl_s=0.4)
+    handle = graytune.open_backbone(url, "dark-gray", api_key=ALICE)
+    shift = torch.zeros(1, 1, 384, requires_grad=True)
+    handle.forward({"text": ["abandoned"]}, add={"text.token_embeds": shift})  # never differentiated
+    store = app.state.service.store
+    assert store.stats()["sessions"] == 1
+    deadline = time.monotonic() + 5
+    while store.stats()["sessions"] and time.monotonic() < deadline:  # no request arrives meanwhile
+        time.sleep(0.05)
+    assert store.stats()["sessions"] == 0 and store.stats()["expired"] == 1

@@ -20,8 +20,15 @@ _DTYPES = {"float32": torch.float32, "int64": torch.int64}
 
 def port_for(spec: BackboneSpec, name: str, op: Op, level: AccessLevel, with_grad: bool,
              grants: Collection[str] = ()) -> PortSpec:
-    """The port ``name`` if ``op`` is allowed there at ``level``; a clear error otherwise."""
-    port = spec.port(name)
+    """The port ``name`` if ``op`` is allowed there at ``level``; a clear error otherwise.
+
+    An unknown name is matched against the ports visible at ``level`` only, so the
+    suggestions never name a port the caller's level hides.
+    """
+    try:
+        port = spec.port(name)
+    except UnknownNameError:
+        raise UnknownNameError(f"port of backbone {spec.id!r}", name, spec.visible_at(level).port_names()) from None
     if op not in port.ops:
         allowed = ", ".join(o.value for o in port.ops)
         raise InvalidInputError(f"{op.value} is not possible at port {name} (it allows: {allowed})")
@@ -99,7 +106,11 @@ def batch_size(inputs: Mapping[str, Tensor]) -> int:
         raise InvalidInputError(f"inputs disagree on batch size: {sizes}")
     if not sizes:
         raise InvalidInputError("no inputs given; send at least one input port (see the handle's spec)")
-    return next(iter(sizes.values()))
+    batch = next(iter(sizes.values()))
+    if batch == 0:
+        shapes = ", ".join(f"{name} {list(t.shape)}" for name, t in inputs.items())
+        raise InvalidInputError(f"the inputs hold 0 rows ({shapes}); send at least one row")
+    return batch
 
 
 def unknown_input(spec: BackboneSpec, name: str) -> UnknownNameError:
@@ -191,4 +202,11 @@ def texts_of(texts: object) -> list[str]:
         raise InvalidInputError("text input must be a list of strings, e.g. ['a cat', 'a dog']")
     if not texts:
         raise InvalidInputError("text input is empty; send at least one string")
+    for index, text in enumerate(texts):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise InvalidInputError(f"text {index} holds {text[err.start]!r} at character {err.start}, a lone UTF-16 "
+                                    "surrogate that is not Unicode text; send valid UTF-8 (e.g. decode your data "
+                                    "with errors='replace')") from None
     return list(texts)

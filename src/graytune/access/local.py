@@ -9,6 +9,7 @@ the client's tensors, so adapters train with any optimizer.
 from __future__ import annotations
 
 import copy
+import threading
 from collections.abc import Collection, Mapping, Sequence
 
 import torch
@@ -22,6 +23,8 @@ from graytune.errors import AccessDeniedError
 from graytune.types import AccessLevel, BackboneSpec, Exposure, Op, required_level
 
 Tensor = torch.Tensor
+#: fast tokenizers must not run on two threads at once ("Already borrowed"); a server tokenizes on many
+_TOKENIZE_LOCK = threading.Lock()
 
 
 class LocalHandle:
@@ -61,7 +64,9 @@ class LocalHandle:
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
         """``{"text.input_ids", "text.attention_mask"}`` for ``texts`` (the owner's tokenizer)."""
-        return self._backbone.tokenize(texts_of(texts))
+        texts = texts_of(texts)
+        with _TOKENIZE_LOCK:
+            return self._backbone.tokenize(texts)
 
     def forward(
         self,

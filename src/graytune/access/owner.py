@@ -2,7 +2,9 @@
 
 The in-process handle drives a ``BoundaryCall`` through an autograd node; the server
 drives it by hand (``forward`` on one request, ``vjp`` on a later one) and keeps it
-in its session store, sized by ``graph_bytes``.
+in its session store, sized by ``graph_bytes``. Under ``deadline(at)`` the backbone's
+work stops at its next torch operation (forward) or graph node (backward) after ``at``
+with ``DeadlineExceeded``, so a server frees its backbone soon after a request's deadline.
 
 Example:
     >>> call = handle.open_call(handle.plan({"text": ["a cat"]}, {"text.token_embeds": shift}, {}, None, []),
@@ -13,17 +15,67 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+import contextlib
+import threading
+import time
+from collections.abc import Collection, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from graytune.access.checks import CallPlan
 from graytune.backbones.base import Backbone
-from graytune.errors import InvalidInputError
+from graytune.errors import GraytuneError, InvalidInputError
 from graytune.types import Exposure
 
 Tensor = torch.Tensor
+_active = threading.local()  # the deadline of the work running on this thread, if any
+
+
+class DeadlineExceeded(GraytuneError):
+    """Backbone work stopped at a safe point because its deadline passed."""
+
+
+class _StopAt(TorchFunctionMode):
+    """Raises ``DeadlineExceeded`` at the first torch operation after ``at`` (``time.monotonic()``)."""
+
+    def __init__(self, at: float) -> None:
+        super().__init__()
+        self.at = at
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        _check(self.at)
+        return func(*args, **(kwargs or {}))
+
+
+def _check(at: float) -> None:
+    if time.monotonic() > at:
+        raise DeadlineExceeded("the work ran past its deadline and was stopped")
+
+
+@contextlib.contextmanager
+def deadline(at: float | None) -> Iterator[None]:
+    """Stop the backbone work run on this thread inside the block soon after ``at`` (``time.monotonic()``).
+
+    The forward stops at its next torch operation, a ``BoundaryCall.vjp`` at its next graph
+    node; both raise ``DeadlineExceeded``. ``None`` sets no deadline.
+
+    Example:
+        >>> with deadline(time.monotonic() + 5.0):
+        ...     (z,) = call.forward([shift])
+    """
+    if at is None:
+        yield
+        return
+    previous = getattr(_active, "at", None)
+    _active.at = at
+    try:
+        with _StopAt(at):
+            yield
+    finally:
+        _active.at = previous
 
 
 def weight_storages(module: nn.Module) -> frozenset[int]:
@@ -104,6 +156,10 @@ class BoundaryCall:
         self.exposure.gradient_queries += 1
         if not pairs:
             return tuple(None for _ in leaves)
+        at = getattr(_active, "at", None)
+        if at is not None:  # each node checks the deadline before it runs
+            for node in _nodes([o for o, _ in pairs]):
+                node.register_prehook(lambda _grads, at=at: _check(at))
         return torch.autograd.grad([o for o, _ in pairs], leaves, [g for _, g in pairs], allow_unused=True)
 
 
@@ -115,20 +171,28 @@ def graph_bytes(outs: Sequence[Tensor], shared: Collection[int] = ()) -> int:
     those graphs would never be freed.
     """
     seen = set(shared)
-    total, visited = 0, set()
+    total = 0
+    for node in _nodes(outs):
+        for t in _saved_tensors(node):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in seen:
+                seen.add(ptr)
+                total += t.untyped_storage().nbytes()
+    return total
+
+
+def _nodes(outs: Sequence[Tensor]) -> list[Any]:
+    """Every autograd node ``outs`` depend on, each once."""
+    found, visited = [], set()
     stack = [o.grad_fn for o in outs]
     while stack:
         node = stack.pop()
         if node is None or node in visited:
             continue
         visited.add(node)
-        for t in _saved_tensors(node):
-            ptr = t.untyped_storage().data_ptr()
-            if ptr not in seen:
-                seen.add(ptr)
-                total += t.untyped_storage().nbytes()
+        found.append(node)
         stack.extend(next_node for next_node, _ in node.next_functions)
-    return total
+    return found
 
 
 def _saved_tensors(node: object) -> list[Tensor]:

@@ -8,10 +8,17 @@ mistakes fail fast with the in-process message.
 
 Sessions are kept by the server only until their VJP. When the server answers 410
 (the session expired, was evicted, or lives on another worker or before a restart)
-the client resends the forward with its gradients and the server recomputes it;
-unreachable servers are retried with back-off. On opening, the client reads the
-server's protocol version from ``/v1/spec`` and refuses a server that cannot read its
-messages (see ``graytune.access.wire``).
+the client resends the forward with its gradients and the server recomputes it.
+
+Restarts cost time, not errors: a request the server could not take (unreachable,
+connection dropped, 502/503) is retried with exponential back-off, honouring
+``Retry-After``, for up to ``retry_s`` seconds in all (default 120). Each attempt waits
+at most ``timeout_s`` for its answer, and an attempt that times out is not retried
+(the server may still be working on it): the error says so. Every forward carries a
+key of its own, so a retried forward replaces the session of its earlier attempt
+instead of leaving an orphan. On opening, the client reads the server's protocol
+version from ``/v1/spec`` and refuses a server that cannot read its messages (see
+``graytune.access.wire``).
 
 Example:
     >>> h = graytune.open_backbone("http://127.0.0.1:8470", access="dark-gray", api_key=KEY)
@@ -23,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import time
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
@@ -43,19 +51,40 @@ from graytune.types import AccessLevel, BackboneSpec, Exposure
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor
 API_KEY_ENV = "GRAYTUNE_API_KEY"
+#: how long a request is retried while the server cannot take it, in seconds (``retry_s``)
+DEFAULT_RETRY_S = 120.0
+#: how long one attempt waits for its answer, in seconds (``timeout_s``); above the server's default deadline
+DEFAULT_TIMEOUT_S = 180.0
 
 
 class RemoteHandle:
-    """A backbone behind a server's boundary. Make one with ``open_backbone("http://host:port", ...)``."""
+    """A backbone behind a server's boundary. Make one with ``open_backbone("http://host:port", ...)``.
+
+    Args:
+        url: the server, ``http://host:port``.
+        access: the level asked for (at most the server's).
+        reads: ports whose values the owner granted to read.
+        api_key: the key the owner gave you (default: ``$GRAYTUNE_API_KEY``).
+        retry_s: how long a request is retried while the server cannot take it (restarts,
+            dropped connections, 502/503), in seconds; ``None``: ``DEFAULT_RETRY_S`` (120).
+        timeout_s: how long one attempt waits for its answer; ``None``: ``DEFAULT_TIMEOUT_S`` (180).
+            A call takes at most about ``retry_s + timeout_s``.
+        retries: at most this many retries as well (``None``: only the time budget counts).
+    """
 
     def __init__(self, url: str, access: AccessLevel, reads: Collection[str] = (), api_key: str | None = None,
-                 timeout_s: float = 120.0, retries: int = 5) -> None:
+                 timeout_s: float | None = None, retries: int | None = None, *, retry_s: float | None = None) -> None:
         key = api_key or os.environ.get(API_KEY_ENV)
         if not key:
             raise InvalidInputError(f"{url} needs an API key: pass api_key=... or set {API_KEY_ENV}")
+        self.retry_s = DEFAULT_RETRY_S if retry_s is None else float(retry_s)
+        self.timeout_s = DEFAULT_TIMEOUT_S if timeout_s is None else float(timeout_s)
+        if self.retry_s < 0 or self.timeout_s <= 0:
+            raise InvalidInputError(f"retry_s must be >= 0 and timeout_s > 0 seconds; got retry_s={retry_s}, "
+                                    f"timeout_s={timeout_s}")
         self.url, self.retries = url.rstrip("/"), retries
-        self._http = httpx.Client(base_url=self.url, timeout=timeout_s,
-                                  headers={"Authorization": f"Bearer {key}"})
+        self._http = httpx.Client(base_url=self.url, timeout=httpx.Timeout(self.timeout_s, connect=min(
+            10.0, self.timeout_s)), headers={"Authorization": f"Bearer {key}"})
         info = self._request("GET", "/v1/spec", params={"access": AccessLevel.parse(access).label}).json()
         self.protocol = check_server_protocol(info, self.url)
         self.access = AccessLevel.parse(info["access"])
@@ -122,25 +151,42 @@ class RemoteHandle:
         """The server's session counters and this client's quota use."""
         return self._request("GET", "/v1/stats").json()
 
+    def release(self, session: str) -> bool:
+        """Free a session on the server that will not be differentiated (the id travels in the body)."""
+        return bool(self._request("POST", "/v1/sessions/release", json={"session": session}).json()["released"])
+
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        """One request, retried with back-off while the server cannot be reached; 4xx/5xx raise."""
-        for attempt in range(self.retries + 1):
+        """One request, retried with back-off while the server cannot take it, for ``retry_s`` in all.
+
+        Retried: connection failures and drops, 502 and 503 (after ``Retry-After`` when given).
+        Not retried: an attempt that got no answer within ``timeout_s``, and every other 4xx/5xx.
+        """
+        start, attempt = time.monotonic(), 0
+        while True:
             try:
                 response = self._http.request(method, path, **kwargs)
+            except (httpx.ReadTimeout, httpx.WriteTimeout, httpx.PoolTimeout):
+                raise RemoteError(0, "timeout", f"{method} {path} at {self.url} got no answer within "
+                                  f"{self.timeout_s:g} s (timeout_s); it was not retried, since the server may "
+                                  "still be working on it: raise timeout_s or send smaller batches") from None
             except httpx.TransportError as err:
-                if attempt == self.retries:
-                    raise RemoteError(0, "unreachable", f"backbone server {self.url} could not be reached "
-                                      f"after {self.retries + 1} tries ({err}); is graytune serve running?") from None
-                time.sleep(min(0.2 * 2**attempt, 3.0))
-                continue
-            if response.status_code < 400:
-                return response
-            if response.status_code in (502, 503) and attempt < self.retries:
-                log.info("backbone server busy (%d); retrying", response.status_code)
-                time.sleep(min(0.2 * 2**attempt, 3.0))
-                continue
-            raise _error(response)
-        raise AssertionError("unreachable")
+                problem, wait = f"could not be reached ({type(err).__name__}: {err})", None
+            else:
+                if response.status_code < 400:
+                    return response
+                if response.status_code not in (502, 503):
+                    raise _error(response)
+                problem, wait = f"answered {response.status_code}", _retry_after(response)
+            wait = min(10.0, 0.25 * 2**attempt) if wait is None else wait
+            spent = time.monotonic() - start
+            if spent + wait > self.retry_s or (self.retries is not None and attempt >= self.retries):
+                raise RemoteError(0, "unreachable", f"backbone server {self.url} {problem}; gave up after "
+                                  f"{attempt + 1} tries in {spent:.1f} s (retry_s={self.retry_s:g}); is graytune "
+                                  "serve running there?") from None
+            (log.warning if attempt == 0 else log.info)(
+                "backbone server %s %s; retrying for up to %.0f s more", self.url, problem, self.retry_s - spent)
+            time.sleep(wait)
+            attempt += 1
 
 
 class _RemoteCall:
@@ -150,9 +196,10 @@ class _RemoteCall:
         self.handle, self.plan = handle, plan
         self.values_read: dict[str, Tensor] = {}
         self.session: str | None = None
+        self.key = secrets.token_urlsafe(16)  # the same on every retry: the server keeps one session for it
 
     def forward(self, tensors: Sequence[Tensor]) -> tuple[Tensor, ...]:
-        body = pack_call(self.plan, self.handle.access.label)
+        body = pack_call(self.plan, self.handle.access.label, self.key)
         result = unpack_result(decode(self.handle._request("POST", "/v1/forward", content=body).content), self.plan)
         self.session, self.values_read = result.session, result.values_read
         return result.outputs
@@ -165,14 +212,34 @@ class _RemoteCall:
                 result = unpack_vjp(decode(body.content), self.plan)
             except RemoteError as err:
                 if err.status != 410:
+                    self._release()
                     raise
-                log.info("session %s… is gone on the server; resending the forward to recompute", self.session[:8])
+                log.info("the session is gone on the server; resending the forward to recompute")
+            except InvalidInputError:  # refused (400): the session is still there
+                self._release()
+                raise
         if result is None:
             content = pack_recompute(self.plan, self.handle.access.label, grads)
             result = unpack_vjp(decode(self.handle._request("POST", "/v1/vjp", content=content).content), self.plan)
         self.session = None
         self.handle.exposure.gradient_queries += 1
         return result
+
+    def _release(self) -> None:
+        """Free this call's session after a VJP that failed (best effort: a failure here is only logged)."""
+        session, self.session = self.session, None
+        if session is None:
+            return
+        try:
+            self.handle._http.post("/v1/sessions/release", json={"session": session})
+        except httpx.HTTPError as err:
+            log.info("could not release a session after a failed VJP (%s); the server's TTL will", err)
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """The server's ``Retry-After`` in seconds (capped at 30), if it sent one as a number."""
+    value = response.headers.get("retry-after", "")
+    return min(30.0, float(value)) if value.replace(".", "", 1).isdigit() else None
 
 
 def _error(response: httpx.Response) -> Exception:

@@ -11,7 +11,9 @@ This module is the one place that names the protocol's parts. Tensors are named
 
 - a forward request (``POST /v1/forward``): ``inputs/<port>``, ``add/<port>``,
   ``insert/<port>`` (a ``CallPlan``'s groups); metadata ``access``, ``outputs``,
-  ``reads``, ``grad`` (the tensor names that want gradients) and optionally ``texts``;
+  ``reads``, ``grad`` (the tensor names that want gradients), optionally ``texts``, and
+  optionally ``request`` (a key the client picks per forward: a retried forward with the
+  same key replaces its earlier attempt's session instead of leaving an orphan);
 - its answer: ``out/<port>`` per output, ``read/<port>`` per port read; metadata ``session``;
 - a VJP request (``POST /v1/vjp``): ``grad/<port>`` per output, and metadata ``session``,
   or (after a 410) the whole forward request again with ``recompute: true``;
@@ -122,13 +124,19 @@ def _header(body: bytes) -> dict[str, Any]:
     if len(body) < 8:
         raise WireError(f"a message of {len(body)} bytes is too short for a safetensors header")
     (size,) = struct.unpack("<Q", body[:8])
+    if body[:1] in (b"{", b"[") and size > MAX_HEADER_BYTES:
+        raise WireError("the body looks like JSON; this endpoint takes a graytune safetensors message "
+                        "(graytune.access.wire.encode), e.g. with texts in its metadata")
     if size > MAX_HEADER_BYTES or 8 + size > len(body):
         raise WireError(f"the header claims {size} bytes but the body has {len(body) - 8} after its length; "
                         f"headers are at most {MAX_HEADER_BYTES} bytes")
     try:
         header = json.loads(body[8:8 + size])
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise WireError("the header is not valid JSON") from None
+        hint = "; send a safetensors message, not JSON" if body[:1] == b"{" else ""
+        raise WireError(f"the header is not valid JSON{hint}") from None
+    except RecursionError:
+        raise WireError("the header nests JSON too deeply; a safetensors header is one flat object") from None
     if not isinstance(header, dict):
         raise WireError("the header must be a JSON object")
     return header
@@ -204,16 +212,24 @@ class CallRequest:
     reads: list[str]
 
 
-def pack_call(plan: CallPlan, access: str) -> bytes:
+def pack_call(plan: CallPlan, access: str, request: str | None = None) -> bytes:
     """A forward request for a checked ``plan`` at the level labelled ``access`` (e.g. ``"dark-gray"``).
 
     Tensors ``inputs/<port>``, ``add/<port>``, ``insert/<port>``; metadata ``access``, ``outputs``,
-    ``reads`` and ``grad`` (the names of the tensors that want gradients, from ``plan.slots``).
+    ``reads``, ``grad`` (the names of the tensors that want gradients, from ``plan.slots``) and
+    ``request`` (the key of this forward, the same on each retry) when given.
 
     Example:
         >>> request = unpack_call(decode(pack_call(plan, "dark-gray")))
     """
-    return encode(*_call_parts(plan, access))
+    tensors, meta = _call_parts(plan, access)
+    return encode(tensors, {**meta, "request": request} if request else meta)
+
+
+def request_key(message: Message) -> str | None:
+    """The key a forward request names (``request`` in its metadata), if a short string."""
+    key = message[1].get("request")
+    return key if isinstance(key, str) and 0 < len(key) <= 128 else None
 
 
 def unpack_call(message: Message) -> CallRequest:
@@ -228,8 +244,12 @@ def unpack_call(message: Message) -> CallRequest:
             known = ", ".join(f"{g}/" for g in CALL_GROUPS)
             raise InvalidInputError(f"tensor {name!r}: names start with {known} or {GRAD}/")
     wanted = meta.get("grad", [])
-    if not isinstance(wanted, list) or any(n not in tensors or n.startswith(f"{GRAD}/") for n in wanted):
-        raise InvalidInputError(f"'grad' must list tensors of this request; got {wanted!r}")
+    if not _names(wanted) or any(n not in tensors or n.startswith(f"{GRAD}/") for n in wanted):
+        raise InvalidInputError(f"'grad' must list tensors of this request; got {str(wanted)[:200]}")
+    integer = [n for n in wanted if not tensors[n].is_floating_point()]
+    if integer:
+        raise InvalidInputError(f"'grad' names {integer}, which hold integers (token ids, masks); gradients "
+                                "exist only for float32 tensors: list the add/insert tensors instead")
     for name in wanted:
         tensors[name].requires_grad_(True)
     outputs, reads, texts = meta.get("outputs"), meta.get("reads", []), meta.get("texts")

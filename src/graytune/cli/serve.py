@@ -22,7 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     docs = field_docs(ServeConfig)
     for f in fields(ServeConfig):
         flag = "--" + f.name.replace("_", "-")
-        if f.name == "reads":
+        if f.name in ("reads", "admins"):
             p.add_argument(flag, nargs="*", default=(), help=docs[f.name])
         elif f.name == "adapters":
             p.add_argument("--adapter", dest="adapters", action="append", default=[], metavar="NAME=FOLDER",
@@ -39,8 +39,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from graytune.serve.config import ServeConfig
 
+    from graytune.serve.config import ApiKeys
+
     values = {f.name: getattr(args, f.name) for f in fields(ServeConfig)}
     config = ServeConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    ApiKeys.load(args.api_keys)  # a bad key file fails before anything starts or prints
     if args.ray:
         from graytune.serve.ray_app import serve_on_ray
 
@@ -48,6 +51,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from graytune.serve.runner import serve_forever
 
-    print(f"graytune serve: {args.backbone} at {config.access} on http://{config.host}:{config.port}")
+    print(f"graytune serve: {args.backbone} at {config.access} on http://{config.host}:{config.port}", flush=True)
     serve_forever(args.backbone, config, args.api_keys)
     return 0

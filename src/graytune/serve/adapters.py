@@ -33,6 +33,7 @@ import torch
 from fastapi import FastAPI, Request, Response
 
 from graytune.access import LocalHandle
+from graytune.access.owner import DeadlineExceeded, deadline
 from graytune.access.wire import INPUTS, encode, read_request, tensor_name, unpack_inputs
 from graytune.adapters import TowerRequest
 from graytune.artifacts import load_adapter
@@ -47,6 +48,10 @@ class HostClosed(GraytuneError):
     """A request to an ``AdapterHost`` that was closed (the server is shutting down)."""
 
 
+class HostBusy(GraytuneError):
+    """A request to an ``AdapterHost`` whose queue is full (answered with 503)."""
+
+
 @dataclass
 class _Job:
     model: AdaptedModel
@@ -55,6 +60,7 @@ class _Job:
     texts: list[str] = field(default_factory=list)
     future: Future = field(default_factory=Future)
     request: TowerRequest | None = None
+    until: float = float("inf")  # its deadline (time.monotonic()); the batch stops at the latest one
 
     @property
     def size(self) -> int:
@@ -65,8 +71,9 @@ class AdapterHost:
     """Trained adapters around one handle, and the thread that batches their requests."""
 
     def __init__(self, handle: LocalHandle, folders: Mapping[str, str], window_ms: float = 5.0,
-                 max_batch: int = 256, lock: Any = None) -> None:
+                 max_batch: int = 256, lock: Any = None, max_pending: int = 1024) -> None:
         self.handle, self.window_s, self.max_batch = handle, window_ms / 1000, max_batch
+        self.max_pending = max_pending
         self.models: dict[str, AdaptedModel] = {}
         for name, folder in folders.items():
             self.models[name] = load_adapter(folder, handle).eval().requires_grad_(False)
@@ -96,16 +103,19 @@ class AdapterHost:
         return self.models[name]
 
     def submit(self, name: str, modality: str, inputs: Mapping[str, Tensor] | None = None,
-               texts: Sequence[str] = ()) -> Future:
+               texts: Sequence[str] = (), until: float = float("inf")) -> Future:
         """Queue one request; its future gives ``[B, E]`` adapted embeddings (not normalised),
-        or ``HostClosed`` once the host is closed."""
+        ``DeadlineExceeded`` past ``until`` (``time.monotonic()``), or ``HostClosed`` once the host is closed.
+        ``HostBusy`` when ``max_pending`` requests already wait."""
         model = self.model(name)
         if modality == "text":
-            job = _Job(model, "text", texts=list(texts))
+            job = _Job(model, "text", texts=list(texts), until=until)
             self.handle.tokenize(job.texts[:1])  # the text checks, before any compute
         else:
-            job = _Job(model, "image", inputs=dict(inputs or {}))
+            job = _Job(model, "image", inputs=dict(inputs or {}), until=until)
             self.handle.check(job.inputs, outputs=["image.embeds"])
+        if self._queue.qsize() >= self.max_pending:
+            raise HostBusy(f"{self.max_pending} hosted-adapter requests already wait; retry shortly")
         with self._closing:
             if self._closed:
                 job.future.set_exception(_closed())
@@ -119,7 +129,15 @@ class AdapterHost:
             if self._closed:
                 _fail(jobs)
                 return
-            with self._lock, torch.no_grad():
+            now = time.monotonic()
+            for job in jobs:
+                if job.until <= now:  # its caller already had its 504
+                    job.future.set_exception(DeadlineExceeded("the request ran past its deadline before it ran"))
+            jobs = [j for j in jobs if j.until > now]
+            if not jobs:
+                continue
+            until = max(j.until for j in jobs)
+            with self._lock, torch.no_grad(), deadline(None if until == float("inf") else until):
                 self.run(jobs)
 
     def _next_batch(self) -> list[_Job]:
@@ -217,61 +235,102 @@ def _stacked(deltas: list[Tensor | None], sizes: list[int]) -> list[Tensor]:
 
 def install_adapters(app: FastAPI, service: Any) -> None:
     """Add the hosted-adapter routes to the service's app."""
+    from graytune.serve.admission import busy, check_prompts, check_texts, check_work
     from graytune.serve.app import WIRE_MEDIA
 
-    folders = dict(_name_folder(item) for item in service.config.adapters)
-    host = AdapterHost(service.handle, folders, service.config.batch_window_ms, service.config.max_batch,
-                       service.compute_lock)
+    config = service.config
+    folders = dict(_name_folder(item) for item in config.adapters)
+    host = AdapterHost(service.handle, folders, config.batch_window_ms, config.max_batch, service.compute_lock,
+                       max_pending=4 * config.max_batch)
     app.state.adapters = host
     app.state.on_close.append(host.close)
 
-    async def embeds_for(name: str, request: Request) -> tuple[Tensor, dict[str, Any]]:
-        client = service.client(request)
-        message = read_request(await service.body(request))
+    @app.exception_handler(HostBusy)
+    async def host_busy(_: Request, err: HostBusy) -> Response:
+        from graytune.serve.app import answer
+
+        return answer(busy(1.0, str(err)))
+
+    def admit(client: str, name: str, body: bytes, until: float, classify: bool) -> tuple[Future, int, dict]:
+        """Checks, admission and the quota charge of one request (on a checks thread), then its job queued."""
+        message = read_request(body)
         meta = message[1]
         host.model(name)
+        if classify:  # the prompts it will build, before anything is built
+            classes = _texts(meta.get("classes"))
+            check_texts(classes, config, "classes")
+            check_prompts(classes, str(meta.get("template", TEMPLATE)), config)
         if meta.get("texts") is not None:
-            texts = service.texts(meta["texts"])
-            service.quotas.charge(client, samples=len(texts))
-            future = host.submit(name, "text", texts=texts)
+            texts = _texts(meta["texts"])
+            check_texts(texts, config)
+            check_work(service.handle.tokenize(texts), {}, config, grad=False)
+            rows, job = len(texts), ("text", None, texts)
         else:
             pixels = unpack_inputs(message)
             if set(pixels) != {"image.pixels"}:
                 raise InvalidInputError(f"send {tensor_name(INPUTS, 'image.pixels')}, or texts in the metadata")
-            service.quotas.charge(client, samples=int(pixels["image.pixels"].shape[0]))
-            future = host.submit(name, "image", pixels)
-        return await _wait(future, service.config.request_timeout_s), meta
+            check_work(pixels, {}, config, grad=False)
+            rows, job = int(pixels["image.pixels"].shape[0]), ("image", pixels, ())
+        service.ledger.charge(client, rows)
+        try:
+            return host.submit(name, job[0], job[1], texts=job[2], until=until), rows, meta
+        except BaseException:
+            service.ledger.refund(client, rows)
+            raise
+
+    async def embeds_for(name: str, request: Request, until: float, classify: bool = False
+                         ) -> tuple[Tensor, dict[str, Any]]:
+        client = service.client(request)
+        async with service.body(request) as body:
+            future, rows, meta = await service.checked(admit, client, name, body, until, classify)
+            try:
+                return await _wait(future, until, config.request_timeout_s), meta
+            except BaseException:
+                await service.refund(client, samples=rows)
+                raise
 
     @app.get("/v1/adapters")
-    def listing(request: Request) -> dict[str, Any]:
+    async def listing(request: Request) -> dict[str, Any]:
         service.client(request)
         return {name: {"method": m.method, "backbone": service.handle.spec.id} for name, m in host.models.items()}
 
     @app.post("/v1/adapters/{name}/embed")
     async def embed(name: str, request: Request) -> Response:
-        embeds, _ = await embeds_for(name, request)
+        embeds, _ = await embeds_for(name, request, service.deadline())
         return Response(encode({"embeds": embeds}), media_type=WIRE_MEDIA)
 
     @app.post("/v1/adapters/{name}/classify")
     async def classify(name: str, request: Request) -> Response:
-        embeds, meta = await embeds_for(name, request)
-        classes = service.texts(meta.get("classes"))
-        template = str(meta.get("template", "a photo of a {}."))
-        prompts = host.submit(name, "text", texts=[template.replace("{}", c) for c in classes])
-        text = await _wait(prompts, service.config.request_timeout_s)
+        until = service.deadline()
+        embeds, meta = await embeds_for(name, request, until, classify=True)  # its prompts were admitted with it
+        classes = _texts(meta.get("classes"))
+        template = str(meta.get("template", TEMPLATE))
+        prompts = [template.replace("{}", c) for c in classes]
+        text = await _wait(await service.checked(lambda: host.submit(name, "text", texts=prompts, until=until)),
+                           until, config.request_timeout_s)
         logits = host.model(name).similarity(embeds, text)
         return Response(encode({"logits": logits}, {"classes": classes}), media_type=WIRE_MEDIA)
 
 
-async def _wait(future: Future, timeout_s: float) -> Tensor:
+TEMPLATE = "a photo of a {}."
+
+
+def _texts(value: object) -> list[str]:
+    from graytune.access import texts_of
+
+    return texts_of(value)
+
+
+async def _wait(future: Future, until: float, timeout_s: float) -> Tensor:
     from graytune.serve.app import HTTPProblem
+    from graytune.serve.service import timed_out
 
     try:
-        return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
+        return await asyncio.wait_for(asyncio.wrap_future(future), max(0.0, until - time.monotonic()))
     except HostClosed as err:
         raise HTTPProblem(503, "closing", str(err)) from None
-    except TimeoutError:
-        raise HTTPProblem(504, "timeout", f"the request took over {timeout_s} s") from None
+    except (TimeoutError, DeadlineExceeded):
+        raise timed_out(timeout_s) from None
 
 
 def _name_folder(item: str) -> tuple[str, str]:

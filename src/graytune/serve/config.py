@@ -1,4 +1,4 @@
-"""The server's settings, API keys and per-client quotas.
+"""The server's settings and API keys (quotas live in ``graytune.serve.ledger``).
 
 Example:
     >>> keys = ApiKeys.load("keys.txt")     # lines of "client-name secret-key"
@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import hmac
 import os
-import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from graytune.errors import InvalidInputError
+from graytune.serve.ledger import QuotaExceeded
+
+__all__ = ["ApiKeys", "QuotaExceeded", "ServeConfig"]
 
 
 @dataclass
 class ServeConfig:
-    """How the owner lends the backbone (``graytune serve`` flags)."""
+    """How the owner lends the backbone (``graytune serve`` flags). Limits answer 413, busy 503, quotas 429."""
 
     access: str = "dark-gray"
     """Highest level clients get: black-box, dark-gray or light-gray (white-box never crosses a network)."""
@@ -30,22 +32,60 @@ class ServeConfig:
     """TCP port."""
     max_body_mb: float = 64.0
     """Largest request body accepted, in MiB (413 above)."""
+    inflight_body_mb: float = 512.0
+    """Request memory held at once by requests being read or waiting, in MiB (a body counts twice: bytes and
+    tensors); past it new requests get 503 with Retry-After."""
+    max_texts: int = 4096
+    """Most strings in one request (tokenize, texts of a forward, hosted classes)."""
+    max_text_chars: int = 4096
+    """Most characters in one string (413 above, before tokenizing)."""
+    max_request_chars: int = 262144
+    """Most characters in all strings of one request, hosted classify prompts included (413 above)."""
+    max_tokens: int = 16384
+    """Most token positions in one request without gradients, rows x tokens per row with inserted tokens
+    (413 above; MiniLM peaks at about 27 KB per position)."""
+    max_grad_tokens: int = 8192
+    """Most token positions in one request that wants gradients (413 above; MiniLM peaks at about 135 KB per
+    position)."""
+    max_pixels: int = 6422528
+    """Most pixels in one request without gradients, rows x height x width (413 above; 128 images of 224 x 224;
+    EfficientNet-Lite0 peaks at about 0.33 KB per pixel)."""
+    max_grad_pixels: int = 1605632
+    """Most pixels in one request that wants gradients (413 above; 32 images of 224 x 224; EfficientNet-Lite0
+    peaks at about 1.7 KB per pixel)."""
     request_timeout_s: float = 60.0
-    """Longest a request may wait for and use the backbone (503/504 after)."""
+    """Deadline of one request: waiting for the backbone past it answers 503, computing past it stops the work
+    at its next safe point and answers 504."""
+    max_queue: int = 8
+    """Most requests waiting for the backbone; more get 503 with Retry-After at once."""
+    header_timeout_s: float = 10.0
+    """Longest a connection may take to send a request's headers before it is closed."""
+    body_timeout_s: float = 60.0
+    """Longest a client may take to send a request body (408 after)."""
+    keep_alive_s: float = 5.0
+    """How long an idle keep-alive connection stays open."""
+    connections_per_address: int = 64
+    """Most connections from one address that are idle or still sending headers; past it the oldest closes."""
+    max_connections: int = 2048
+    """Most open connections and requests in all (503 above)."""
     session_ttl_s: float = 120.0
-    """How long a forward's state waits for its VJP."""
+    """How long a forward's state waits for its VJP (swept on a timer)."""
     session_budget_mb: float = 2048.0
-    """Total memory for pending sessions, in MiB; the least recently used go first."""
+    """Total memory for pending sessions, in MiB; past it the client holding the most loses its oldest first."""
     client_sessions: int = 64
     """Most pending sessions per client."""
-    client_session_mb: float = 1024.0
-    """Most session memory per client, in MiB."""
+    client_session_mb: float = 512.0
+    """Most session memory per client, in MiB (a quarter of --session-budget-mb: four clients fit in full)."""
     quota_samples: int = 0
-    """Samples each client may send through the backbone (0: no limit)."""
-    quota_vjp: int = 0
-    """VJP calls each client may make (0: no limit)."""
-    max_texts: int = 4096
-    """Most strings in one tokenize or embed request."""
+    """Rows each client may send through the backbone, over the ledger's life (0: no limit)."""
+    quota_grad_rows: int = 200000
+    """Rows each client may get gradients for, over the ledger's life (0: no limit); gradients are the strongest
+    extraction channel, so the default is finite: raise it per deployment."""
+    quota_db: str = ""
+    """SQLite file of the quota ledger, shared by workers and restarts (default: KEYS_FILE.quota.sqlite3 beside
+    the API key file)."""
+    admins: tuple[str, ...] = ()
+    """Client names (from the key file) that see every client's figures on /v1/stats."""
     adapters: tuple[str, ...] = ()
     """Trained adapters to host, as NAME=FOLDER (answered at /v1/adapters/NAME/...)."""
     batch_window_ms: float = 5.0
@@ -53,13 +93,14 @@ class ServeConfig:
     max_batch: int = 256
     """Most samples in one batched backbone call for hosted adapters."""
     workers: int = 1
-    """uvicorn worker processes (each keeps its own sessions; clients recover by recomputation)."""
+    """uvicorn worker processes (each keeps its own sessions, all share the quota ledger)."""
 
 
 class ApiKeys:
     """Client names by API key; keys are compared in constant time."""
 
-    def __init__(self, keys: dict[str, str]) -> None:
+    def __init__(self, keys: dict[str, str], source: Path | None = None) -> None:
+        self.source = source  # the key file, when read from one
         if not keys:
             raise InvalidInputError("no API keys given; write lines of 'client-name secret-key' to the keys file")
         short = [name for name, key in keys.items() if len(key) < 16]
@@ -67,6 +108,7 @@ class ApiKeys:
             raise InvalidInputError(f"API keys of {', '.join(short)} are shorter than 16 characters; "
                                     "use e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))'")
         self._keys = [(name, key.encode()) for name, key in keys.items()]
+        self.names = frozenset(keys)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> ApiKeys:
@@ -83,7 +125,7 @@ class ApiKeys:
                 raise InvalidInputError(f"{file}:{number}: expected 'client-name secret-key' with a new name, "
                                         f"got {len(words)} fields")
             keys[words[0]] = words[1]
-        return cls(keys)
+        return cls(keys, file.resolve())
 
     def client(self, authorization: str | None) -> str | None:
         """The client named by an ``Authorization: Bearer KEY`` header, or ``None``."""
@@ -94,27 +136,3 @@ class ApiKeys:
             if hmac.compare_digest(token, key) and token:
                 found = name
         return found
-
-
-class QuotaExceeded(Exception):
-    """A client went past its sample or VJP quota (answered with 429)."""
-
-
-@dataclass
-class Quotas:
-    """Samples and VJP calls per client, counted since the server started."""
-
-    samples: int = 0
-    vjp: int = 0
-    used: dict[str, list[int]] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def charge(self, client: str, samples: int = 0, vjp: int = 0) -> None:
-        with self._lock:
-            used = self.used.setdefault(client, [0, 0])
-            if self.samples and used[0] + samples > self.samples:
-                raise QuotaExceeded(f"sample quota of {self.samples} reached ({used[0]} used, {samples} asked)")
-            if self.vjp and used[1] + vjp > self.vjp:
-                raise QuotaExceeded(f"VJP quota of {self.vjp} calls reached")
-            used[0] += samples
-            used[1] += vjp

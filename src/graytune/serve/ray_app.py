@@ -46,21 +46,21 @@ def ray_application(backbone_id: str, config: ServeConfig, keys_file: str, repli
 def serve_on_ray(backbone_id: str, config: ServeConfig, keys_file: str, replicas: int = 2,
                  blocking: bool = True, max_ongoing: int = 4, max_queued: int = 32) -> str:
     """Start Ray locally (or join ``RAY_ADDRESS``), run the app, and return its URL."""
+    serve = _ray_serve()
     import ray
 
-    serve = _ray_serve()
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": config.host, "port": config.port})
-    serve.run(ray_application(backbone_id, config, keys_file, replicas, max_ongoing, max_queued), name="graytune", route_prefix="/",
-              blocking=blocking)
+    serve.run(ray_application(backbone_id, config, keys_file, replicas, max_ongoing, max_queued), name="graytune",
+              route_prefix="/", blocking=blocking)
     return f"http://{config.host}:{config.port}"
 
 
 def _ray_serve() -> Any:
     try:
         from ray import serve
-    except ImportError as err:
+    except ImportError as err:  # ray missing, or installed without its serve extra
         raise MissingDependencyError("Ray Serve is not installed; pip install 'graytune[ray]' "
                                      "(or make test-scale, which installs it)") from err
     return serve

@@ -1,14 +1,18 @@
 """What the server keeps between a forward and its VJP: sessions, bounded every way.
 
 A session is one ``graytune.access.BoundaryCall`` waiting for its gradient, stored under an
-unguessable id bound to the client that made it. The store is bounded by a
-time-to-live, a total byte budget (the bytes autograd saved for the backward) and
-per-client caps on count and bytes; past a bound the least recently used session
-goes first. A missing session is not an error for the client: the VJP answers 410
-and the client resends its inputs to be recomputed.
+unguessable id bound to the client that made it. Another client's id answers exactly as
+an unknown one does (``SessionGone``), so ids reveal nothing about other clients. The
+store is bounded by a time-to-live (the server sweeps on a timer too), a total byte budget
+(the bytes autograd saved for the backward) and per-client caps on count and bytes. Past a
+per-client cap that client's least recently made session goes; past the total budget the
+client holding the most bytes loses its oldest session first, so one client's abandoned
+sessions never push out everyone else's. A forward retried under the same request key
+replaces the session of its earlier attempt instead of leaving an orphan. A missing session
+is not an error for the client: the VJP answers 410 and the client resends its inputs.
 
 Example:
-    >>> store = SessionStore(ttl_s=60, budget_bytes=2 << 30, per_client_sessions=64, per_client_bytes=1 << 30)
+    >>> store = SessionStore(ttl_s=60, budget_bytes=2 << 30, per_client_sessions=64, per_client_bytes=1 << 28)
     >>> sid = store.put("alice", call, call.nbytes)
     >>> store.take("alice", sid) is call
     True
@@ -19,15 +23,13 @@ from __future__ import annotations
 import secrets
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from graytune.errors import AccessDeniedError
-
 
 class SessionGone(LookupError):
-    """The session expired, was evicted or never existed here (answered with 410)."""
+    """The session expired, was evicted, belongs to another client or never existed here (410)."""
 
 
 @dataclass
@@ -36,10 +38,11 @@ class _Entry:
     call: Any
     nbytes: int
     expires: float
+    key: str | None
 
 
 class SessionStore:
-    """Thread-safe LRU store of pending boundary calls."""
+    """Thread-safe store of pending boundary calls, oldest first."""
 
     def __init__(self, ttl_s: float, budget_bytes: int, per_client_sessions: int, per_client_bytes: int,
                  clock: Any = time.monotonic) -> None:
@@ -48,44 +51,55 @@ class SessionStore:
         self._clock = clock
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._lock = threading.Lock()
-        self.evicted = 0
-        self.expired = 0
+        self._evicted: Counter[str] = Counter()
+        self._expired: Counter[str] = Counter()
 
-    def put(self, client: str, call: Any, nbytes: int) -> str | None:
-        """Keep ``call`` for ``client``; ``None`` when it alone exceeds a cap (the VJP will recompute)."""
+    @property
+    def evicted(self) -> int:
+        return sum(self._evicted.values())
+
+    @property
+    def expired(self) -> int:
+        return sum(self._expired.values())
+
+    def put(self, client: str, call: Any, nbytes: int, key: str | None = None) -> str | None:
+        """Keep ``call`` for ``client``; ``None`` when it cannot be kept (the VJP will recompute).
+
+        ``key`` names the client's request: a session already kept under the same key (an
+        earlier attempt of a retried forward) is dropped.
+        """
         if nbytes > min(self.budget_bytes, self.per_client_bytes):
             return None
         sid = secrets.token_urlsafe(32)
         with self._lock:
             self._expire()
-            self._entries[sid] = _Entry(client, call, nbytes, self._clock() + self.ttl_s)
+            if key is not None:
+                for old in [s for s, e in self._entries.items() if e.client == client and e.key == key]:
+                    del self._entries[old]
+            self._entries[sid] = _Entry(client, call, nbytes, self._clock() + self.ttl_s, key)
             self._shrink(client)
-        return sid
+            return sid if sid in self._entries else None
 
     def peek(self, client: str, sid: str) -> Any:
-        """The session's call, left in place; ``SessionGone`` or ``AccessDeniedError`` otherwise."""
+        """The session's call, left in place; ``SessionGone`` otherwise."""
         with self._lock:
             return self._find(client, sid).call
 
     def take(self, client: str, sid: str) -> Any:
-        """Remove and return the session's call; ``SessionGone`` or ``AccessDeniedError`` otherwise."""
+        """Remove and return the session's call; ``SessionGone`` otherwise."""
         with self._lock:
-            entry = self._find(client, sid)
-            del self._entries[sid]
-            return entry.call
+            self._find(client, sid)
+            return self._entries.pop(sid).call
 
     def _find(self, client: str, sid: str) -> _Entry:
         self._expire()
-        entry = self._entries.get(sid)
-        if entry is None:
-            raise SessionGone(sid)
-        if entry.client != client:
-            raise AccessDeniedError("a session made by another client", "its own client", client,
-                                    "each client may only use the session ids it was given")
+        entry = self._entries.get(sid) if isinstance(sid, str) else None
+        if entry is None or entry.client != client:  # another client's id reads as an unknown one
+            raise SessionGone("no such session")
         return entry
 
     def release(self, client: str, sid: str) -> bool:
-        """Drop a session the client will not differentiate; ``False`` if it is already gone."""
+        """Drop a session the client will not differentiate; ``False`` if it is not there (or not theirs)."""
         try:
             self.take(client, sid)
         except SessionGone:
@@ -98,10 +112,21 @@ class SessionStore:
             self._expire()
             return len(self._entries)
 
-    def stats(self) -> dict[str, int]:
+    def stats(self, client: str | None = None) -> dict[str, Any]:
+        """Counts and bytes of ``client``'s sessions; with ``None``, the totals and each client's."""
         with self._lock:
+            if client is not None:
+                mine = [e.nbytes for e in self._entries.values() if e.client == client]
+                return {"sessions": len(mine), "bytes": sum(mine), "evicted": self._evicted[client],
+                        "expired": self._expired[client]}
+            names = sorted({e.client for e in self._entries.values()} | set(self._evicted) | set(self._expired))
+            clients = {}
+            for name in names:
+                mine = [e.nbytes for e in self._entries.values() if e.client == name]
+                clients[name] = {"sessions": len(mine), "bytes": sum(mine), "evicted": self._evicted[name],
+                                 "expired": self._expired[name]}
             return {"sessions": len(self._entries), "bytes": self._bytes(), "evicted": self.evicted,
-                    "expired": self.expired}
+                    "expired": self.expired, "clients": clients}
 
     def _bytes(self, client: str | None = None) -> int:
         return sum(e.nbytes for e in self._entries.values() if client is None or e.client == client)
@@ -109,8 +134,7 @@ class SessionStore:
     def _expire(self) -> None:
         now = self._clock()
         for sid in [sid for sid, e in self._entries.items() if e.expires <= now]:
-            del self._entries[sid]
-            self.expired += 1
+            self._expired[self._entries.pop(sid).client] += 1
 
     def _shrink(self, client: str) -> None:
         def over_client() -> bool:
@@ -120,8 +144,11 @@ class SessionStore:
         while over_client():
             self._evict(next(sid for sid, e in self._entries.items() if e.client == client))
         while self._bytes() > self.budget_bytes:
-            self._evict(next(iter(self._entries)))
+            held = Counter[str]()
+            for e in self._entries.values():
+                held[e.client] += e.nbytes
+            most = max(held.values())
+            self._evict(next(sid for sid, e in self._entries.items() if held[e.client] == most))
 
     def _evict(self, sid: str) -> None:
-        del self._entries[sid]
-        self.evicted += 1
+        self._evicted[self._entries.pop(sid).client] += 1

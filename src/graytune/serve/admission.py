@@ -1,0 +1,109 @@
+"""What one request may ask of the server, checked before any work, and the answers when it asks too much.
+
+A request's work is bounded before it is tokenized or run: strings by count and
+characters (``--max-texts``, ``--max-text-chars``, ``--max-request-chars``), a forward
+by its token positions (rows x tokens, inserted tokens included: ``--max-tokens``, or
+``--max-grad-tokens`` when it wants gradients) and its pixels (rows x height x width:
+``--max-pixels``, ``--max-grad-pixels``), a hosted ``classify`` by the
+prompts it would build (classes x template). Past a limit the answer is 413 naming
+the limit, the flag and what to do.
+
+Example:
+    >>> check_texts(["a cat"] * 5000, ServeConfig())
+    Traceback (most recent call last):
+    HTTPProblem: 5000 strings in one request; the server takes at most 4096 (--max-texts); ...
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from graytune.serve.config import ServeConfig
+
+
+class HTTPProblem(Exception):
+    """An answer other than 200, with a short public message (and optional headers, e.g. Retry-After)."""
+
+    def __init__(self, status: int, kind: str, detail: str, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.status, self.kind, self.detail = status, kind, detail
+        self.headers = dict(headers or {})
+
+
+def too_large(what: str, limit: int, flag: str, fix: str) -> HTTPProblem:
+    return HTTPProblem(413, "too_large", f"{what}; the server takes at most {limit:,} ({flag}); {fix}")
+
+
+def busy(retry_after_s: float, why: str = "the backbone is busy") -> HTTPProblem:
+    """503 with ``Retry-After`` (whole seconds, at least 1)."""
+    seconds = max(1, math.ceil(retry_after_s))
+    return HTTPProblem(503, "busy", f"{why}; retry in {seconds} s", {"Retry-After": str(seconds)})
+
+
+def check_texts(texts: Sequence[str], config: ServeConfig, what: str = "strings") -> None:
+    """Count and characters of ``texts`` against the limits (before tokenizing)."""
+    if len(texts) > config.max_texts:
+        raise too_large(f"{len(texts):,} {what} in one request", config.max_texts, "--max-texts",
+                        "split them over several requests")
+    longest = max((len(t) for t in texts), default=0)
+    if longest > config.max_text_chars:
+        index = next(i for i, t in enumerate(texts) if len(t) == longest)
+        raise too_large(f"string {index} has {longest:,} characters", config.max_text_chars, "--max-text-chars",
+                        "shorten it (the backbone reads only its first tokens anyway)")
+    total = sum(len(t) for t in texts)
+    if total > config.max_request_chars:
+        raise too_large(f"the {what} hold {total:,} characters in all", config.max_request_chars,
+                        "--max-request-chars", "split them over several requests")
+
+
+def check_prompts(classes: Sequence[str], template: str, config: ServeConfig) -> None:
+    """The prompts ``template.replace("{}", c)`` for ``classes`` against the text limits, before building them."""
+    if len(classes) > config.max_texts:
+        raise too_large(f"{len(classes):,} classes in one request", config.max_texts, "--max-texts",
+                        "classify against fewer classes per request")
+    slots = template.count("{}")
+    lengths = [len(template) + slots * (len(c) - 2) for c in classes]
+    longest = max(lengths, default=0)
+    if longest > config.max_text_chars:
+        raise too_large(f"a prompt of {longest:,} characters (template x class name)", config.max_text_chars,
+                        "--max-text-chars", "use a shorter template")
+    if sum(lengths) > config.max_request_chars:
+        raise too_large(f"{len(classes):,} prompts of {sum(lengths):,} characters in all (classes x template)",
+                        config.max_request_chars, "--max-request-chars", "use a shorter template or fewer classes")
+
+
+def check_work(inputs: Mapping[str, torch.Tensor], insert: Mapping[str, torch.Tensor], config: ServeConfig,
+               grad: bool) -> None:
+    """Token positions and pixels a forward would run, from its tensors' shapes (before the backbone runs).
+
+    A request that wants gradients keeps the graph for its backward, about five times the memory,
+    so it has limits of its own (``--max-grad-tokens``, ``--max-grad-pixels``).
+
+    Args:
+        inputs: port → ``[B, L]`` ids or ``[B, C, H, W]`` pixels (other inputs are not counted).
+        insert: port → ``[B or 1, K, D]`` tokens; each adds ``K`` positions to its modality's rows.
+        grad: whether the request wants gradients.
+    """
+    tokens, token_flag = (config.max_grad_tokens, "--max-grad-tokens") if grad else (config.max_tokens,
+                                                                                       "--max-tokens")
+    pixels, pixel_flag = (config.max_grad_pixels, "--max-grad-pixels") if grad else (config.max_pixels,
+                                                                                      "--max-pixels")
+    kind = " with gradients" if grad else ""
+    for name, value in inputs.items():
+        modality = name.split(".")[0]
+        if name.endswith(".input_ids") and value.dim() == 2:
+            rows, length = value.shape
+            extra = sum(int(t.shape[1]) for port, t in insert.items()
+                        if port.startswith(modality + ".") and t.dim() == 3)
+            positions = rows * (length + extra)
+            if positions > tokens:
+                raise too_large(f"this request holds {positions:,} token positions{kind} ({rows:,} rows x "
+                                f"{length + extra:,})", tokens, token_flag, "send smaller batches")
+        elif name.endswith(".pixels") and value.dim() == 4:
+            rows, _, height, width = value.shape
+            if rows * height * width > pixels:
+                raise too_large(f"this request holds {rows * height * width:,} pixels{kind} ({rows:,} images of "
+                                f"{height} x {width})", pixels, pixel_flag, "send fewer or smaller images per request")
