@@ -24,7 +24,7 @@ DEEP = b"[" * 100_000 + b"]" * 100_000
 @pytest.fixture
 def service(serve, monkeypatch):  # type: ignore[no-untyped-def]
     """(alice's client, bob's client, the service, a count of backbone computations and tokenizations)."""
-    url, app = serve(access="dark-gray", reads=(), admins=("bob",))
+    url, app = serve(access="dark-gray", reads=())
     svc = app.state.service
     work = {"compute": 0, "tokenize": 0}
     compute, tokenize = svc.compute, LocalHandle.tokenize
@@ -142,9 +142,11 @@ def test_one_long_string_to_tokenize(service) -> None:  # 60 MB made the process
 
 # ---- isolation between clients --------------------------------------------------------------------------
 
-def test_stats_show_only_the_callers_own_figures(service) -> None:
-    alice, bob, _, _ = service
-    handle = graytune.open_backbone(str(alice.base_url), "dark-gray", api_key=ALICE)
+def test_stats_show_only_the_callers_own_figures(serve) -> None:
+    url, _ = serve(access="dark-gray", reads=(), admins=("bob",))
+    alice = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ALICE}"}, timeout=60)
+    bob = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {BOB}"}, timeout=60)
+    handle = graytune.open_backbone(url, "dark-gray", api_key=ALICE)
     shift = torch.zeros(1, 1, 384, requires_grad=True)
     handle.forward({"text": ["kept", "for", "later"]}, add={"text.token_embeds": shift})  # a session of alice's
     mine = alice.get("/v1/stats").json()
@@ -187,3 +189,29 @@ def test_forward_retried_under_one_key_keeps_one_session(service) -> None:
     for _ in range(3):  # the client's retries of one forward
         assert alice.post("/v1/forward", content=body).status_code == 200
     assert svc.store.stats("alice")["sessions"] == 1
+
+
+@pytest.fixture
+def hosted(serve, minilm, tmp_path):  # type: ignore[no-untyped-def]
+    """alice's client to a server hosting one DGA adapter as ``dga``, and a count of backbone calls."""
+    from graytune.artifacts import save_adapter
+    from graytune.model import AdaptedModel
+    from graytune.serve.adapters import install_adapters
+
+    save_adapter(AdaptedModel.build(minilm, "dga"), tmp_path / "dga")
+    url, app = serve(access="dark-gray", reads=(), adapters=(f"dga={tmp_path / 'dga'}",), extra=install_adapters)
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ALICE}"}, timeout=60) as client:
+        yield client, app.state.adapters
+
+
+@pytest.mark.parametrize("classes, template, words", [
+    (["cat"] * 1000, "a photo of " + "x" * 30_000 + " {}", ["prompt of 30,", "--max-text-chars"]),
+    ([f"class number {i}" for i in range(3000)], "a photo of a {}.", ["token positions", "--max-tokens"]),
+])
+def test_hosted_classify_prompts_are_bounded_before_they_run(hosted, classes, template, words) -> None:
+    client, host = hosted
+    body = encode({}, {"texts": ["a kitten"], "classes": classes, "template": template})
+    _expect(client.post("/v1/adapters/dga/classify", content=body), 413, *words)
+    assert host.backbone_calls == 0
+    ok = client.post("/v1/adapters/dga/classify", content=encode({}, {"texts": ["a kitten"], "classes": ["cat", "car"]}))
+    assert ok.status_code == 200 and host.backbone_calls == 2

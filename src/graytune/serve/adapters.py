@@ -256,10 +256,13 @@ def install_adapters(app: FastAPI, service: Any) -> None:
         message = read_request(body)
         meta = message[1]
         host.model(name)
-        if classify:  # the prompts it will build, before anything is built
+        if classify:  # the prompts it will build: their characters before they are built, then their tokens
             classes = _texts(meta.get("classes"))
             check_texts(classes, config, "classes")
-            check_prompts(classes, str(meta.get("template", TEMPLATE)), config)
+            template = str(meta.get("template", TEMPLATE))
+            check_prompts(classes, template, config)
+            meta["prompts"] = [template.replace("{}", c) for c in classes]
+            check_work(service.handle.tokenize(meta["prompts"]), {}, config, grad=False)
         if meta.get("texts") is not None:
             texts = _texts(meta["texts"])
             check_texts(texts, config)
@@ -303,13 +306,11 @@ def install_adapters(app: FastAPI, service: Any) -> None:
     async def classify(name: str, request: Request) -> Response:
         until = service.deadline()
         embeds, meta = await embeds_for(name, request, until, classify=True)  # its prompts were admitted with it
-        classes = _texts(meta.get("classes"))
-        template = str(meta.get("template", TEMPLATE))
-        prompts = [template.replace("{}", c) for c in classes]
+        prompts = meta["prompts"]
         text = await _wait(await service.checked(lambda: host.submit(name, "text", texts=prompts, until=until)),
                            until, config.request_timeout_s)
         logits = host.model(name).similarity(embeds, text)
-        return Response(encode({"logits": logits}, {"classes": classes}), media_type=WIRE_MEDIA)
+        return Response(encode({"logits": logits}, {"classes": meta["classes"]}), media_type=WIRE_MEDIA)
 
 
 TEMPLATE = "a photo of a {}."
