@@ -42,7 +42,8 @@ def _free_port() -> int:
 class Server:
     """``graytune serve minilm`` in a subprocess on a fixed port; ``kill()`` is kill -9."""
 
-    def __init__(self, folder: Path, *flags: str) -> None:
+    def __init__(self, folder: Path, *flags: str, backbone: str = "minilm") -> None:
+        self.backbone = backbone
         self.keys = folder / "keys.txt"
         self.keys.write_text("".join(f"{name} {key}\n" for name, key in KEYS.items()))
         self.port, self.flags, self.proc = _free_port(), flags, None  # type: ignore[var-annotated]
@@ -50,7 +51,7 @@ class Server:
         self.log = folder / "serve.log"
 
     def start(self, wait: bool = True) -> Server:
-        cmd = [sys.executable, "-m", "graytune.cli.main", "serve", "minilm", "--api-keys", str(self.keys),
+        cmd = [sys.executable, "-m", "graytune.cli.main", "serve", self.backbone, "--api-keys", str(self.keys),
                "--port", str(self.port), "--access", "dark-gray", *self.flags]
         self.proc = subprocess.Popen(cmd, stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
         if wait:
@@ -87,8 +88,8 @@ class Server:
 def server(tmp_path) -> Iterator:  # type: ignore[type-arg]
     made: list[Server] = []
 
-    def make(*flags: str) -> Server:
-        made.append(Server(tmp_path, *flags))
+    def make(*flags: str, backbone: str = "minilm") -> Server:
+        made.append(Server(tmp_path, *flags, backbone=backbone))
         return made[-1]
 
     yield make
@@ -186,6 +187,8 @@ def test_two_workers_give_a_key_exactly_its_quota(server) -> None:
     with ThreadPoolExecutor(8) as pool:
         vjps = list(pool.map(lambda _: post("/v1/vjp", vjp), range(30)))
         forwards = list(pool.map(lambda _: post("/v1/forward", forward), range(60)))
+    print(f"two workers: {vjps.count(200)} of 30 one-row VJPs served (quota 10), "
+          f"{forwards.count(200)} of 60 one-row forwards (quota 40)")
     assert (vjps.count(200), vjps.count(429)) == (10, 20), vjps
     assert (forwards.count(200), forwards.count(429)) == (40, 20), forwards  # a recompute VJP pays rows only
     used = httpx.get(f"{srv.url}/v1/stats", headers={"Authorization": f"Bearer {ALICE}"}).json()
@@ -224,3 +227,62 @@ def test_health_spec_stats_and_release_stay_fast_with_the_backbone_saturated(ser
     summary = {route: sorted(t)[int(0.99 * len(t))] for route, t in times.items()}
     print("p99 with the backbone saturated: " + ", ".join(f"{r} {s * 1000:.0f} ms" for r, s in summary.items()))
     assert max(summary.values()) < 0.1, summary
+
+
+def _peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def _worst_text_requests() -> dict[str, tuple[str, dict]]:
+    """Each at a default limit: 8,192 positions with gradients, 16,384 without, 262,144 characters."""
+    ids = torch.randint(1000, 20000, (64, 128), generator=torch.Generator().manual_seed(0))
+    shift, grad = torch.zeros(1, 1, 384), {"grad": ["add/text.token_embeds"]}
+    return {
+        "text forward with gradients": ("/v1/forward", {"content": encode(
+            {"inputs/text.input_ids": ids, "add/text.token_embeds": shift}, grad)}),
+        "its VJP recomputed": ("/v1/vjp", {"content": encode(
+            {"inputs/text.input_ids": ids, "add/text.token_embeds": shift, "grad/text.embeds": torch.ones(64, 384)},
+            {**grad, "recompute": True})}),
+        "text forward without": ("/v1/forward", {"content": encode({"inputs/text.input_ids": torch.cat([ids, ids])})}),
+        "tokenize": ("/v1/tokenize", {"json": {"texts": ["word " * 819] * 64}}),
+    }
+
+
+def _worst_image_requests() -> dict[str, tuple[str, dict]]:
+    """32 images of 224 x 224 with gradients (--max-grad-pixels); 96 without (a 58 MB body, under --max-body-mb)."""
+    pixels = torch.randn(32, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    return {
+        "image forward with gradients": ("/v1/forward", {"content": encode(
+            {"inputs/image.pixels": pixels}, {"grad": ["inputs/image.pixels"], "outputs": ["image.embeds"]})}),
+        "its VJP recomputed": ("/v1/vjp", {"content": encode(
+            {"inputs/image.pixels": pixels, "grad/image.embeds": torch.ones(32, 384)},
+            {"grad": ["inputs/image.pixels"], "outputs": ["image.embeds"], "recompute": True})}),
+        "image forward without": ("/v1/forward", {"content": encode(
+            {"inputs/image.pixels": pixels.repeat(3, 1, 1, 1)}, {"outputs": ["image.embeds"]})}),
+    }
+
+
+@pytest.mark.parametrize("backbone, worst", [("minilm", _worst_text_requests),
+                                             ("bridge:efficientnet-lite0+minilm", _worst_image_requests)])
+def test_the_worst_requests_the_defaults_admit_stay_within_the_memory_budget(server, backbone, worst) -> None:
+    srv = server(backbone=backbone).start()
+    with httpx.Client(base_url=srv.url, headers={"Authorization": f"Bearer {ALICE}"}, timeout=300) as client:
+        assert client.post("/v1/tokenize", json={"texts": ["warm up"]}).status_code == 200
+        warm = encode({"inputs/text.input_ids": torch.tensor([[101, 1037, 102]])}, {"outputs": ["text.embeds"]})
+        assert client.post("/v1/forward", content=warm).status_code == 200
+        baseline = _peak_rss_mb(srv.proc.pid)
+        peaks = {}
+        for what, (path, body) in worst().items():
+            response = client.post(path, **body)
+            assert response.status_code == 200, (what, response.text)
+            peaks[what] = _peak_rss_mb(srv.proc.pid) - baseline
+        refused = client.post("/v1/forward", content=encode({"inputs/text.input_ids": torch.full((10_000, 16), 1037),
+                                                             "add/text.token_embeds": torch.zeros(1, 1, 384)},
+                                                            {"grad": ["add/text.token_embeds"]}))
+        assert refused.status_code == 413
+    print(f"{backbone}: baseline peak RSS {baseline:.0f} MB; peak growth after each worst case (cumulative): "
+          + ", ".join(f"{w} +{p:.0f} MB" for w, p in peaks.items()))
+    assert max(peaks.values()) < 3500  # one request's work; sessions (--session-budget-mb) come on top
