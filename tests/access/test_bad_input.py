@@ -115,3 +115,21 @@ def test_remote_ids_need_a_key_and_a_reachable_server(monkeypatch: pytest.Monkey
     with pytest.raises(RemoteError, match="could not be reached") as err:
         RemoteHandle("http://127.0.0.1:9/", graytune.AccessLevel.DARK_GRAY, api_key="x" * 32, retries=0)
     assert err.value.status == 0
+
+
+def test_lone_surrogates_and_zero_rows_are_refused_in_process(text) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(InvalidInputError, match="text 1 holds '\\\\ud800' at character 2, a lone UTF-16 surrogate"):
+        text.encode_text(["fine", "a \ud800 b"])
+    with pytest.raises(InvalidInputError, match=r"0 rows \(text.input_ids \[0, 4\]"):
+        text.encode_text({"text.input_ids": torch.zeros(0, 4, dtype=torch.long)})
+
+
+def test_unknown_ports_are_matched_only_against_the_ports_the_level_shows(text) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(UnknownNameError) as err:
+        text.forward({"text": ["a"]}, add={"text.layer.50": torch.zeros(1, 1, 384)})
+    assert not any("layer" in name for name in [*err.value.known, *err.value.suggestions])
+    light = graytune.open_backbone("minilm", access="light-gray")
+    with pytest.raises(UnknownNameError, match="did you mean 'text.layer.5'"):
+        light.forward({"text": ["a"]}, add={"text.layer.50": torch.zeros(1, 1, 384)})
+    with pytest.raises(AccessDeniedError, match="needs access level light-gray"):  # an exact name: the level needed
+        text.forward({"text": ["a"]}, add={"text.layer.5": torch.zeros(1, 1, 384)})

@@ -49,3 +49,41 @@ def test_session_bytes_exclude_the_owners_weights() -> None:
     with_weights = graph_bytes(outs)  # the same graph, nothing excluded: the linear layers saved their weights
     assert 0 < call.nbytes < with_weights
     assert with_weights - call.nbytes <= weights
+
+
+def test_a_deadline_stops_the_forward_and_the_backward_at_their_next_step() -> None:
+    import time
+
+    import pytest
+
+    from graytune.access.owner import DeadlineExceeded, deadline
+
+    handle = graytune.open_backbone("minilm", "dark-gray")
+    ids = torch.randint(1000, 20000, (32, 128), generator=torch.Generator().manual_seed(0))
+
+    def call():  # type: ignore[no-untyped-def]
+        shift = torch.zeros(1, 1, 384, requires_grad=True)
+        plan = handle.plan({"text.input_ids": ids}, {"text.token_embeds": shift}, {}, ["text.embeds"], [])
+        return plan, handle.open_call(plan)
+
+    plan, free = call()
+    (z,) = free.forward([plan.tensor(g, p) for g, p in plan.slots])
+    (g,) = free.vjp([torch.ones_like(z)])
+    plan, timed = call()
+    with deadline(time.monotonic() + 60):  # a deadline not reached changes nothing, bit for bit
+        (z2,) = timed.forward([plan.tensor(g, p) for g, p in plan.slots])
+        (g2,) = timed.vjp([torch.ones_like(z2)])
+    assert torch.equal(z, z2) and torch.equal(g, g2)
+    for stage in ("forward", "backward"):
+        plan, late = call()
+        start = time.monotonic()
+        with pytest.raises(DeadlineExceeded):
+            if stage == "forward":
+                with deadline(start + 0.05):
+                    late.forward([plan.tensor(g, p) for g, p in plan.slots])
+            else:
+                (z3,) = late.forward([plan.tensor(g, p) for g, p in plan.slots])
+                start = time.monotonic()
+                with deadline(start + 0.05):
+                    late.vjp([torch.ones_like(z3)])
+        assert time.monotonic() - start < 0.5, stage  # the whole step takes ~1.5 s on 2 cores
