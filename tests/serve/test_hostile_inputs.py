@@ -213,5 +213,6 @@ def test_hosted_classify_prompts_are_bounded_before_they_run(hosted, classes, te
     body = encode({}, {"texts": ["a kitten"], "classes": classes, "template": template})
     _expect(client.post("/v1/adapters/dga/classify", content=body), 413, *words)
     assert host.backbone_calls == 0
-    ok = client.post("/v1/adapters/dga/classify", content=encode({}, {"texts": ["a kitten"], "classes": ["cat", "car"]}))
+    small = encode({}, {"texts": ["a kitten"], "classes": ["cat", "car"]})
+    ok = client.post("/v1/adapters/dga/classify", content=small)
     assert ok.status_code == 200 and host.backbone_calls == 2

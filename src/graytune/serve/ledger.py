@@ -73,8 +73,8 @@ class QuotaLedger:
                     limit = self.limits[name]
                     if amount and limit and used[name] + amount > limit:
                         raise QuotaExceeded(
-                            f"{_WHAT[name]} quota of {limit} reached for client {client!r} ({used[name]} used, {amount} "
-                            f"asked); send smaller batches or ask the owner to raise {_FLAGS[name]}")
+                            f"{_WHAT[name]} quota of {limit} reached for client {client!r} ({used[name]} used, "
+                            f"{amount} asked); send smaller batches or ask the owner to raise {_FLAGS[name]}")
                 self._db.execute("INSERT INTO usage (client, samples, grad_rows) VALUES (?, ?, ?) ON CONFLICT(client) "
                                  "DO UPDATE SET samples = samples + excluded.samples, "
                                  "grad_rows = grad_rows + excluded.grad_rows", (client, samples, grad_rows))

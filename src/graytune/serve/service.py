@@ -17,13 +17,13 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable, Generator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, TypeVar
 
 import anyio
@@ -111,45 +111,14 @@ class Service:
     def deadline(self) -> float:
         return time.monotonic() + self.config.request_timeout_s
 
-    @contextlib.asynccontextmanager
-    async def body(self, request: Request) -> AsyncIterator[bytes]:
-        """The request body, read within ``--body-timeout-s``; its memory counts against ``--inflight-body-mb``
-        until the block ends (413 past ``--max-body-mb``, 503 past the in-flight budget, 408 past the deadline)."""
-        declared = request.headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body):
-            raise self._body_too_large(declared)
-        reserved = 0
+    def body(self, request: Request) -> RequestBody:
+        """The request body, read within ``--body-timeout-s`` (408 after; 413 past ``--max-body-mb``).
 
-        def reserve(nbytes: int) -> None:
-            nonlocal reserved
-            if self.inflight + 2 * nbytes > self.inflight_budget:
-                raise busy(self.compute_s * (self.queued + 1), "the server holds as many request bodies as it may "
-                           "(--inflight-body-mb)")
-            self.inflight += 2 * nbytes  # the bytes, and the tensors decoded from them
-            reserved += 2 * nbytes
-
-        try:
-            if declared is not None:
-                reserve(int(declared))
-            chunks, size = [], 0
-            try:
-                with anyio.fail_after(self.config.body_timeout_s):
-                    async for chunk in request.stream():
-                        size += len(chunk)
-                        if size > self.max_body:
-                            raise self._body_too_large(f"over {self.max_body}")
-                        if declared is None:
-                            reserve(len(chunk))
-                        chunks.append(chunk)
-            except TimeoutError:
-                raise HTTPProblem(408, "body_timeout", f"the body did not arrive within {self.config.body_timeout_s} "
-                                  "s (--body-timeout-s); check the connection and send it again") from None
-            body = b"".join(chunks)
-            if declared is not None and len(body) != int(declared):
-                raise HTTPProblem(400, "truncated", f"the body has {len(body)} bytes, Content-Length said {declared}")
-            yield body
-        finally:
-            self.inflight -= reserved
+        ``async with service.body(request) as body:`` counts its memory against ``--inflight-body-mb``
+        until the block ends (503 with ``Retry-After`` past it); ``await service.body(request)`` only
+        while it is read.
+        """
+        return RequestBody(self, request)
 
     def _body_too_large(self, size: str) -> HTTPProblem:
         return HTTPProblem(413, "too_large", f"request bodies are limited to {self.max_body} bytes (--max-body-mb); "
@@ -240,6 +209,12 @@ class Service:
 
     # ---- what callers see of their own use -----------------------------------------------------------
 
+    @property
+    def quotas(self) -> SimpleNamespace:
+        """Usage as ``quotas.used[client] == [samples, grad_rows]``: a read-only view of the ledger kept for
+        code written before it (use ``ledger.used(client)``)."""
+        return SimpleNamespace(used={c: [u["samples"], u["grad_rows"]] for c, u in self.ledger.all_used().items()})
+
     def stats(self, client: str) -> dict[str, Any]:
         """The caller's own figures; every client's for an admin."""
         limits = {"quota_samples": self.config.quota_samples, "quota_grad_rows": self.config.quota_grad_rows}
@@ -268,3 +243,66 @@ def quota_path(config: ServeConfig, keys: ApiKeys, scratch: str | None) -> Path:
         return keys.source.with_name(keys.source.name + ".quota.sqlite3")
     assert scratch is not None
     return Path(scratch) / "quota.sqlite3"
+
+
+class RequestBody:
+    """One request's body and the in-flight memory it holds (see ``Service.body``)."""
+
+    def __init__(self, service: Service, request: Request) -> None:
+        self.service, self.request, self.reserved = service, request, 0
+
+    def __await__(self) -> Generator[Any, None, bytes]:
+        return self._read_and_release().__await__()
+
+    async def __aenter__(self) -> bytes:
+        try:
+            return await self._read()
+        except BaseException:
+            self._release()
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._release()
+
+    async def _read_and_release(self) -> bytes:
+        try:
+            return await self._read()
+        finally:
+            self._release()
+
+    def _reserve(self, nbytes: int) -> None:
+        service = self.service
+        if service.inflight + 2 * nbytes > service.inflight_budget:
+            raise busy(service.compute_s * (service.queued + 1), "the server holds as many request bodies as it "
+                       "may (--inflight-body-mb)")
+        service.inflight += 2 * nbytes  # the bytes, and the tensors decoded from them
+        self.reserved += 2 * nbytes
+
+    def _release(self) -> None:
+        self.service.inflight -= self.reserved
+        self.reserved = 0
+
+    async def _read(self) -> bytes:
+        service, config = self.service, self.service.config
+        declared = self.request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > service.max_body):
+            raise service._body_too_large(declared)
+        if declared is not None:
+            self._reserve(int(declared))
+        chunks, size = [], 0
+        try:
+            with anyio.fail_after(config.body_timeout_s):
+                async for chunk in self.request.stream():
+                    size += len(chunk)
+                    if size > service.max_body:
+                        raise service._body_too_large(f"over {service.max_body}")
+                    if declared is None:
+                        self._reserve(len(chunk))
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise HTTPProblem(408, "body_timeout", f"the body did not arrive within {config.body_timeout_s} s "
+                              "(--body-timeout-s); check the connection and send it again") from None
+        body = b"".join(chunks)
+        if declared is not None and len(body) != int(declared):
+            raise HTTPProblem(400, "truncated", f"the body has {len(body)} bytes, Content-Length said {declared}")
+        return body
