@@ -176,7 +176,7 @@ class RemoteHandle:
                     return response
                 if response.status_code not in (502, 503):
                     raise _error(response)
-                problem, wait = f"answered {response.status_code}", _retry_after(response)
+                problem, wait = f"is busy ({response.status_code})", _retry_after(response)
             wait = min(10.0, 0.25 * 2**attempt) if wait is None else wait
             spent = time.monotonic() - start
             if spent + wait > self.retry_s or (self.retries is not None and attempt >= self.retries):
