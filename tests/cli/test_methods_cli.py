@@ -77,3 +77,20 @@ def test_adapter_warm_starts_the_same_method(tiny_clip_dir, tmp_path, capsys) ->
     assert json.loads((second / "adapter_config.json").read_text())["warm_start"] == str(first)
     assert main(["train", *base, "--method", "output", "--adapter", str(first), "--out", str(tmp_path / "x")]) == 2
     assert "holds a 'dga' adapter" in capsys.readouterr().err
+
+
+def test_retry_s_reaches_the_remote_handle_and_is_refused_in_process(monkeypatch, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    import graytune.train.recipe as recipe
+
+    seen = {}
+
+    def fake_open(backbone_id, **kwargs):  # type: ignore[no-untyped-def]
+        seen.update(backbone=backbone_id, **kwargs)
+        raise KeyboardInterrupt  # stop before any network work
+
+    monkeypatch.setattr(recipe, "open_backbone", fake_open)
+    args = ["train", "--method", "output", "--data", "wordnet-supersense", "--out", str(tmp_path / "r")]
+    assert main([*args, "--backbone", "http://127.0.0.1:9", "--retry-s", "300"]) == 130
+    assert seen["backbone"] == "http://127.0.0.1:9" and seen["retry_s"] == 300.0
+    assert main([*args, "--backbone", "minilm", "--retry-s", "300"]) == 2
+    assert "--retry-s is for a served backbone" in capsys.readouterr().err

@@ -31,12 +31,13 @@ def test_two_rank_gloo_ddp_against_a_live_server(tmp_path: Path) -> None:
         done = subprocess.run(cmd, env={**os.environ, "GRAYTUNE_API_KEY": KEY}, capture_output=True, text=True,
                               timeout=600)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        served = app.state.service.quotas.used["trainer"]
+        served = app.state.service.ledger.used("trainer")
     ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2)]
     assert ranks[0] and set(ranks[0]) == set(ranks[1])
     for key in ranks[0]:
         assert torch.equal(ranks[0][key], ranks[1][key]), key
     assert any(t.abs().sum() > 0 for t in ranks[0].values())  # training moved the adapter
-    assert served[1] >= 2 * 4 and served[1] % 8 == 0  # every step of both ranks took its VJPs through the server
+    # every step of both ranks took its gradients through the server: at least each rank's 8 query rows per step
+    assert served["grad_rows"] >= 2 * 4 * 8
     model = load_adapter(tmp_path, handle)  # rank 0 saved a loadable artifact
     assert model.trainable_parameters() > 0

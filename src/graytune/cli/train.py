@@ -60,6 +60,8 @@ def _transmiter_plus(args: argparse.Namespace) -> int:
         refused.append("--cache-mb")
     if args.log != "jsonl":
         refused.append("--log")
+    if args.retry_s is not None:
+        refused.append("--retry-s")
     if args.access not in (None, "black-box"):
         refused.append("--access")
     if refused:

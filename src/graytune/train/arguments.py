@@ -133,6 +133,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         default = "the method's (graytune methods)" if f.name == "lr" else f.default
         p.add_argument("--" + f.name.replace("_", "-"), type=_field_type(f.name), default=None,
                        help=f"{docs.get(f.name, '')} (default: {default})")
+    p.add_argument("--retry-s", type=non_negative_float, default=None,
+                   help="with an http:// backbone: keep retrying a server that is down or restarting for this "
+                        "many seconds (default: 120)")
     p.add_argument("--log", choices=["jsonl", "tensorboard"], default="jsonl",
                    help="history.jsonl is always written in --out; tensorboard also writes TensorBoard events "
                         "there (pip install 'graytune[tensorboard]')")
@@ -165,12 +168,15 @@ def run_spec(args: argparse.Namespace) -> RunSpec:
             raise MissingDependencyError("--log tensorboard needs the tensorboard package: "
                                          "pip install 'graytune[tensorboard]'")
     config = TrainConfig(**given_train_fields(args))
+    if args.retry_s is not None and not args.backbone.startswith(("http://", "https://")):
+        raise InvalidInputError(f"--retry-s is for a served backbone (http://HOST:PORT); {args.backbone!r} runs in "
+                                "this process")
     if args.data is None and args.train is None:
         raise InvalidInputError("no data: give --data NAME_OR_PATH, or --train FILE (with --val/--test)")
     files = {"train": args.train, "val": args.val, "test": args.test}
     return RunSpec(args.backbone, args.access, args.method, args.data, args.task, args.out, args.image_size,
                    config, options, args.adapter, files=files, loader=loader_config(args),
-                   tensorboard=args.log == "tensorboard", overwrite=args.overwrite)
+                   retry_s=args.retry_s, tensorboard=args.log == "tensorboard", overwrite=args.overwrite)
 
 
 __all__ = ["LIMITS", "TRAINABLE", "add_train_arguments", "given_train_fields", "non_negative_float",

@@ -54,17 +54,23 @@ class RunSpec:
     files: dict[str, str | None] = field(default_factory=dict)
     """Explicit split files instead of ``data``: ``{"train": …, "val": …, "test": …}``."""
     loader: LoaderConfig = field(default_factory=LoaderConfig)
+    retry_s: float | None = None
+    """For a served backbone: how long the client keeps retrying a server that is down (default 120 s)."""
     tensorboard: bool = False
     """Also write TensorBoard events beside ``history.jsonl`` (needs the tensorboard package)."""
     overwrite: bool = False
     """Replace a finished adapter in ``out``, or write beside files that are not a graytune run."""
 
 
-def open_for(backbone: str, access: str | None, method: str) -> Handle:
-    """Open ``backbone`` at ``access`` (default: the method's level), granting the reads ``method`` needs."""
+def open_for(backbone: str, access: str | None, method: str, retry_s: float | None = None) -> Handle:
+    """Open ``backbone`` at ``access`` (default: the method's level), granting the reads ``method`` needs.
+
+    ``retry_s`` (served backbones only) is the client's retry budget while the server is down.
+    """
     spec = get_method(method)
     level = AccessLevel.parse(access) if access else spec.min_access
-    return open_backbone(backbone, access=level, reads=spec.reads)
+    extra = {"retry_s": retry_s} if retry_s is not None else {}
+    return open_backbone(backbone, access=level, reads=spec.reads, **extra)
 
 
 def make_task(splits: Splits, handle: Handle, image_size: int | None, fit: str | None = None,
@@ -130,7 +136,7 @@ def train_model(run: RunSpec, progress: bool = True) -> tuple[dict[str, Any], Ad
     splits = splits_for(run)  # a missing file is said before the backbone loads
     if splits.note:
         log.warning("%s", splits.note)
-    handle = open_for(run.backbone, run.access, run.method)
+    handle = open_for(run.backbone, run.access, run.method, run.retry_s)
     task = make_task(splits, handle, run.image_size, loader=run.loader)
     model = warm_start(run, handle) if run.adapter else AdaptedModel.build(handle, run.method, run.options)
     config = replace(run.train, lr=run.train.lr if run.train.lr is not None else method.lr or 0.0)
