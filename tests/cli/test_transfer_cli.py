@@ -50,6 +50,9 @@ def test_extract_transfer_plus_round_trip(two_backbones, tmp_path, capsys) -> No
     assert extracted["classes"] == 16 and extracted["task_classes"] == 3
     config = json.loads((tmp_path / "tm" / "adapter_config.json").read_text())
     assert config["classes"][:3] == ["ant", "bee", "cow"] and len(config["classes"]) == 16
+    assert main(["extract", "--weak", weak, "--adapter", str(tmp_path / "ft"), "--data", data,
+                 "--out", str(tmp_path / "tm"), "--classes", "16"]) == 2  # a finished adapter is kept
+    assert "--overwrite" in capsys.readouterr().err
 
     assert main(["transfer", "--adapter", str(tmp_path / "tm"), "--strong", strong, "--data", data,
                  "--out", str(tmp_path / "moved"), "--json"]) == 0

@@ -44,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _transmiter_plus(args: argparse.Namespace) -> int:
     """TransMiter+ with the flags that mean something for it; the others are refused, not ignored."""
+    from graytune.artifacts import prepare_out
     from graytune.errors import InvalidInputError
     from graytune.train.arguments import given_train_fields
     from graytune.transfer.recipe import run_plus
@@ -68,6 +69,7 @@ def _transmiter_plus(args: argparse.Namespace) -> int:
         raise InvalidInputError(f"--method transmiter+ does not use {', '.join(refused)}: it fine-tunes a logit "
                                 "adapter at black-box, validating after each pass; it takes --lr, --max-steps, "
                                 "--batch-size, --weight-decay, --warmup, --seed, --shots and --image-size")
+    prepare_out(args.out, args.overwrite)  # a finished adapter or other files there: refused unless --overwrite
     config = PlusConfig(**{k: v for k, v in given.items() if k in ("lr", "max_steps", "batch_size", "weight_decay",
                                                                   "warmup")})
     result = run_plus(args.adapter, args.backbone, args.data, args.out, args.shots or 16, given.get("seed", 0),

@@ -19,6 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--image-size", type=positive_int, default=None)
     e.add_argument("--seed", type=non_negative_int, default=0)
     e.add_argument("--json", action="store_true")
+    e.add_argument("--overwrite", action="store_true", help="replace a finished adapter in --out")
     e.set_defaults(run=run_extract)
     t = sub.add_parser("transfer", help="TransMiter: move an extracted adapter to a stronger backbone, forward only")
     t.add_argument("--adapter", required=True, help="folder written by graytune extract")
@@ -29,6 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="pull of the basis change towards the identity (>= 0; default: 500)")
     t.add_argument("--image-size", type=positive_int, default=None)
     t.add_argument("--json", action="store_true")
+    t.add_argument("--overwrite", action="store_true", help="replace a finished adapter in --out")
     t.set_defaults(run=run_transfer)
 
 
@@ -41,14 +43,18 @@ def _print(result: dict, as_json: bool) -> None:
 
 
 def run_extract(args: argparse.Namespace) -> int:
+    from graytune.artifacts import prepare_out
     from graytune.transfer.recipe import run_extract as extract
 
+    prepare_out(args.out, args.overwrite)  # never deletes what graytune did not write
     _print(extract(args.weak, args.adapter, args.data, args.out, args.classes, args.seed, args.image_size), args.json)
     return 0
 
 
 def run_transfer(args: argparse.Namespace) -> int:
+    from graytune.artifacts import prepare_out
     from graytune.transfer.recipe import run_transfer as transfer
 
+    prepare_out(args.out, args.overwrite)  # never deletes what graytune did not write
     _print(transfer(args.adapter, args.strong, args.data, args.out, args.beta, args.image_size), args.json)
     return 0
