@@ -3,7 +3,6 @@ stats and releases never wait for the backbone."""
 
 from __future__ import annotations
 
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 

@@ -3,7 +3,6 @@ oversized work gets 413 before any work, and clients learn nothing about each ot
 
 from __future__ import annotations
 
-import json
 import logging
 import struct
 
