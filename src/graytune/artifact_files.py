@@ -4,8 +4,8 @@ The layout is PEFT's. The config describes the artifact completely (library and
 format version, method and kind, every adapter with its resolved options, the
 access level and read grants used, the backbone id and fingerprint, the
 preprocessing, class lists, the exposure record), so loading never needs a flag
-given at training time. Tensors are safetensors, never pickle. Writes are atomic:
-a folder is written beside the target and renamed into place.
+given at training time. Tensors are safetensors, never pickle. Each file is written
+atomically (a temporary file renamed into place); nothing else in the folder is touched.
 
 This module knows files, not models: ``AdaptedModel.save_pretrained`` and the
 TransMiter recipe build on it.
@@ -126,9 +126,8 @@ def prepare_out(folder: str | os.PathLike[str], overwrite: bool = False) -> str:
             method = _method_of(path)
             raise InvalidInputError(f"--out {folder} already holds a finished {method} adapter; pass --overwrite to "
                                     "replace it (only graytune's run files there are replaced), or choose another --out")
-        for name in ours:
-            if name in ("checkpoint.pt", "history.jsonl"):
-                (path / name).unlink()
+        for name in ("checkpoint.pt", "history.jsonl"):  # the finished run's own; a new one starts
+            (path / name).unlink(missing_ok=True)
         return "replace"
     if others and not overwrite:
         shown = ", ".join(others[:3]) + (" …" if len(others) > 3 else "")
@@ -163,8 +162,10 @@ def read_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
     return config
 
 
-def read_weights(folder: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """The artifact's tensors; a clear error when the file is missing or damaged."""
+def read_weights(folder: str | os.PathLike[str], config: Mapping[str, Any] | None = None,
+                 ) -> dict[str, torch.Tensor]:
+    """The artifact's tensors; a clear error when the file is missing, damaged, or not the one ``config``
+    (read from ``folder`` when not given) was written with."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -176,7 +177,7 @@ def read_weights(folder: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     except (SafetensorError, OSError) as err:
         raise ArtifactError(f"{path} is damaged or truncated ({err}); train again, or restore the folder from a "
                             "copy") from None
-    expected = read_config(folder).get("weights_sha256")
+    expected = (read_config(folder) if config is None else config).get("weights_sha256")
     if expected and expected != file_sha256(path):
         raise ArtifactError(f"{path} is not the file {CONFIG_NAME} was written with (its SHA-256 differs): the "
                             "folder was changed by hand or a save was interrupted; train again or restore it")

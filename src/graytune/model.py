@@ -147,7 +147,7 @@ class AdaptedModel(nn.Module):
                                 "graytune.transfer.load_transmiter (graytune eval does so itself)")
         method.check_access(handle.access)
         model = cls._assemble(handle, method, config.get("options") or {})
-        state = read_weights(folder)
+        state = read_weights(folder, config)
         expected = model.adapter_state(peft_names=True)
         if set(state) != set(expected):
             missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))

@@ -36,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
         from graytune.errors import InvalidInputError
         from graytune.transfer.recipe import evaluate_transmiter
 
-        if args.task not in (None, "classification") or args.split != "test" or args.workers or args.cache_mb != 64.0:
+        loader_flags = args.workers is not None or args.cache_mb is not None
+        if args.task not in (None, "classification") or args.split != "test" or loader_flags:
             raise InvalidInputError(f"{args.adapter} is a {method.name} logit adapter: it is scored on the test "
                                     "split of a classification set; --task, --split, --workers and --cache-mb "
                                     "do not apply")

@@ -55,14 +55,11 @@ def _transmiter_plus(args: argparse.Namespace) -> int:
     given = given_train_fields(args)
     refused = [f"--{k.replace('_', '-')}" for k in ("grad_accum", "eval_every", "patience") if k in given]
     refused += [flag for flag, value in (("--option", args.option), ("--task", args.task), ("--train", args.train),
-                                         ("--val", args.val), ("--test", args.test), ("--workers", args.workers))
-                if value]
-    if args.cache_mb != 64.0:
-        refused.append("--cache-mb")
+                                         ("--val", args.val), ("--test", args.test)) if value]
+    refused += [flag for flag, value in (("--workers", args.workers), ("--cache-mb", args.cache_mb),
+                                         ("--retry-s", args.retry_s)) if value is not None]
     if args.log != "jsonl":
         refused.append("--log")
-    if args.retry_s is not None:
-        refused.append("--retry-s")
     if args.access not in (None, "black-box"):
         refused.append("--access")
     if refused:

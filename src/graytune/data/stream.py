@@ -79,7 +79,7 @@ class PixelStream:
                  loader: LoaderConfig | None = None, where: Callable[[int], str] | None = None,
                  frames: int = 8) -> None:
         self.preprocess, self.loader = preprocess, loader or LoaderConfig()
-        self._data = _Decode(load, n, preprocess, where or _default_where(load), frames)
+        self._data = _Decode(load, n, preprocess, where or _by_number, frames)
         self._cache: OrderedDict[int, Tensor] = OrderedDict()
         self._cache_bytes = 0
 
@@ -155,5 +155,6 @@ class _PathWhere:
         return str(item) if not isinstance(item, Image.Image) else f"number {i}"
 
 
-def _default_where(load: Callable[[int], Any]) -> Callable[[int], str]:
-    return lambda i: f"number {i}"
+def _by_number(i: int) -> str:
+    """Where image ``i`` came from, for sources that know no file (in-memory arrays)."""
+    return f"number {i}"

@@ -90,14 +90,18 @@ def add_data_arguments(p: argparse.ArgumentParser, required: bool = False) -> No
                         ":base-to-novel to a classification set), or a path: .csv/.jsonl of image,caption or "
                         "image,label (optional split column), a COCO or Karpathy caption .json, WebDataset .tar "
                         "shards (brace patterns), a folder of class folders")
-    p.add_argument("--workers", type=non_negative_int, default=0,
-                   help="processes decoding images on the fly (default: 0, in this process)")
-    p.add_argument("--cache-mb", type=non_negative_float, default=64.0,
-                   help="preprocessed images kept in memory between epochs, at most this many MB (default: 64)")
+    defaults = LoaderConfig()
+    p.add_argument("--workers", type=non_negative_int, default=None,
+                   help=f"processes decoding images on the fly (default: {defaults.workers}, in this process)")
+    p.add_argument("--cache-mb", type=non_negative_float, default=None,
+                   help="preprocessed images kept in memory between epochs, at most this many MB "
+                        f"(default: {defaults.cache_mb:g})")
 
 
 def loader_config(args: argparse.Namespace) -> LoaderConfig:
-    return LoaderConfig(workers=args.workers, cache_mb=args.cache_mb)
+    """``--workers`` and ``--cache-mb`` as given, ``LoaderConfig``'s defaults for the rest."""
+    given = {k: getattr(args, k) for k in ("workers", "cache_mb") if getattr(args, k) is not None}
+    return LoaderConfig(**given)
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -171,8 +175,6 @@ def run_spec(args: argparse.Namespace) -> RunSpec:
     if args.retry_s is not None and not args.backbone.startswith(("http://", "https://")):
         raise InvalidInputError(f"--retry-s is for a served backbone (http://HOST:PORT); {args.backbone!r} runs in "
                                 "this process")
-    if args.data is None and args.train is None:
-        raise InvalidInputError("no data: give --data NAME_OR_PATH, or --train FILE (with --val/--test)")
     files = {"train": args.train, "val": args.val, "test": args.test}
     return RunSpec(args.backbone, args.access, args.method, args.data, args.task, args.out, args.image_size,
                    config, options, args.adapter, files=files, loader=loader_config(args),

@@ -63,9 +63,7 @@ class RetrievalTask:
 
     def batches(self, batch_size: int, generator: torch.Generator, shard: tuple[int, int] = (0, 1)
                 ) -> Iterator[tuple[Tensor, list[str]]]:
-        order = torch.randperm(len(self.data), generator=generator).tolist()
-        groups = shard_groups([order[s:s + batch_size] for s in range(0, len(order) - batch_size + 1, batch_size)],
-                              shard)  # full batches
+        groups = epoch_batches(len(self.data), batch_size, generator, shard)
         for idx, pixels in zip(groups, self.pixels.batches(groups)):
             yield pixels, [self.data.captions[self.first_caption[i]] for i in idx]
 
@@ -122,10 +120,7 @@ class ClassificationTask:
 
     def batches(self, batch_size: int, generator: torch.Generator, shard: tuple[int, int] = (0, 1)
                 ) -> Iterator[tuple[Any, Tensor]]:
-        order = torch.randperm(len(self.data), generator=generator).tolist()
-        # full batches only, as the other tasks and the trainer's epoch count (and data-parallel ranks) expect
-        groups = shard_groups([order[s:s + batch_size] for s in range(0, len(order) - batch_size + 1, batch_size)],
-                              shard)
+        groups = epoch_batches(len(self.data), batch_size, generator, shard)
         if self.pixels is not None:
             yield from zip(self.pixels.batches(groups), (self.data.labels[idx] for idx in groups))
             return
@@ -182,9 +177,7 @@ class SketchRetrievalTask:
 
     def batches(self, batch_size: int, generator: torch.Generator, shard: tuple[int, int] = (0, 1)
                 ) -> Iterator[tuple[Tensor, Tensor]]:
-        order = torch.randperm(len(self.data), generator=generator).tolist()
-        groups = shard_groups([order[s:s + batch_size] for s in range(0, len(order) - batch_size + 1, batch_size)],
-                              shard)
+        groups = epoch_batches(len(self.data), batch_size, generator, shard)
         yield from zip(self.sketches.batches(groups), self.images.batches(groups))
 
     def loss(self, model: AdaptedModel, batch: tuple[Tensor, Tensor]) -> Tensor:
@@ -214,9 +207,14 @@ def image_stream(data: Any, preprocess: ImagePreprocess, loader: LoaderConfig) -
     return PixelStream.of(data.images, preprocess, loader, where)
 
 
-def shard_groups(groups: list[list[int]], shard: tuple[int, int]) -> list[list[int]]:
-    """This rank's contiguous share of each global batch (``shard = (rank, world)``)."""
+def epoch_batches(n: int, batch_size: int, generator: torch.Generator, shard: tuple[int, int] = (0, 1)
+                  ) -> list[list[int]]:
+    """One epoch's batches of indices in the generator's order: full batches only (a fixed negative count,
+    and the trainer's epoch count); with ``shard = (rank, world)``, this rank's contiguous share of each."""
+    order = torch.randperm(n, generator=generator).tolist()
+    groups = [order[s:s + batch_size] for s in range(0, n - batch_size + 1, batch_size)]
     rank, world = shard
     if world == 1:
         return groups
-    return [g[rank * (len(g) // world):(rank + 1) * (len(g) // world)] for g in groups]
+    share = batch_size // world
+    return [g[rank * share:(rank + 1) * share] for g in groups]

@@ -295,7 +295,7 @@ def load_transmiter(folder: str | os.PathLike[str], classes: Sequence[str] | Non
                             "score the saved list (its 'classes' field) in the same order")
     options = (config.get("options") or {}).get("transmiter") or config.get("adapter")  # format 1: "adapter"
     adapter = TransMiterAdapter(config_from_dict(TransMiterConfig, options, "transmiter"))
-    state = read_weights(folder)
+    state = read_weights(folder, config)
     try:
         adapter.load_state_dict(state)
     except RuntimeError as err:
