@@ -8,15 +8,18 @@ the boundary in ``graytune.access`` is the only caller of ``run``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import hashlib
 import os
-from collections.abc import Collection, Iterator, Mapping, Sequence
+import threading
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from graytune.errors import InvalidInputError
 from graytune.types import BackboneSpec, Op, PortKind, PortSpec
@@ -60,6 +63,57 @@ class Backbone(Protocol):
     def with_module(self, module: nn.Module) -> Backbone:
         """This backbone running ``module`` (a client's modified copy of ``module()``), same spec."""
         ...
+
+
+_recompute = threading.local()  # whether the backbone work on this thread checkpoints its layers
+
+
+@contextlib.contextmanager
+def recomputing(on: bool) -> Iterator[None]:
+    """Inside the block, ``run_layer`` keeps only each layer's inputs and recomputes the layer in the backward.
+
+    The weights are frozen, so the recomputed activations equal the first ones exactly: this trades one
+    more forward for the activation memory of every layer but one.
+    """
+    previous = getattr(_recompute, "on", False)
+    _recompute.on = on
+    try:
+        yield
+    finally:
+        _recompute.on = previous
+
+
+def run_layer(layer: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``layer(*args, **kwargs)``, checkpointed when recomputation is on and a gradient is wanted.
+
+    Every provider calls its repeated blocks (transformer layers, MBConv blocks) through this, so
+    owner-side recomputation (``open_backbone(..., recompute=True)``, ``graytune serve --recompute``)
+    works on every backbone.
+    """
+    if getattr(_recompute, "on", False) and torch.is_grad_enabled():
+        return checkpoint(layer, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
+    return layer(*args, **kwargs)
+
+
+def module_placement(module: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """The device and floating dtype of ``module``'s first floating parameter or buffer (CPU/fp32 if none)."""
+    for t in [*module.parameters(), *module.buffers()]:
+        if t.is_floating_point():
+            return t.device, t.dtype
+    return torch.device("cpu"), torch.float32
+
+
+def place(backbone: Backbone, device: torch.device, dtype: torch.dtype) -> Backbone:
+    """``backbone`` with its module on ``device`` in ``dtype`` (a copy; the shared, cached module is untouched).
+
+    Half precision casts the frozen weights (memory halves, the matmuls run in half); the boundary
+    casts the client's tensors in and the results back to float32.
+    """
+    module = backbone.module()
+    if module_placement(module) == (device, dtype):
+        return backbone
+    moved = copy.deepcopy(module).to(device=device, dtype=dtype)
+    return backbone.with_module(freeze(moved))
 
 
 @contextlib.contextmanager

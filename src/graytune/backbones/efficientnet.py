@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from graytune.backbones import BACKBONES
-from graytune.backbones.base import add_delta, file_identity, freeze
+from graytune.backbones.base import add_delta, file_identity, freeze, run_layer
 from graytune.errors import InvalidInputError, MissingDependencyError
 from graytune.types import BackboneSpec, Op, PortKind, PortSpec
 
@@ -99,7 +99,7 @@ class EfficientNetTower:
                 read[port] = x
             if port in add:
                 x = add_delta(port, x, add[port])
-            x = block(x)  # eval mode: no drop-connect
+            x = run_layer(block, x)  # eval mode: no drop-connect
         x = m._swish(m._bn1(m._conv_head(x)))  # [B, 1280, h, w]
         features = x.mean(dim=(2, 3))  # [B, 1280]
         return features, m._fc(features), read

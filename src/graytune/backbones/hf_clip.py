@@ -26,6 +26,7 @@ from graytune.backbones.base import (
     freeze,
     insert_tokens,
     quiet_loading,
+    run_layer,
     text_ports,
 )
 from graytune.errors import InvalidInputError, MissingDependencyError
@@ -35,9 +36,55 @@ Tensor = torch.Tensor
 
 
 class HFClip:
-    """A transformers ``CLIPModel`` behind the graytune ports."""
+    """A transformers ``CLIPModel`` behind the graytune ports.
 
-    def __init__(self, source: str) -> None:
+    Args:
+        model: the frozen ``CLIPModel``.
+        tokenizer: its tokenizer, or ``None`` (then clients send ``text.input_ids``).
+        backbone_id: the id the spec carries, e.g. ``hf-clip:/models/clip``.
+        identity: what the fingerprint hashes besides the spec (the weight files' identity).
+        image_stats: the image mean and std clients normalise with.
+        description: the spec's description.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: object | None, backbone_id: str, identity: str,
+                 image_stats: tuple[list[float], list[float]], description: str) -> None:
+        self.model, self.tokenizer = freeze(model), tokenizer
+        cfg = self.model.config
+        self.text_cfg, self.vision_cfg = cfg.text_config, cfg.vision_config
+        n_text, n_vision = self.text_cfg.num_hidden_layers, self.vision_cfg.num_hidden_layers
+        size, dim = self.vision_cfg.image_size, cfg.projection_dim
+        proc_mean, proc_std = image_stats
+        ports = [
+            PortSpec("image.pixels", PortKind.INPUT, ("B", 3, size, size), "float32", (Op.REPLACE,), "image",
+                     "RGB pixels, normalised with the spec's mean and std"),
+            *[PortSpec(f"image.layer.{k}", PortKind.ENTRY, ("B", "N", self.vision_cfg.hidden_size), "float32",
+                       (Op.ADD, Op.INSERT, Op.READ), "image", f"tokens entering vision layer {k}")
+              for k in range(1, n_vision)],
+            *text_ports("text", self.text_cfg.hidden_size, range(1, n_text), self.text_cfg.max_position_embeddings),
+            PortSpec("image.embeds", PortKind.OUTPUT, ("B", dim), "float32", (Op.READ,), "image",
+                     "projected [CLS] embedding"),
+            PortSpec("text.embeds", PortKind.OUTPUT, ("B", dim), "float32", (Op.READ,), "text",
+                     "projected end-token embedding"),
+        ]
+        self.spec = BackboneSpec(
+            id=backbone_id,
+            modalities=("image", "text"),
+            ports=tuple(ports),
+            preprocess={
+                "image": {"image_size": size, "resize": "shorter side to image_size, bicubic",
+                          "crop": "center", "mean": proc_mean, "std": proc_std, "range": "RGB in [0, 1]"},
+                "text": {"tokenizer": type(tokenizer).__name__ if tokenizer is not None else "none (send ids)",
+                         "max_tokens": self.text_cfg.max_position_embeddings,
+                         "insert_position": "before the end token",
+                         "vocab_size": int(self.text_cfg.vocab_size)},
+            },
+            description=description,
+        ).with_fingerprint(identity)
+
+    @classmethod
+    def load(cls, source: str) -> HFClip:
+        """A ``CLIPModel`` and its tokenizer from a folder (``save_pretrained``) or a hub id."""
         try:
             from transformers import AutoTokenizer, CLIPModel
         except ImportError as err:
@@ -51,48 +98,22 @@ class HFClip:
         where = str(local) if local.is_dir() else source
         try:
             with quiet_loading():
-                self.model = freeze(CLIPModel.from_pretrained(where))
-                self.tokenizer = AutoTokenizer.from_pretrained(where)
+                model = CLIPModel.from_pretrained(where)
+                tokenizer = AutoTokenizer.from_pretrained(where)
         except OSError as err:
             raise MissingDependencyError(
                 f"hf-clip: could not load a CLIPModel and tokenizer from {source!r}: {err}; "
                 "graytune never downloads on its own: save the model and tokenizer to a folder first"
             ) from err
-        cfg = self.model.config
-        self.text_cfg, self.vision_cfg = cfg.text_config, cfg.vision_config
-        n_text, n_vision = self.text_cfg.num_hidden_layers, self.vision_cfg.num_hidden_layers
-        size, dim = self.vision_cfg.image_size, cfg.projection_dim
-        proc_mean, proc_std = _image_stats(where)
-        ports = [
-            PortSpec("image.pixels", PortKind.INPUT, ("B", 3, size, size), "float32", (Op.REPLACE,), "image",
-                     "RGB pixels, normalised with the spec's mean and std"),
-            *[PortSpec(f"image.layer.{k}", PortKind.ENTRY, ("B", "N", self.vision_cfg.hidden_size), "float32",
-                       (Op.ADD, Op.INSERT, Op.READ), "image", f"tokens entering vision layer {k}")
-              for k in range(1, n_vision)],
-            *text_ports("text", self.text_cfg.hidden_size, range(1, n_text), self.text_cfg.max_position_embeddings),
-            PortSpec("image.embeds", PortKind.OUTPUT, ("B", dim), "float32", (Op.READ,), "image",
-                     "projected [CLS] embedding"),
-            PortSpec("text.embeds", PortKind.OUTPUT, ("B", dim), "float32", (Op.READ,), "text",
-                     "projected end-token embedding"),
-        ]
         weights = sorted(local.glob("*.safetensors")) if local.is_dir() else []
         identity = "+".join(file_identity(w) for w in weights) or f"hub:{source}"
-        self.spec = BackboneSpec(
-            id=f"hf-clip:{source}",
-            modalities=("image", "text"),
-            ports=tuple(ports),
-            preprocess={
-                "image": {"image_size": size, "resize": "shorter side to image_size, bicubic",
-                          "crop": "center", "mean": proc_mean, "std": proc_std, "range": "RGB in [0, 1]"},
-                "text": {"tokenizer": type(self.tokenizer).__name__,
-                         "max_tokens": self.text_cfg.max_position_embeddings,
-                         "insert_position": "before the end token",
-                         "vocab_size": int(self.text_cfg.vocab_size)},
-            },
-            description=f"Hugging Face CLIPModel from {source}.",
-        ).with_fingerprint(identity)
+        return cls(model, tokenizer, f"hf-clip:{source}", identity, _image_stats(where),
+                   f"Hugging Face CLIPModel from {source}.")
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
+        if self.tokenizer is None:
+            raise InvalidInputError(f"{self.spec.id} has no tokenizer (random weights for benchmarks); "
+                                    "send text.input_ids and text.attention_mask instead of strings")
         batch = self.tokenizer(list(texts), padding=True, truncation=True,
                                max_length=self.text_cfg.max_position_embeddings, return_tensors="pt")
         return {"text.input_ids": batch["input_ids"], "text.attention_mask": batch["attention_mask"]}
@@ -113,7 +134,7 @@ class HFClip:
                reads: Collection[str], out: dict[str, Tensor]) -> Tensor:
         vision = self.model.vision_model
         hidden = vision.pre_layrnorm(vision.embeddings(pixels))  # [B, 1+N, D]
-        mask = torch.ones(hidden.shape[:2], dtype=torch.long)
+        mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
         for k, layer in enumerate(vision.encoder.layers):
             port = f"image.layer.{k}"
             if port in reads:
@@ -121,8 +142,9 @@ class HFClip:
             if port in add:
                 hidden = add_delta(port, hidden, add[port])
             if port in insert:  # after [CLS]
-                hidden, mask = insert_tokens(port, hidden, mask, insert[port], torch.ones(len(hidden), dtype=torch.long))
-            hidden = layer(hidden, None)
+                at = torch.ones(len(hidden), dtype=torch.long, device=hidden.device)
+                hidden, mask = insert_tokens(port, hidden, mask, insert[port], at)
+            hidden = run_layer(layer, hidden, None)
         return self.model.visual_projection(vision.post_layernorm(hidden[:, 0]))
 
     def _text(self, inputs: Mapping[str, Tensor], add: Mapping[str, Tensor], insert: Mapping[str, Tensor],
@@ -146,9 +168,9 @@ class HFClip:
                 length = hidden.shape[1]
                 attn = create_causal_mask(config=self.text_cfg, inputs_embeds=hidden,
                                           attention_mask=mask, past_key_values=None)
-            hidden = layer(hidden, attn, is_causal=True)
+            hidden = run_layer(layer, hidden, attn, is_causal=True)
         hidden = text.final_layer_norm(hidden)
-        pooled = hidden[torch.arange(len(hidden)), eos]
+        pooled = hidden[torch.arange(len(hidden), device=hidden.device), eos]
         return self.model.text_projection(pooled)
 
     def _eos_positions(self, ids: Tensor) -> Tensor:
@@ -192,4 +214,4 @@ def _image_stats(where: str) -> tuple[list[float], list[float]]:
 
 @BACKBONES.register("hf-clip:", family_help="dir or hub id")
 def build_hf_clip(source: str) -> HFClip:
-    return HFClip(source)
+    return HFClip.load(source)

@@ -23,6 +23,7 @@ from graytune.backbones.base import (
     insert_tokens,
     masked_mean,
     quiet_loading,
+    run_layer,
     text_ports,
 )
 from graytune.errors import InvalidInputError, MissingDependencyError
@@ -104,7 +105,7 @@ class MiniLMTower:
             if attn is None or mask.shape[1] != before:
                 attn = create_bidirectional_mask(config=bert.config, inputs_embeds=hidden,
                                                   attention_mask=mask)
-            hidden = layer(hidden, attn)
+            hidden = run_layer(layer, hidden, attn)
         return masked_mean(hidden, mask), read
 
     @staticmethod
@@ -122,7 +123,7 @@ class MiniLMTower:
         if port in add:
             hidden = add_delta(port, hidden, add[port], mask)
         if port in insert:  # right after [CLS], where mean pooling sees them
-            at = torch.ones(hidden.shape[0], dtype=torch.long)
+            at = torch.ones(hidden.shape[0], dtype=torch.long, device=hidden.device)
             hidden, mask = insert_tokens(port, hidden, mask, insert[port], at)
         return hidden, mask
 
