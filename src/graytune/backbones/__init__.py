@@ -25,4 +25,4 @@ def load_backbone(backbone_id: str):  # type: ignore[no-untyped-def]
     return builder() if arg is None else builder(arg)
 
 
-from graytune.backbones import arch, bridge, efficientnet, hf_clip, minilm  # noqa: E402,F401  (they register)
+from graytune.backbones import arch, bridge, efficientnet, hf_clip, hf_siglip, hf_text, hf_vision, minilm  # noqa: E402,F401  (they register)

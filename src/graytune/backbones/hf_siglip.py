@@ -1,0 +1,1 @@
+"""Placeholder: the hf_siglip provider is being written (it registers nothing yet)."""
