@@ -5,7 +5,7 @@ STAMP := $(VENV)/.graytune-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test test-slow test-scale test-faults bench setup data clean
+.PHONY: demo test test-slow test-scale test-faults test-gpu bench setup data clean
 
 $(STAMP): pyproject.toml constraints.txt scripts/setup.sh
 	bash scripts/setup.sh
@@ -28,6 +28,9 @@ test-slow: setup  ## long training
 
 test-faults: setup  ## slow server fault tests: kill -9 and restart mid-training, stalled connections, two workers
 	$(VENV)/bin/python -m pytest -m faults
+
+test-gpu: setup  ## CUDA placement, half precision and recomputation on a GPU (skipped without one)
+	$(VENV)/bin/python -m pytest -m gpu -rs
 
 test-scale: setup  ## distributed engines: Ray Serve replicas and 2-process gloo DDP against a live server
 	bash scripts/setup.sh ray

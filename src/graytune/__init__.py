@@ -15,6 +15,7 @@ from graytune.errors import (
     GraytuneError,
     InvalidInputError,
     MissingDependencyError,
+    NumericalError,
     UnknownNameError,
 )
 from graytune.access import known_backbones, open_backbone
@@ -25,6 +26,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AccessDeniedError", "AccessLevel", "ArtifactError", "BackboneSpec", "Exposure", "GraytuneError",
-    "InvalidInputError", "MissingDependencyError", "Op", "PortKind", "PortSpec", "UnknownNameError",
+    "InvalidInputError", "MissingDependencyError", "NumericalError", "Op", "PortKind", "PortSpec", "UnknownNameError",
     "__version__", "known_backbones", "open_backbone",
 ]

@@ -44,17 +44,17 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def parse_device(value: torch.device | str | None) -> torch.device:
-    """A torch device from a device or its name (``cpu``, ``cuda``, ``cuda:1``); ``None`` is CUDA when present.
+    """A torch device from a device or its name (``cpu``, ``cuda``, ``cuda:1``); ``None``/``auto``: CUDA when present.
 
     Raises:
         InvalidInputError: an unknown name, or a CUDA device this machine does not have.
     """
-    if value is None:
+    if value is None or value == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = value if isinstance(value, torch.device) else torch.device(str(value).strip())
     except RuntimeError:
-        raise InvalidInputError(f"unknown device {value!r}; use cpu, cuda or cuda:N") from None
+        raise InvalidInputError(f"unknown device {value!r}; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         count = torch.cuda.device_count()
         if count == 0:

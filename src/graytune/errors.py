@@ -54,6 +54,10 @@ class InvalidInputError(GraytuneError, ValueError):
     """A tensor or value that does not fit what a port or function accepts."""
 
 
+class NumericalError(GraytuneError, ArithmeticError):
+    """The backbone produced NaN or infinite values from finite inputs (e.g. an owner's half precision)."""
+
+
 class ArtifactError(GraytuneError):
     """A saved artifact that is missing, damaged, or made for another backbone."""
 

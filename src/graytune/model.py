@@ -51,6 +51,12 @@ class AdaptedModel(nn.Module):
         self.backbone_module = module  # white-box baselines only: the client's own copy
         self.whitebox: tuple[str, Any] | None = None  # white-box baselines: (adapter name, its config)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
+        self.to(getattr(handle, "device", torch.device("cpu")))  # in process: the backbone's device, no copies
+
+    @property
+    def device(self) -> torch.device:
+        """Where the adapters live (float32); inputs are moved here and results come back here."""
+        return self.logit_scale.device
 
     @classmethod
     def build(cls, handle: Handle, method: str, options: Mapping[str, Any] | None = None) -> AdaptedModel:
@@ -194,10 +200,12 @@ class AdaptedModel(nn.Module):
         return scale * F.normalize(queries, dim=-1) @ F.normalize(keys, dim=-1).T
 
     def _tower(self, modality: str, inputs: dict[str, Tensor], adapters: nn.ModuleList) -> Tensor:
-        request = self.prepare_tower(modality, inputs)
+        here = self.device
+        request = self.prepare_tower(modality, {k: v.to(here) if v.is_floating_point() else v
+                                                for k, v in inputs.items()})
         port = f"{modality}.embeds"
         embeds = self.handle.forward(request.inputs, add=request.add, insert=request.insert, outputs=[port])[port]
-        return self.finish_tower(modality, embeds)
+        return self.finish_tower(modality, embeds.to(here))
 
     def prepare_tower(self, modality: str, inputs: Mapping[str, Tensor]) -> TowerRequest:
         """The request this model's adapters make for one tower (before the boundary is crossed).

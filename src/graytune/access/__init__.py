@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
+import torch
+
 from graytune.access.checks import CallPlan, texts_of
 from graytune.access.handle import Handle
 from graytune.access.local import LocalHandle
@@ -17,12 +19,15 @@ from graytune.access.owner import BoundaryCall
 from graytune.access.remote import API_KEY_ENV, RemoteHandle
 from graytune.access.wire import PROTOCOL_VERSION
 from graytune.backbones import BACKBONES, load_backbone
+from graytune.backbones.base import place
+from graytune.devices import parse_device, parse_dtype
 from graytune.errors import InvalidInputError
 from graytune.types import AccessLevel
 
 
 def open_backbone(
     backbone_id: str, access: AccessLevel | str = AccessLevel.DARK_GRAY, *, reads: Collection[str] = (),
+    device: torch.device | str | None = None, dtype: torch.dtype | str | None = None, recompute: bool = False,
     api_key: str | None = None, retry_s: float | None = None, timeout_s: float | None = None,
 ) -> Handle:
     """Open a backbone behind the boundary at one access level.
@@ -34,6 +39,14 @@ def open_backbone(
         access: ``black-box``, ``dark-gray`` (default), ``light-gray`` or ``white-box``.
         reads: input or entry ports whose values the owner lets the client read
             (e.g. ``["text.token_embeds"]`` for AdaLink); each reveals weights.
+        device: where the backbone runs (``cpu``, ``cuda``, ``cuda:1``); default CUDA when present, else CPU.
+            Results come back on the device of the client's tensors (the handle's ``device`` when
+            a request holds none), so in process client and owner share one device with no copies.
+        dtype: the backbone's precision: ``fp32`` (default), ``bf16``/``bfloat16``, ``fp16`` or a torch dtype.
+            Half precision casts the frozen weights; client tensors cross in float32 and are cast
+            in, outputs and gradients come back in float32 (fp16 gradients are scaled to stay in range).
+        recompute: keep only each layer's inputs during a gradient call and recompute the layers
+            inside the VJP: exact (the weights are frozen), less memory, one more forward of time.
         api_key: for a server, the key the owner gave you (default: $GRAYTUNE_API_KEY).
         retry_s: for a server, how long a request is retried while the server cannot take it
             (a restart, a dropped connection, 503), in seconds; default 120.
@@ -44,16 +57,25 @@ def open_backbone(
 
     Raises:
         UnknownNameError: an unknown id or level; the message names the closest ones.
-        InvalidInputError: ``retry_s`` or ``timeout_s`` given for an in-process backbone.
+        InvalidInputError: ``retry_s`` or ``timeout_s`` given for an in-process backbone, or
+            ``device``/``dtype``/``recompute`` for a server's (its owner chose them), or an unknown
+            device or dtype.
     """
     level = AccessLevel.parse(access)
     if backbone_id.startswith(("http://", "https://")):
+        owner_side = [name for name, value in (("device", device), ("dtype", dtype), ("recompute", recompute or None))
+                      if value is not None]
+        if owner_side:
+            raise InvalidInputError(
+                f"{' and '.join(owner_side)} of a served backbone are the owner's choice (graytune serve --device "
+                "--dtype --recompute); leave them out here: results come back in float32 on your tensors' device")
         return RemoteHandle(backbone_id, level, reads, api_key, timeout_s, retry_s=retry_s)
     given = [name for name, value in (("retry_s", retry_s), ("timeout_s", timeout_s)) if value is not None]
     if given:
         raise InvalidInputError(f"{' and '.join(given)} apply to a backbone server (an http:// id); "
                                 f"{backbone_id!r} runs in this process, so leave them out")
-    return LocalHandle(load_backbone(backbone_id), level, reads)
+    where, precision = parse_device(device), parse_dtype(dtype)
+    return LocalHandle(place(load_backbone(backbone_id), where, precision), level, reads, bool(recompute))
 
 
 def known_backbones() -> list[str]:

@@ -25,6 +25,7 @@ class Handle(Protocol):
     access: AccessLevel
     spec: BackboneSpec
     exposure: Exposure
+    device: torch.device  # where results land when a request holds no client tensor
 
     @property
     def grants(self) -> frozenset[str]: ...
@@ -59,21 +60,39 @@ class BoundaryRun(Protocol):
 
 
 class _Crossing(torch.autograd.Function):
-    """The autograd node standing for the hidden backbone; its backward is the run's VJP."""
+    """The autograd node standing for the hidden backbone; its backward is the run's VJP.
+
+    The VJP at each client tensor comes back on that tensor's device and in its dtype,
+    wherever the backbone ran (another device, half precision, another machine).
+    """
 
     @staticmethod
     def forward(ctx, call: BoundaryRun, *tensors: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
         ctx.call = call
+        ctx.homes = [(t.device, t.dtype) for t in tensors]
         ctx.set_materialize_grads(False)
         return call.forward(tensors)
 
     @staticmethod
     def backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        return (None, *ctx.call.vjp(grads))
+        vjps = ctx.call.vjp(grads)
+        return (None, *(None if v is None else v.to(device, dtype) for v, (device, dtype) in zip(vjps, ctx.homes)))
 
 
-def cross(call: BoundaryRun) -> dict[str, Tensor]:
+def client_device(plan: CallPlan, default: torch.device | None) -> torch.device | None:
+    """Where a call's results go: the device of the client's first floating tensor, else ``default``."""
+    for group in (plan.inputs, plan.add, plan.insert):
+        for tensor in group.values():
+            if tensor.is_floating_point():
+                return tensor.device
+    return default
+
+
+def cross(call: BoundaryRun, default_device: torch.device | None = None) -> dict[str, Tensor]:
     """Run ``call``'s forward as one autograd node (when a client tensor wants a gradient).
+
+    Results come back in float32 on the device of the client's tensors (``default_device``
+    when the request holds none, e.g. text sent as strings; ``None`` leaves them where they are).
 
     Returns:
         ``{port name: tensor}`` for each output, then each port read.
@@ -83,4 +102,7 @@ def cross(call: BoundaryRun) -> dict[str, Tensor]:
     values = _Crossing.apply(call, *diff) if diff else call.forward(())
     result = dict(zip(plan.outputs, values))
     result.update(call.values_read)
+    home = client_device(plan, default_device)
+    if home is not None:  # a differentiable copy: the gradient goes back to the results' device
+        result = {name: value.to(home) for name, value in result.items()}
     return result

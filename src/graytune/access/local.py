@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 from graytune.access.checks import CallPlan, plan_call, port_for, texts_of
-from graytune.access.handle import cross
+from graytune.access.handle import client_device, cross
 from graytune.access.owner import BoundaryCall, weight_storages
-from graytune.backbones.base import Backbone
+from graytune.backbones.base import Backbone, module_placement, recomputing
+from graytune.devices import dtype_name
 from graytune.errors import AccessDeniedError
 from graytune.types import AccessLevel, BackboneSpec, Exposure, Op, required_level
 
@@ -37,12 +38,16 @@ class LocalHandle:
         >>> z.sum().backward()       # shift.grad is the VJP at the token embeddings
     """
 
-    __slots__ = ("_backbone", "_full_spec", "_weights", "access", "spec", "exposure", "_grants")
+    __slots__ = ("_backbone", "_full_spec", "_weights", "access", "spec", "exposure", "_grants", "device", "dtype",
+                 "recompute")
 
-    def __init__(self, backbone: Backbone, access: AccessLevel, reads: Collection[str] = ()) -> None:
+    def __init__(self, backbone: Backbone, access: AccessLevel, reads: Collection[str] = (),
+                 recompute: bool = False) -> None:
         self._backbone = backbone
         self._full_spec = backbone.spec
         self._weights = weight_storages(backbone.module())  # once per handle: what no call's graph is charged for
+        self.device, self.dtype = module_placement(backbone.module())
+        self.recompute = recompute
         self.access = access
         self.spec: BackboneSpec = backbone.spec.visible_at(access)
         self.exposure = Exposure(access=access)
@@ -51,7 +56,9 @@ class LocalHandle:
             port_for(self._full_spec, name, Op.READ, access, False, self._grants)
 
     def __repr__(self) -> str:
-        return f"LocalHandle({self.spec.id!r}, access={self.access.label!r})"
+        placed = "" if (self.device.type, self.dtype) == ("cpu", torch.float32) else \
+            f", device={str(self.device)!r}, dtype={dtype_name(self.dtype)!r}"
+        return f"LocalHandle({self.spec.id!r}, access={self.access.label!r}{placed})"
 
     @property
     def grants(self) -> frozenset[str]:
@@ -93,9 +100,13 @@ class LocalHandle:
         """
         plan = self.plan(inputs, add or {}, insert or {}, outputs, reads)
         if self.access is AccessLevel.WHITE_BOX:  # plain autograd: weights of a rebound module train too
-            result = self._backbone.run(plan.inputs, plan.add, plan.insert, plan.outputs, plan.reads)
-            return {name: result[name] for name in [*plan.outputs, *plan.reads]}
-        return cross(self.open_call(plan))
+            call = self.open_call(plan)
+            moved = [{port: call.inward(t) for port, t in group.items()} for group in (plan.inputs, plan.add, plan.insert)]
+            with recomputing(self.recompute):
+                result = self._backbone.run(*moved, plan.outputs, plan.reads)
+            home = client_device(plan, self.device)
+            return {name: result[name].to(home, torch.float32) for name in [*plan.outputs, *plan.reads]}
+        return cross(self.open_call(plan), self.device)
 
     def plan(self, inputs: Mapping[str, Tensor | Sequence[str]], add: Mapping[str, Tensor],
              insert: Mapping[str, Tensor], outputs: Sequence[str] | None, reads: Sequence[str]) -> CallPlan:
@@ -115,14 +126,15 @@ class LocalHandle:
 
         With ``measure`` the call counts the bytes its graph keeps (``nbytes``), the owner's weights excluded.
         """
-        return BoundaryCall(self._backbone, plan, self.exposure, measure, self._weights)
+        return BoundaryCall(self._backbone, plan, self.exposure, measure, self._weights, self.device, self.dtype,
+                            self.recompute)
 
     def at_level(self, access: AccessLevel) -> LocalHandle:
         """The same backbone at a level no higher than this handle's (the grants that level may hold)."""
         if access > self.access:
             raise AccessDeniedError(f"a handle at {access.label}", access.label, self.access.label)
         grants = [n for n in self._grants if required_level(self._full_spec.port(n).kind, Op.READ, False) <= access]
-        return LocalHandle(self._backbone, access, grants)
+        return LocalHandle(self._backbone, access, grants, self.recompute)
 
     def encode_image(self, pixels: Tensor, **edits: Mapping[str, Tensor]) -> Tensor:
         """``[B, E]`` image embeddings (not normalised), the CLIP way."""
@@ -148,4 +160,4 @@ class LocalHandle:
         if self.access < AccessLevel.WHITE_BOX:
             raise AccessDeniedError("running a modified backbone module", AccessLevel.WHITE_BOX.label,
                                     self.access.label)
-        return LocalHandle(self._backbone.with_module(module), self.access, self._grants)
+        return LocalHandle(self._backbone.with_module(module), self.access, self._grants, self.recompute)

@@ -26,8 +26,9 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from graytune.access.checks import CallPlan
-from graytune.backbones.base import Backbone
-from graytune.errors import GraytuneError, InvalidInputError
+from graytune.backbones.base import Backbone, recomputing
+from graytune.devices import dtype_name
+from graytune.errors import GraytuneError, InvalidInputError, NumericalError
 from graytune.types import Exposure
 
 Tensor = torch.Tensor
@@ -89,18 +90,24 @@ def weight_storages(module: nn.Module) -> frozenset[int]:
 class BoundaryCall:
     """One forward through the boundary, kept until its backward (owner side).
 
+    Client tensors cross into the backbone's device and dtype; outputs and VJPs come back
+    in float32 on the backbone's device (the handle moves them to the client's).
+
     Args:
         backbone: the owner's backbone.
         plan: the checked request (``plan_call``).
         exposure: the record this call's gradient query is noted in.
         measure: count the bytes the graph keeps for the backward (``nbytes``), as the server does.
         shared: storages not to count (the owner's weights, from ``weight_storages``).
+        device, dtype: where the backbone's module lives and its floating dtype.
+        recompute: keep only each layer's inputs and recompute the layers inside the VJP.
     """
 
     def __init__(self, backbone: Backbone, plan: CallPlan, exposure: Exposure, measure: bool = False,
-                 shared: frozenset[int] = frozenset()) -> None:
+                 shared: frozenset[int] = frozenset(), device: torch.device = torch.device("cpu"),
+                 dtype: torch.dtype = torch.float32, recompute: bool = False) -> None:
         self.backbone, self.plan, self.exposure, self.measure = backbone, plan, exposure, measure
-        self.shared = shared
+        self.shared, self.device, self.dtype, self.recompute = shared, device, dtype, recompute
         self.values_read: dict[str, Tensor] = {}
         self.nbytes = 0  # what this call holds until its backward (counted when ``measure``)
         self.output_shapes: dict[str, list[int]] = {}
@@ -110,25 +117,44 @@ class BoundaryCall:
     def differentiable(self) -> bool:
         return bool(self.plan.slots)
 
+    def inward(self, tensor: Tensor) -> Tensor:
+        """``tensor`` on the backbone's device, floating values in its dtype (no copy when already there)."""
+        if tensor.is_floating_point():
+            return tensor.to(self.device, self.dtype)
+        return tensor.to(self.device)
+
     def forward(self, tensors: Sequence[Tensor]) -> tuple[Tensor, ...]:
-        """The outputs (detached) for the client tensors at ``plan.slots``; the graph is kept for ``vjp``."""
+        """The outputs (detached, float32) for the client tensors at ``plan.slots``; the graph is kept for ``vjp``."""
         plan = self.plan
-        groups = {"inputs": dict(plan.inputs), "add": dict(plan.add), "insert": dict(plan.insert)}
+        groups = {group: {port: self.inward(t) for port, t in values.items()}
+                  for group, values in (("inputs", plan.inputs), ("add", plan.add), ("insert", plan.insert))}
         leaves = []
         for (group, port), tensor in zip(plan.slots, tensors):
-            leaf = tensor.detach().requires_grad_(True)
+            leaf = self.inward(tensor.detach()).requires_grad_(True)
             groups[group][port] = leaf
             leaves.append(leaf)
-        with torch.set_grad_enabled(bool(leaves)):
+        with torch.set_grad_enabled(bool(leaves)), recomputing(self.recompute) as kept:
             result = self.backbone.run(groups["inputs"], groups["add"], groups["insert"], plan.outputs, plan.reads)
         outs = [result[name] for name in plan.outputs]
+        self._check_finite("forward", dict(zip(plan.outputs, outs)))
         self.output_shapes = {name: list(o.shape) for name, o in zip(plan.outputs, outs)}
-        self.values_read = {name: result[name].detach() for name in plan.reads}
+        self.values_read = {name: result[name].detach().float() for name in plan.reads}
         if leaves:
             self._graph = (outs, leaves)
             if self.measure:
-                self.nbytes = graph_bytes(outs, self.shared)
-        return tuple(o.detach() for o in outs)
+                self.nbytes = graph_bytes(outs, self.shared, kept)
+        return tuple(o.detach().float() for o in outs)
+
+    def _check_finite(self, where: str, values: dict[str, Tensor | None]) -> None:
+        """In half precision, values that overflowed are the owner's precision, not the client's input."""
+        if self.dtype == torch.float32:
+            return
+        bad = [name for name, v in values.items() if v is not None and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise NumericalError(
+                f"the backbone's {where} in {dtype_name(self.dtype)} gave NaN or infinite values at "
+                f"{', '.join(bad)}, from finite inputs: half precision overflowed; the owner can run it in "
+                f"{'bf16 (fp32 range)' if self.dtype == torch.float16 else 'fp32'}, or send smaller values")
 
     def check_grads(self, grads: Sequence[Tensor | None]) -> None:
         """Each output's gradient (or None): float32, the output's shape once known, finite values."""
@@ -160,24 +186,40 @@ class BoundaryCall:
         if at is not None:  # each node checks the deadline before it runs
             for node in _nodes([o for o, _ in pairs]):
                 node.register_prehook(lambda _grads, at=at: _check(at))
-        return torch.autograd.grad([o for o, _ in pairs], leaves, [g for _, g in pairs], allow_unused=True)
+        sent = [g.to(self.device, torch.float32) for _, g in pairs]
+        scale = _fp16_scale(sent) if self.dtype == torch.float16 else 1.0
+        vjps = torch.autograd.grad([o for o, _ in pairs], leaves, [(g * scale).to(self.dtype) for g in sent],
+                                   allow_unused=True)
+        vjps = tuple(None if v is None else v.float() / scale for v in vjps)
+        self._check_finite("backward (VJP)", {f"the gradient at {port}": v
+                                              for (_, port), v in zip(self.plan.slots, vjps)})
+        return vjps
 
 
-def graph_bytes(outs: Sequence[Tensor], shared: Collection[int] = ()) -> int:
+def _fp16_scale(grads: Sequence[Tensor]) -> float:
+    """A power of two that brings the largest incoming gradient to about 1, so fp16 neither flushes small
+    gradients to zero nor overflows on large ones (the VJP is divided by it again in float32)."""
+    top = max(float(g.abs().max()) for g in grads)
+    if top == 0.0:
+        return 1.0
+    return float(2.0 ** -round(torch.log2(torch.tensor(top)).item()))
+
+
+def graph_bytes(outs: Sequence[Tensor], shared: Collection[int] = (), kept: Sequence[Tensor] = ()) -> int:
     """The bytes of the tensors ``outs``' graph saved for the backward (each storage once, ``shared`` not).
 
     Walks the graph's nodes rather than installing saved-tensor hooks: a pack hook
     that returns the tensor makes a cycle through C++ for every saved output, and
-    those graphs would never be freed.
+    those graphs would never be freed. Inside recomputed (checkpointed) layers nothing
+    is saved; what those layers keep are their inputs, ``kept``.
     """
     seen = set(shared)
     total = 0
-    for node in _nodes(outs):
-        for t in _saved_tensors(node):
-            ptr = t.untyped_storage().data_ptr()
-            if ptr not in seen:
-                seen.add(ptr)
-                total += t.untyped_storage().nbytes()
+    for t in [*kept, *(t for node in _nodes(outs) for t in _saved_tensors(node))]:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in seen:
+            seen.add(ptr)
+            total += t.untyped_storage().nbytes()
     return total
 
 
@@ -196,10 +238,17 @@ def _nodes(outs: Sequence[Tensor]) -> list[Any]:
 
 
 def _saved_tensors(node: object) -> list[Tensor]:
+    """The tensors ``node`` saved for its backward; those a checkpoint will recompute are not there yet."""
     found = []
     for name in dir(node):
         if not name.startswith("_saved_"):
             continue
+        try:
+            raw = getattr(node, "_raw" + name)
+            if any(r.unpack_hook is not None for r in (raw if isinstance(raw, tuple | list) else (raw,))):
+                continue  # a checkpoint's placeholder: reading it would recompute the layer
+        except (AttributeError, RuntimeError):
+            pass
         try:
             value = getattr(node, name)
         except RuntimeError:  # already freed, or not a tensor

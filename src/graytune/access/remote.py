@@ -45,7 +45,7 @@ from graytune.access.wire import (
     PROTOCOL_VERSION, check_server_protocol, decode, pack_call, pack_grads, pack_recompute, unpack_result,
     unpack_vjp,
 )
-from graytune.errors import AccessDeniedError, InvalidInputError, RemoteError
+from graytune.errors import AccessDeniedError, InvalidInputError, NumericalError, RemoteError
 from graytune.types import AccessLevel, BackboneSpec, Exposure
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,10 @@ class RemoteHandle:
         self.protocol = check_server_protocol(info, self.url)
         self.access = AccessLevel.parse(info["access"])
         self.spec: BackboneSpec = BackboneSpec.from_dict(info["spec"])
+        #: where results land when a request holds no tensor of the client's (text sent as strings)
+        self.device = torch.device("cpu")
+        #: where and in which precision the owner runs the backbone (``{"device", "dtype", "recompute"}``)
+        self.placement: dict[str, Any] = dict(info.get("placement", {}))
         self.exposure = Exposure(access=self.access)
         missing = sorted(set(reads) - set(info["reads"]))
         if missing:
@@ -250,4 +254,6 @@ def _error(response: httpx.Response) -> Exception:
         kind, detail = "http", response.text[:200]
     if response.status_code == 400:
         return InvalidInputError(f"the backbone server refused the request: {detail}")
+    if kind == "numerical":
+        return NumericalError(f"on the backbone server: {detail}")
     return RemoteError(response.status_code, kind, detail)

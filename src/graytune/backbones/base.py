@@ -65,22 +65,24 @@ class Backbone(Protocol):
         ...
 
 
-_recompute = threading.local()  # whether the backbone work on this thread checkpoints its layers
+_recompute = threading.local()  # on this thread: the inputs checkpointed layers keep, or None when not recomputing
 
 
 @contextlib.contextmanager
-def recomputing(on: bool) -> Iterator[None]:
+def recomputing(on: bool) -> Iterator[list[Tensor]]:
     """Inside the block, ``run_layer`` keeps only each layer's inputs and recomputes the layer in the backward.
 
     The weights are frozen, so the recomputed activations equal the first ones exactly: this trades one
-    more forward for the activation memory of every layer but one.
+    more forward for the activation memory of every layer but one. Yields the list of tensors the
+    checkpointed layers keep (each layer's inputs), so their memory can be counted.
     """
-    previous = getattr(_recompute, "on", False)
-    _recompute.on = on
+    previous = getattr(_recompute, "kept", None)
+    kept: list[Tensor] = []
+    _recompute.kept = kept if on else None
     try:
-        yield
+        yield kept
     finally:
-        _recompute.on = previous
+        _recompute.kept = previous
 
 
 def run_layer(layer: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -90,7 +92,9 @@ def run_layer(layer: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     owner-side recomputation (``open_backbone(..., recompute=True)``, ``graytune serve --recompute``)
     works on every backbone.
     """
-    if getattr(_recompute, "on", False) and torch.is_grad_enabled():
+    kept = getattr(_recompute, "kept", None)
+    if kept is not None and torch.is_grad_enabled():
+        kept.extend(a for a in [*args, *kwargs.values()] if isinstance(a, Tensor))
         return checkpoint(layer, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
     return layer(*args, **kwargs)
 

@@ -7,7 +7,7 @@ import json
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from graytune.train.arguments import add_data_arguments, positive_int
+    from graytune.train.arguments import add_data_arguments, add_placement_arguments, positive_int
 
     p = sub.add_parser("eval", help="evaluate a saved adapter on a data set's test split")
     p.add_argument("--backbone", required=True,
@@ -22,6 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "re-split)")
     p.add_argument("--image-size", type=positive_int, default=None,
                    help="default: the size the adapter was trained at")
+    add_placement_arguments(p, recompute=False)
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     p.set_defaults(run=run)
 
@@ -37,16 +38,18 @@ def run(args: argparse.Namespace) -> int:
         from graytune.transfer.recipe import evaluate_transmiter
 
         loader_flags = args.workers is not None or args.cache_mb is not None
-        if args.task not in (None, "classification") or args.split != "test" or loader_flags:
+        placed = args.device is not None or args.dtype is not None
+        if args.task not in (None, "classification") or args.split != "test" or loader_flags or placed:
             raise InvalidInputError(f"{args.adapter} is a {method.name} logit adapter: it is scored on the test "
-                                    "split of a classification set; --task, --split, --workers and --cache-mb "
-                                    "do not apply")
+                                    "split of a classification set; --task, --split, --workers, --cache-mb, "
+                                    "--device and --dtype do not apply")
         result = evaluate_transmiter(args.adapter, args.backbone, args.data, args.image_size)
     else:
-        from graytune.train.arguments import loader_config
+        from graytune.train.arguments import loader_config, placement
 
+        where = placement(args)
         result = evaluate_saved(args.backbone, args.adapter, args.data, args.task, args.image_size, args.split,
-                                loader_config(args))
+                                loader_config(args), where["device"], where["dtype"])
     if args.json:
         print(json.dumps(result, sort_keys=True))
     else:

@@ -27,6 +27,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         elif f.name == "adapters":
             p.add_argument("--adapter", dest="adapters", action="append", default=[], metavar="NAME=FOLDER",
                            help=docs[f.name] + " Repeat for several.")
+        elif f.name == "recompute":
+            p.add_argument(flag, action="store_true", help=docs[f.name])
         elif f.name == "access":
             p.add_argument(flag, default=f.default, choices=["black-box", "dark-gray", "light-gray"],
                            help=f"{docs[f.name]} (default: {f.default})")
@@ -51,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from graytune.serve.runner import serve_forever
 
-    print(f"graytune serve: {args.backbone} at {config.access} on http://{config.host}:{config.port}", flush=True)
+    print(f"graytune serve: {args.backbone} at {config.access} on http://{config.host}:{config.port}"
+          f" ({config.device}, {config.dtype}{', recompute' if config.recompute else ''})", flush=True)
     serve_forever(args.backbone, config, args.api_keys)
     return 0

@@ -57,7 +57,10 @@ def _transmiter_plus(args: argparse.Namespace) -> int:
     refused += [flag for flag, value in (("--option", args.option), ("--task", args.task), ("--train", args.train),
                                          ("--val", args.val), ("--test", args.test)) if value]
     refused += [flag for flag, value in (("--workers", args.workers), ("--cache-mb", args.cache_mb),
-                                         ("--retry-s", args.retry_s)) if value is not None]
+                                         ("--retry-s", args.retry_s), ("--device", args.device),
+                                         ("--dtype", args.dtype)) if value is not None]
+    if args.recompute:
+        refused.append("--recompute")
     if args.log != "jsonl":
         refused.append("--log")
     if args.access not in (None, "black-box"):

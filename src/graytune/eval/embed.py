@@ -39,7 +39,7 @@ def embed_images(model: Encoder, paths: Sequence[Path], preprocess: ImagePreproc
             for path in paths[start:start + batch_size]:
                 with Image.open(path) as im:
                     images.append(im.copy())
-            chunks.append(model.encode_image(preprocess(images)))
+            chunks.append(model.encode_image(preprocess(images)).cpu())
             bar.update(len(images))
     return torch.cat(chunks)
 
@@ -50,6 +50,6 @@ def embed_texts(model: Encoder, texts: Sequence[str], batch_size: int = 64, prog
     chunks = []
     with tqdm(total=len(texts), desc="embed texts", unit="text", disable=not progress) as bar:
         for i in range(0, len(texts), batch_size):
-            chunks.append(model.encode_text(list(texts[i:i + batch_size])))
+            chunks.append(model.encode_text(list(texts[i:i + batch_size])).cpu())
             bar.update(len(chunks[-1]))
     return torch.cat(chunks)

@@ -44,7 +44,7 @@ from graytune.access.owner import DeadlineExceeded
 from graytune.access.wire import (
     ProtocolError, check_request_protocol, encode, pack_result, pack_vjp, read_request, request_key, server_protocol,
 )
-from graytune.errors import AccessDeniedError, GraytuneError, InvalidInputError, UnknownNameError
+from graytune.errors import AccessDeniedError, GraytuneError, InvalidInputError, NumericalError, UnknownNameError
 from graytune.serve.admission import HTTPProblem, check_texts
 from graytune.serve.config import ApiKeys, ServeConfig
 from graytune.serve.ledger import QuotaExceeded
@@ -230,6 +230,8 @@ def _install_errors(app: FastAPI) -> None:
     async def graytune_error(_: Request, err: GraytuneError) -> JSONResponse:
         if isinstance(err, AccessDeniedError):
             return plain(403, "access_denied", str(err))
+        if isinstance(err, NumericalError):  # the owner's precision, not the client's input
+            return plain(500, "numerical", str(err))
         kind = "unknown_name" if isinstance(err, UnknownNameError) else "invalid_input"
         return plain(400, kind, str(err))
 

@@ -26,6 +26,14 @@ class ServeConfig:
     """Highest level clients get: black-box, dark-gray or light-gray (white-box never crosses a network)."""
     reads: tuple[str, ...] = ()
     """Input or entry ports whose values clients may read (e.g. text.token_embeds for AdaLink)."""
+    device: str = "auto"
+    """Where the backbone runs: cpu, cuda or cuda:N (auto: CUDA when present, else CPU)."""
+    dtype: str = "fp32"
+    """The backbone's precision: fp32, bf16 or fp16 (half precision casts the frozen weights; clients send and
+    receive float32)."""
+    recompute: bool = False
+    """Keep only layer inputs between a forward and its VJP and recompute the layers inside the VJP: exact, less
+    session memory, about one more forward of time."""
     host: str = "127.0.0.1"
     """Interface to bind; the default keeps the service on this machine."""
     port: int = 8470

@@ -33,6 +33,7 @@ from fastapi import Request
 from graytune.access import CallPlan, LocalHandle
 from graytune.access.owner import BoundaryCall, DeadlineExceeded, deadline
 from graytune.access.wire import Message, VjpRequest, unpack_call, unpack_grads
+from graytune.devices import dtype_name
 from graytune.errors import AccessDeniedError, InvalidInputError
 from graytune.serve.admission import HTTPProblem, busy, check_texts, check_work
 from graytune.serve.config import ApiKeys, ServeConfig
@@ -103,6 +104,8 @@ class Service:
             level = self.level_handle(label)
             self._specs[label] = {"spec": level.spec.to_dict(), "access": level.access.label,
                                   "granted": self.granted.label, "reads": sorted(level.grants),
+                                  "placement": {"device": level.device.type, "dtype": dtype_name(level.dtype),
+                                                "recompute": level.recompute},
                                   "max_body_bytes": self.max_body}
         return self._specs[label]
 

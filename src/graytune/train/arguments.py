@@ -18,6 +18,7 @@ from typing import Any
 
 from graytune.config import field_docs
 from graytune.data.stream import LoaderConfig
+from graytune.devices import DTYPES, parse_device
 from graytune.errors import InvalidInputError, MissingDependencyError
 from graytune.methods import METHODS, get_method
 from graytune.train.recipe import RunSpec
@@ -104,6 +105,39 @@ def loader_config(args: argparse.Namespace) -> LoaderConfig:
     return LoaderConfig(**given)
 
 
+def add_placement_arguments(p: argparse.ArgumentParser, recompute: bool = True) -> None:
+    """``--device``, ``--dtype`` (and ``--recompute``): where the client and an in-process backbone run."""
+    p.add_argument("--device", default=None, metavar="DEVICE",
+                   help="cpu, cuda or cuda:N: where the adapters run, and an in-process backbone with them "
+                        "(default: CUDA when present, else CPU)")
+    p.add_argument("--dtype", default=None, choices=sorted(set(DTYPES)), metavar="DTYPE",
+                   help="precision of an in-process backbone: fp32 (default), bf16 or fp16; adapters stay fp32 "
+                        "(a served backbone's precision is its owner's: graytune serve --dtype)")
+    if not recompute:  # forward-only commands keep no activations to recompute
+        return
+    p.add_argument("--recompute", action="store_true",
+                   help="an in-process backbone keeps only layer inputs and recomputes the layers in the backward: "
+                        "exact, less memory, about one more forward of time (a server's owner sets it with "
+                        "graytune serve --recompute)")
+
+
+def placement(args: argparse.Namespace) -> dict[str, Any]:
+    """``device``/``dtype``/``recompute`` from the flags, checked now; a served backbone's are its owner's.
+
+    Raises:
+        InvalidInputError: an unknown or absent device, or --dtype/--recompute with an http:// backbone.
+    """
+    parse_device(args.device)  # an absent CUDA device is said before anything loads
+    if args.backbone.startswith(("http://", "https://")):
+        recompute = getattr(args, "recompute", False)
+        owner = [flag for flag, value in (("--dtype", args.dtype), ("--recompute", recompute)) if value]
+        if owner:
+            raise InvalidInputError(f"{' and '.join(owner)} set how the owner runs the backbone, and "
+                                    f"{args.backbone} runs on its owner's server: they choose with graytune serve "
+                                    "--dtype/--recompute; --device here places your adapters")
+    return {"device": args.device, "dtype": args.dtype, "recompute": bool(getattr(args, "recompute", False))}
+
+
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """Every flag of a training run (see ``run_spec``)."""
     p.add_argument("--backbone", required=True,
@@ -137,6 +171,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         default = "the method's (graytune methods)" if f.name == "lr" else f.default
         p.add_argument("--" + f.name.replace("_", "-"), type=_field_type(f.name), default=None,
                        help=f"{docs.get(f.name, '')} (default: {default})")
+    add_placement_arguments(p)
     p.add_argument("--retry-s", type=non_negative_float, default=None,
                    help="with an http:// backbone: keep retrying a server that is down or restarting for this "
                         "many seconds (default: 120)")
@@ -178,8 +213,9 @@ def run_spec(args: argparse.Namespace) -> RunSpec:
     files = {"train": args.train, "val": args.val, "test": args.test}
     return RunSpec(args.backbone, args.access, args.method, args.data, args.task, args.out, args.image_size,
                    config, options, args.adapter, files=files, loader=loader_config(args),
-                   retry_s=args.retry_s, tensorboard=args.log == "tensorboard", overwrite=args.overwrite)
+                   retry_s=args.retry_s, tensorboard=args.log == "tensorboard", overwrite=args.overwrite,
+                   **placement(args))
 
 
-__all__ = ["LIMITS", "TRAINABLE", "add_train_arguments", "given_train_fields", "non_negative_float",
+__all__ = ["LIMITS", "TRAINABLE", "add_placement_arguments", "add_train_arguments", "placement", "given_train_fields", "non_negative_float",
            "non_negative_int", "option_pair", "positive_int", "run_spec"]

@@ -21,6 +21,7 @@ from graytune.data.catalog import Splits, load_splits, load_whole
 from graytune.data.stream import LoaderConfig
 from graytune.data.images import ImagePreprocess
 from graytune.data.labeled import LabeledImageFiles, LabeledImages
+from graytune.devices import parse_device
 from graytune.errors import ArtifactError, InvalidInputError
 from graytune.methods import MethodKind, get_method
 from graytune.model import AdaptedModel
@@ -60,17 +61,33 @@ class RunSpec:
     """Also write TensorBoard events beside ``history.jsonl`` (needs the tensorboard package)."""
     overwrite: bool = False
     """Replace a finished adapter in ``out``, or write beside files that are not a graytune run."""
+    device: str | None = None
+    """Where the adapters run, and an in-process backbone with them (default: CUDA when present, else CPU)."""
+    dtype: str | None = None
+    """An in-process backbone's precision (fp32 default, bf16, fp16); adapters stay fp32."""
+    recompute: bool = False
+    """An in-process backbone recomputes its layers inside the backward (less memory, one more forward)."""
 
 
-def open_for(backbone: str, access: str | None, method: str, retry_s: float | None = None) -> Handle:
+def open_for(backbone: str, access: str | None, method: str, retry_s: float | None = None,
+             device: str | None = None, dtype: str | None = None, recompute: bool = False) -> Handle:
     """Open ``backbone`` at ``access`` (default: the method's level), granting the reads ``method`` needs.
 
-    ``retry_s`` (served backbones only) is the client's retry budget while the server is down.
+    ``retry_s`` (served backbones only) is the client's retry budget while the server is down;
+    ``device``, ``dtype`` and ``recompute`` place an in-process backbone (a server's owner chose its own).
     """
     spec = get_method(method)
     level = AccessLevel.parse(access) if access else spec.min_access
-    extra = {"retry_s": retry_s} if retry_s is not None else {}
+    if backbone.startswith(("http://", "https://")):
+        extra: dict[str, Any] = {"retry_s": retry_s} if retry_s is not None else {}
+    else:
+        extra = {"device": device, "dtype": dtype, "recompute": recompute}
     return open_backbone(backbone, access=level, reads=spec.reads, **extra)
+
+
+def place_model(model: AdaptedModel, device: str | None) -> AdaptedModel:
+    """``model`` on the client's device: ``device`` when given, else where the handle puts results."""
+    return model.to(parse_device(device)) if device is not None else model
 
 
 def make_task(splits: Splits, handle: Handle, image_size: int | None, fit: str | None = None,
@@ -136,9 +153,10 @@ def train_model(run: RunSpec, progress: bool = True) -> tuple[dict[str, Any], Ad
     splits = splits_for(run)  # a missing file is said before the backbone loads
     if splits.note:
         log.warning("%s", splits.note)
-    handle = open_for(run.backbone, run.access, run.method, run.retry_s)
+    handle = open_for(run.backbone, run.access, run.method, run.retry_s, run.device, run.dtype, run.recompute)
     task = make_task(splits, handle, run.image_size, loader=run.loader)
     model = warm_start(run, handle) if run.adapter else AdaptedModel.build(handle, run.method, run.options)
+    model = place_model(model, run.device)
     config = replace(run.train, lr=run.train.lr if run.train.lr is not None else method.lr or 0.0)
     result = None
     ckpt = Path(run.out) / "checkpoint.pt" if run.out else None
@@ -166,7 +184,7 @@ def train_model(run: RunSpec, progress: bool = True) -> tuple[dict[str, Any], Ad
 
 def evaluate_saved(backbone: str, adapter: str | None, data: str, task: str | None = None,
                    image_size: int | None = None, split: str = "test", loader: LoaderConfig | None = None,
-                   ) -> dict[str, Any]:
+                   device: str | None = None, dtype: str | None = None) -> dict[str, Any]:
     """Test metrics of a saved adapter of any method (or of the zero-shot backbone when ``adapter`` is None).
 
     The artifact says everything needed (method, options, access, grants, preprocessing); ``image_size``
@@ -179,11 +197,12 @@ def evaluate_saved(backbone: str, adapter: str | None, data: str, task: str | No
                                 "graytune.transfer.recipe.evaluate_transmiter (graytune eval does)")
     level = max(AccessLevel.parse(config["access"]), method.min_access)
     splits = load_whole(data, task) if split == "all" else load_splits(data, task)
-    handle = open_for(backbone, level.label, config["method"])
+    handle = open_for(backbone, level.label, config["method"], device=device, dtype=dtype)
     pre = config.get("preprocess") or {}
     evaluator = make_task(splits, handle, image_size or pre.get("image_size") or config.get("image_size"),
                           fit=pre.get("fit"), loader=loader)
     model = load_adapter(adapter, handle) if adapter else AdaptedModel.build(handle, "zero-shot")
+    model = place_model(model, device)
     scored = splits.val if split == "val" else splits.test
     return {"backbone": handle.spec.id, "method": config["method"], "data": data, "split": split,
             "items": len(scored), "data_note": splits.note, "test": evaluator.evaluate(model, scored)}

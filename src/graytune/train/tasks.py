@@ -75,14 +75,14 @@ class RetrievalTask:
     def loss(self, model: AdaptedModel, batch: tuple[Tensor, list[str]]) -> Tensor:
         pixels, captions = batch
         logits = model.similarity(self.encode_visual(model, pixels), model.encode_text(captions))  # [B, B]
-        target = torch.arange(len(captions))
+        target = torch.arange(len(captions), device=logits.device)
         return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
     @torch.no_grad()
     def evaluate(self, model: AdaptedModel, data: ImageCaptionSet, batch_size: int = 64) -> dict[str, float]:
         pixels = self.pixels if data is self.data else image_stream(data, self.preprocess, self.loader)
-        img = torch.cat([self.encode_visual(model, batch) for batch in pixels.sequential(batch_size)])
-        txt = torch.cat([model.encode_text(list(data.captions[i:i + batch_size]))
+        img = torch.cat([self.encode_visual(model, batch).cpu() for batch in pixels.sequential(batch_size)])
+        txt = torch.cat([model.encode_text(list(data.captions[i:i + batch_size])).cpu()
                          for i in range(0, len(data.captions), batch_size)])
         return retrieval_metrics(img, txt, data.caption_image)
 
@@ -134,7 +134,7 @@ class ClassificationTask:
         queries, labels = batch
         class_emb = model.encode_text(self.prompts(self.classes))  # [C, E]
         position = {c: i for i, c in enumerate(self.classes)}
-        target = torch.tensor([position[int(y)] for y in labels])
+        target = torch.tensor([position[int(y)] for y in labels], device=class_emb.device)
         return F.cross_entropy(model.similarity(self._encode(model, queries), class_emb), target)
 
     @torch.no_grad()
@@ -151,10 +151,10 @@ class ClassificationTask:
             pixels = self._queries(data) if isinstance(data, LabeledImages | LabeledImageFiles) else None
         batches = (pixels.sequential(batch_size) if pixels is not None
                    else (list(data.texts[i:i + batch_size]) for i in range(0, len(data), batch_size)))
-        chunks = [self._encode(model, queries) for queries in tqdm(
+        chunks = [self._encode(model, queries).cpu() for queries in tqdm(
             batches, total=-(-len(data) // batch_size), desc="eval", unit="batch", leave=False, disable=None)]
         queries = F.normalize(torch.cat(chunks), dim=-1)
-        class_emb = F.normalize(model.encode_text(self.prompts(range(len(data.class_names)))), dim=-1)
+        class_emb = F.normalize(model.encode_text(self.prompts(range(len(data.class_names)))), dim=-1).cpu()
         scores = queries @ class_emb.T  # [N, C]
         out = {"accuracy": float((scores.argmax(1) == data.labels).float().mean())}
         out.update(split_accuracy(scores, data.labels, splits or {}))
@@ -183,7 +183,7 @@ class SketchRetrievalTask:
     def loss(self, model: AdaptedModel, batch: tuple[Tensor, Tensor]) -> Tensor:
         sketches, images = batch
         logits = model.similarity(model.encode_image(sketches), model.encode_image(images))
-        target = torch.arange(len(sketches))
+        target = torch.arange(len(sketches), device=logits.device)
         return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
     @torch.no_grad()
@@ -191,8 +191,8 @@ class SketchRetrievalTask:
         same = data is self.data
         sketches = self.sketches if same else PixelStream.of(data.sketches, self.preprocess, self.loader)
         images = self.images if same else PixelStream.of(data.images, self.preprocess, self.loader)
-        q = torch.cat([model.encode_image(batch) for batch in sketches.sequential(batch_size)])
-        g = torch.cat([model.encode_image(batch) for batch in images.sequential(batch_size)])
+        q = torch.cat([model.encode_image(batch).cpu() for batch in sketches.sequential(batch_size)])
+        g = torch.cat([model.encode_image(batch).cpu() for batch in images.sequential(batch_size)])
         out = category_metrics(q, g, data.labels, data.labels)
         top = (F.normalize(q, dim=-1) @ F.normalize(g, dim=-1).T).argmax(1)
         out["sketch_recall@1"] = float((top == torch.arange(len(data))).float().mean())

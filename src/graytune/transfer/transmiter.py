@@ -84,7 +84,7 @@ def class_text(encoder: Encoder, names: Sequence[str], prompt: str, progress: bo
     chunks = []
     with tqdm(total=len(names), desc="class prompts", unit="prompt", disable=not progress, leave=False) as bar:
         for i in range(0, len(names), 256):
-            chunks.append(encoder.encode_text([prompt.format(c) for c in names[i:i + 256]]))
+            chunks.append(encoder.encode_text([prompt.format(c) for c in names[i:i + 256]]).cpu())
             bar.update(len(chunks[-1]))
     return F.normalize(torch.cat(chunks), dim=-1)
 
@@ -100,7 +100,7 @@ def class_scores(encoder: Encoder, pixels: Tensor, names: Sequence[str], prompt:
     chunks = []
     with tqdm(total=len(pixels), desc=desc, unit="img", disable=not progress) as bar:
         for i in range(0, len(pixels), batch_size):
-            chunks.append(F.normalize(encoder.encode_image(pixels[i:i + batch_size]), dim=-1) @ text.T)
+            chunks.append(F.normalize(encoder.encode_image(pixels[i:i + batch_size]).cpu(), dim=-1) @ text.T)
             bar.update(len(chunks[-1]))
     return 100.0 * torch.cat(chunks)
 
