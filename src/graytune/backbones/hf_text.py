@@ -115,6 +115,31 @@ def hub_json(where: str, name: str) -> Any:
         raise InvalidInputError(f"{where}: {name} is not readable JSON ({err}); repair or remove it") from err
 
 
+def hub_config(loader: str, source: str, where: str, supported: Collection[str], subfolder: str = "") -> Any:
+    """The transformers config at ``where``; refused unless its model type is one of ``supported``.
+
+    Raises:
+        MissingDependencyError: no readable config there (nothing is downloaded where the hub is off).
+        InvalidInputError: a model type ``loader`` cannot run; the message lists those it can.
+    """
+    from transformers import AutoConfig
+
+    try:
+        with quiet_loading():
+            config = AutoConfig.from_pretrained(where, subfolder=subfolder)
+    except (OSError, ValueError) as err:
+        raise MissingDependencyError(
+            f"{loader}: could not read a transformers model config from {source!r}: {err}; graytune never "
+            "downloads on its own: save the model (save_pretrained) with its tokenizer or processor to a folder"
+        ) from err
+    if config.model_type not in supported:
+        raise InvalidInputError(
+            f"{loader}: {source!r} holds a {config.model_type!r} model; {loader} runs {', '.join(supported)} "
+            "models; open others with their own loader (graytune.known_backbones() lists them)"
+        )
+    return config
+
+
 def read_sentence_config(where: str) -> SentenceConfig:
     """The pooling, normalisation and token limit a sentence-transformers folder declares.
 
@@ -141,9 +166,9 @@ def read_sentence_config(where: str) -> SentenceConfig:
                 normalize = True
     pooling, source = "mean", "default"
     if pooling_dir:
-        declared = hub_json(where, f"{pooling_dir}/config.json")
+        declared, name = hub_json(where, f"{pooling_dir}/config.json"), f"{pooling_dir}/config.json"
         if declared is not None:
-            pooling, source = _pooling_mode(declared, f"{where}/{pooling_dir}/config.json"), f"{pooling_dir}/config.json"
+            pooling, source = _pooling_mode(declared, f"{where}/{name}"), name
     sentence = hub_json(where, f"{subfolder}/sentence_bert_config.json" if subfolder else "sentence_bert_config.json")
     max_len = sentence.get("max_seq_length") if isinstance(sentence, dict) else None
     return SentenceConfig(pooling, normalize, int(max_len) if max_len else None, subfolder, source)
@@ -198,7 +223,11 @@ class HFText:
             modalities=("text",),
             ports=tuple(ports),
             preprocess={"text": {"tokenizer": type(tokenizer).__name__, "max_tokens": self.max_tokens,
-                                 "max_positions": self.max_positions, "insert_position": "after the first token",
+                                 "max_positions": self.max_positions,
+                                 "long_texts": f"tokens inserted at token_embeds come on top of max_tokens, up to "
+                                               f"{self.max_positions} positions in all; ids longer than that are "
+                                               "cut just before their end token",
+                                 "insert_position": "after the first token",
                                  "vocab_size": int(cfg.vocab_size), "pooling": self.pooling,
                                  "pooling_from": sentence.source, "normalize_declared": sentence.normalize}},
             description=(f"Hugging Face {type(model).__name__} text encoder from {backbone_id.split(':', 1)[1]}, "
@@ -209,7 +238,7 @@ class HFText:
     def load(cls, source: str) -> HFText:
         """An encoder, its tokenizer and its sentence-transformers pooling from a folder or a hub id."""
         try:
-            from transformers import AutoConfig, AutoModel, AutoTokenizer
+            from transformers import AutoModel, AutoTokenizer
         except ImportError as err:
             raise MissingDependencyError("hf-text backbones need transformers: pip install transformers") from err
         local = Path(source).expanduser()
@@ -220,14 +249,9 @@ class HFText:
             )
         where = str(local) if local.is_dir() else source
         sentence = read_sentence_config(where)
+        config = hub_config("hf-text", source, where, FAMILIES, sentence.subfolder)
         try:
             with quiet_loading():
-                config = AutoConfig.from_pretrained(where, subfolder=sentence.subfolder)
-                if config.model_type not in FAMILIES:
-                    raise InvalidInputError(
-                        f"hf-text: {source!r} holds a {config.model_type!r} model; hf-text runs "
-                        f"{', '.join(FAMILIES)} encoders; use hf-clip:/hf-siglip: for dual encoders"
-                    )
                 model = AutoModel.from_pretrained(where, subfolder=sentence.subfolder, config=config)
                 tokenizer = AutoTokenizer.from_pretrained(where, subfolder=sentence.subfolder)
         except OSError as err:

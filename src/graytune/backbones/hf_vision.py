@@ -14,8 +14,8 @@ S is the config's ``image_size`` for ViT (its position embeddings are used as
 they are); for DINOv2 it is the size its image processor crops to (real DINOv2
 configs say 518 and their processors crop 224; the model interpolates its
 position embeddings, as ``Dinov2Model`` does). Mean and std come from the
-folder's ``preprocessor_config.json`` or ``processor_config.json`` (transformers
-5 nests the image processor there), else ImageNet's.
+folder's ``processor_config.json`` (transformers 5 nests the image processor
+there) or ``preprocessor_config.json``, else ImageNet's.
 
 Nothing here downloads on its own: a hub id loads only where the hub is
 reachable and allowed; tests use tiny random models they save locally.
@@ -24,6 +24,7 @@ reachable and allowed; tests use tiny random models they save locally.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from torch import nn
 
 from graytune.backbones import BACKBONES
 from graytune.backbones.base import add_delta, file_identity, freeze, insert_tokens, quiet_loading, run_layer
-from graytune.backbones.hf_text import hub_json
+from graytune.backbones.hf_text import hub_config, hub_json
 from graytune.errors import InvalidInputError, MissingDependencyError
 from graytune.types import BackboneSpec, Op, PortKind, PortSpec
 
@@ -86,7 +87,7 @@ class HFVision:
     def load(cls, source: str) -> HFVision:
         """A ``ViTModel``/``Dinov2Model`` and its image preprocessing from a folder or a hub id."""
         try:
-            from transformers import AutoConfig, AutoModel
+            from transformers import AutoModel
         except ImportError as err:
             raise MissingDependencyError("hf-vision backbones need transformers: pip install transformers") from err
         local = Path(source).expanduser()
@@ -96,14 +97,9 @@ class HFVision:
                 "(with its image processor) or a hub id"
             )
         where = str(local) if local.is_dir() else source
+        config = hub_config("hf-vision", source, where, FAMILIES)
         try:
             with quiet_loading():
-                config = AutoConfig.from_pretrained(where)
-                if config.model_type not in FAMILIES:
-                    raise InvalidInputError(
-                        f"hf-vision: {source!r} holds a {config.model_type!r} model; hf-vision runs "
-                        f"{', '.join(FAMILIES)} image encoders; use hf-clip:/hf-siglip: for dual encoders"
-                    )
                 model, info = AutoModel.from_pretrained(where, config=config, output_loading_info=True)
         except OSError as err:
             raise MissingDependencyError(
@@ -170,35 +166,35 @@ def _insert_after_cls(port: str, hidden: Tensor, tokens: Tensor) -> Tensor:
 
 
 def image_preprocess(where: str, config: Any) -> dict[str, Any]:
-    """The image size, resizing and mean/std a client applies, from the folder's image processor config.
+    """The image size, resizing and mean/std a client applies, from the checkpoint's image processor.
 
-    Reads ``preprocessor_config.json`` (an image processor's own file), else ``processor_config.json``
-    (a transformers 5 processor's, the image processor nested under ``image_processor``); ImageNet's
-    mean and std when neither has them.
+    Read as transformers reads it: the ``image_processor`` entry of ``processor_config.json`` (what a
+    processor's ``save_pretrained`` writes in transformers 5) first, then ``preprocessor_config.json``
+    (an image processor's own file); ``do_normalize: false`` means mean 0 and std 1; ImageNet's mean
+    and std when neither file gives them.
     """
-    found, processor = "none (ImageNet mean and std)", hub_json(where, "preprocessor_config.json")
-    if isinstance(processor, dict):
-        found = "preprocessor_config.json"
-    else:
-        nested = hub_json(where, "processor_config.json")
-        processor = nested.get("image_processor", nested) if isinstance(nested, dict) else None
-        found = "processor_config.json" if isinstance(processor, dict) else found
-    processor = processor if isinstance(processor, dict) else {}
+    processor, found = {}, "ImageNet's (the checkpoint has no image processor config)"
+    nested = hub_json(where, "processor_config.json")
+    flat = hub_json(where, "preprocessor_config.json")
+    if isinstance(nested, dict) and isinstance(nested.get("image_processor"), dict):
+        processor, found = nested["image_processor"], "processor_config.json (image_processor)"
+    elif isinstance(flat, dict):
+        processor, found = flat, "preprocessor_config.json"
     mean, std = processor.get("image_mean", IMAGENET_MEAN), processor.get("image_std", IMAGENET_STD)
     if processor.get("do_normalize") is False:
-        mean, std = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
-    mean, std = _stats(where, "image_mean", mean), _stats(where, "image_std", std)
+        mean, std, found = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0], f"{found}: do_normalize is false"
+    elif processor and "image_mean" not in processor:
+        found = f"ImageNet's ({found} sets no image_mean/image_std)"
     size = int(config.image_size)
     crop = _side(processor.get("crop_size")) if processor.get("do_center_crop") else None
     if config.model_type == "dinov2":  # used at its processor's size, position embeddings interpolated
         size = crop or _side(processor.get("size")) or size
     resize = processor.get("size")
-    if isinstance(resize, dict) and resize.get("shortest_edge"):
-        resize = f"shorter side to {resize['shortest_edge']}"
-    else:
-        resize = f"to {size}x{size}"
+    resize = (f"shorter side to {resize['shortest_edge']}" if isinstance(resize, dict) and resize.get("shortest_edge")
+              else f"to {size}x{size}")
     return {"image_size": size, "resize": resize, "crop": f"center {size}x{size}" if crop else "none",
-            "mean": mean, "std": std, "range": "RGB in [0, 1]", "stats_from": found}
+            "mean": _three(found, "image_mean", mean), "std": _three(found, "image_std", std),
+            "range": "RGB in [0, 1]", "stats_from": found}
 
 
 def _side(size: object) -> int | None:
@@ -210,13 +206,15 @@ def _side(size: object) -> int | None:
     return None
 
 
-def _stats(where: str, key: str, value: object) -> list[float]:
-    if isinstance(value, (int, float)):
-        value = [value] * 3
-    if not isinstance(value, list) or len(value) != 3 or not all(isinstance(v, (int, float)) for v in value):
-        raise InvalidInputError(f"hf-vision: {where}'s image processor gives {key}={value!r}; expected 3 numbers "
-                                "(one per RGB channel); repair its preprocessor_config.json")
-    return [float(v) for v in value]
+def _three(where: str, key: str, value: object) -> list[float]:
+    """An RGB statistic as three floats (a single number stands for all three channels)."""
+    values = [value] * 3 if isinstance(value, (int, float)) else value
+    if (not isinstance(values, (list, tuple)) or len(values) != 3
+            or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+            or (key == "image_std" and min(values) <= 0)):
+        raise InvalidInputError(f"hf-vision: {where} gives {key}={value!r}; expected three finite numbers "
+                                "(std above 0), one per RGB channel; repair that file")
+    return [float(v) for v in values]
 
 
 @BACKBONES.register("hf-vision:", family_help="dir or hub id")
