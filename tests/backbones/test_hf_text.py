@@ -87,13 +87,14 @@ def test_outputs_equal_the_plain_model_pooled(folders, name) -> None:  # type: i
 def test_token_limits_leave_out_the_position_offset(folders) -> None:  # type: ignore[no-untyped-def]
     assert _open(folders["roberta-mean"]).spec.preprocess["text"]["max_tokens"] == 40  # 42 - (padding_idx + 1)
     assert _open(folders["bert-mean"]).spec.preprocess["text"]["max_tokens"] == 40
-    long_text = [" ".join(["cat"] * 60)]
-    assert _open(folders["mpnet-mean"]).tokenize(long_text)["text.input_ids"].shape == (1, 20)
-    h = _open(folders["roberta-mean"], "light-gray")
-    full = h.tokenize(long_text)
-    assert full["text.input_ids"].shape == (1, 40)
-    z = h.forward(full, insert={"text.token_embeds": torch.zeros(1, 1, DIM)})["text.embeds"]  # the boundary
-    assert z.shape == (1, DIM)  # cuts the ids to 39 to make room, as the spec's max_positions tells it
+    assert _open(folders["roberta-mean"]).tokenize([" ".join(["cat"] * 60)])["text.input_ids"].shape == (1, 40)
+    h = _open(folders["mpnet-mean"])
+    pre = h.spec.preprocess["text"]
+    assert (pre["max_tokens"], pre["max_positions"]) == (20, 40)  # sentence_bert_config.json's limit leaves room
+    tokens = h.tokenize([" ".join(["cat"] * 60)])
+    assert tokens["text.input_ids"].shape == (1, 20)
+    z = h.forward(tokens, insert={"text.token_embeds": torch.zeros(1, 20, DIM)})["text.embeds"]
+    assert z.shape == (1, DIM)
 
 
 @pytest.mark.parametrize("modes", ["max", "weightedmean", "lasttoken", ["mean", "max"]])
