@@ -6,11 +6,14 @@ users run on their own checkpoints.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 import graytune
 from graytune import MissingDependencyError, PortKind
+from graytune.backbones.hf_clip import OPENAI_MEAN, OPENAI_STD
 from tests.conftest import build_tiny_clip
 
 
@@ -59,3 +62,46 @@ def test_missing_folder_is_a_clear_error(tmp_path) -> None:  # type: ignore[no-u
     (tmp_path / "empty").mkdir()
     with pytest.raises(MissingDependencyError, match="never downloads"):
         graytune.open_backbone(f"hf-clip:{tmp_path / 'empty'}")
+
+
+def _save_image_processor(folder, mean, std, flat: bool = False) -> None:  # type: ignore[no-untyped-def]
+    """Save an image processor with a custom mean/std: in a CLIPProcessor (transformers 5 writes it nested
+    in processor_config.json) or alone (``flat``: preprocessor_config.json, as older versions did)."""
+    from transformers import CLIPImageProcessorPil, CLIPProcessor, CLIPTokenizer
+
+    images = CLIPImageProcessorPil(image_mean=mean, image_std=std, size={"shortest_edge": 32},
+                                   crop_size={"height": 32, "width": 32})
+    if flat:
+        images.save_pretrained(folder)
+    else:
+        CLIPProcessor(image_processor=images, tokenizer=CLIPTokenizer.from_pretrained(folder)).save_pretrained(folder)
+
+
+def test_custom_mean_and_std_come_from_processor_config(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    folder = build_tiny_clip(tmp_path / "c")
+    _save_image_processor(folder, [0.1, 0.2, 0.3], [0.4, 0.5, 0.6])
+    assert "image_processor" in json.loads((folder / "processor_config.json").read_text())  # nested, as written
+    assert not (folder / "preprocessor_config.json").exists()
+    image = graytune.open_backbone(f"hf-clip:{folder}").spec.preprocess["image"]
+    assert image["mean"] == [0.1, 0.2, 0.3] and image["std"] == [0.4, 0.5, 0.6]
+    assert image["mean_std_from"] == "processor_config.json (image_processor)"
+
+
+def test_mean_and_std_from_preprocessor_config_else_openai(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    folder = build_tiny_clip(tmp_path / "c")
+    image = graytune.open_backbone(f"hf-clip:{folder}").spec.preprocess["image"]
+    assert image["mean"] == OPENAI_MEAN and image["std"] == OPENAI_STD
+    assert image["mean_std_from"] == "OpenAI CLIP's mean/std (the checkpoint has no image processor config)"
+    _save_image_processor(folder, [0.2, 0.2, 0.2], [0.3, 0.3, 0.3], flat=True)
+    image = graytune.open_backbone(f"hf-clip:{folder}").spec.preprocess["image"]
+    assert image["mean"] == [0.2] * 3 and image["mean_std_from"] == "preprocessor_config.json"
+    _save_image_processor(folder, [0.1, 0.2, 0.3], [0.4, 0.5, 0.6])  # the nested one wins, as in transformers
+    assert graytune.open_backbone(f"hf-clip:{folder}").spec.preprocess["image"]["mean"] == [0.1, 0.2, 0.3]
+
+
+def test_a_broken_mean_or_std_is_an_error_not_a_fallback(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    folder = build_tiny_clip(tmp_path / "c")
+    (folder / "processor_config.json").write_text(json.dumps({"image_processor": {
+        "image_mean": [0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}}))
+    with pytest.raises(graytune.InvalidInputError, match=r"processor_config.json \(image_processor\): image_mean"):
+        graytune.open_backbone(f"hf-clip:{folder}")

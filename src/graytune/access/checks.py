@@ -6,6 +6,7 @@ answer wherever the boundary runs.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ import torch
 from graytune.errors import AccessDeniedError, InvalidInputError, UnknownNameError
 from graytune.types import AccessLevel, BackboneSpec, Exposure, Op, PortKind, PortSpec, required_level
 
+log = logging.getLogger(__name__)
 Tensor = torch.Tensor
 _DTYPES = {"float32": torch.float32, "int64": torch.int64}
 
@@ -99,6 +101,62 @@ def check_token_inputs(spec: BackboneSpec, inputs: dict[str, Tensor], prefix: st
         raise InvalidInputError(f"{mask_key}: must be 0/1 with at least one real token per row")
 
 
+def reserve_for_inserts(spec: BackboneSpec, inputs: dict[str, Tensor], add: Mapping[str, Tensor],
+                        prefix: str, inserted: int) -> None:
+    """Make room for ``inserted`` tokens at ``<prefix>.token_embeds`` in the backbone's positions.
+
+    The limit is ``spec.preprocess[prefix]["max_positions"]``, else its ``max_tokens``. When the
+    ids' width plus ``inserted`` passes it, the ids and mask are shortened in place to
+    ``limit - inserted`` columns: trailing padding goes first, then each row still too long
+    loses the real tokens just before its last real token, so its start token and the end
+    token that pooling reads are kept (``preprocess[prefix]["long_texts"]`` tells clients).
+    Short texts are left exactly as they are. The same ids give the same cut whether the
+    texts came as strings or as ids from ``tokenize``.
+
+    Raises:
+        InvalidInputError: the inserted tokens leave no room for a start and an end token; a
+            per-position ``add`` at this modality would no longer line up with the cut rows; or
+            a row that must be cut is padded on the left.
+    """
+    ids_key, mask_key = f"{prefix}.input_ids", f"{prefix}.attention_mask"
+    pre = spec.preprocess.get(prefix, {})
+    limit = pre.get("max_positions", pre.get("max_tokens"))
+    ids, mask = inputs[ids_key], inputs[mask_key]
+    width = ids.shape[1]
+    if not isinstance(limit, int) or width + inserted <= limit:
+        return
+    room = limit - inserted  # the columns left for the text
+    if room < 2:
+        raise InvalidInputError(
+            f"insert at {prefix}.token_embeds: {inserted} tokens leave no room for a text in this backbone's "
+            f"{limit} positions (its start and end tokens need 2); insert at most {limit - 2} tokens there"
+        )
+    cols = torch.arange(width, device=ids.device)  # [L]
+    real = mask != 0  # [B, L]
+    last = torch.where(real, cols, -1).amax(1)  # [B] position of each row's last real token
+    first = torch.where(real, cols, width).amin(1)  # [B]
+    cut = (last + 1 - room).clamp_min(0)  # [B] real tokens to drop before the last one
+    start = last - cut  # [B] where the dropped run begins
+    if bool(((cut > 0) & (first >= start)).any()):
+        raise InvalidInputError(f"{ids_key}: a row that must be cut to make room for {inserted} inserted tokens "
+                                "is padded on the left; send right-padded ids, as the handle's tokenize() gives")
+    cut_rows = [int(b) for b in torch.nonzero(cut).flatten()]
+    if cut_rows:
+        per_position = [name for name, delta in add.items() if name.startswith(f"{prefix}.")
+                        and delta.dim() >= 2 and delta.shape[-2] != 1]
+        if per_position:
+            raise InvalidInputError(
+                f"rows {cut_rows} of {ids_key} are cut to {room} tokens to make room for {inserted} tokens inserted "
+                f"at {prefix}.token_embeds, so the per-position add at {', '.join(per_position)} no longer lines "
+                f"up; send texts of at most {room} tokens, or deltas of shape [B or 1, 1, D]"
+            )
+        log.info("%s: %d of %d texts cut just before their end token to %d tokens, making room for %d inserted "
+                 "tokens in %d positions", spec.id, len(cut_rows), len(ids), room, inserted, limit)
+    j = torch.arange(room, device=ids.device).unsqueeze(0)  # [1, room]
+    src = torch.where(j < start.unsqueeze(1), j, j + cut.unsqueeze(1))  # [B, room] source column of each kept one
+    inputs[ids_key], inputs[mask_key] = ids.gather(1, src), mask.gather(1, src)
+
+
 def batch_size(inputs: Mapping[str, Tensor]) -> int:
     """The common batch size of the input tensors; an error if they disagree."""
     sizes = {name: int(t.shape[0]) for name, t in inputs.items()}
@@ -172,6 +230,9 @@ def plan_call(spec: BackboneSpec, level: AccessLevel, grants: Collection[str], e
             exposure.note(port, op)
             if value.requires_grad and grad_mode:
                 slots.append(("add" if op is Op.ADD else "insert", name))
+    for prefix in spec.modalities:
+        if f"{prefix}.input_ids" in inputs and f"{prefix}.token_embeds" in insert:
+            reserve_for_inserts(spec, inputs, add, prefix, int(insert[f"{prefix}.token_embeds"].shape[1]))
     for name in reads:
         exposure.note(port_for(spec, name, Op.READ, level, False, grants), Op.READ)
     outputs = _outputs(spec, level, inputs, outputs)

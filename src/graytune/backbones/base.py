@@ -11,9 +11,12 @@ import contextlib
 import copy
 import functools
 import hashlib
+import json
+import math
 import os
 import threading
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -21,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from graytune.errors import InvalidInputError
+from graytune.errors import InvalidInputError, MissingDependencyError
 from graytune.types import BackboneSpec, Op, PortKind, PortSpec
 
 Tensor = torch.Tensor
@@ -156,6 +159,141 @@ def file_identity(path: str | os.PathLike[str]) -> str:
     p = Path(path)
     st = p.stat()
     return f"{p.name}:{st.st_size}:{_file_sha256(str(p), st.st_size, st.st_mtime_ns)}"
+
+
+@dataclass
+class HFCheckpoint:
+    """A transformers model and tokenizer loaded by ``load_hf_checkpoint``."""
+
+    model: nn.Module
+    tokenizer: Any
+    where: str  #: the folder, or the hub id when ``source`` is no folder
+    identity: str  #: the weight files' identity (``file_identity``), or ``hub:<id>``
+
+
+def load_hf_checkpoint(family: str, source: str, model_class: str,
+                       model_types: Mapping[str, str]) -> HFCheckpoint:
+    """``transformers.<model_class>`` and its tokenizer from a folder (``save_pretrained``) or a hub id.
+
+    Example:
+        >>> ckpt = load_hf_checkpoint("hf-clip", "/models/clip", "CLIPModel", {"clip": ""})
+
+    Args:
+        family: the id prefix the errors name, e.g. ``hf-clip``.
+        source: a local folder or a hub id.
+        model_class: the transformers class, e.g. ``CLIPModel``.
+        model_types: per ``config.json`` ``model_type``: ``""`` if this family loads it, else advice on
+            what loads it instead (e.g. ``{"siglip": "", "clip": "use hf-clip:<dir>"}``).
+
+    Raises:
+        MissingDependencyError: transformers (or the tokenizer's library) is missing, or nothing
+            could be loaded from ``source``; nothing is ever downloaded on graytune's own initiative.
+        InvalidInputError: ``source`` holds a model of another type.
+    """
+    try:
+        import transformers
+        from transformers import AutoTokenizer, PretrainedConfig
+    except ImportError as err:
+        raise MissingDependencyError(f"{family} backbones need transformers: pip install transformers") from err
+    local = Path(source).expanduser()
+    if source.startswith((".", "/", "~")) and not local.is_dir():
+        raise MissingDependencyError(
+            f"{family}: {source!r} is not a directory; give a folder written by "
+            f"{model_class}.save_pretrained (with its tokenizer) or a hub id"
+        )
+    where = str(local) if local.is_dir() else source
+    try:
+        with quiet_loading():
+            config, _ = PretrainedConfig.get_config_dict(where)
+            if not config:
+                raise OSError(f"no config.json in {where}")
+            _check_model_type(family, source, str(config.get("model_type")), model_types)
+            model = getattr(transformers, model_class).from_pretrained(where)
+            tokenizer = AutoTokenizer.from_pretrained(where)
+    except OSError as err:
+        raise MissingDependencyError(
+            f"{family}: could not load a {model_class} and tokenizer from {source!r}: {err}; "
+            "graytune never downloads on its own: save the model and tokenizer to a folder first"
+        ) from err
+    except ImportError as err:  # a tokenizer whose library is missing (SentencePiece ones)
+        raise MissingDependencyError(
+            f"{family}: the tokenizer saved in {source!r} needs a package that is not installed ({err}); "
+            "install it (SentencePiece tokenizers: pip install sentencepiece protobuf)"
+        ) from err
+    weights = sorted([*local.glob("*.safetensors"), *local.glob("*.bin")]) if local.is_dir() else []
+    identity = "+".join(file_identity(w) for w in weights) or f"hub:{source}"
+    return HFCheckpoint(model, tokenizer, where, identity)
+
+
+def _check_model_type(family: str, source: str, model_type: str, model_types: Mapping[str, str]) -> None:
+    loads = [t for t, advice in model_types.items() if not advice]
+    if model_type not in loads:
+        advice = model_types.get(model_type) or "use the loader made for that model"
+        raise InvalidInputError(f"{family}: {source!r} holds a model of type {model_type!r} (config.json); "
+                                f"{family} loads {' or '.join(repr(t) for t in loads)}; {advice}")
+
+
+def image_normalisation(where: str, default: tuple[list[float], list[float]],
+                        default_name: str) -> tuple[list[float], list[float], str]:
+    """The image mean and std a checkpoint's image processor declares, and where they came from.
+
+    Read as transformers reads them: the ``image_processor`` entry of ``processor_config.json``
+    (what a processor's ``save_pretrained`` writes in transformers 5) first, then
+    ``preprocessor_config.json`` (an image processor's own file, and older processors');
+    ``do_normalize: false`` means mean 0 and std 1. Only when neither file gives them, ``default``.
+
+    Example:
+        >>> mean, std, came_from = image_normalisation("/models/clip", (OPENAI_MEAN, OPENAI_STD), "OpenAI CLIP's")
+
+    Returns:
+        ``(mean, std, source)``: three values each, and a line saying where they came from.
+    """
+    for name, key in (("processor_config.json", "image_processor"), ("preprocessor_config.json", None)):
+        cfg = _processor_file(where, name)
+        if cfg is not None and key is not None:
+            cfg = cfg.get(key) if isinstance(cfg.get(key), dict) else None
+        if cfg is None:
+            continue
+        label = f"{name} ({key})" if key is not None else name
+        if cfg.get("do_normalize") is False:
+            return [0.0, 0.0, 0.0], [1.0, 1.0, 1.0], f"{label}: do_normalize is false"
+        if "image_mean" in cfg and "image_std" in cfg:
+            return _three(cfg["image_mean"], label, "image_mean"), _three(cfg["image_std"], label, "image_std"), label
+        return list(default[0]), list(default[1]), f"{default_name} ({label} sets no image_mean/image_std)"
+    return list(default[0]), list(default[1]), f"{default_name} (the checkpoint has no image processor config)"
+
+
+def _processor_file(where: str, name: str) -> dict[str, Any] | None:
+    """The JSON file ``name`` of a folder or (where the hub is allowed and reachable) a hub id; ``None`` if absent."""
+    folder = Path(where)
+    if folder.is_dir():
+        path: str | None = str(folder / name) if (folder / name).is_file() else None
+    else:
+        try:
+            from transformers.utils import cached_file
+
+            path = cached_file(where, name, _raise_exceptions_for_missing_entries=False,
+                               _raise_exceptions_for_connection_errors=False)
+        except (ImportError, OSError, ValueError):
+            path = None
+    if path is None:
+        return None
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise InvalidInputError(f"{path} is not readable JSON ({err}); fix or remove it") from err
+    return data if isinstance(data, dict) else None
+
+
+def _three(value: object, where: str, key: str) -> list[float]:
+    """An RGB statistic as three floats (a single number stands for all three channels)."""
+    values = [value] * 3 if isinstance(value, (int, float)) else value
+    if (not isinstance(values, (list, tuple)) or len(values) != 3
+            or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+            or (key == "image_std" and min(values) <= 0)):
+        raise InvalidInputError(f"{where}: {key} is {value!r}; expected three finite numbers (std above 0), "
+                                "one per RGB channel")
+    return [float(v) for v in values]
 
 
 def text_ports(prefix: str, dim: int, entry_layers: Sequence[int], max_len: int) -> list[PortSpec]:

@@ -66,7 +66,7 @@ class Bridge:
                      "mean-pooled MiniLM sentence embedding"),
         ]
         text_pre = {"tokenizer": "MiniLM wordpiece", "max_tokens": 128, "insert_position": "after [CLS]",
-                    "vocab_size": self.text_tower.vocab_size}
+                    **self.text_tower.room_for_inserts(), "vocab_size": self.text_tower.vocab_size}
         self.spec = BackboneSpec(
             id=f"bridge:{image_name}+minilm",
             modalities=("image", "text"),

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Collection, Mapping, Sequence
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -22,17 +21,19 @@ from torch import nn
 from graytune.backbones import BACKBONES
 from graytune.backbones.base import (
     add_delta,
-    file_identity,
     freeze,
+    image_normalisation,
     insert_tokens,
-    quiet_loading,
+    load_hf_checkpoint,
     run_layer,
     text_ports,
 )
-from graytune.errors import InvalidInputError, MissingDependencyError
+from graytune.errors import InvalidInputError
 from graytune.types import BackboneSpec, Op, PortKind, PortSpec
 
 Tensor = torch.Tensor
+OPENAI_MEAN = [0.48145466, 0.4578275, 0.40821073]
+OPENAI_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 class HFClip:
@@ -45,10 +46,12 @@ class HFClip:
         identity: what the fingerprint hashes besides the spec (the weight files' identity).
         image_stats: the image mean and std clients normalise with.
         description: the spec's description.
+        stats_source: where ``image_stats`` came from (the spec says it to clients).
     """
 
     def __init__(self, model: nn.Module, tokenizer: object | None, backbone_id: str, identity: str,
-                 image_stats: tuple[list[float], list[float]], description: str) -> None:
+                 image_stats: tuple[list[float], list[float]], description: str,
+                 stats_source: str = "given by the backbone's builder") -> None:
         self.model, self.tokenizer = freeze(model), tokenizer
         cfg = self.model.config
         self.text_cfg, self.vision_cfg = cfg.text_config, cfg.vision_config
@@ -73,10 +76,14 @@ class HFClip:
             ports=tuple(ports),
             preprocess={
                 "image": {"image_size": size, "resize": "shorter side to image_size, bicubic",
-                          "crop": "center", "mean": proc_mean, "std": proc_std, "range": "RGB in [0, 1]"},
+                          "crop": "center", "mean": proc_mean, "std": proc_std, "mean_std_from": stats_source,
+                          "range": "RGB in [0, 1]"},
                 "text": {"tokenizer": type(tokenizer).__name__ if tokenizer is not None else "none (send ids)",
                          "max_tokens": self.text_cfg.max_position_embeddings,
                          "insert_position": "before the end token",
+                         "long_texts": "with tokens inserted at text.token_embeds, a text longer than max_tokens "
+                                       "minus their number is cut just before its end token (start and end "
+                                       "tokens kept) to make room for them",
                          "vocab_size": int(self.text_cfg.vocab_size)},
             },
             description=description,
@@ -85,30 +92,11 @@ class HFClip:
     @classmethod
     def load(cls, source: str) -> HFClip:
         """A ``CLIPModel`` and its tokenizer from a folder (``save_pretrained``) or a hub id."""
-        try:
-            from transformers import AutoTokenizer, CLIPModel
-        except ImportError as err:
-            raise MissingDependencyError("hf-clip backbones need transformers: pip install transformers") from err
-        local = Path(source).expanduser()
-        if source.startswith((".", "/", "~")) and not local.is_dir():
-            raise MissingDependencyError(
-                f"hf-clip: {source!r} is not a directory; give a folder written by "
-                "CLIPModel.save_pretrained (with its tokenizer) or a hub id"
-            )
-        where = str(local) if local.is_dir() else source
-        try:
-            with quiet_loading():
-                model = CLIPModel.from_pretrained(where)
-                tokenizer = AutoTokenizer.from_pretrained(where)
-        except OSError as err:
-            raise MissingDependencyError(
-                f"hf-clip: could not load a CLIPModel and tokenizer from {source!r}: {err}; "
-                "graytune never downloads on its own: save the model and tokenizer to a folder first"
-            ) from err
-        weights = sorted(local.glob("*.safetensors")) if local.is_dir() else []
-        identity = "+".join(file_identity(w) for w in weights) or f"hub:{source}"
-        return cls(model, tokenizer, f"hf-clip:{source}", identity, _image_stats(where),
-                   f"Hugging Face CLIPModel from {source}.")
+        ckpt = load_hf_checkpoint("hf-clip", source, "CLIPModel",
+                                  {"clip": "", "siglip": f"use hf-siglip:{source}"})
+        mean, std, came_from = image_normalisation(ckpt.where, (OPENAI_MEAN, OPENAI_STD), "OpenAI CLIP's mean/std")
+        return cls(ckpt.model, ckpt.tokenizer, f"hf-clip:{source}", ckpt.identity, (mean, std),
+                   f"Hugging Face CLIPModel from {source}.", came_from)
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
         if self.tokenizer is None:
@@ -198,18 +186,6 @@ class HFClip:
         other = copy.copy(self)
         other.model = module
         return other
-
-
-def _image_stats(where: str) -> tuple[list[float], list[float]]:
-    """Mean/std from the checkpoint's image processor config, else CLIP's published ones."""
-    import json
-
-    path = Path(where) / "preprocessor_config.json"
-    if path.is_file():
-        cfg = json.loads(path.read_text())
-        if "image_mean" in cfg and "image_std" in cfg:
-            return list(cfg["image_mean"]), list(cfg["image_std"])
-    return [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
 
 
 @BACKBONES.register("hf-clip:", family_help="dir or hub id")

@@ -59,6 +59,13 @@ class MiniLMTower:
         self.vocab_size = int(self.encoder.config.vocab_size)
         self.entry_layers = tuple(range(1, self.encoder.config.num_hidden_layers))
 
+    def room_for_inserts(self) -> dict[str, object]:
+        """What the spec says about tokens inserted at ``token_embeds`` (``access.checks`` keeps to it)."""
+        positions = int(self.encoder.config.max_position_embeddings)
+        return {"max_positions": positions,
+                "long_texts": f"tokens inserted at token_embeds come on top of max_tokens, up to {positions} "
+                              "positions in all; ids longer than that are cut just before their [SEP]"}
+
     def ports(self, prefix: str = "text") -> list[PortSpec]:
         return text_ports(prefix, DIM, self.entry_layers, MAX_TOKENS)
 
@@ -147,7 +154,7 @@ class MiniLM:
             ports=tuple(ports),
             preprocess={"text": {"tokenizer": "bert-base-uncased wordpiece (MiniLM's own)",
                                  "max_tokens": MAX_TOKENS, "insert_position": "after [CLS]",
-                                 "vocab_size": self.tower.vocab_size}},
+                                 **self.tower.room_for_inserts(), "vocab_size": self.tower.vocab_size}},
             description=DESCRIPTION,
         ).with_fingerprint(self.tower.weights_identity)
 
