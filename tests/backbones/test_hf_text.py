@@ -39,6 +39,7 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _open(folder: Path, access: str = "dark-gray", **kwargs):  # type: ignore[no-untyped-def]
+    kwargs.setdefault("device", "cpu")  # compared with the plain model on CPU; the gpu test covers CUDA
     return graytune.open_backbone(f"hf-text:{folder}", access=access, **kwargs)
 
 
@@ -46,6 +47,11 @@ def _plain(folder: Path):  # type: ignore[no-untyped-def]
     from transformers import AutoModel
 
     return AutoModel.from_pretrained(folder).eval()
+
+
+def _loss(z: torch.Tensor) -> torch.Tensor:
+    """A fixed random read-out of ``z`` [B, D]: a squared norm would be flat where the model layer-normalises."""
+    return (z * torch.randn(z.shape, generator=torch.Generator().manual_seed(7))).sum()
 
 
 def _pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -161,7 +167,7 @@ def test_entry_ports_take_inserts_at_light_gray_only(folders) -> None:  # type: 
     h = _open(folders["mpnet-mean"], "light-gray")
     z = h.forward(tokens, insert={"text.layer.1": prompt})["text.embeds"]
     assert z.shape == (3, DIM) and not torch.allclose(z, h.encode_text(TEXTS), atol=1e-4)
-    z.square().sum().backward()
+    _loss(z).backward()
     assert prompt.grad is not None and prompt.grad.abs().sum() > 0
 
 
@@ -192,7 +198,7 @@ def test_a_missing_folder_is_a_clear_error(tmp_path) -> None:  # type: ignore[no
     with pytest.raises(MissingDependencyError, match="never downloads"):
         _open(tmp_path / "empty")
     with pytest.raises(MissingDependencyError, match="never downloads"):
-        graytune.open_backbone("hf-text:no-such-owner/no-such-model")  # HF_HUB_OFFLINE=1: nothing fetched
+        _open("no-such-owner/no-such-model")  # HF_HUB_OFFLINE=1: nothing is fetched
 
 
 def test_owner_recomputation_gives_the_same_gradients(folders) -> None:  # type: ignore[no-untyped-def]
@@ -202,7 +208,7 @@ def test_owner_recomputation_gives_the_same_gradients(folders) -> None:  # type:
         shift = torch.full((1, 1, DIM), 0.1, requires_grad=True)
         prompt = torch.full((1, 2, DIM), 0.2, requires_grad=True)
         z = h.forward({"text": TEXTS}, add={"text.token_embeds": shift}, insert={"text.layer.2": prompt})
-        z["text.embeds"].square().sum().backward()
+        _loss(z["text.embeds"]).backward()
         grads.append((shift.grad, prompt.grad))
     torch.testing.assert_close(grads[0], grads[1])
 
@@ -215,5 +221,21 @@ def test_a_bf16_owner_runs_and_returns_float32(folders) -> None:  # type: ignore
     assert z.dtype == torch.float32
     cosine = torch.nn.functional.cosine_similarity(z, fp32.encode_text(TEXTS), dim=-1)
     assert bool((cosine > 0.98).all()), cosine
-    z.square().sum().backward()
+    _loss(z).backward()
     assert shift.grad is not None and shift.grad.dtype == torch.float32 and bool(torch.isfinite(shift.grad).all())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cpu_client_of_a_bf16_gpu_owner_gets_what_fp32_on_cpu_gives(folders) -> None:  # type: ignore[no-untyped-def]
+    results = []
+    for placement in ({"device": "cpu"}, {"device": "cuda", "dtype": "bf16"}):
+        h = _open(folders["mpnet-mean"], "light-gray", **placement)
+        shift = torch.full((1, 1, DIM), 0.05, requires_grad=True)
+        prompt = torch.full((1, 2, DIM), 0.1, requires_grad=True)
+        z = h.forward({"text": TEXTS}, add={"text.token_embeds": shift}, insert={"text.layer.1": prompt})
+        _loss(z["text.embeds"]).backward()
+        results.append((z["text.embeds"], shift.grad, prompt.grad))
+    for ref, got in zip(*results):
+        assert got.device.type == "cpu" and got.dtype == torch.float32
+        assert float(torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0)) > 0.98

@@ -31,6 +31,7 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _open(folder: Path, access: str = "dark-gray", **kwargs):  # type: ignore[no-untyped-def]
+    kwargs.setdefault("device", "cpu")  # compared with the plain model on CPU; the gpu test covers CUDA
     return graytune.open_backbone(f"hf-vision:{folder}", access=access, **kwargs)
 
 
@@ -40,6 +41,11 @@ def _plain(folder: Path):  # type: ignore[no-untyped-def]
     if (folder / "processor_config.json").is_file():  # the pooler-less ViT: load it without one
         return ViTModel.from_pretrained(folder, add_pooling_layer=False).eval()
     return AutoModel.from_pretrained(folder).eval()
+
+
+def _loss(z: torch.Tensor) -> torch.Tensor:
+    """A fixed random read-out of ``z`` [B, D]: a squared norm would be flat where the model layer-normalises."""
+    return (z * torch.randn(z.shape, generator=torch.Generator().manual_seed(7))).sum()
 
 
 def _pooled(plain, pixels: torch.Tensor) -> torch.Tensor:  # type: ignore[no-untyped-def]
@@ -130,7 +136,7 @@ def test_entry_ports_take_inserts_at_light_gray_only(folders) -> None:  # type: 
     with pytest.raises(AccessDeniedError, match="light-gray"):
         _open(folders["vit"], "dark-gray").forward({"image.pixels": pixels}, insert={"image.layer.1": prompt})
     z = h.forward({"image.pixels": pixels}, insert={"image.layer.1": prompt})["image.embeds"]
-    z.square().sum().backward()
+    _loss(z).backward()
 
     plain = _plain(folders["vit"])
     ref_prompt = prompt.detach().clone().requires_grad_(True)
@@ -142,7 +148,7 @@ def test_entry_ports_take_inserts_at_light_gray_only(folders) -> None:  # type: 
 
     plain.layers[1].register_forward_pre_hook(after_cls)
     ref = _pooled(plain, pixels)
-    ref.square().sum().backward()
+    _loss(ref).backward()
     torch.testing.assert_close(z, ref.detach())
     torch.testing.assert_close(prompt.grad, ref_prompt.grad)
 
@@ -180,7 +186,7 @@ def test_a_bf16_owner_runs_and_returns_float32(folders) -> None:  # type: ignore
     assert z.dtype == torch.float32
     cosine = torch.nn.functional.cosine_similarity(z, fp32.encode_image(pixels), dim=-1)
     assert bool((cosine > 0.98).all()), cosine
-    z.square().sum().backward()
+    _loss(z).backward()
     assert shift.grad is not None and shift.grad.dtype == torch.float32 and bool(torch.isfinite(shift.grad).all())
 
 
@@ -195,3 +201,22 @@ def test_processor_config_comes_before_preprocessor_config(tmp_path) -> None:  #
     (folder / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5] * 3, "image_std": [0, 1, 1]}))
     with pytest.raises(InvalidInputError, match="image_std.*std above 0"):
         _open(folder)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["vit", "dinov2"])
+def test_a_cpu_client_of_a_bf16_gpu_owner_gets_what_fp32_on_cpu_gives(  # type: ignore[no-untyped-def]
+        folders, name) -> None:
+    results = []
+    for placement in ({"device": "cpu"}, {"device": "cuda", "dtype": "bf16"}):
+        h = _open(folders[name], "light-gray", **placement)
+        shift = torch.full((1, 1, DIM), 0.05, requires_grad=True)
+        prompt = torch.full((1, 2, DIM), 0.1, requires_grad=True)
+        z = h.forward({"image.pixels": _pixels(h)}, add={"image.patch_embeds": shift},
+                      insert={"image.layer.1": prompt})["image.embeds"]
+        _loss(z).backward()
+        results.append((z, shift.grad, prompt.grad))
+    for ref, got in zip(*results):
+        assert got.device.type == "cpu" and got.dtype == torch.float32
+        assert float(torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0)) > 0.98

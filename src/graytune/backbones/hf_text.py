@@ -81,14 +81,14 @@ class SentenceConfig:
         normalize: a ``Normalize`` module follows the pooling.
         max_seq_length: ``sentence_bert_config.json``'s token limit, if any.
         subfolder: where the transformer's files are ("" for the folder itself).
-        source: the file the pooling came from, or ``default`` when none declares it.
+        source: the file the pooling came from (or a line saying none declares it).
     """
 
     pooling: str = "mean"
     normalize: bool = False
     max_seq_length: int | None = None
     subfolder: str = ""
-    source: str = "default"
+    source: str = "no sentence-transformers pooling config: the default"
 
 
 def hub_json(where: str, name: str) -> Any:
@@ -164,7 +164,7 @@ def read_sentence_config(where: str) -> SentenceConfig:
                 pooling_dir = str(module.get("path", ""))
             else:
                 normalize = True
-    pooling, source = "mean", "default"
+    pooling, source = "mean", SentenceConfig.source
     if pooling_dir:
         declared, name = hub_json(where, f"{pooling_dir}/config.json"), f"{pooling_dir}/config.json"
         if declared is not None:
