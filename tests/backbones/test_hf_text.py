@@ -93,7 +93,13 @@ def test_outputs_equal_the_plain_model_pooled(folders, name) -> None:  # type: i
 def test_token_limits_leave_out_the_position_offset(folders) -> None:  # type: ignore[no-untyped-def]
     assert _open(folders["roberta-mean"]).spec.preprocess["text"]["max_tokens"] == 40  # 42 - (padding_idx + 1)
     assert _open(folders["bert-mean"]).spec.preprocess["text"]["max_tokens"] == 40
-    assert _open(folders["roberta-mean"]).tokenize([" ".join(["cat"] * 60)])["text.input_ids"].shape == (1, 40)
+    roberta = _open(folders["roberta-mean"])
+    full = roberta.tokenize([" ".join(["cat"] * 60)])
+    assert full["text.input_ids"].shape == (1, 40)  # all 40 positions
+    extra = torch.zeros(1, 3, DIM)
+    z = roberta.forward(full, insert={"text.token_embeds": extra})["text.embeds"]  # the boundary makes room:
+    cut = {name: torch.cat([t[:, :36], t[:, -1:]], dim=1) for name, t in full.items()}  # 37 tokens, </s> kept
+    torch.testing.assert_close(z, roberta.forward(cut, insert={"text.token_embeds": extra})["text.embeds"])
     h = _open(folders["mpnet-mean"])
     pre = h.spec.preprocess["text"]
     assert (pre["max_tokens"], pre["max_positions"]) == (20, 40)  # sentence_bert_config.json's limit leaves room

@@ -24,7 +24,6 @@ reachable and allowed; tests use tiny random models they save locally.
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,15 @@ import torch
 from torch import nn
 
 from graytune.backbones import BACKBONES
-from graytune.backbones.base import add_delta, file_identity, freeze, insert_tokens, quiet_loading, run_layer
+from graytune.backbones.base import (
+    add_delta,
+    file_identity,
+    freeze,
+    image_normalisation,
+    insert_tokens,
+    quiet_loading,
+    run_layer,
+)
 from graytune.backbones.hf_text import hub_config, hub_json
 from graytune.errors import InvalidInputError, MissingDependencyError
 from graytune.types import BackboneSpec, Op, PortKind, PortSpec
@@ -168,23 +175,15 @@ def _insert_after_cls(port: str, hidden: Tensor, tokens: Tensor) -> Tensor:
 def image_preprocess(where: str, config: Any) -> dict[str, Any]:
     """The image size, resizing and mean/std a client applies, from the checkpoint's image processor.
 
-    Read as transformers reads it: the ``image_processor`` entry of ``processor_config.json`` (what a
-    processor's ``save_pretrained`` writes in transformers 5) first, then ``preprocessor_config.json``
-    (an image processor's own file); ``do_normalize: false`` means mean 0 and std 1; ImageNet's mean
-    and std when neither file gives them.
+    Mean and std as every graytune loader reads them (``base.image_normalisation``: the ``image_processor``
+    of ``processor_config.json`` as transformers 5 writes it, then ``preprocessor_config.json``), ImageNet's
+    when neither gives them; DINOv2's size and crop from the same file.
     """
-    processor, found = {}, "ImageNet's (the checkpoint has no image processor config)"
+    mean, std, found = image_normalisation(where, (IMAGENET_MEAN, IMAGENET_STD), "ImageNet's")
     nested = hub_json(where, "processor_config.json")
-    flat = hub_json(where, "preprocessor_config.json")
-    if isinstance(nested, dict) and isinstance(nested.get("image_processor"), dict):
-        processor, found = nested["image_processor"], "processor_config.json (image_processor)"
-    elif isinstance(flat, dict):
-        processor, found = flat, "preprocessor_config.json"
-    mean, std = processor.get("image_mean", IMAGENET_MEAN), processor.get("image_std", IMAGENET_STD)
-    if processor.get("do_normalize") is False:
-        mean, std, found = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0], f"{found}: do_normalize is false"
-    elif processor and "image_mean" not in processor:
-        found = f"ImageNet's ({found} sets no image_mean/image_std)"
+    processor = nested.get("image_processor") if isinstance(nested, dict) else None
+    processor = processor if isinstance(processor, dict) else hub_json(where, "preprocessor_config.json")
+    processor = processor if isinstance(processor, dict) else {}
     size = int(config.image_size)
     crop = _side(processor.get("crop_size")) if processor.get("do_center_crop") else None
     if config.model_type == "dinov2":  # used at its processor's size, position embeddings interpolated
@@ -193,8 +192,7 @@ def image_preprocess(where: str, config: Any) -> dict[str, Any]:
     resize = (f"shorter side to {resize['shortest_edge']}" if isinstance(resize, dict) and resize.get("shortest_edge")
               else f"to {size}x{size}")
     return {"image_size": size, "resize": resize, "crop": f"center {size}x{size}" if crop else "none",
-            "mean": _three(found, "image_mean", mean), "std": _three(found, "image_std", std),
-            "range": "RGB in [0, 1]", "stats_from": found}
+            "mean": mean, "std": std, "range": "RGB in [0, 1]", "stats_from": found}
 
 
 def _side(size: object) -> int | None:
@@ -204,17 +202,6 @@ def _side(size: object) -> int | None:
     if isinstance(size, dict) and size.get("height") and size.get("height") == size.get("width"):
         return int(size["height"])
     return None
-
-
-def _three(where: str, key: str, value: object) -> list[float]:
-    """An RGB statistic as three floats (a single number stands for all three channels)."""
-    values = [value] * 3 if isinstance(value, (int, float)) else value
-    if (not isinstance(values, (list, tuple)) or len(values) != 3
-            or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
-            or (key == "image_std" and min(values) <= 0)):
-        raise InvalidInputError(f"hf-vision: {where} gives {key}={value!r}; expected three finite numbers "
-                                "(std above 0), one per RGB channel; repair that file")
-    return [float(v) for v in values]
 
 
 @BACKBONES.register("hf-vision:", family_help="dir or hub id")
