@@ -9,7 +9,7 @@ from graytune.config import field_docs
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from graytune.serve.config import ServeConfig
+    from graytune.serve.config import DUPLICATE_ROWS, ServeConfig
 
     p = sub.add_parser("serve", help="serve a backbone behind the boundary (FastAPI + uvicorn)",
                        description="Clients open it with graytune.open_backbone('http://HOST:PORT', api_key=...) "
@@ -31,6 +31,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             p.add_argument(flag, action="store_true", help=docs[f.name])
         elif f.name == "access":
             p.add_argument(flag, default=f.default, choices=["black-box", "dark-gray", "light-gray"],
+                           help=f"{docs[f.name]} (default: {f.default})")
+        elif f.name == "duplicate_rows":
+            p.add_argument(flag, default=f.default, choices=DUPLICATE_ROWS,
                            help=f"{docs[f.name]} (default: {f.default})")
         else:
             p.add_argument(flag, type=type(f.default), default=f.default,

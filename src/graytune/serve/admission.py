@@ -8,6 +8,10 @@ by its token positions (rows x tokens, inserted tokens included: ``--max-tokens`
 prompts it would build (classes x template). Past a limit the answer is 413 naming
 the limit, the flag and what to do.
 
+A request that wants gradients is also checked for rows it repeats (``repeated_rows``): one
+call over E identical rows with E one-hot output gradients returns a whole E-row Jacobian,
+so the owner may count or refuse such batches (``--duplicate-rows``).
+
 Example:
     >>> check_texts(["a cat"] * 5000, ServeConfig())
     Traceback (most recent call last):
@@ -16,8 +20,9 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
@@ -107,3 +112,46 @@ def check_work(inputs: Mapping[str, torch.Tensor], insert: Mapping[str, torch.Te
             if rows * height * width > pixels:
                 raise too_large(f"this request holds {rows * height * width:,} pixels{kind} ({rows:,} images of "
                                 f"{height} x {width})", pixels, pixel_flag, "send fewer or smaller images per request")
+
+
+def repeated_rows(rows: int, tensors: Iterable[torch.Tensor]) -> dict[int, int]:
+    """Rows of a batch that repeat an earlier row exactly: ``{row: the first row it repeats}``.
+
+    Args:
+        rows: the batch size.
+        tensors: every tensor that holds one slice per row along dim 0 (``[rows, ...]``): the inputs and the
+            per-row edits; tensors shared by all rows are left out by the caller. Two rows are the same when
+            every tensor's slices are equal value for value (``-0.0`` equals ``0.0``).
+
+    Example:
+        >>> repeated_rows(3, [torch.tensor([[1, 2], [3, 4], [1, 2]])])
+        {2: 0}
+    """
+    slices = []
+    for tensor in tensors:
+        flat = tensor.detach().reshape(rows, -1).cpu()
+        slices.append((flat + 0.0 if flat.is_floating_point() else flat).contiguous().numpy())  # -0.0 → 0.0
+    first: dict[bytes, int] = {}
+    repeats: dict[int, int] = {}
+    for row in range(rows):
+        digest = hashlib.blake2b(digest_size=16)
+        for values in slices:
+            digest.update(values[row].tobytes())
+        key = digest.digest()
+        if key in first:
+            repeats[row] = first[key]
+        else:
+            first[key] = row
+    return repeats
+
+
+def duplicate_problem(rows: int, repeats: Mapping[int, int]) -> HTTPProblem:
+    """The 403 for a gradient request whose ``repeats`` (from ``repeated_rows``) the owner refuses."""
+    shown = ", ".join(f"{row} = {earlier}" for row, earlier in list(repeats.items())[:5])
+    more = f" and {len(repeats) - 5} more" if len(repeats) > 5 else ""
+    return HTTPProblem(
+        403, "duplicate_rows",
+        f"this request wants gradients for {rows:,} rows and {len(repeats):,} of them repeat an earlier row exactly "
+        f"(rows {shown}{more}); such a batch returns many rows of one input's Jacobian in one call, and this server "
+        "refuses it (--duplicate-rows refuse): send each distinct row once (the gradient of a repeated row is the "
+        "sum of its rows' output gradients)")

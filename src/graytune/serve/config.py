@@ -15,7 +15,10 @@ from pathlib import Path
 from graytune.errors import InvalidInputError
 from graytune.serve.ledger import QuotaExceeded
 
-__all__ = ["ApiKeys", "QuotaExceeded", "ServeConfig"]
+__all__ = ["DUPLICATE_ROWS", "ApiKeys", "QuotaExceeded", "ServeConfig"]
+
+#: the values of ``ServeConfig.duplicate_rows`` (``--duplicate-rows``)
+DUPLICATE_ROWS = ("allow", "count", "refuse")
 
 
 @dataclass
@@ -92,6 +95,12 @@ class ServeConfig:
     quota_db: str = ""
     """SQLite file of the quota ledger, shared by workers and restarts (default: KEYS_FILE.quota.sqlite3 beside
     the API key file)."""
+    duplicate_rows: str = "count"
+    """What to do with a request that wants gradients and repeats one of its rows exactly (the same inputs and
+    per-row edits): one such call over E copies of an input, with E one-hot output gradients, returns that input's
+    whole E-row Jacobian. allow: serve it; count: serve it and count it on /v1/stats (duplicate_row_batches,
+    duplicate_rows) and in the log; refuse: answer 403 naming the repeated rows. Rows that differ by any value
+    are distinct: the gradient-row quota is what bounds near-duplicates."""
     admins: tuple[str, ...] = ()
     """Client names (from the key file) that see every client's figures on /v1/stats."""
     adapters: tuple[str, ...] = ()

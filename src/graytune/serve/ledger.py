@@ -8,7 +8,9 @@ runs; if it then fails (a deadline, a server error) ``refund`` gives the reserva
 so only served work is charged.
 
 Two budgets per client: ``samples`` (rows sent through the backbone, forward) and
-``grad_rows`` (rows whose gradient is returned: a VJP of a batch of 32 uses 32).
+``grad_rows`` (rows whose gradient is returned: a VJP of a batch of 32 uses 32). Beside them, a
+record that is no budget: the gradient requests each client sent with repeated rows
+(``note_duplicates``, ``--duplicate-rows count``).
 
 Example:
     >>> ledger = QuotaLedger("quota.sqlite3", samples=0, grad_rows=200_000)
@@ -29,6 +31,11 @@ _SCHEMA = """CREATE TABLE IF NOT EXISTS usage (
     client TEXT PRIMARY KEY,
     samples INTEGER NOT NULL DEFAULT 0,
     grad_rows INTEGER NOT NULL DEFAULT 0
+)"""
+_DUPLICATES = """CREATE TABLE IF NOT EXISTS duplicates (
+    client TEXT PRIMARY KEY,
+    batches INTEGER NOT NULL DEFAULT 0,
+    rows INTEGER NOT NULL DEFAULT 0
 )"""
 _FLAGS = {"samples": "--quota-samples", "grad_rows": "--quota-grad-rows"}
 _WHAT = {"samples": "sample", "grad_rows": "gradient-row"}
@@ -58,6 +65,7 @@ class QuotaLedger:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute(_SCHEMA)
+            self._db.execute(_DUPLICATES)
         # reads go through their own connection: in WAL mode they never wait for a writer
         self._reader = sqlite3.connect(self.path, timeout=timeout_s, isolation_level=None, check_same_thread=False)
         self._read_lock = threading.Lock()
@@ -99,6 +107,24 @@ class QuotaLedger:
         with self._read_lock:
             rows = self._reader.execute("SELECT client, samples, grad_rows FROM usage ORDER BY client").fetchall()
         return {client: {"samples": s, "grad_rows": g} for client, s, g in rows}
+
+    def note_duplicates(self, client: str, rows: int) -> None:
+        """Record one gradient request of ``client`` in which ``rows`` rows repeated an earlier row."""
+        with self._lock:
+            self._db.execute("INSERT INTO duplicates (client, batches, rows) VALUES (?, 1, ?) ON CONFLICT(client) "
+                             "DO UPDATE SET batches = batches + 1, rows = rows + excluded.rows", (client, rows))
+
+    def duplicates(self, client: str) -> dict[str, int]:
+        """``{"batches", "rows"}``: gradient requests of ``client`` with repeated rows, and those rows."""
+        with self._read_lock:
+            row = self._reader.execute("SELECT batches, rows FROM duplicates WHERE client = ?", (client,)).fetchone()
+        return {"batches": row[0], "rows": row[1]} if row else {"batches": 0, "rows": 0}
+
+    def all_duplicates(self) -> dict[str, dict[str, int]]:
+        """``duplicates`` of every client that sent any."""
+        with self._read_lock:
+            rows = self._reader.execute("SELECT client, batches, rows FROM duplicates ORDER BY client").fetchall()
+        return {client: {"batches": b, "rows": r} for client, b, r in rows}
 
     def close(self) -> None:
         with self._lock, self._read_lock:

@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 import threading
@@ -35,12 +36,13 @@ from graytune.access.owner import BoundaryCall, DeadlineExceeded, deadline
 from graytune.access.wire import Message, VjpRequest, unpack_call, unpack_grads
 from graytune.devices import dtype_name
 from graytune.errors import AccessDeniedError, InvalidInputError
-from graytune.serve.admission import HTTPProblem, busy, check_texts, check_work
-from graytune.serve.config import ApiKeys, ServeConfig
+from graytune.serve.admission import HTTPProblem, busy, check_texts, check_work, duplicate_problem, repeated_rows
+from graytune.serve.config import DUPLICATE_ROWS, ApiKeys, ServeConfig
 from graytune.serve.ledger import QuotaLedger
 from graytune.serve.sessions import SessionGone, SessionStore
 from graytune.types import AccessLevel
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 Tensor = torch.Tensor
 GONE = ("session_gone", "the session expired, was evicted or lives elsewhere; resend the forward with recompute")
@@ -54,6 +56,9 @@ class Service:
         if granted >= AccessLevel.WHITE_BOX or handle.access >= AccessLevel.WHITE_BOX:
             raise InvalidInputError("white-box access never crosses the network; serve at black-box, "
                                     "dark-gray or light-gray and share weights another way if you mean to")
+        if config.duplicate_rows not in DUPLICATE_ROWS:
+            raise InvalidInputError(f"--duplicate-rows is {config.duplicate_rows!r}; choose one of "
+                                    f"{', '.join(DUPLICATE_ROWS)} (count serves such batches and records them)")
         unknown = sorted(set(config.admins) - keys.names)
         if unknown:
             raise InvalidInputError(f"--admins names {unknown}, which the key file does not; "
@@ -131,8 +136,12 @@ class Service:
         """Run ``work(*args)`` (decoding, checks, tokenizing, quota charges) off the event loop."""
         return await anyio.to_thread.run_sync(work, *args, limiter=self._limiter("checks", 4))
 
-    def plan(self, client: str, message: Message) -> tuple[LocalHandle, CallPlan]:
-        """The checked forward a request describes, its work within the limits (nothing charged)."""
+    def plan(self, client: str, message: Message, recompute: bool = False) -> tuple[LocalHandle, CallPlan]:
+        """The checked forward a request describes, its work within the limits (nothing charged).
+
+        A request that wants gradients and repeats a row is counted or refused as ``--duplicate-rows`` says
+        (a ``recompute`` resends a forward already counted, so it is not counted again).
+        """
         request = unpack_call(message)
         handle = self.level_handle(request.access)
         inputs: dict[str, Any] = dict(request.inputs)
@@ -143,7 +152,28 @@ class Service:
         check_work(inputs, request.insert, self.config, grad)  # ids and pixels, before texts are tokenized
         plan = handle.plan(inputs, request.add, request.insert, request.outputs, request.reads)
         check_work(plan.inputs, plan.insert, self.config, bool(plan.slots))
+        if plan.slots and self.config.duplicate_rows != "allow":
+            self._check_duplicates(client, handle, plan, count=not recompute)
         return handle, plan
+
+    def _check_duplicates(self, client: str, handle: LocalHandle, plan: CallPlan, count: bool) -> None:
+        """Refuse (403) or count a gradient request that repeats a row (``--duplicate-rows``)."""
+        rows = rows_of(plan)
+        if rows < 2:
+            return
+        ranks = {port.name: len(port.shape) for port in handle.spec.ports}
+        per_row = [*plan.inputs.values(),
+                   *(t for name, t in plan.add.items() if t.dim() == ranks[name] and t.shape[0] == rows),
+                   *(t for t in plan.insert.values() if t.shape[0] == rows)]
+        repeats = repeated_rows(rows, per_row)
+        if not repeats:
+            return
+        if self.config.duplicate_rows == "refuse":
+            raise duplicate_problem(rows, repeats)
+        if count:
+            self.ledger.note_duplicates(client, len(repeats))
+            log.warning("client %s sent a gradient request in which %d of %d rows repeat an earlier row "
+                        "(counted: --duplicate-rows count)", client, len(repeats), rows)
 
     def vjp_call(self, client: str, message: Message) -> tuple[BoundaryCall, list[Tensor | None], int]:
         """The call a VJP request differentiates, the outputs' gradients, and the gradient rows charged for it
@@ -153,7 +183,7 @@ class Service:
         """
         asked: VjpRequest = unpack_grads(message)
         if asked.recompute:
-            handle, plan = self.plan(client, message)
+            handle, plan = self.plan(client, message, recompute=True)
             call = handle.open_call(plan)
         else:
             try:
@@ -222,10 +252,12 @@ class Service:
         """The caller's own figures; every client's for an admin."""
         limits = {"quota_samples": self.config.quota_samples, "quota_grad_rows": self.config.quota_grad_rows}
         if self.is_admin(client):
-            return {**self.store.stats(), "quota": self.ledger.all_used(), **limits, "queued": self.queued}
-        used = self.ledger.used(client)
+            return {**self.store.stats(), "quota": self.ledger.all_used(), **limits, "queued": self.queued,
+                    "duplicates": self.ledger.all_duplicates(), "duplicate_rows_policy": self.config.duplicate_rows}
+        used, repeated = self.ledger.used(client), self.ledger.duplicates(client)
         return {**self.store.stats(client), "samples_used": used["samples"], "grad_rows_used": used["grad_rows"],
-                **limits}
+                **limits, "duplicate_row_batches": repeated["batches"], "duplicate_rows": repeated["rows"],
+                "duplicate_rows_policy": self.config.duplicate_rows}
 
 
 def timed_out(seconds: float) -> HTTPProblem:
