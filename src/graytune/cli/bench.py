@@ -1,13 +1,21 @@
-"""``graytune bench``: boundary overhead and memory, measured side by side in one run."""
+"""``graytune bench``: boundary overhead and memory, measured side by side in one run.
+
+With ``--arch`` it measures the CLIP-scale table instead (``graytune.bench.clip_scale``).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 
+from graytune.errors import InvalidInputError
+
+CLIP_SCALE_FLAGS = ("batch", "dtype", "device", "methods", "recompute", "steps", "warmup")
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="boundary vs plain autograd, memory vs full fine-tuning, remote vs in-process")
+    p = sub.add_parser("bench", help="boundary vs plain autograd, memory vs full fine-tuning, remote vs in-process; "
+                                     "--arch: every method at CLIP scale")
     p.add_argument("--rounds", type=int, default=12, help="timed steps per path, interleaved (default: 12)")
     p.add_argument("--cases", default="minilm,efficientnet-lite0", help="comma-separated boundary cases")
     p.add_argument("--transmiter", action=argparse.BooleanOptionalAction, default=True,
@@ -15,11 +23,31 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--serve", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the served boundary: remote vs in-process, transport, mixed adapters "
                         "(default: on)")
+    clip = p.add_argument_group("CLIP scale (with --arch, only this table runs)")
+    clip.add_argument("--arch", action="append",
+                      help="a random-weight CLIP architecture: clip-vit-b-16, clip-vit-l-14 or clip-tiny; repeat or "
+                           "comma-separate for several")
+    clip.add_argument("--batch", help="comma-separated batch sizes (default: 2 on CPU, 32,128 on CUDA)")
+    clip.add_argument("--dtype", help="comma-separated backbone precisions: fp32, bf16, fp16 (default: fp32,bf16)")
+    clip.add_argument("--device", help="cpu, cuda or cuda:N (default: CUDA when present, else CPU)")
+    clip.add_argument("--methods", help="comma-separated methods (default: zero-shot,output,dga,lga,adalink,lora,"
+                                        "full); full fine-tuning and the native input-gradient step always run")
+    clip.add_argument("--recompute", help="owner recomputation settings to measure: off, on or off,on "
+                                          "(default: off,on)")
+    clip.add_argument("--steps", type=int, help="timed steps per row, after the measured one (default: 3)")
+    clip.add_argument("--warmup", type=int, help="untimed steps between the measured and the timed ones "
+                                                 "(default: 1)")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.arch:
+        return run_clip_scale(args)
+    given = [f"--{name}" for name in CLIP_SCALE_FLAGS if getattr(args, name) is not None]
+    if given:
+        raise InvalidInputError(f"{', '.join(given)}: only for the CLIP-scale table; add --arch clip-vit-b-16 "
+                                "(or clip-vit-l-14, clip-tiny) to run it")
     from graytune.bench.boundary import format_report, run_benchmarks
 
     results = run_benchmarks(args.cases.split(","), rounds=args.rounds)
@@ -40,3 +68,38 @@ def run(args: argparse.Namespace) -> int:
         if args.serve:
             print("\n" + serve.format_report(results["serve"]))
     return 0
+
+
+def run_clip_scale(args: argparse.Namespace) -> int:
+    from graytune.bench import clip_scale
+    from graytune.devices import parse_device
+
+    device = parse_device(args.device)
+    batches = _ints("--batch", args.batch or ("32,128" if device.type == "cuda" else "2"))
+    recompute = {"off": [False], "on": [True], "off,on": [False, True], "on,off": [False, True]}.get(
+        (args.recompute or "off,on").replace(" ", ""))
+    if recompute is None:
+        raise InvalidInputError(f"--recompute {args.recompute!r}: use off, on or off,on")
+    for flag, value in (("--steps", args.steps), ("--warmup", args.warmup)):
+        if value is not None and value < 0:
+            raise InvalidInputError(f"{flag} {value}: give 0 or more")
+    results = clip_scale.run(
+        _names(args.arch), batches=batches, dtypes=_names([args.dtype or "fp32,bf16"]), device=str(device),
+        methods=_names([args.methods]) if args.methods else clip_scale.METHODS, recompute=recompute,
+        steps=3 if args.steps is None else args.steps, warmup=1 if args.warmup is None else args.warmup)
+    print(json.dumps(results, indent=2) if args.json else clip_scale.format_report(results))
+    return 0
+
+
+def _names(values: list[str]) -> list[str]:
+    return [name.strip() for value in values for name in value.split(",") if name.strip()]
+
+
+def _ints(flag: str, value: str) -> list[int]:
+    try:
+        numbers = [int(v) for v in _names([value])]
+    except ValueError:
+        raise InvalidInputError(f"{flag} {value!r}: give comma-separated whole numbers, e.g. 32,128") from None
+    if not numbers or min(numbers) < 1:
+        raise InvalidInputError(f"{flag} {value!r}: give batch sizes of 1 or more")
+    return numbers
