@@ -25,7 +25,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def results() -> dict:
     return clip_scale.run(["clip-tiny"], batches=[2], dtypes=["fp32"], methods=["output", "dga"], device="cpu",
-                          steps=1, warmup=0, cosine=False, progress=False, isolate=False)
+                          steps=1, warmup=0, interleaved_rounds=2, cosine=False, progress=False, isolate=False)
 
 
 def test_every_cell_is_measured_with_positive_finite_ratios(results: dict) -> None:
@@ -46,6 +46,9 @@ def test_every_cell_is_measured_with_positive_finite_ratios(results: dict) -> No
     # full fine-tuning's step creates a gradient and two AdamW moments per weight; the adapters' do not
     assert rows[("full", False)]["step_peak_mb"] > 2 * table["weights_mb"]
     assert rows[("dga", False)]["trainable"] < rows[("full", False)]["trainable"]
+    ab = table["interleaved"]  # native, dga and dga recomputed, timed round by round in one process
+    assert ab["rounds"] == 2 and all(len(v) == 2 for v in ab["all_s"].values())
+    assert ab["dga_recompute_vs_native"] > 0 and math.isfinite(ab["dga_recompute_vs_native"])
 
 
 def test_targets_and_report_name_every_row(results: dict) -> None:
@@ -53,7 +56,7 @@ def test_targets_and_report_name_every_row(results: dict) -> None:
     assert any(n.startswith("DGA memory") for n in names) and any(n.startswith("owner recomputation") for n in names)
     assert all(t["status"] in ("PASS", "FAIL", "info", "GPU", "n/a") for t in results["targets"])
     text = clip_scale.format_report(results)
-    assert "clip-tiny  batch 2" in text and "native" in text and "targets" in text
+    assert "clip-tiny  batch 2" in text and "native" in text and "targets" in text and "interleaved" in text
     assert results["machine"]["torch"] in text
     json.dumps(results)  # --json prints it
 

@@ -148,6 +148,28 @@ def measure_cell(cell: Cell) -> dict[str, Any]:
     return row
 
 
+def interleaved_times(arch: str, batch: int, dtype: str, device: str, rounds: int) -> dict[str, Any]:
+    """Step seconds of the native step, DGA, and DGA under owner recomputation, interleaved in one process.
+
+    Load from anything else on the machine then hits the three alike (separate processes run minutes
+    apart). Each step runs once untimed first; the order rotates every round; ratios are of medians.
+    """
+    torch.manual_seed(0)
+    where = parse_device(device)
+    steps = {name: build_step(Cell(arch, method, dtype, on, batch, device))[0]
+             for name, method, on in (("native", NATIVE, False), ("dga", "dga", False), ("dga_recompute", "dga", True))}
+    names = list(steps)
+    for step in steps.values():
+        step()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            times[name].append(_timed(steps[name], where))
+    median = {name: statistics.median(v) for name, v in times.items()}
+    return {"rounds": rounds, "seconds": median, "all_s": times, "dga_vs_native": median["dga"] / median["native"],
+            "dga_recompute_vs_native": median["dga_recompute"] / median["native"]}
+
+
 def _first_step_memory(step: Callable[[], None], device: torch.device) -> dict[str, float]:
     if device.type != "cuda":
         return {"step_peak_mb": peak_tensor_mb(step)}
@@ -201,7 +223,7 @@ def _measure(kind: str, payload: dict[str, Any], isolate: bool) -> dict[str, Any
     if isolate:
         return _in_fresh_process(kind, payload)
     try:
-        return measure_cell(Cell(**payload)) if kind == "cell" else vjp_cosine(**payload)
+        return MEASUREMENTS[kind](payload)
     except Exception as err:  # noqa: BLE001  (a failed cell is reported in its row, as in a fresh process)
         log.warning("%s %s failed", kind, payload, exc_info=True)
         return {"error": f"{type(err).__name__}: {err}"}
@@ -280,8 +302,8 @@ def check_methods(methods: Sequence[str]) -> None:
 
 def run(archs: Sequence[str], batches: Sequence[int] = (4,), dtypes: Sequence[str] = ("fp32", "bf16"),
         device: str | None = None, methods: Sequence[str] = METHODS, recompute: Sequence[bool] = (False, True),
-        steps: int = 3, warmup: int = 1, cosine: bool = True, progress: bool = True,
-        isolate: bool = True) -> dict[str, Any]:
+        steps: int = 3, warmup: int = 1, interleaved_rounds: int = 3, cosine: bool = True,
+        progress: bool = True, isolate: bool = True) -> dict[str, Any]:
     """Every cell of the CLIP-scale table, each in a fresh process, with ratios and targets; plain data for JSON.
 
     Args:
@@ -292,6 +314,8 @@ def run(archs: Sequence[str], batches: Sequence[int] = (4,), dtypes: Sequence[st
         methods: registered methods; ``full`` and the native input-gradient step are always added.
         recompute: owner recomputation settings to measure.
         steps, warmup: timed steps (their median is reported) and untimed ones after the measured step.
+        interleaved_rounds: rounds of native vs DGA vs DGA recomputed, interleaved in one process, per
+            architecture, batch and dtype (0: none); the recomputation target's time ratio is read from them.
         cosine: also measure the bf16-vs-fp32 VJP cosine per architecture (when bf16 is among ``dtypes``).
         progress: show a progress bar on stderr.
         isolate: each measurement in a fresh process (off: in this one, for tests; CUDA peaks then
@@ -310,13 +334,19 @@ def run(archs: Sequence[str], batches: Sequence[int] = (4,), dtypes: Sequence[st
         row = _measure("cell", asdict(cell), isolate)
         log.info("%s: %s", cell, row)
         measured.append((cell, row))
+    tables = _tables(archs, batches, dtypes, sizes, measured)
+    if interleaved_rounds > 0 and True in recompute and "dga" in methods:
+        for t in tqdm(tables, desc="interleaved native/dga/recomputed", unit="table", disable=not progress):
+            t["interleaved"] = _measure("interleaved", {"arch": t["arch"], "batch": t["batch"], "dtype": t["dtype"],
+                                                        "device": str(where), "rounds": interleaved_rounds}, isolate)
     results: dict[str, Any] = {
         "machine": {**info, "load_avg_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
         "settings": {"batches": list(batches), "dtypes": dtypes, "methods": list(methods), "steps": steps,
-                     "warmup": warmup, "recompute": [bool(r) for r in recompute],
+                     "warmup": warmup, "interleaved_rounds": interleaved_rounds, "isolated": isolate,
+                     "recompute": [bool(r) for r in recompute],
                      "workload": "B images + B texts in 77 positions, symmetric InfoNCE, one AdamW step",
                      "lora": LORA_OPTIONS},
-        "tables": _tables(archs, batches, dtypes, sizes, measured),
+        "tables": tables,
         "vjp_cosine": {},
     }
     if cosine and "bf16" in dtypes:
@@ -385,12 +415,15 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                                   f"{dga['total_mb'] / ratio:.0f} MB)"})
         if dga_rc and native and dga_rc.get("time_vs_native") is not None:
             mem, total, tm = dga_rc["step_peak_vs_native"], dga_rc["memory_vs_native"], dga_rc["time_vs_native"]
+            timing = "separate processes"
+            if "dga_recompute_vs_native" in t.get("interleaved", {}):
+                tm, timing = t["interleaved"]["dga_recompute_vs_native"], "interleaved"
             out.append({"target": f"owner recomputation <= {RECOMPUTE_MEMORY_TARGET}x native memory at "
                                   f"<= {RECOMPUTE_TIME_TARGET}x its time", "where": where,
                         "value": {"step_peak": mem, "total": total, "time": tm},
                         "status": _status(mem <= RECOMPUTE_MEMORY_TARGET and tm <= RECOMPUTE_TIME_TARGET),
                         "detail": f"DGA recomputed: step peak {mem:.3f}x native (with weights {total:.3f}x), "
-                                  f"time {tm:.3f}x"})
+                                  f"time {tm:.3f}x ({timing})"})
     for fp32 in (t for t in results["tables"] if t["dtype"] == "fp32"):
         bf16 = next((t for t in results["tables"] if (t["arch"], t["batch"], t["dtype"]) ==
                      (fp32["arch"], fp32["batch"], "bf16")), None)
@@ -419,6 +452,15 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _interleaved_line(ab: dict[str, Any]) -> str:
+    if "error" in ab:
+        return f"interleaved: failed: {ab['error'][:100]}"
+    sec = ab["seconds"]
+    return (f"interleaved in one process, median of {ab['rounds']} rounds: native {sec['native']:.3f} s, "
+            f"dga {sec['dga']:.3f} s ({ab['dga_vs_native']:.3f}x), "
+            f"dga recomputed {sec['dga_recompute']:.3f} s ({ab['dga_recompute_vs_native']:.3f}x)")
+
+
 def format_report(results: dict[str, Any]) -> str:
     """The table ``graytune bench --arch`` prints: one block per architecture, batch and dtype, then the targets."""
     m, s = results["machine"], results["settings"]
@@ -444,18 +486,21 @@ def format_report(results: dict[str, Any]) -> str:
                          f"{_fmt(r['memory_vs_native'], '.3f'):>8}{_fmt(r['step_peak_vs_native'], '.3f'):>9}"
                          f"{_fmt(r['time_s'], '.3f'):>9}{_fmt(r['time_vs_full'], '.3f'):>7}"
                          f"{_fmt(r['time_vs_native'], '.3f'):>8}")
-        lines.append("")
+        lines += [_interleaved_line(t.get("interleaved")), ""] if "interleaved" in t else [""]
     lines.append("targets")
     lines += [f"  [{t['status']:>4}] {t['target']} ({t['where']}): {t['detail']}" for t in results["targets"]]
+    apart = "each row in a fresh process" if s.get("isolated", True) else "all rows in one process"
     memory = ("torch.cuda.max_memory_allocated less what was allocated before it (the raw peak, weights included, "
               "is in --json as allocated_peak_mb)" if "gpu" in m else "the torch profiler's allocation events")
     lines += ["",
               "step peak: the most tensor memory the first AdamW step adds (activations; gradients and AdamW state of",
-              f"what trains), from {memory}; each row in a fresh process. total = weights + step peak.",
+              f"what trains), from {memory}; {apart}. total = weights + step peak.",
               "/full, /native: ratios to full fine-tuning and to the native input-gradient step (DGA's adapters by",
               "plain autograd through the white-box module), both without recomputation, same architecture, batch",
               "and dtype; peak/nat compares step peaks alone. recompute '-': no gradient crosses the backbone",
               "(zero-shot, output), or the reference itself (native). zero-shot: the forward alone, no optimizer.",
+              "interleaved: native, dga and dga recomputed timed round by round in one process, so that other load",
+              "hits them alike; the recomputation target's time ratio is read from it.",
               f"lora: r = {LORA_OPTIONS['rank']} on {LORA_OPTIONS['targets']}. With recompute on, lora and full "
               "recompute their layers too.",
               "Half precision casts the frozen weights; full fine-tuning and LoRA then train in that dtype (AdamW",
@@ -463,14 +508,19 @@ def format_report(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+MEASUREMENTS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "cell": lambda p: measure_cell(Cell(**p)),
+    "cosine": lambda p: vjp_cosine(**p),
+    "interleaved": lambda p: interleaved_times(**p),
+}
+"""What ``python -m graytune.bench.clip_scale KIND PAYLOAD`` measures, by KIND."""
+
+
 def _main(argv: Sequence[str]) -> None:
     kind, payload = argv[0], json.loads(argv[1])
-    if kind == "cell":
-        print(json.dumps(measure_cell(Cell(**payload))))
-    elif kind == "cosine":
-        print(json.dumps(vjp_cosine(**payload)))
-    else:
-        raise SystemExit(f"unknown measurement {kind!r}; use cell or cosine")
+    if kind not in MEASUREMENTS:
+        raise SystemExit(f"unknown measurement {kind!r}; use one of {', '.join(MEASUREMENTS)}")
+    print(json.dumps(MEASUREMENTS[kind](payload)))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import json
 
 from graytune.errors import InvalidInputError
 
-CLIP_SCALE_FLAGS = ("batch", "dtype", "device", "methods", "recompute", "steps", "warmup")
+CLIP_SCALE_FLAGS = ("batch", "dtype", "device", "methods", "recompute", "steps", "warmup", "interleaved_rounds")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -37,6 +37,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     clip.add_argument("--steps", type=int, help="timed steps per row, after the measured one (default: 3)")
     clip.add_argument("--warmup", type=int, help="untimed steps between the measured and the timed ones "
                                                  "(default: 1)")
+    clip.add_argument("--interleaved-rounds", type=int,
+                      help="rounds of native vs DGA vs DGA recomputed timed in one process, interleaved, for the "
+                           "recomputation target's time ratio (default: 3; 0 skips)")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     p.set_defaults(run=run)
 
@@ -44,7 +47,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.arch:
         return run_clip_scale(args)
-    given = [f"--{name}" for name in CLIP_SCALE_FLAGS if getattr(args, name) is not None]
+    given = [f"--{name.replace('_', '-')}" for name in CLIP_SCALE_FLAGS if getattr(args, name) is not None]
     if given:
         raise InvalidInputError(f"{', '.join(given)}: only for the CLIP-scale table; add --arch clip-vit-b-16 "
                                 "(or clip-vit-l-14, clip-tiny) to run it")
@@ -80,13 +83,15 @@ def run_clip_scale(args: argparse.Namespace) -> int:
         (args.recompute or "off,on").replace(" ", ""))
     if recompute is None:
         raise InvalidInputError(f"--recompute {args.recompute!r}: use off, on or off,on")
-    for flag, value in (("--steps", args.steps), ("--warmup", args.warmup)):
+    for flag, value in (("--steps", args.steps), ("--warmup", args.warmup),
+                        ("--interleaved-rounds", args.interleaved_rounds)):
         if value is not None and value < 0:
             raise InvalidInputError(f"{flag} {value}: give 0 or more")
     results = clip_scale.run(
         _names(args.arch), batches=batches, dtypes=_names([args.dtype or "fp32,bf16"]), device=str(device),
         methods=_names([args.methods]) if args.methods else clip_scale.METHODS, recompute=recompute,
-        steps=3 if args.steps is None else args.steps, warmup=1 if args.warmup is None else args.warmup)
+        steps=3 if args.steps is None else args.steps, warmup=1 if args.warmup is None else args.warmup,
+        interleaved_rounds=3 if args.interleaved_rounds is None else args.interleaved_rounds)
     print(json.dumps(results, indent=2) if args.json else clip_scale.format_report(results))
     return 0
 
