@@ -278,7 +278,11 @@ def _cpu_name() -> str:
 
 def plan_cells(archs: Sequence[str], batches: Sequence[int], dtypes: Sequence[str], methods: Sequence[str],
                recompute: Sequence[bool], device: str, steps: int, warmup: int) -> list[Cell]:
-    """Every cell to measure: ``full`` and ``native`` always; recomputation only where a gradient crosses."""
+    """Every cell to measure.
+
+    ``full`` and ``native`` always run without recomputation (the ratios' references); ``full`` with it
+    too only when asked for among ``methods``. Recomputation only where a gradient crosses the backbone.
+    """
     wanted = list(dict.fromkeys([*methods, "full", NATIVE]))
     cells = []
     for arch in archs:
@@ -286,6 +290,8 @@ def plan_cells(archs: Sequence[str], batches: Sequence[int], dtypes: Sequence[st
             for dtype in dtypes:
                 for method in wanted:
                     settings = [False] if method in (*NO_BACKBONE_GRADIENT, NATIVE) else recompute
+                    if method == "full" and "full" not in methods:
+                        settings = [False]
                     cells += [Cell(arch, method, dtype, on, batch, device, steps, warmup) for on in settings]
     return cells
 
