@@ -30,7 +30,10 @@ def test_levels_are_ordered_and_parse_from_labels() -> None:
 def test_required_levels_follow_the_contract() -> None:
     assert required_level(PortKind.INPUT, Op.REPLACE, with_grad=False) is AccessLevel.BLACK_BOX
     assert required_level(PortKind.INPUT, Op.REPLACE, with_grad=True) is AccessLevel.DARK_GRAY
-    assert required_level(PortKind.INPUT, Op.ADD, with_grad=False) is AccessLevel.DARK_GRAY
+    assert required_level(PortKind.INPUT, Op.ADD, with_grad=False) is AccessLevel.BLACK_BOX  # zeroth-order tuning
+    assert required_level(PortKind.INPUT, Op.INSERT, with_grad=True) is AccessLevel.DARK_GRAY
+    assert required_level(PortKind.INPUT, Op.READ, with_grad=False) is AccessLevel.DARK_GRAY  # and a grant
+    assert required_level(PortKind.ENTRY, Op.ADD, with_grad=False) is AccessLevel.LIGHT_GRAY
     assert required_level(PortKind.ENTRY, Op.INSERT, with_grad=True) is AccessLevel.LIGHT_GRAY
     assert required_level(PortKind.OUTPUT, Op.READ, with_grad=False) is AccessLevel.BLACK_BOX
 

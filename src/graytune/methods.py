@@ -12,6 +12,8 @@ adapter is new, one adapter file.
 Example:
     >>> METHODS["dga"].min_access.label, METHODS["dga"].lr
     ('dark-gray', 0.003)
+    >>> METHODS["dga-zo"].min_access.label, METHODS["dga-zo"].zeroth_order   # its input adapters ask no gradient
+    ('black-box', True)
     >>> get_method("lora").resolve_options({"rank": "4"})["lora"]
     {'rank': 4}
 """
@@ -91,10 +93,24 @@ class Method:
         """Each adapter once, in slot order."""
         return list(dict.fromkeys(s.adapter for s in self.slots))
 
+    def trains_zeroth_order(self, slot: Slot) -> bool:
+        """Whether this method trains ``slot``'s adapter from forward calls alone (its ``zeroth_order`` option)."""
+        return bool(self.defaults.get(slot.adapter, {}).get("zeroth_order")) and \
+            self.adapter_class(slot).zo_access is not None
+
+    @property
+    def zeroth_order(self) -> bool:
+        """Whether some adapter trains zeroth-order (``graytune train --zo`` picks the estimator)."""
+        return any(self.trains_zeroth_order(s) for s in self.slots)
+
     @property
     def min_access(self) -> AccessLevel:
-        """The lowest level at which every adapter of this method works (black-box with none)."""
-        return max((self.adapter_class(s).min_access for s in self.slots), default=AccessLevel.BLACK_BOX)
+        """The lowest level at which every adapter of this method works (black-box with none).
+
+        An adapter trained zeroth-order needs only its ``zo_access``: it asks the boundary for no gradient.
+        """
+        return max((self.adapter_class(s).zo_access if self.trains_zeroth_order(s) else self.adapter_class(s).min_access
+                    for s in self.slots), default=AccessLevel.BLACK_BOX)
 
     @property
     def reads(self) -> tuple[str, ...]:
@@ -112,10 +128,11 @@ class Method:
     def trains(self) -> str:
         if not self.slots:
             return "nothing"
-        parts = {}
+        parts: dict[str, list[str]] = {}
         for s in self.slots:
             parts.setdefault(s.adapter, []).append(s.modality)
         return "; ".join(f"{self.adapter_class(Slot(a)).trains}" + (f" ({', '.join(m)})" if any(m) else "")
+                         + (", zeroth-order" if self.trains_zeroth_order(Slot(a)) else "")
                          for a, m in parts.items())
 
     def options(self) -> list[OptionField]:
@@ -168,6 +185,7 @@ class Method:
         return {"name": self.name, "kind": self.kind.value, "access": self.min_access.label,
                 "reads": list(self.reads), "ports": list(self.ports), "lr": self.lr, "trains": self.trains,
                 "recipe": self.recipe, "trained_by": self.trained_by, "doc": self.doc,
+                "zeroth_order": self.zeroth_order,
                 "adapters": [{"adapter": s.adapter, "modality": s.modality or None} for s in self.slots],
                 "options": [o.to_dict() for o in self.options()]}
 
@@ -178,6 +196,9 @@ def _both(adapter: str) -> tuple[Slot, ...]:
 
 _DGA_INPUTS = (Slot("dga-pixel", "image"), Slot("dga-text", "text"))
 _TOWER, _WHITE, _LOGIT = MethodKind.TOWER, MethodKind.WHITEBOX, MethodKind.LOGIT
+_ZO = {"zeroth_order": True}
+_ZO_TRAIN = ("graytune train (zeroth-order: --zo spsa|spsa-gc|zip|mezo, --zo-q, --zo-eps; --max-calls caps the "
+             "forward calls)")
 
 #: Every method, by name. Adapters on towers a backbone lacks are skipped when a model is built.
 METHODS: dict[str, Method] = {m.name: m for m in [
@@ -189,6 +210,13 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            _both("output-mlp")),
     Method("dga", _TOWER, "dark-gray DGA: pixel conv, text shift + extra token, and output adapters", 3e-3,
            (*_DGA_INPUTS, *_both("dga-output"))),
+    Method("dga-zo", _TOWER, "black-box DGA: the pixel conv and the text shift + extra token trained zeroth-order "
+           "from forward calls alone, the output adapters by the client's own backprop", 1e-2,
+           (*_DGA_INPUTS, *_both("dga-output")), defaults={"dga-pixel": _ZO, "dga-text": _ZO},
+           trained_by=_ZO_TRAIN),
+    Method("prompt-zo", _TOWER, "black-box prompt tuning (as BBT, ZIP): prompt tokens inserted into the text "
+           "tower, trained zeroth-order from forward calls alone", 1e-2, (Slot("dga-text", "text"),),
+           defaults={"dga-text": {**_ZO, "shift": False, "extra_tokens": 8}}, trained_by=_ZO_TRAIN),
     Method("lga", _TOWER, "light-gray LGA: DGA plus tokens at the declared entry layers", 3e-3,
            (*_DGA_INPUTS, *_both("lga"), *_both("dga-output"))),
     Method("adalink", _TOWER, "AdaLink on the text token embeddings (a read grant) plus output adapters", 3e-3,

@@ -75,8 +75,11 @@ class Op(str, enum.Enum):
 
 
 def required_level(kind: PortKind, op: Op, with_grad: bool) -> AccessLevel:
-    """The least access level at which ``op`` is allowed at a port of ``kind``.
+    """The least access level at which ``op`` is allowed at a port of ``kind`` (DESIGN.md §1).
 
+    At input ports, ``replace``, ``add`` and ``insert`` with no gradient asked are black-box:
+    they reveal nothing a forward on raw inputs does not (what zeroth-order prompt and
+    input-adapter tuning sends). Gradients start at dark-gray; entry ports at light-gray.
     ``read`` at input and entry ports reveals weights (for token embeddings, the
     embedding-table rows), so it is never implied by a level: the owner grants
     it per port. This function answers the level part of that rule only.
@@ -85,7 +88,7 @@ def required_level(kind: PortKind, op: Op, with_grad: bool) -> AccessLevel:
         return AccessLevel.DARK_GRAY if with_grad else AccessLevel.BLACK_BOX
     if kind is PortKind.ENTRY:
         return AccessLevel.LIGHT_GRAY
-    if op is Op.REPLACE and not with_grad:
+    if op is not Op.READ and not with_grad:
         return AccessLevel.BLACK_BOX
     return AccessLevel.DARK_GRAY
 

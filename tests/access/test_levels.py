@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import httpx
 import pytest
 import torch
 from torch import nn
 
 import graytune
 from graytune import AccessDeniedError, AccessLevel, Op, PortKind
+from graytune.access.wire import pack_call
 from graytune.types import required_level
 from tests.conftest import PACKAGED, sample_inputs
+from tests.serve.conftest import ALICE, minilm, serve  # noqa: F401 - fixtures for the served test
 
 LEVELS = list(AccessLevel)
 
@@ -104,3 +107,56 @@ def test_reads_need_an_explicit_grant() -> None:
     assert granted.exposure.to_dict()["ports"]["text.token_embeds"] == ["read"]
     with pytest.raises(AccessDeniedError, match="light-gray"):
         graytune.open_backbone("minilm", access="dark-gray", reads=["text.layer.2"])
+
+
+def _input_edits(spec) -> list[tuple[Op, str]]:  # type: ignore[no-untyped-def]
+    """Every (add or insert, input port) a spec allows."""
+    return [(op, p.name) for p in spec.ports if p.kind is PortKind.INPUT for op in p.ops if op in (Op.ADD, Op.INSERT)]
+
+
+def test_black_box_adds_and_inserts_at_input_ports_without_gradients(backbone_id: str) -> None:
+    """DESIGN.md §1: what zeroth-order input tuning sends; a gradient there still needs dark-gray."""
+    handle = graytune.open_backbone(backbone_id, access="black-box")
+    edits = _input_edits(handle.spec)
+    if not edits:
+        pytest.skip(f"{backbone_id} has no add/insert input port")
+    for op, name in edits:
+        inputs = sample_inputs(handle.spec)
+        delta = edit_tensor(handle.spec.port(name)).detach()  # no gradient asked
+        plain = handle.forward(inputs)
+        edited = handle.forward(inputs, **{op.value: {name: delta}})
+        assert all(not v.requires_grad for v in edited.values())
+        assert any(not torch.equal(plain[k], edited[k]) for k in edited), f"{op.value} at {name} changed nothing"
+        with torch.no_grad():  # grad mode off: a tensor that requires grad asks for none either
+            handle.forward(inputs, **{op.value: {name: delta.clone().requires_grad_(True)}})
+        with pytest.raises(AccessDeniedError) as err:
+            handle.forward(inputs, **{op.value: {name: delta.clone().requires_grad_(True)}})
+        assert "dark-gray" in str(err.value) and "black-box" in str(err.value)
+    assert handle.exposure.gradient_queries == 0
+    entry = next((p for p in graytune.open_backbone(backbone_id, "white-box").spec.ports if p.kind is PortKind.ENTRY
+                  and Op.ADD in p.ops), None)
+    if entry is not None:  # entry ports stay light-gray, gradient or not
+        dark = graytune.open_backbone(backbone_id, access="dark-gray")
+        with pytest.raises(AccessDeniedError, match="light-gray"):
+            dark.forward(sample_inputs(dark.spec), add={entry.name: edit_tensor(entry).detach()})
+
+
+def test_black_box_input_edits_against_a_server(serve) -> None:  # type: ignore[no-untyped-def]
+    url, app = serve(access="black-box", reads=())
+    remote = graytune.open_backbone(url, access="black-box", api_key=ALICE)
+    local = graytune.open_backbone("minilm", access="black-box")
+    shift, extra = 0.05 * torch.randn(1, 1, 384), 0.05 * torch.randn(1, 2, 384)
+    edits = {"add": {"text.token_embeds": shift}, "insert": {"text.token_embeds": extra}}
+    texts = ["a small cat sleeps.", "rain on the roof!"]
+    got = remote.forward({"text": texts}, **edits)["text.embeds"]
+    torch.testing.assert_close(got, local.forward({"text": texts}, **edits)["text.embeds"], atol=1e-5, rtol=1e-4)
+    with pytest.raises(AccessDeniedError, match="dark-gray"):
+        remote.forward({"text": texts}, add={"text.token_embeds": shift.clone().requires_grad_(True)})
+    # the server checks on its own: a request asking a gradient at the token embeddings gets 403
+    plan = graytune.open_backbone("minilm", access="dark-gray").check(
+        {"text": texts}, add={"text.token_embeds": shift.clone().requires_grad_(True)})
+    answer = httpx.post(f"{url}/v1/forward", content=pack_call(plan, "black-box"),
+                        headers={"Authorization": f"Bearer {ALICE}"}, timeout=30)
+    assert answer.status_code == 403 and "dark-gray" in answer.text
+    stats = remote.stats()
+    assert stats["sessions"] == 0 and stats["grad_rows_used"] == 0 and remote.exposure.gradient_queries == 0

@@ -17,9 +17,12 @@ def test_methods_json_lists_every_method_with_derived_levels(capsys) -> None:  #
     assert set(rows) == set(METHODS)
     assert {n: r["access"] for n, r in rows.items()} == {
         "zero-shot": "black-box", "output": "black-box", "output-mlp": "black-box", "dga": "dark-gray",
+        "dga-zo": "black-box", "prompt-zo": "black-box",
         "lga": "light-gray", "adalink": "dark-gray", "lora": "white-box", "full": "white-box",
         "transmiter": "black-box", "transmiter+": "black-box"}
     assert rows["adalink"]["reads"] == ["text.token_embeds"] and rows["dga"]["reads"] == []
+    assert {n for n, r in rows.items() if r["zeroth_order"]} == {"dga-zo", "prompt-zo"}
+    assert "--zo spsa|spsa-gc|zip|mezo" in rows["dga-zo"]["trained_by"] and "zeroth-order" in rows["dga-zo"]["trains"]
     assert rows["full"]["lr"] == 3e-5 and rows["dga"]["lr"] == 3e-3 and rows["zero-shot"]["lr"] is None
     assert {"key": "rank", "adapter": "lora", "type": "int", "default": 8} .items() <= rows["lora"]["options"][0].items()
     assert main(["methods", "lora"]) == 0

@@ -97,9 +97,20 @@ class Adapter(nn.Module, Declared):
         """Map the tower's ``[B, E]`` embeddings (before normalisation)."""
         return embeds
 
+    @property
+    def zeroth_order(self) -> bool:
+        """Whether it trains from forward calls alone (its tensors then never ask for a gradient)."""
+        return bool(getattr(self.config, "zeroth_order", False))
+
+    @property
+    def needed_access(self) -> AccessLevel:
+        """The level this adapter needs as configured: ``zo_access`` when it trains zeroth-order."""
+        return self.zo_access if self.zeroth_order and self.zo_access is not None else self.min_access
+
     def check_level(self, granted: AccessLevel) -> None:
         """Raise ``AccessDeniedError`` when the handle's level is below what this adapter needs."""
-        require_level(granted, self.min_access, f"adapter {self.name!r} ({self.modality})")
+        how = ", zeroth-order" if self.zeroth_order else ""
+        require_level(granted, self.needed_access, f"adapter {self.name!r} ({self.modality}{how})")
 
 
 def config_from_dict(cls: type, values: Mapping[str, Any], adapter: str) -> Any:

@@ -18,6 +18,9 @@ class Declared:
     """The registry name (= the file name)."""
     min_access: ClassVar[AccessLevel] = AccessLevel.DARK_GRAY
     """The lowest access level it works at."""
+    zo_access: ClassVar[AccessLevel | None] = None
+    """The lowest level at which it trains zeroth-order, from forward calls alone (its config's
+    ``zeroth_order`` option: its tensors then ask the boundary for no gradient); None: it cannot."""
     config_class: ClassVar[type] = object
     """The dataclass of its options (each field documented by the string under it)."""
     port_patterns: ClassVar[tuple[str, ...]] = ()

@@ -1,7 +1,8 @@
 """DGA visual input adapter: size-preserving affine conv layers on the pixels, identity at init.
 
 Port ``image.pixels`` (replace), dark-gray: the client sends its own adapted
-pixels and gets the vector–Jacobian product back.
+pixels and gets the vector–Jacobian product back. With ``zeroth_order`` it asks
+for no gradient and trains from forward calls alone (``graytune train --zo``), at black-box.
 """
 
 from __future__ import annotations
@@ -23,12 +24,16 @@ class DGAPixelConfig:
     """Number of conv layers; no activation between them (the map stays affine)."""
     channels: int = 3
     """Channels between layers (at least 3 so that the identity can pass through)."""
+    zeroth_order: bool = False
+    """Train from forward calls alone (graytune train --zo): its tensors ask the boundary for no gradient,
+    so it runs at black-box (the methods dga-zo and prompt-zo set it)."""
 
 
 @ADAPTERS.register("dga-pixel")
 class DGAPixel(Adapter):
     name = "dga-pixel"
     min_access = AccessLevel.DARK_GRAY
+    zo_access = AccessLevel.BLACK_BOX
     config_class = DGAPixelConfig
     port_patterns = ("{m}.pixels",)
     trains = "affine conv layers on the pixels"
@@ -44,6 +49,7 @@ class DGAPixel(Adapter):
         for conv in self.convs:
             nn.init.dirac_(conv.weight)  # channel i -> channel i: the identity
             nn.init.zeros_(conv.bias)
+        self.requires_grad_(not config.zeroth_order)  # zeroth-order: forward calls only, never a VJP
 
 
     def before(self, request: TowerRequest) -> None:

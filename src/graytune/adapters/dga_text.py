@@ -1,6 +1,8 @@
 """DGA text input adapter: one shift vector added to every real token embedding, plus K extra tokens.
 
-Port ``text.token_embeds`` (add, insert), dark-gray. The shift starts at zero
+Port ``text.token_embeds`` (add, insert), dark-gray; with ``zeroth_order`` its tensors
+ask for no gradient and it trains from forward calls alone, at black-box (``dga-zo``,
+and ``prompt-zo``: extra tokens only, as in black-box prompt tuning). The shift starts at zero
 (the identity); the extra tokens are inserted where the tower's pooling sees
 them (after [CLS] for mean pooling, before the end token for CLIP). Inserting
 a token changes the sequence, so with ``extra_tokens > 0`` the adapter is not
@@ -27,12 +29,16 @@ class DGATextConfig:
     """Number of extra tokens inserted into the sequence (0 for the shift alone)."""
     shift: bool = True
     """Learn the shift vector added to every real token."""
+    zeroth_order: bool = False
+    """Train from forward calls alone (graytune train --zo): its tensors ask the boundary for no gradient,
+    so it runs at black-box (the methods dga-zo and prompt-zo set it)."""
 
 
 @ADAPTERS.register("dga-text")
 class DGAText(Adapter):
     name = "dga-text"
     min_access = AccessLevel.DARK_GRAY
+    zo_access = AccessLevel.BLACK_BOX
     config_class = DGATextConfig
     port_patterns = ("{m}.token_embeds",)
     trains = "a shift added to every token embedding and extra tokens"
@@ -45,6 +51,7 @@ class DGAText(Adapter):
         dim = port_dim(spec, PORT)
         self.shift = nn.Parameter(torch.zeros(1, 1, dim)) if config.shift else None
         self.extra = nn.Parameter(torch.zeros(1, config.extra_tokens, dim)) if config.extra_tokens else None
+        self.requires_grad_(not config.zeroth_order)  # zeroth-order: forward calls only, never a VJP
 
 
     def before(self, request: TowerRequest) -> None:

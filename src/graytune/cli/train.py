@@ -53,7 +53,8 @@ def _transmiter_plus(args: argparse.Namespace) -> int:
     if not args.adapter:
         raise InvalidInputError("--method transmiter+ needs --adapter: the folder written by graytune transfer")
     given = given_train_fields(args)
-    refused = [f"--{k.replace('_', '-')}" for k in ("grad_accum", "eval_every", "patience") if k in given]
+    refused = [f"--{k.replace('_', '-')}" for k in ("grad_accum", "eval_every", "patience", "max_calls", "zo", "zo_q",
+                                                    "zo_eps", "zo_dim", "zo_momentum") if k in given]
     refused += [flag for flag, value in (("--option", args.option), ("--task", args.task), ("--train", args.train),
                                          ("--val", args.val), ("--test", args.test)) if value]
     refused += [flag for flag, value in (("--workers", args.workers), ("--cache-mb", args.cache_mb),

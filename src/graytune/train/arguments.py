@@ -23,6 +23,7 @@ from graytune.errors import InvalidInputError, MissingDependencyError
 from graytune.methods import METHODS, get_method
 from graytune.train.recipe import RunSpec
 from graytune.train.trainer import LIMITS, TrainConfig, checkpoint_cadence, limit_problem
+from graytune.train.zeroth import ZO_FIELDS, settings_problems
 from graytune.types import AccessLevel
 
 #: Methods ``graytune train`` makes (TransMiter itself is made by ``graytune extract`` + ``transfer``).
@@ -66,7 +67,14 @@ def _field_type(name: str) -> Any:
             return text
 
         return cadence
-    kind = float if name in ("lr", "weight_decay", "warmup") else int
+    if name == "zo":
+        def estimator(text: str) -> str:
+            if problems := settings_problems(text, None, None):
+                raise argparse.ArgumentTypeError(problems[0])
+            return text
+
+        return estimator
+    kind = float if name in ("lr", "weight_decay", "warmup", "zo_eps", "zo_momentum") else int
 
     def parse(text: str) -> Any:
         return _checked(text, kind, lambda v: limit_problem(name, v))
@@ -169,8 +177,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     docs = field_docs(TrainConfig)
     for f in fields(TrainConfig):
         default = "the method's (graytune methods)" if f.name == "lr" else f.default
+        shown = "" if f.name in ZO_FIELDS else f" (default: {default})"  # their docs say the estimator's defaults
         p.add_argument("--" + f.name.replace("_", "-"), type=_field_type(f.name), default=None,
-                       help=f"{docs.get(f.name, '')} (default: {default})")
+                       help=f"{docs.get(f.name, '')}{shown}")
     add_placement_arguments(p)
     p.add_argument("--retry-s", type=non_negative_float, default=None,
                    help="with an http:// backbone: keep retrying a server that is down or restarting for this "
@@ -199,7 +208,14 @@ def run_spec(args: argparse.Namespace) -> RunSpec:
     if args.shots is not None and method.recipe != "plus":
         raise InvalidInputError(f"--shots is for --method transmiter+; --method {args.method} trains on the whole "
                                 "training split")
-    method.resolve_options(options)  # every bad option reported now, with the allowed ones
+    resolved = method.resolve_options(options)  # every bad option reported now, with the allowed ones
+    zo_flags = [f"--{name.replace('_', '-')}" for name in ZO_FIELDS if getattr(args, name) is not None]
+    if zo_flags and not any(o.get("zeroth_order") for o in resolved.values()):
+        raise InvalidInputError(f"{', '.join(zo_flags)} set zeroth-order training; --method {args.method} trains "
+                                "no adapter zeroth-order: use --method dga-zo or prompt-zo (graytune methods marks "
+                                "them), or drop those flags")
+    if args.max_calls is not None and not method.slots:
+        raise InvalidInputError(f"--max-calls caps training calls; --method {args.method} trains nothing")
     if args.log == "tensorboard":
         import importlib.util
 

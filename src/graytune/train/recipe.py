@@ -26,7 +26,8 @@ from graytune.errors import ArtifactError, InvalidInputError
 from graytune.methods import MethodKind, get_method
 from graytune.model import AdaptedModel
 from graytune.train.tasks import ClassificationTask, RetrievalTask, SketchRetrievalTask, Task
-from graytune.train.trainer import TrainConfig, fit, seed_everything, world_position
+from graytune.train.trainer import TrainConfig, counted, fit, seed_everything, world_position, zeroth_order_for
+from graytune.train.zeroth import zo_parameters
 from graytune.types import AccessLevel
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,23 @@ def warm_start(run: RunSpec, handle: Handle) -> AdaptedModel:
     return model
 
 
+def resolved(train: TrainConfig, method_lr: float | None, model: AdaptedModel) -> TrainConfig:
+    """``train`` with what it leaves to defaults filled in, as the artifact records it: the method's learning
+    rate and, for a model with zeroth-order adapters, the estimator's settings.
+
+    Raises:
+        InvalidInputError: zeroth-order settings for a model without zeroth-order adapters.
+    """
+    config = replace(train, lr=train.lr if train.lr is not None else method_lr or 0.0)
+    zo = zeroth_order_for(model, config)
+    return replace(config, **zo.settings.fields()) if zo is not None else config
+
+
+def tuned_parameters(model: AdaptedModel) -> int:
+    """Numbers training changes: those with gradients and those trained zeroth-order."""
+    return model.trainable_parameters() + sum(p.numel() for p in zo_parameters(model).values())
+
+
 def train_and_save(run: RunSpec, progress: bool = True) -> dict[str, Any]:
     """Train, select on val, evaluate once on test; save to ``run.out`` when given. Returns a summary."""
     return train_model(run, progress)[0]
@@ -157,26 +175,33 @@ def train_model(run: RunSpec, progress: bool = True) -> tuple[dict[str, Any], Ad
     task = make_task(splits, handle, run.image_size, loader=run.loader)
     model = warm_start(run, handle) if run.adapter else AdaptedModel.build(handle, run.method, run.options)
     model = place_model(model, run.device)
-    config = replace(run.train, lr=run.train.lr if run.train.lr is not None else method.lr or 0.0)
+    config = resolved(run.train, method.lr, model)
     result = None
     ckpt = Path(run.out) / "checkpoint.pt" if run.out else None
     if method.slots:
         result = fit(model, task, splits.val, config, checkpoint=ckpt, progress=progress, tensorboard=run.tensorboard)
     start = time.perf_counter()
-    test = task.evaluate(model, splits.test) if splits.test is not None and rank == 0 else {}
+    calls = dict(result.calls) if result else {}
+    calls.pop("step", None)
+    calls.update(test=0, test_samples=0)
+    with counted(model, calls, "test"):
+        test = task.evaluate(model, splits.test) if splits.test is not None and rank == 0 else {}
     summary = {
         "backbone": handle.spec.id, "access": handle.access.label, "method": run.method, "data": run.data,
-        "task": splits.task, "trainable_parameters": model.trainable_parameters() if result else 0,
+        "task": splits.task, "trainable_parameters": tuned_parameters(model) if result else 0,
         "steps": result.steps if result else 0, "best_val": result.best_metric if result else None,
         "train_seconds": result.seconds if result else 0.0, "step_seconds": result.step_seconds if result else 0.0,
         "test_seconds": time.perf_counter() - start, "test": test, "history": result.history if result else [],
         "lr": config.lr, "options": model.adapter_options(),
         "best_step": result.best_step if result else 0, "data_note": splits.note, "world_size": world,
+        "calls": calls, "stopped": result.stopped if result else None,
+        "zeroth_order": {k: v for k, v in asdict(config).items() if k.startswith("zo")} if config.zo else None,
     }
     if run.out and rank == 0:
         save_adapter(model, run.out, extra={"train": asdict(config), **describe(splits, task, run.data),
                                             "warm_start": run.adapter, "best_step": summary["best_step"],
-                                            "metrics": {"test": test}})
+                                            "metrics": {"test": test}, "calls": calls,
+                                            "trainable_parameters": tuned_parameters(model)})
         if ckpt is not None:
             ckpt.unlink(missing_ok=True)  # the run is finished; history.jsonl stays beside the adapter
     return summary, model
