@@ -38,7 +38,7 @@ def _shortened(tokens: dict[str, torch.Tensor], keep: int) -> dict[str, torch.Te
 def test_a_full_caption_is_cut_before_its_end_token_instead_of_crashing(clip, caplog) -> None:  # type: ignore[no-untyped-def]
     tokens = clip.tokenize([FULL])
     assert tokens["text.input_ids"].shape == (1, 32)
-    with caplog.at_level(logging.INFO, logger="graytune.access.checks"):
+    with caplog.at_level(logging.DEBUG, logger="graytune.access.checks"):
         z = clip.encode_text([FULL], insert={"text.token_embeds": _extra()})
     assert "1 of 1 texts cut just before their end token to 29 tokens" in caplog.text
     reference = clip.encode_text(_shortened(tokens, 32 - K), insert={"text.token_embeds": _extra()})

@@ -18,6 +18,7 @@ from graytune.types import AccessLevel, BackboneSpec, Exposure, Op, PortKind, Po
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor
 _DTYPES = {"float32": torch.float32, "int64": torch.int64}
+_TOLD_CUT: set[tuple[str, str]] = set()  # (backbone id, modality) whose cut texts were logged at INFO once
 
 
 def port_for(spec: BackboneSpec, name: str, op: Op, level: AccessLevel, with_grad: bool,
@@ -150,8 +151,12 @@ def reserve_for_inserts(spec: BackboneSpec, inputs: dict[str, Tensor], add: Mapp
                 f"at {prefix}.token_embeds, so the per-position add at {', '.join(per_position)} no longer lines "
                 f"up; send texts of at most {room} tokens, or deltas of shape [B or 1, 1, D]"
             )
-        log.info("%s: %d of %d texts cut just before their end token to %d tokens, making room for %d inserted "
-                 "tokens in %d positions", spec.id, len(cut_rows), len(ids), room, inserted, limit)
+        first_time = (spec.id, prefix) not in _TOLD_CUT
+        _TOLD_CUT.add((spec.id, prefix))
+        log.log(logging.INFO if first_time else logging.DEBUG,
+                "%s: %d of %d texts cut just before their end token to %d tokens, making room for %d inserted "
+                "tokens in %d positions (spec.preprocess[%r]['long_texts'])", spec.id, len(cut_rows), len(ids),
+                room, inserted, limit, prefix)
     j = torch.arange(room, device=ids.device).unsqueeze(0)  # [1, room]
     src = torch.where(j < start.unsqueeze(1), j, j + cut.unsqueeze(1))  # [B, room] source column of each kept one
     inputs[ids_key], inputs[mask_key] = ids.gather(1, src), mask.gather(1, src)
@@ -202,7 +207,8 @@ def plan_call(spec: BackboneSpec, level: AccessLevel, grants: Collection[str], e
 
     The in-process handle, the remote client and the server all call this, so the
     same request gets the same answer wherever the boundary runs. Under ``torch.no_grad()``
-    no client tensor asks for a gradient, so the backbone keeps no graph.
+    no client tensor asks for a gradient, so the backbone keeps no graph. Texts too long to
+    hold the tokens inserted at ``<modality>.token_embeds`` are cut (``reserve_for_inserts``).
     """
     grad_mode = torch.is_grad_enabled()
     inputs: dict[str, Tensor] = {}
@@ -223,7 +229,7 @@ def plan_call(spec: BackboneSpec, level: AccessLevel, grants: Collection[str], e
     slots = [("inputs", n) for n, t in inputs.items() if t.requires_grad and grad_mode]
     for op, group in ((Op.ADD, add), (Op.INSERT, insert)):
         for name, value in group.items():
-            port = port_for(spec, name, op, level, True)
+            port = port_for(spec, name, op, level, isinstance(value, Tensor) and value.requires_grad and grad_mode)
             check_tensor(port, value, op, batch)
             if not any(k.startswith(port.modality + ".") for k in inputs):
                 raise InvalidInputError(f"{op.value} at {name}: no {port.modality} input was sent")

@@ -123,10 +123,10 @@ class HFSiglip:
                    f"Hugging Face SiglipModel from {source}.", came_from)
 
     def _mask_rule(self) -> str:
-        if self.tokenizer is not None and "attention_mask" not in getattr(self.tokenizer, "model_input_names", ()):
-            return ("all ones: padding is attended, as SigLIP was trained (the tokenizer returns no mask); "
-                    "a 0 hides a position from attention")
-        return "the tokenizer's: 0 at padding hides it from attention (the last position is still pooled)"
+        if self.tokenizer is not None and "attention_mask" in getattr(self.tokenizer, "model_input_names", ()):
+            return "the tokenizer's: 0 at padding hides it from attention (the last position is still pooled)"
+        return ("all ones: padding is attended, as SigLIP was trained (the tokenizer returns no mask); "
+                "a 0 hides a position from attention")
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
         if self.tokenizer is None:
