@@ -80,5 +80,7 @@ def test_unknown_names_and_misplaced_flags_are_refused(capsys: pytest.CaptureFix
         clip_scale.run(["clip-vit-b16"], methods=["dga"], device="cpu", progress=False, isolate=False)
     with pytest.raises(InvalidInputError, match="logits"):
         clip_scale.check_methods(["transmiter"])
+    with pytest.raises(InvalidInputError, match="zeroth-order"):
+        clip_scale.check_methods(["dga-zo"])
     assert main(["bench", "--batch", "4"]) == 2
     assert "--arch" in capsys.readouterr().err

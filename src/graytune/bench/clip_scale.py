@@ -297,13 +297,16 @@ def plan_cells(archs: Sequence[str], batches: Sequence[int], dtypes: Sequence[st
 
 
 def check_methods(methods: Sequence[str]) -> None:
-    """``InvalidInputError`` for a method that is not adapters around a handle or a white-box baseline."""
+    """``InvalidInputError`` for a method whose training is not one AdamW step on a backward pass."""
     for name in methods:
         if name == NATIVE:
             continue
-        if get_method(name).kind is MethodKind.LOGIT:
-            raise InvalidInputError(f"method {name!r} adapts logits without a gradient through the backbone; "
-                                    f"the CLIP-scale table measures {', '.join(METHODS)} (and others of their kinds)")
+        method = get_method(name)
+        why = ("adapts logits without a gradient through the backbone" if method.kind is MethodKind.LOGIT else
+               "trains from forward calls alone (zeroth-order)" if getattr(method, "zeroth_order", False) else "")
+        if why:
+            raise InvalidInputError(f"method {name!r} {why}, not by one AdamW step on a backward pass; the "
+                                    f"CLIP-scale table measures {', '.join(METHODS)} and others trained that way")
 
 
 def run(archs: Sequence[str], batches: Sequence[int] = (4,), dtypes: Sequence[str] = ("fp32", "bf16"),
