@@ -19,3 +19,12 @@ for r in range(14):
     for k, f in order:
         t = time.perf_counter(); f(); times[k].append(time.perf_counter() - t)
 for k, v in times.items(): print(k, round(statistics.median(v), 4))
+
+# the boundary's finiteness check of the pixels, the old way and the one it uses now
+from graytune.access.checks import all_finite
+def per_call(f, n=50):
+    f(); t = time.perf_counter()
+    for _ in range(n): f()
+    return (time.perf_counter() - t) / n
+print("isfinite(x).all() ms", round(1e3 * per_call(lambda: bool(torch.isfinite(x).all())), 2),
+      "all_finite(x) ms", round(1e3 * per_call(lambda: all_finite(x)), 2))

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from graytune.access.checks import CallPlan
+from graytune.access.checks import CallPlan, all_finite
 from graytune.backbones.base import Backbone, recomputing
 from graytune.devices import dtype_name
 from graytune.errors import GraytuneError, InvalidInputError, NumericalError
@@ -149,7 +149,7 @@ class BoundaryCall:
         """In half precision, values that overflowed are the owner's precision, not the client's input."""
         if self.dtype == torch.float32:
             return
-        bad = [name for name, v in values.items() if v is not None and not bool(torch.isfinite(v).all())]
+        bad = [name for name, v in values.items() if v is not None and not all_finite(v)]
         if bad:
             raise NumericalError(
                 f"the backbone's {where} in {dtype_name(self.dtype)} gave NaN or infinite values at "
@@ -165,7 +165,7 @@ class BoundaryCall:
             if g.dtype != torch.float32 or (name in shapes and list(g.shape) != shapes[name]):
                 raise InvalidInputError(f"the gradient for {name} has shape {list(g.shape)} ({g.dtype}); "
                                         f"the output has shape {shapes.get(name)} (float32)")
-            if not bool(torch.isfinite(g).all()):
+            if not all_finite(g):
                 raise InvalidInputError(f"the gradient sent back to {name} has NaN or infinite values")
 
     def vjp(self, grads: Sequence[Tensor | None]) -> tuple[Tensor | None, ...]:
@@ -176,7 +176,7 @@ class BoundaryCall:
         self._graph = None
         self.nbytes = 0
         for name, g in zip(self.plan.outputs, grads):
-            if g is not None and not bool(torch.isfinite(g).all()):
+            if g is not None and not all_finite(g):
                 raise InvalidInputError(f"the gradient sent back to {name} has NaN or infinite values")
         pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
         self.exposure.gradient_queries += 1
