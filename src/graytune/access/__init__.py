@@ -34,7 +34,8 @@ def open_backbone(
 
     Args:
         backbone_id: ``minilm``, ``efficientnet-lite0``, ``efficientnet-lite1``,
-            ``bridge:efficientnet-lite0+minilm``, ``hf-clip:<dir or hub id>``, or the
+            ``bridge:efficientnet-lite0+minilm``, ``hf-clip:``/``hf-siglip:``/``hf-text:``/``hf-vision:``
+            followed by a folder or hub id, ``arch:clip-vit-b-16`` (random weights, for benchmarks), or the
             ``http://host:port`` of a ``graytune serve`` (a ``RemoteHandle``).
         access: ``black-box``, ``dark-gray`` (default), ``light-gray`` or ``white-box``.
         reads: input or entry ports whose values the owner lets the client read
