@@ -23,7 +23,7 @@ NON_DEFAULT = {
     "output-mlp": {"reduction": "2", "mix": "0.5"},
     "dga": {"kernel": "5", "depth": "2", "channels": "4", "extra_tokens": "2", "bias": "false"},
     "dga-zo": {"kernel": "5", "extra_tokens": "3", "shift": "false", "bias": "false"},
-    "prompt-zo": {"extra_tokens": "4", "shift": "true"},
+    "prompt-zo": {"extra_tokens": "2", "shift": "true"},
     "lga": {"layers": "1", "tokens": "2", "extra_tokens": "0", "shift": "false"},
     "adalink": {"rank": "3", "dga-output.bias": "false"},
     "lora": {"rank": "4", "alpha": "8", "targets": "q_proj,k_proj"},

@@ -211,12 +211,12 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("dga", _TOWER, "dark-gray DGA: pixel conv, text shift + extra token, and output adapters", 3e-3,
            (*_DGA_INPUTS, *_both("dga-output"))),
     Method("dga-zo", _TOWER, "black-box DGA: the pixel conv and the text shift + extra token trained zeroth-order "
-           "from forward calls alone, the output adapters by the client's own backprop", 1e-2,
+           "from forward calls alone, the output adapters by the client's own backprop", 1e-3,
            (*_DGA_INPUTS, *_both("dga-output")), defaults={"dga-pixel": _ZO, "dga-text": _ZO},
            trained_by=_ZO_TRAIN),
     Method("prompt-zo", _TOWER, "black-box prompt tuning (as BBT, ZIP): prompt tokens inserted into the text "
-           "tower, trained zeroth-order from forward calls alone", 1e-2, (Slot("dga-text", "text"),),
-           defaults={"dga-text": {**_ZO, "shift": False, "extra_tokens": 8}}, trained_by=_ZO_TRAIN),
+           "tower, trained zeroth-order from forward calls alone", 3e-3, (Slot("dga-text", "text"),),
+           defaults={"dga-text": {**_ZO, "shift": False, "extra_tokens": 4}}, trained_by=_ZO_TRAIN),
     Method("lga", _TOWER, "light-gray LGA: DGA plus tokens at the declared entry layers", 3e-3,
            (*_DGA_INPUTS, *_both("lga"), *_both("dga-output"))),
     Method("adalink", _TOWER, "AdaLink on the text token embeddings (a read grant) plus output adapters", 3e-3,

@@ -38,6 +38,11 @@ def run(args: argparse.Namespace) -> int:
               "parameters")
         for key, value in as_percent(summary["test"]).items():
             print(f"  test {label(key):<34} {value:8.2f}")
+        calls = summary["calls"]
+        if calls.get("train"):
+            print(f"  forward calls: {calls['train']} training ({calls['train_samples']} samples), {calls['val']} "
+                  f"validation, {calls['test']} test" + ("; stopped at --max-calls" if summary["stopped"] == "max_calls"
+                                                         else ""))
         print(f"saved to {args.out}")
     return 0
 
