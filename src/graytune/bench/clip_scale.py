@@ -141,7 +141,7 @@ def measure_cell(cell: Cell) -> dict[str, Any]:
     device = parse_device(cell.device)
     step, trainable = build_step(cell)
     row: dict[str, Any] = {"trainable": trainable, **_first_step_memory(step, device)}
-    for _ in range(cell.warmup):
+    for _ in range(cell.warmup if cell.steps else 0):  # warm-up only before timed steps
         step()
     times = [_timed(step, device) for _ in range(cell.steps)]
     row.update(time_s=statistics.median(times) if times else None, times_s=times)
@@ -348,6 +348,7 @@ def run(archs: Sequence[str], batches: Sequence[int] = (4,), dtypes: Sequence[st
         for t in tqdm(tables, desc="interleaved native/dga/recomputed", unit="table", disable=not progress):
             t["interleaved"] = _measure("interleaved", {"arch": t["arch"], "batch": t["batch"], "dtype": t["dtype"],
                                                         "device": str(where), "rounds": interleaved_rounds}, isolate)
+            log.info("interleaved %s batch %d %s: %s", t["arch"], t["batch"], t["dtype"], t["interleaved"])
     results: dict[str, Any] = {
         "machine": {**info, "load_avg_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
         "settings": {"batches": list(batches), "dtypes": dtypes, "methods": list(methods), "steps": steps,
@@ -480,7 +481,7 @@ def format_report(results: dict[str, Any]) -> str:
         f"; 1-min load average {m['load_avg'][0]:.1f} at the start, {m['load_avg_end'][0]:.1f} at the end"
     lines = [f"{where}; torch {m['torch']}, python {m['python']}; measured {m['date']}{load}",
              f"workload: {s['workload']}; memory = first step, "
-             + (f"time = median of {s['steps']} steps after {s['warmup']} more" if s["steps"] else
+             + (f"time = median of {s['steps']} timed step(s) after it and {s['warmup']} more" if s["steps"] else
                 "time not measured (--steps 0)"), ""]
     head = (f"{'method':<10}{'recompute':>10}{'trainable':>12}{'step peak MB':>14}{'total MB':>10}"
             f"{'/full':>7}{'/native':>8}{'peak/nat':>9}{'step s':>9}{'/full':>7}{'/native':>8}")
