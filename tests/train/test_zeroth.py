@@ -94,6 +94,10 @@ def test_gradient_correction_and_clipping_follow_blackvip_and_zip() -> None:
     gc.pending = first.clone()
     gc.write_grads()
     torch.testing.assert_close(theta.grad, first + 0.5 * first)  # m = ĝ at the first step; ĝ + βm stepped
+    gc.after_step()
+    gc.pending = torch.full((3,), 7.0)
+    gc.write_grads()
+    gc.discard()  # a step cut short leaves the momentum as it was
     gc.pending = second.clone()
     gc.write_grads()
     torch.testing.assert_close(theta.grad, second + 0.5 * (0.5 * first + second))

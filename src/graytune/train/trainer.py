@@ -238,6 +238,8 @@ def fit(model: AdaptedModel, task: Task, val_data: Any, config: TrainConfig,
     bar = tqdm(total=config.max_steps, initial=state["step"], desc=f"train {model.method}", unit="step",
                disable=not progress or rank != 0)
     stop, rng, last_loss = not _affordable(config, state["calls"]), torch.get_rng_state(), 0.0
+    if stop:  # a resumed run whose budget is spent
+        state["stopped"] = "max_calls"
     try:
         while state["step"] < config.max_steps and not stop:
             for group in _epoch_groups(task, config, state):

@@ -141,7 +141,8 @@ class ZerothOrder:
         self.sizes = [p.numel() for p in self.params]
         self.device = self.params[0].device
         self.pending: Tensor | None = None  # [n] the step's estimate so far, in the space stepped
-        self.momentum: Tensor | None = None  # spsa-gc's m
+        self.momentum: Tensor | None = None  # spsa-gc's m, as of the last step taken
+        self._next_momentum: Tensor | None = None  # m once the step being taken is taken
         self.z: Tensor | None = None
         if settings.estimator == "zip":
             k = int(settings.dim or 1)
@@ -198,8 +199,8 @@ class ZerothOrder:
             return
         if self.settings.estimator == "spsa-gc":
             beta = float(self.settings.momentum or 0.0)
-            self.momentum = g.clone() if self.momentum is None else beta * self.momentum + g
-            g = g + beta * self.momentum
+            self._next_momentum = g.clone() if self.momentum is None else beta * self.momentum + g
+            g = g + beta * self._next_momentum
         if self.z is not None:
             limit = math.sqrt(self.z.numel())
             norm = float(g.norm())
@@ -212,10 +213,12 @@ class ZerothOrder:
 
     def discard(self) -> None:
         """Forget a step's estimate that will not be stepped (the step was cut short)."""
-        self.pending = None
+        self.pending = self._next_momentum = None
 
     def after_step(self) -> None:
-        """``zip``: θ = θ₀ + P z after the optimizer moved z."""
+        """The step was taken: spsa-gc keeps its new momentum; ``zip`` sets θ = θ₀ + P z from the moved z."""
+        if self._next_momentum is not None:
+            self.momentum, self._next_momentum = self._next_momentum, None
         if self.z is not None:
             self._put([self.theta0], self.projection @ self.z, flat=True)
 
@@ -228,6 +231,7 @@ class ZerothOrder:
             with torch.no_grad():
                 self.z.copy_(state["z"])
             self.theta0 = state["theta0"].to(self.device)
+            self._put([self.theta0], self.projection @ self.z, flat=True)  # θ follows z
 
     def _flat(self) -> Tensor:
         return torch.cat([p.detach().reshape(-1) for p in self.params])
