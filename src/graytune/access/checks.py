@@ -37,7 +37,7 @@ def port_for(spec: BackboneSpec, name: str, op: Op, level: AccessLevel, with_gra
         raise InvalidInputError(f"{op.value} is not possible at port {name} (it allows: {allowed})")
     needed = required_level(port.kind, op, with_grad)
     if level < needed:
-        what = f"{op.value} at {name}" + (" with gradients" if with_grad and op is Op.REPLACE else "")
+        what = f"{op.value} at {name}" + (" with gradients" if with_grad and op is not Op.READ else "")
         raise AccessDeniedError(what, needed.label, level.label,
                                 "ask the owner for a handle at that level, or adapt only the outputs")
     if op is Op.READ and port.kind is not PortKind.OUTPUT and name not in grants:
