@@ -58,6 +58,17 @@ def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_loader_ids(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """``hf-siglip:``, ``hf-text:`` (MPNet) and ``hf-vision:`` (DINOv2) ids of tiny random models saved here."""
+    from tests.backbones.tiny_siglip import build_tiny_siglip
+    from tests.backbones.tiny_text_vision import build_tiny_dinov2, build_tiny_mpnet
+
+    return {"hf-siglip": f"hf-siglip:{build_tiny_siglip(tmp_path_factory.mktemp('tiny-siglip'))}",
+            "hf-text": f"hf-text:{build_tiny_mpnet(tmp_path_factory.mktemp('tiny-mpnet'))}",
+            "hf-vision": f"hf-vision:{build_tiny_dinov2(tmp_path_factory.mktemp('tiny-dinov2'))}"}
+
+
+@pytest.fixture(scope="session")
 def all_backbone_ids(tiny_clip_dir: Path) -> list[str]:
     return [*PACKAGED, f"hf-clip:{tiny_clip_dir}"]
 
