@@ -242,7 +242,7 @@ def _in_fresh_process(kind: str, payload: dict[str, Any]) -> dict[str, Any]:
 
 def weights(arch: str) -> dict[str, Any]:
     """The backbone's parameter count, image size, and the bytes of one copy of its state per dtype name (MB)."""
-    handle = open_backbone(f"arch:{arch}", "white-box")
+    handle = open_backbone(f"arch:{arch}", "white-box", device="cpu")  # counted here; measured in the cells
     module = handle.module()
     state = module.state_dict().values()
     floating = sum(t.numel() for t in state if t.is_floating_point())
@@ -290,8 +290,8 @@ def plan_cells(archs: Sequence[str], batches: Sequence[int], dtypes: Sequence[st
             for dtype in dtypes:
                 for method in wanted:
                     settings = [False] if method in (*NO_BACKBONE_GRADIENT, NATIVE) else recompute
-                    if method == "full" and "full" not in methods:
-                        settings = [False]
+                    if method == "full":  # the reference, off always; on as well when asked for
+                        settings = [False, *([True] if True in recompute and "full" in methods else [])]
                     cells += [Cell(arch, method, dtype, on, batch, device, steps, warmup) for on in settings]
     return cells
 
