@@ -5,7 +5,7 @@ STAMP := $(VENV)/.graytune-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test test-slow test-scale test-faults test-gpu bench setup data clean
+.PHONY: demo test test-slow test-scale test-faults test-gpu bench bench-clip setup data clean
 
 $(STAMP): pyproject.toml constraints.txt scripts/setup.sh
 	bash scripts/setup.sh
@@ -38,6 +38,10 @@ test-scale: setup  ## distributed engines: Ray Serve replicas and 2-process gloo
 
 bench: setup  ## ratios measured side by side; numbers committed in docs/benchmarks.md
 	$(VENV)/bin/graytune bench
+	$(VENV)/bin/graytune bench --arch clip-vit-b-16 --methods output,dga,lora --steps 2
+
+bench-clip: setup  ## every method at CLIP ViT-B/16 and ViT-L/14, fp32 and bf16, recomputation off and on (long on a CPU)
+	$(VENV)/bin/graytune bench --arch clip-vit-b-16,clip-vit-l-14
 
 clean:
 	rm -rf $(VENV) .pytest_cache .import_linter_cache
