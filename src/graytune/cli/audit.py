@@ -1,0 +1,109 @@
+"""``graytune audit BACKBONE --access LEVEL... --budget CALLS``: what a client at each level could extract."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from dataclasses import fields
+
+from graytune.config import field_docs
+
+LEVELS = ("black-box", "dark-gray", "light-gray")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from graytune.audit.config import MAX_BUDGET, AuditConfig
+
+    p = sub.add_parser(
+        "audit", help="run the extraction attacks a client at each access level could run, within a call budget",
+        description="Attacks a backbone as a client at each level would, within --budget boundary calls per attack "
+                    "(a batched forward is one call, a VJP one more): a surrogate distilled from outputs (and VJPs "
+                    "from dark-gray up), the token-embedding geometry probe and exact rows under a read grant (text), "
+                    "and the duplicate-row Jacobian. Writes audit.json and audit.png (fidelity against calls per "
+                    "level) with a recommended quota per level. BACKBONE may be a graytune serve URL "
+                    "(http://HOST:PORT, key in $GRAYTUNE_API_KEY).")
+    p.add_argument("backbone", help="backbone id (minilm, hf-clip:DIR, ...) or http://HOST:PORT of graytune serve")
+    docs = field_docs(AuditConfig)
+    for f in fields(AuditConfig):
+        if f.name == "levels":
+            p.add_argument("--access", dest="levels", nargs="+", required=True, choices=LEVELS, metavar="LEVEL",
+                           help=docs[f.name])
+        elif f.name == "budget":
+            p.add_argument("--budget", type=int, required=True, metavar="CALLS",
+                           help=f"{docs[f.name]} At most {MAX_BUDGET:,}.")
+        elif f.name == "reads":
+            p.add_argument("--reads", nargs="*", default=(), metavar="PORT", help=docs[f.name])
+        elif f.name == "modality":
+            p.add_argument("--modality", default=f.default, choices=("auto", "text", "image"), help=docs[f.name])
+        else:
+            p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                           help=f"{docs[f.name]} (default: {f.default})")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="folder for audit.json and audit.png (default: audit-BACKBONE in the current folder)")
+    p.add_argument("--overwrite", action="store_true", help="replace audit.json and audit.png in --out")
+    p.add_argument("--json", action="store_true", help="print the whole report as one JSON object")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from graytune.audit import AuditConfig, run_audit
+    from graytune.audit.report import FIGURE_FILE, JSON_FILE
+    from graytune.errors import InvalidInputError
+
+    config = AuditConfig(**{f.name: tuple(v) if isinstance(v := getattr(args, f.name), list) else v
+                            for f in fields(AuditConfig)})
+    config.check()  # every problem at once, before a backbone loads
+    out = Path(args.out or "audit-" + re.sub(r"[^A-Za-z0-9._+-]+", "-", args.backbone).strip("-"))
+    taken = [str(out / name) for name in (JSON_FILE, FIGURE_FILE) if (out / name).exists()]
+    if taken and not args.overwrite:
+        raise InvalidInputError(f"{', '.join(taken)} exist; choose another --out or pass --overwrite")
+    report = run_audit(args.backbone, config, progress=not args.no_progress)
+    paths = report.write(out, overwrite=True)
+    if args.json:
+        print(json.dumps({**report.data, "files": {k: str(v) for k, v in paths.items()}}))
+        return 0
+    _summary(report.data)
+    print(f"wrote {paths['json']} and {paths['figure']}")
+    return 0
+
+
+def _summary(data: dict) -> None:
+    ref = data["reference"]
+    print(f"audit of {data['backbone']} ({data['modality']} tower, {data['rows_per_call']} rows per call, budget "
+          f"{data['budget']:,} calls per attack); the backbone's linear probe on {data['data']['name']}: "
+          f"{100 * ref['probe_accuracy']:.1f} %")
+    for name, level in data["levels"].items():
+        last = level["extraction"]["checkpoints"][-1]
+        print(f"{name}:")
+        print(f"  surrogate after {last['calls']:,} calls ({last['samples']:,} samples, {last['grad_rows']:,} gradient "
+              f"rows): probe {100 * last['probe_ratio']:.0f} % of the backbone's, agreement "
+              f"{100 * last['agreement']:.0f} %, held-out cosine {last['cosine']:.3f}, explained variance "
+              f"{last['explained_variance']:.3f}")
+        if level["extraction"].get("stopped"):
+            print(f"  stopped early: {level['extraction']['stopped']}")
+        quota = level["recommended_quota"]
+        if isinstance(quota.get("quota"), dict):
+            q = quota["quota"]
+            origin = f" (set by the {quota['from_level']} attack)" if quota.get("from_level") else ""
+            print(f"  recommended quota{origin}: {q['calls']:,} calls, {q['samples']:,} samples, {q['grad_rows']:,} "
+                  f"gradient rows; 90 % reached within {quota['calls_to_90']['at_most']:,} calls")
+        else:
+            print(f"  recommended quota: {quota['quota']} ({quota.get('note', '')})")
+        dup = level.get("duplicate_rows", {})
+        if dup.get("status") in ("recovered", "partial"):
+            print(f"  duplicate rows: {dup['compression']} (finite-difference error {dup['finite_difference_error']})")
+        elif dup:
+            print(f"  duplicate rows: {dup['status']} ({dup.get('reason') or dup.get('stopped')})")
+        geometry = level.get("embedding_geometry", {})
+        if "pairwise_cosine_correlation" in geometry:
+            print(f"  token-embedding geometry of {geometry['tokens']} tokens in {geometry['spent']['calls']} calls: "
+                  f"pairwise-cosine correlation {geometry['pairwise_cosine_correlation']:.2f}, row error "
+                  f"{geometry['row_error']:.2f}")
+        rows = level.get("exact_rows")
+        if rows:
+            print(f"  read grant: {rows['rows_read']:,} of {rows['vocab']:,} embedding rows in "
+                  f"{rows['spent']['calls']} calls (exact: the grant hands them over)")

@@ -1,0 +1,68 @@
+"""The token-table attacks and the duplicate-row Jacobian, in process and against graytune serve."""
+
+from __future__ import annotations
+
+import pytest
+
+import graytune
+from graytune.audit import AuditConfig, run_audit
+from tests.audit.conftest import KEY
+
+CONFIG = dict(rows=8, modality="text", probe_train=50, probe_test=50, steps_per_call=1, geometry_calls=15,
+              geometry_tokens=8)
+
+
+@pytest.fixture(scope="module")
+def text_report(tiny_clip, text_data) -> dict:  # type: ignore[type-arg]
+    config = AuditConfig(levels=("black-box", "dark-gray"), budget=15, reads=("text.token_embeds",), **CONFIG)
+    return run_audit(tiny_clip, config, data=text_data, progress=False).data
+
+
+def test_duplicate_rows_give_the_whole_jacobian_in_two_calls(text_report) -> None:
+    found = text_report["levels"]["dark-gray"]["duplicate_rows"]
+    assert found["status"] == "recovered" and found["spent"] == {"calls": 2, "forwards": 1, "vjps": 1, "samples": 16,
+                                                                  "grad_rows": 16}
+    assert found["jacobian_shape"][0] == 16 and found["jacobian_shape"][2] == 32  # [E, L, D]
+    assert found["finite_difference_error"] < 1e-2  # the rows are the Jacobian's (checked by the owner)
+    assert "one row per call would take 32 calls" in found["compression"]
+    assert text_report["levels"]["black-box"]["duplicate_rows"]["status"] == "not applicable"
+
+
+def test_a_read_grant_hands_over_the_rows(text_report) -> None:
+    rows = text_report["levels"]["dark-gray"]["exact_rows"]
+    assert rows["fraction"] == 1.0 and rows["max_abs_error"] == 0.0
+    assert rows["spent"]["calls"] == rows["calls_for_whole_table"] == 1 and "no attack is needed" in rows["note"]
+    assert "exact_rows" not in text_report["levels"]["black-box"]  # a read needs dark-gray
+    assert text_report["levels"]["black-box"]["reads"] == [] and text_report["levels"]["dark-gray"]["reads"] == [
+        "text.token_embeds"]
+
+
+def test_the_geometry_probe_learns_rows_through_vjps(text_report) -> None:
+    geometry = text_report["levels"]["dark-gray"]["embedding_geometry"]
+    assert geometry["spent"]["calls"] <= 15 and geometry["tokens"] == 8
+    curve = geometry["checkpoints"]
+    assert curve[-1]["output_error"] < curve[0]["output_error"]
+    assert -1.0 <= geometry["pairwise_cosine_correlation"] <= 1.0 and geometry["row_error"] >= 0
+    assert text_report["levels"]["black-box"]["embedding_geometry"]["status"] == "not applicable"
+
+
+def test_a_server_that_refuses_duplicate_rows_is_reported(serve_tiny, tiny_clip, text_data) -> None:
+    url = serve_tiny(duplicate_rows="refuse")
+    config = AuditConfig(levels=("dark-gray",), budget=4, **CONFIG)
+    found = run_audit(url, config, api_key=KEY, data=text_data, progress=False).data["levels"]["dark-gray"]
+    dup = found["duplicate_rows"]
+    assert dup["status"] == "refused" and "--duplicate-rows refuse" in dup["stopped"]
+    assert found["extraction"]["spent"]["calls"] == 4  # distinct rows are served as usual
+    assert "note" in found["embedding_geometry"]  # no read grant on the server: the geometry is left unscored
+    assert "pairwise_cosine_correlation" not in found["embedding_geometry"]
+
+
+def test_a_server_that_counts_duplicate_rows_is_reported(serve_tiny, text_data) -> None:
+    url = serve_tiny(duplicate_rows="count", reads=("text.token_embeds",))
+    config = AuditConfig(levels=("dark-gray",), budget=4, **CONFIG)
+    report = run_audit(url, config, api_key=KEY, data=text_data, progress=False).data
+    dup = report["levels"]["dark-gray"]["duplicate_rows"]
+    assert dup["status"] == "recovered"
+    assert dup["server_counted"] == {"duplicate_row_batches": 1, "duplicate_rows": 15, "duplicate_rows_policy": "count"}
+    assert report["served"] and "pairwise_cosine_correlation" in report["levels"]["dark-gray"]["embedding_geometry"]
+    assert graytune.open_backbone(url, "dark-gray", api_key=KEY).stats()["duplicate_row_batches"] == 1
