@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from graytune import AccessDeniedError, InvalidInputError
 from graytune.methods import METHODS
 from graytune.model import AdaptedModel
-from graytune.train.recipe import RunSpec, open_for, train_and_save
+from graytune.train.recipe import open_for
 from graytune.train.tasks import ClassificationTask
 from graytune.train.trainer import TrainConfig, calls_curve, fit
 from graytune.train.zeroth import ESTIMATORS, ZerothOrder, ZOSettings, zo_parameters

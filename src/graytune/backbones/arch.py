@@ -13,11 +13,9 @@ import torch
 
 from graytune.backbones import BACKBONES
 from graytune.backbones.base import quiet_loading
-from graytune.backbones.hf_clip import HFClip
+from graytune.backbones.hf_clip import OPENAI_MEAN, OPENAI_STD, HFClip
 from graytune.errors import MissingDependencyError
 
-OPENAI_MEAN = [0.48145466, 0.4578275, 0.40821073]
-OPENAI_STD = [0.26862954, 0.26130258, 0.27577711]
 
 #: name → (text width, text layers, text heads, vision width, vision layers, vision heads, patch, image, projection)
 CLIP_ARCHS: dict[str, tuple[int, int, int, int, int, int, int, int, int]] = {

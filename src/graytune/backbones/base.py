@@ -102,6 +102,21 @@ def run_layer(layer: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     return layer(*args, **kwargs)
 
 
+class OneModule:
+    """``module()``/``with_module()`` for a provider whose whole backbone is one module in ``self.model``."""
+
+    model: nn.Module
+
+    def module(self) -> nn.Module:
+        return self.model
+
+    def with_module(self, module: nn.Module) -> Any:
+        """This provider running ``module`` (a client's modified copy of ``module()``), same spec."""
+        other = copy.copy(self)
+        other.model = module
+        return other
+
+
 def module_placement(module: nn.Module) -> tuple[torch.device, torch.dtype]:
     """The device and floating dtype of ``module``'s first floating parameter or buffer (CPU/fp32 if none)."""
     for t in [*module.parameters(), *module.buffers()]:

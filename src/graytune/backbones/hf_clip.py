@@ -12,7 +12,6 @@ reachable and allowed; tests use a tiny random CLIP they save locally.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Collection, Mapping, Sequence
 
 import torch
@@ -20,6 +19,7 @@ from torch import nn
 
 from graytune.backbones import BACKBONES
 from graytune.backbones.base import (
+    OneModule,
     add_delta,
     freeze,
     image_normalisation,
@@ -36,7 +36,7 @@ OPENAI_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
-class HFClip:
+class HFClip(OneModule):
     """A transformers ``CLIPModel`` behind the graytune ports.
 
     Args:
@@ -179,13 +179,6 @@ class HFClip:
             eos = eos + insert[port].shape[1]
         return hidden, mask, eos
 
-    def module(self) -> nn.Module:
-        return self.model
-
-    def with_module(self, module: nn.Module) -> HFClip:
-        other = copy.copy(self)
-        other.model = module
-        return other
 
 
 @BACKBONES.register("hf-clip:", family_help="dir or hub id")

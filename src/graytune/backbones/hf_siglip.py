@@ -21,7 +21,6 @@ padding they displace was (``access.checks`` makes room for them).
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Collection, Mapping, Sequence
 
 import torch
@@ -29,6 +28,7 @@ from torch import nn
 
 from graytune.backbones import BACKBONES
 from graytune.backbones.base import (
+    OneModule,
     add_delta,
     freeze,
     image_normalisation,
@@ -46,7 +46,7 @@ SIGLIP_MEAN = [0.5, 0.5, 0.5]
 SIGLIP_STD = [0.5, 0.5, 0.5]
 
 
-class HFSiglip:
+class HFSiglip(OneModule):
     """A transformers ``SiglipModel`` behind the graytune ports.
 
     Args:
@@ -201,13 +201,6 @@ class HFSiglip:
             hidden, mask = insert_tokens(port, hidden, mask, insert[port], at)
         return hidden, mask
 
-    def module(self) -> nn.Module:
-        return self.model
-
-    def with_module(self, module: nn.Module) -> HFSiglip:
-        other = copy.copy(self)
-        other.model = module
-        return other
 
 
 def _pad_id(tokenizer: object | None, text_cfg: object) -> int:

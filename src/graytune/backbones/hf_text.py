@@ -17,7 +17,6 @@ they save locally.
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from torch import nn
 
 from graytune.backbones import BACKBONES
 from graytune.backbones.base import (
+    OneModule,
     add_delta,
     file_identity,
     freeze,
@@ -189,7 +189,7 @@ def _pooling_mode(declared: Mapping[str, Any], where: str) -> str:
     return modes[0]
 
 
-class HFText:
+class HFText(OneModule):
     """A transformers text encoder behind the graytune ports.
 
     Args:
@@ -312,13 +312,6 @@ class HFText:
             extra["position_ids"] = mask.cumsum(1) * mask + int(self.model.embeddings.padding_idx)
         return extra
 
-    def module(self) -> nn.Module:
-        return self.model
-
-    def with_module(self, module: nn.Module) -> HFText:
-        other = copy.copy(self)
-        other.model = module
-        return other
 
 
 def _edit(port: str, hidden: Tensor, mask: Tensor, add: Mapping[str, Tensor], insert: Mapping[str, Tensor],

@@ -23,7 +23,6 @@ reachable and allowed; tests use tiny random models they save locally.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from torch import nn
 
 from graytune.backbones import BACKBONES
 from graytune.backbones.base import (
+    OneModule,
     add_delta,
     file_identity,
     freeze,
@@ -50,7 +50,7 @@ FAMILIES = ("vit", "dinov2")
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
-class HFVision:
+class HFVision(OneModule):
     """A transformers ``ViTModel`` or ``Dinov2Model`` behind the graytune ports.
 
     Args:
@@ -157,13 +157,6 @@ class HFVision:
         pooler = getattr(model, "pooler", None)
         return pooler(cls_token) if pooler is not None else cls_token[:, 0]
 
-    def module(self) -> nn.Module:
-        return self.model
-
-    def with_module(self, module: nn.Module) -> HFVision:
-        other = copy.copy(self)
-        other.model = module
-        return other
 
 
 def _insert_after_cls(port: str, hidden: Tensor, tokens: Tensor) -> Tensor:
