@@ -28,7 +28,7 @@ class AuditConfig:
     """Access levels to audit, each as its own attacker: black-box, dark-gray, light-gray."""
     budget: int = 1000
     """Boundary calls each attack may spend: a forward is one call, a VJP one more."""
-    rows: int = 32
+    rows: int = 16
     """Rows (texts or images) the attacker sends in one call."""
     reads: tuple[str, ...] = ()
     """Ports whose values the owner grants the attacker (text.token_embeds: the embedding rows)."""
@@ -36,7 +36,7 @@ class AuditConfig:
     """Tower to attack: text, image, or auto (text for a text encoder, else image)."""
     data: str = ""
     """Labelled set for the linear probe: wordnet-supersense (text) or fashion-mnist (images); default by tower."""
-    image_size: int = 32
+    image_size: int = 64
     """Side of the images sent, for backbones that take any size (a fixed-size port keeps its own)."""
     probe_train: int = 2000
     """Labelled items the linear probes are fitted on (backbone's and surrogate's alike)."""
@@ -48,7 +48,7 @@ class AuditConfig:
     """Memory for the answers the surrogate learns from, in MiB; past it old answers are replaced at random."""
     geometry_tokens: int = 16
     """Tokens whose embedding rows the geometry probe recovers (dark-gray and up, text)."""
-    geometry_calls: int = 200
+    geometry_calls: int = 100
     """Most calls the geometry probe spends (and never more than --budget)."""
     seed: int = 0
     """Seed of the queries, the surrogate and the probes."""

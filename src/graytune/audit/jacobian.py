@@ -31,6 +31,7 @@ Tensor = torch.Tensor
 GRAD_POSITIONS = 8192  # graytune serve's default --max-grad-tokens
 GRAD_PIXELS = 1605632  # graytune serve's default --max-grad-pixels
 DIRECTIONS = 3  # random directions of the finite-difference check
+STEPS = (1e-2, 1e-3, 1e-4)  # its step sizes (the length of the move along a unit direction)
 MAX_BYTES = 512 * 2**20  # the most Jacobian the attack keeps (images at a large --image-size)
 
 
@@ -100,24 +101,29 @@ def _chunk(handle: Any, tower: Tower, base: Any, start: int, size: int) -> Tenso
 
 @torch.no_grad()
 def _check(owner: Any, tower: Tower, base: Any, jacobian: Tensor, seed: int) -> float:
-    """Relative error of ``J u`` against the owner's central differences, worst of ``DIRECTIONS`` directions."""
+    """Relative error of ``J u`` against the owner's central differences: for each of ``DIRECTIONS`` random unit
+    directions the best of ``STEPS`` step sizes (large steps cross the kinks of piecewise-linear activations such as
+    ReLU6, small ones meet float32 rounding), and the worst direction. About 1e-3 on smooth towers, 1e-2 on
+    piecewise-linear ones."""
     g = torch.Generator().manual_seed(seed)
-    worst, out_port = 0.0, tower.output
+    worst = 0.0
     for _ in range(DIRECTIONS):
         u = torch.randn(jacobian.shape[1:], generator=g)
         u = u / u.norm()
-        eps = 1e-2 * (1.0 if isinstance(tower, TextTower) else float(base.norm()))
-        sides = []
-        for sign in (1.0, -1.0):
-            if isinstance(tower, TextTower):
-                ids, mask = base
-                sides.append(owner.forward({"text.input_ids": ids, "text.attention_mask": mask},
-                                           add={tower.grad_port: (sign * eps * u).unsqueeze(0)},
-                                           outputs=[out_port])[out_port][0])
-            else:
-                sides.append(owner.forward({tower.grad_port: base + sign * eps * u.unsqueeze(0)},
-                                           outputs=[out_port])[out_port][0])
-        numeric = (sides[0] - sides[1])[:len(jacobian)] / (2 * eps)
         analytic = jacobian.reshape(len(jacobian), -1) @ u.reshape(-1)
-        worst = max(worst, float((analytic - numeric).norm() / numeric.norm().clamp_min(1e-12)))
+        errors = []
+        for eps in STEPS:
+            plus, minus = (_output(owner, tower, base, sign * eps * u) for sign in (1.0, -1.0))
+            numeric = (plus - minus)[:len(jacobian)] / (2 * eps)
+            errors.append(float((analytic - numeric).norm() / numeric.norm().clamp_min(1e-12)))
+        worst = max(worst, min(errors))
     return worst
+
+
+def _output(owner: Any, tower: Tower, base: Any, step: Tensor) -> Tensor:
+    """The owner's output ``[E]`` at the input moved by ``step`` (at the token embeddings, or the pixels)."""
+    if isinstance(tower, TextTower):
+        ids, mask = base
+        return owner.forward({"text.input_ids": ids, "text.attention_mask": mask},
+                             add={tower.grad_port: step.unsqueeze(0)}, outputs=[tower.output])[tower.output][0]
+    return owner.forward({tower.grad_port: base + step.unsqueeze(0)}, outputs=[tower.output])[tower.output][0]

@@ -43,14 +43,22 @@ def recommend(checkpoints: list[dict[str, Any]], budget: int) -> dict[str, Any]:
                 "note": ("the untrained surrogate's random features already reach the threshold: the probe task is "
                          "too easy to tell extraction apart; pick a harder --data")}
     before, at = checkpoints[hit - 1], checkpoints[hit]
+    untrained = checkpoints[0]["probe_ratio"] if checkpoints[0]["calls"] == 0 else None
     quota = {key: before[key] // MARGIN for key in ("calls", "samples", "grad_rows")}
     result = {"reached": True, "calls_to_90": {"more_than": before["calls"], "at_most": at["calls"]},
               "quota": quota,
               "rule": (f"a tenth of {before['calls']:,} calls, the last checkpoint below {THRESHOLD:.0%} of the "
                        "backbone's probe accuracy (so at least 10x below the crossing)")}
+    notes = []
+    if untrained is not None and untrained >= THRESHOLD - 0.1:
+        notes.append(f"the untrained surrogate's random features already reach {untrained:.0%} of the backbone's "
+                     "probe accuracy: the crossing says little about extraction on this task; read the cosine and "
+                     "explained-variance curves too, or pick a harder --data")
     if quota["calls"] == 0:
-        result["note"] = (f"the crossing came within {at['calls']} calls: no quota in calls protects this level at "
-                          "this batch size; bound samples and gradient rows instead, or lower the level")
+        notes.append(f"the crossing came within {at['calls']} calls: no quota in calls protects this level at this "
+                     "batch size; bound samples and gradient rows instead, or lower the level")
+    if notes:
+        result["note"] = "; ".join(notes)
     return result
 
 
