@@ -86,3 +86,18 @@ def test_field_docstrings_become_cli_help() -> None:
     docs = field_docs(TrainConfig)
     assert docs["lr"].startswith("Peak learning rate of AdamW;")
     assert set(docs) == {f for f in TrainConfig.__dataclass_fields__}
+
+
+def test_descriptive_preprocess_fields_leave_the_fingerprint_alone() -> None:
+    """Describing a backbone better (a new preprocess field) must not orphan adapters saved against it."""
+    from dataclasses import replace
+
+    import graytune
+
+    spec = graytune.open_backbone("minilm").spec
+    text = dict(spec.preprocess["text"])
+    plain = {k: v for k, v in text.items() if k not in ("long_texts", "max_positions")}
+    described = replace(spec, preprocess={"text": plain}).with_fingerprint("w")
+    assert replace(spec, preprocess={"text": text}).with_fingerprint("w").fingerprint == described.fingerprint
+    changed = replace(spec, preprocess={"text": {**plain, "max_tokens": 64}}).with_fingerprint("w")
+    assert changed.fingerprint != described.fingerprint  # what a client sends still counts

@@ -93,6 +93,9 @@ def required_level(kind: PortKind, op: Op, with_grad: bool) -> AccessLevel:
     return AccessLevel.DARK_GRAY
 
 
+#: preprocess fields that describe a backbone (added as graytune learned to say them), not what a client sends
+DESCRIPTIVE_PREPROCESS = frozenset({"long_texts", "max_positions", "mean_std_from"})
+
 Dim = int | str  # an int is fixed; a str names a free dimension ("B", "L", "H/8")
 
 
@@ -211,10 +214,14 @@ class BackboneSpec:
 
         The id and description are left out: they name where the weights were loaded from
         (``hf-clip:./my-clip``), and the same weights under another path, working directory
-        or copied folder must give the same fingerprint. ``weights_identity`` must hence not
+        or copied folder must give the same fingerprint. Preprocess fields that describe the
+        model rather than change what a client sends (``DESCRIPTIVE_PREPROCESS``) are left out
+        too, so describing a backbone better never orphans the adapters trained on it. ``weights_identity`` must hence not
         hold a path either (see ``backbones.base.file_identity``).
         """
-        body = replace(self, id="", description="", fingerprint="").to_json()
+        preprocess = {m: {k: v for k, v in fields.items() if k not in DESCRIPTIVE_PREPROCESS}
+                      for m, fields in self.preprocess.items()}
+        body = replace(self, id="", description="", fingerprint="", preprocess=preprocess).to_json()
         digest = hashlib.sha256((body + "\n" + weights_identity).encode()).hexdigest()
         return replace(self, fingerprint=digest)
 
