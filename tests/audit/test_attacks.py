@@ -65,4 +65,10 @@ def test_a_server_that_counts_duplicate_rows_is_reported(serve_tiny, text_data) 
     assert dup["status"] == "recovered"
     assert dup["server_counted"] == {"duplicate_row_batches": 1, "duplicate_rows": 15, "duplicate_rows_policy": "count"}
     assert report["served"] and "pairwise_cosine_correlation" in report["levels"]["dark-gray"]["embedding_geometry"]
-    assert graytune.open_backbone(url, "dark-gray", api_key=KEY).stats()["duplicate_row_batches"] == 1
+    stats = graytune.open_backbone(url, "dark-gray", api_key=KEY).stats()
+    assert stats["duplicate_row_batches"] == 1
+    # the server's own ledger agrees with the audit's count of what crossed the boundary
+    attacks = [part["spent"] for part in report["levels"]["dark-gray"].values() if isinstance(part, dict)
+               and "spent" in part]
+    assert stats["samples_used"] == sum(a["samples"] for a in attacks) + report["owner_evaluation_samples"]
+    assert stats["grad_rows_used"] == sum(a["grad_rows"] for a in attacks)

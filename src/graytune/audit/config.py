@@ -75,7 +75,7 @@ class AuditConfig:
                                        ("--probe-train", self.probe_train, 20, 50_000),
                                        ("--probe-test", self.probe_test, 20, 50_000),
                                        ("--steps-per-call", self.steps_per_call, 0, 100),
-                                       ("--geometry-tokens", self.geometry_tokens, 3, 512),
+                                       ("--geometry-tokens", self.geometry_tokens, 3, 128),
                                        ("--geometry-calls", self.geometry_calls, 3, MAX_BUDGET),
                                        ("--image-size", self.image_size, 16, 512)):
             if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:

@@ -4,8 +4,9 @@
 each token in a few short contexts once (one call: the targets), then sends the same rows with p in
 its place and learns, by gradient descent through the boundary's VJP (AdamW, cosine-decayed), a vector
 δₖ added at p's position (``add`` at ``text.token_embeds``) so that the outputs match the targets: each
-step is a forward and its VJP, two calls. If the outputs match, E[p] + δₖ stands in for E[tₖ], so the δₖ carry the table's
-relative geometry without the attacker ever reading a row. Scored against the true rows (the owner's):
+step is a forward and its VJP, two calls. If the outputs match, E[p] + δₖ stands in for E[tₖ], so the
+δₖ carry the table's relative geometry without the attacker ever reading a row. Scored against the
+true rows (the owner's):
 
 - ``pairwise_cosine_correlation``: Pearson correlation between the K(K−1)/2 pairwise cosines of the
   centred δₖ and of the centred true rows (the mean of the K removes the unknown E[p]);
@@ -83,6 +84,7 @@ def embedding_geometry(handle: Any, texts: Sequence[str], truth: Truth | None, c
                 if err.status not in (403, 429):
                     raise
                 stopped = str(err)
+                log.warning("the geometry probe stopped after %d calls: %s", meter.calls, err)
                 break
             meter.grad_rows += len(sent)
             optimizer.step()
@@ -124,6 +126,7 @@ def read_rows(handle: Any, vocab: int, width: int, truth: Truth | None, budget: 
             if err.status not in (403, 429):
                 raise
             stopped = str(err)
+            log.warning("reading the token table stopped after %d calls: %s", meter.calls, err)
             break
         got.append(values.reshape(rows * width, -1)[:len(chunk)])
         done += len(chunk)
@@ -139,9 +142,11 @@ def read_rows(handle: Any, vocab: int, width: int, truth: Truth | None, budget: 
     return result
 
 
-def _rows(handle: Any, texts: Sequence[str], tokens: int, seed: int) -> tuple[list[int], tuple[Tensor, Tensor,
-                                                                                              Tensor], int]:
-    """K target ids, a placeholder id, and ``K x CONTEXTS`` rows with a free slot after each row's first token."""
+Rows = tuple[Tensor, Tensor, Tensor]  # ids [K*C, L], mask [K*C, L], the free slot's position [K*C]
+
+
+def _rows(handle: Any, texts: Sequence[str], tokens: int, seed: int) -> tuple[list[int], Rows, int]:
+    """K target ids, ``K x CONTEXTS`` rows with a free slot after each row's first token, and a placeholder id."""
     rng = random.Random(seed)
     sample = list(texts[:400])
     tok = handle.tokenize(sample)

@@ -96,6 +96,7 @@ def _run(backbone: str, config: AuditConfig, api_key: str | None, data: AuditDat
         "total_attack_calls": sum(_calls(f) for f in findings.values()),
         "owner_evaluation_calls": sum(h.exposure.forward_queries + h.exposure.gradient_queries
                                       for h in (owner, truth_owner) if h is not None),
+        "owner_evaluation_samples": sum(h.exposure.forward_samples for h in (owner, truth_owner) if h is not None),
         "seconds": round(time.monotonic() - started, 1),
         "caveats": _caveats(tower, config),
     }))
