@@ -263,41 +263,51 @@ def image_normalisation(where: str, default: tuple[list[float], list[float]],
     Returns:
         ``(mean, std, source)``: three values each, and a line saying where they came from.
     """
+    found = image_processor_config(where)
+    if found is None:
+        return list(default[0]), list(default[1]), f"{default_name} (the checkpoint has no image processor config)"
+    cfg, label = found
+    if cfg.get("do_normalize") is False:
+        return [0.0, 0.0, 0.0], [1.0, 1.0, 1.0], f"{label}: do_normalize is false"
+    if "image_mean" in cfg and "image_std" in cfg:
+        return _three(cfg["image_mean"], label, "image_mean"), _three(cfg["image_std"], label, "image_std"), label
+    return list(default[0]), list(default[1]), f"{default_name} ({label} sets no image_mean/image_std)"
+
+
+def image_processor_config(where: str) -> tuple[dict[str, Any], str] | None:
+    """The checkpoint's image processor settings and the file they came from, as transformers finds them:
+    the ``image_processor`` entry of ``processor_config.json`` first, then ``preprocessor_config.json``."""
     for name, key in (("processor_config.json", "image_processor"), ("preprocessor_config.json", None)):
-        cfg = _processor_file(where, name)
-        if cfg is not None and key is not None:
-            cfg = cfg.get(key) if isinstance(cfg.get(key), dict) else None
-        if cfg is None:
-            continue
-        label = f"{name} ({key})" if key is not None else name
-        if cfg.get("do_normalize") is False:
-            return [0.0, 0.0, 0.0], [1.0, 1.0, 1.0], f"{label}: do_normalize is false"
-        if "image_mean" in cfg and "image_std" in cfg:
-            return _three(cfg["image_mean"], label, "image_mean"), _three(cfg["image_std"], label, "image_std"), label
-        return list(default[0]), list(default[1]), f"{default_name} ({label} sets no image_mean/image_std)"
-    return list(default[0]), list(default[1]), f"{default_name} (the checkpoint has no image processor config)"
+        cfg = hub_json(where, name)
+        if isinstance(cfg, dict) and key is not None:
+            cfg = cfg.get(key)
+        if isinstance(cfg, dict):
+            return cfg, f"{name} ({key})" if key is not None else name
+    return None
 
 
-def _processor_file(where: str, name: str) -> dict[str, Any] | None:
-    """The JSON file ``name`` of a folder or (where the hub is allowed and reachable) a hub id; ``None`` if absent."""
-    folder = Path(where)
-    if folder.is_dir():
-        path: str | None = str(folder / name) if (folder / name).is_file() else None
-    else:
+def hub_json(where: str, name: str) -> Any:
+    """The JSON file ``name`` of a local folder or a hub repo (``None`` when it has none).
+
+    A hub id reads through transformers' cache, as ``from_pretrained`` does: nothing
+    is fetched where the hub is off (``HF_HUB_OFFLINE=1``).
+    """
+    path: Path | None = Path(where) / name
+    if not Path(where).is_dir():
         try:
             from transformers.utils import cached_file
 
-            path = cached_file(where, name, _raise_exceptions_for_missing_entries=False,
-                               _raise_exceptions_for_connection_errors=False)
-        except (ImportError, OSError, ValueError):
-            path = None
-    if path is None:
+            found = cached_file(where, name, _raise_exceptions_for_missing_entries=False,
+                                _raise_exceptions_for_connection_errors=False)
+        except (ImportError, OSError, ValueError):  # not a hub id at all: from_pretrained says so next
+            found = None
+        path = Path(found) if found else None
+    if path is None or not path.is_file():
         return None
     try:
-        data = json.loads(Path(path).read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise InvalidInputError(f"{path} is not readable JSON ({err}); fix or remove it") from err
-    return data if isinstance(data, dict) else None
+        raise InvalidInputError(f"{where}: {name} is not readable JSON ({err}); repair or remove it") from err
 
 
 def _three(value: object, where: str, key: str) -> list[float]:

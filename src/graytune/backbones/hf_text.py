@@ -17,7 +17,6 @@ they save locally.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from graytune.backbones.base import (
     add_delta,
     file_identity,
     freeze,
+    hub_json,
     insert_tokens,
     masked_mean,
     quiet_loading,
@@ -89,30 +89,6 @@ class SentenceConfig:
     max_seq_length: int | None = None
     subfolder: str = ""
     source: str = "no sentence-transformers pooling config: the default"
-
-
-def hub_json(where: str, name: str) -> Any:
-    """The JSON file ``name`` of a local folder or a hub repo (``None`` when it has none).
-
-    A hub id reads through transformers' cache, as ``from_pretrained`` does: nothing
-    is fetched where the hub is off (``HF_HUB_OFFLINE=1``).
-    """
-    path: Path | None = Path(where) / name
-    if not Path(where).is_dir():
-        from transformers.utils import cached_file
-
-        try:
-            found = cached_file(where, name, _raise_exceptions_for_missing_entries=False,
-                                _raise_exceptions_for_connection_errors=False)
-        except (OSError, ValueError):  # not a hub id at all: from_pretrained says so next
-            found = None
-        path = Path(found) if found else None
-    if path is None or not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise InvalidInputError(f"{where}: {name} is not readable JSON ({err}); repair or remove it") from err
 
 
 def hub_config(loader: str, source: str, where: str, supported: Collection[str], subfolder: str = "") -> Any:

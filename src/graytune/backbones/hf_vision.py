@@ -37,11 +37,12 @@ from graytune.backbones.base import (
     file_identity,
     freeze,
     image_normalisation,
+    image_processor_config,
     insert_tokens,
     quiet_loading,
     run_layer,
 )
-from graytune.backbones.hf_text import hub_config, hub_json
+from graytune.backbones.hf_text import hub_config
 from graytune.errors import InvalidInputError, MissingDependencyError
 from graytune.types import BackboneSpec, Op, PortKind, PortSpec
 
@@ -173,10 +174,7 @@ def image_preprocess(where: str, config: Any) -> dict[str, Any]:
     when neither gives them; DINOv2's size and crop from the same file.
     """
     mean, std, found = image_normalisation(where, (IMAGENET_MEAN, IMAGENET_STD), "ImageNet's")
-    nested = hub_json(where, "processor_config.json")
-    processor = nested.get("image_processor") if isinstance(nested, dict) else None
-    processor = processor if isinstance(processor, dict) else hub_json(where, "preprocessor_config.json")
-    processor = processor if isinstance(processor, dict) else {}
+    processor = (image_processor_config(where) or ({}, ""))[0]
     size = int(config.image_size)
     crop = _side(processor.get("crop_size")) if processor.get("do_center_crop") else None
     if config.model_type == "dinov2":  # used at its processor's size, position embeddings interpolated
