@@ -186,6 +186,22 @@ class HFCheckpoint:
     identity: str  #: the weight files' identity (``file_identity``), or ``hub:<id>``
 
 
+def checkpoint_location(family: str, source: str, written_by: str) -> tuple[Path, str]:
+    """``source`` as a local folder (``~`` expanded) and what ``from_pretrained`` should get: the folder,
+    or ``source`` itself as a hub id.
+
+    Raises:
+        MissingDependencyError: ``source`` looks like a path (``.``, ``/``, ``~``) but is no folder; the
+            message says what should be there (``written_by``).
+    """
+    local = Path(source).expanduser()
+    if source.startswith((".", "/", "~")) and not local.is_dir():
+        raise MissingDependencyError(
+            f"{family}: {source!r} is not a directory; give a folder written by {written_by} or a hub id"
+        )
+    return local, str(local) if local.is_dir() else source
+
+
 def load_hf_checkpoint(family: str, source: str, model_class: str,
                        model_types: Mapping[str, str]) -> HFCheckpoint:
     """``transformers.<model_class>`` and its tokenizer from a folder (``save_pretrained``) or a hub id.
@@ -210,13 +226,7 @@ def load_hf_checkpoint(family: str, source: str, model_class: str,
         from transformers import AutoTokenizer, PretrainedConfig
     except ImportError as err:
         raise MissingDependencyError(f"{family} backbones need transformers: pip install transformers") from err
-    local = Path(source).expanduser()
-    if source.startswith((".", "/", "~")) and not local.is_dir():
-        raise MissingDependencyError(
-            f"{family}: {source!r} is not a directory; give a folder written by "
-            f"{model_class}.save_pretrained (with its tokenizer) or a hub id"
-        )
-    where = str(local) if local.is_dir() else source
+    local, where = checkpoint_location(family, source, f"{model_class}.save_pretrained (with its tokenizer)")
     try:
         with quiet_loading():
             config, _ = PretrainedConfig.get_config_dict(where)

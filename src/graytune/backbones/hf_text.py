@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,6 +28,7 @@ from graytune.backbones import BACKBONES
 from graytune.backbones.base import (
     OneModule,
     add_delta,
+    checkpoint_location,
     file_identity,
     freeze,
     hub_json,
@@ -217,13 +217,7 @@ class HFText(OneModule):
             from transformers import AutoModel, AutoTokenizer
         except ImportError as err:
             raise MissingDependencyError("hf-text backbones need transformers: pip install transformers") from err
-        local = Path(source).expanduser()
-        if source.startswith((".", "/", "~")) and not local.is_dir():
-            raise MissingDependencyError(
-                f"hf-text: {source!r} is not a directory; give a folder written by save_pretrained "
-                "(model and tokenizer, with its sentence-transformers files if any) or a hub id"
-            )
-        where = str(local) if local.is_dir() else source
+        local, where = checkpoint_location("hf-text", source, "save_pretrained (model and tokenizer, with its sentence-transformers files if any)")
         sentence = read_sentence_config(where)
         config = hub_config("hf-text", source, where, FAMILIES, sentence.subfolder)
         try:

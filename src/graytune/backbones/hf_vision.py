@@ -24,7 +24,6 @@ reachable and allowed; tests use tiny random models they save locally.
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,6 +33,7 @@ from graytune.backbones import BACKBONES
 from graytune.backbones.base import (
     OneModule,
     add_delta,
+    checkpoint_location,
     file_identity,
     freeze,
     image_normalisation,
@@ -98,13 +98,7 @@ class HFVision(OneModule):
             from transformers import AutoModel
         except ImportError as err:
             raise MissingDependencyError("hf-vision backbones need transformers: pip install transformers") from err
-        local = Path(source).expanduser()
-        if source.startswith((".", "/", "~")) and not local.is_dir():
-            raise MissingDependencyError(
-                f"hf-vision: {source!r} is not a directory; give a folder written by save_pretrained "
-                "(with its image processor) or a hub id"
-            )
-        where = str(local) if local.is_dir() else source
+        local, where = checkpoint_location("hf-vision", source, "save_pretrained (with its image processor)")
         config = hub_config("hf-vision", source, where, FAMILIES)
         try:
             with quiet_loading():
