@@ -244,6 +244,8 @@ class Exposure:
         forward_queries: number of forward calls.
         forward_samples: number of samples sent through forward.
         gradient_queries: number of vector–Jacobian products taken.
+        gradient_samples: rows whose VJP came back (the batch of each differentiated call), what a server's
+            ``--quota-grad-rows`` bounds.
     """
 
     access: AccessLevel
@@ -252,6 +254,7 @@ class Exposure:
     forward_queries: int = 0
     forward_samples: int = 0
     gradient_queries: int = 0
+    gradient_samples: int = 0
 
     def note(self, port: PortSpec, op: Op) -> None:
         self.ports.setdefault(port.name, set()).add(op.value)

@@ -60,3 +60,4 @@ def test_training_steps_change_only_adapter_tensors() -> None:
     changed = [k for k, v in snapshot(model).items() if not torch.equal(v, adapter_before[k])]
     assert sorted(changed) == sorted(names)
     assert handle.exposure.gradient_queries == 2 and handle.exposure.forward_samples == 8
+    assert handle.exposure.gradient_samples == 8  # each VJP revealed its call's 4 rows

@@ -42,6 +42,7 @@ def test_gradients_at_input_and_entry_ports_equal_in_process(serve, minilm) -> N
         assert g_local[name].abs().sum() > 0, name
         torch.testing.assert_close(g_remote[name], g_local[name], rtol=1e-5, atol=1e-6)
     assert remote.exposure.gradient_queries == 1
+    assert remote.exposure.gradient_samples == remote.stats()["grad_rows_used"] > 0  # the client's count is the server's
     assert remote.stats()["sessions"] == 0  # the VJP consumed its session
 
 

@@ -206,6 +206,7 @@ class CallPlan:
     outputs: list[str]
     reads: list[str]
     slots: list[tuple[str, str]]  # (group, port) of each differentiable client tensor
+    batch: int = 0  # rows of the call (what a VJP of it reveals)
 
     def tensor(self, group: str, port: str) -> Tensor:
         return {"inputs": self.inputs, "add": self.add, "insert": self.insert}[group][port]
@@ -258,7 +259,7 @@ def plan_call(spec: BackboneSpec, level: AccessLevel, grants: Collection[str], e
         exposure.note(spec.port(name), Op.READ if name in outputs else Op.REPLACE)
     exposure.forward_queries += 1
     exposure.forward_samples += batch
-    return CallPlan(inputs, dict(add), dict(insert), outputs, list(reads), slots)
+    return CallPlan(inputs, dict(add), dict(insert), outputs, list(reads), slots, batch)
 
 
 def _outputs(spec: BackboneSpec, level: AccessLevel, inputs: Mapping[str, Tensor],

@@ -180,6 +180,7 @@ class BoundaryCall:
                 raise InvalidInputError(f"the gradient sent back to {name} has NaN or infinite values")
         pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
         self.exposure.gradient_queries += 1
+        self.exposure.gradient_samples += self.plan.batch
         if not pairs:
             return tuple(None for _ in leaves)
         at = getattr(_active, "at", None)

@@ -227,6 +227,7 @@ class _RemoteCall:
             result = unpack_vjp(decode(self.handle._request("POST", "/v1/vjp", content=content).content), self.plan)
         self.session = None
         self.handle.exposure.gradient_queries += 1
+        self.handle.exposure.gradient_samples += self.plan.batch
         return result
 
     def _release(self) -> None:
