@@ -21,15 +21,19 @@ Example:
 from __future__ import annotations
 
 import difflib
+import logging
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from enum import Enum
 from typing import Any
 
 from graytune.adapters import ADAPTERS, LOGIT_ADAPTERS, WHITEBOX
+from graytune.adapters.declared import port_name
 from graytune.config import coerce_option, field_docs, type_name
 from graytune.errors import InvalidInputError, UnknownNameError
-from graytune.types import AccessLevel, require_level
+from graytune.types import AccessLevel, BackboneSpec, require_level
+
+log = logging.getLogger(__name__)
 
 
 class MethodKind(str, Enum):
@@ -46,6 +50,9 @@ class Slot:
 
     adapter: str
     modality: str = ""
+    if_port: bool = False
+    """Built only where the tower publishes the adapter's ports (AdaLink on image towers with patch
+    tokens), left out elsewhere; otherwise a tower without them is an error."""
 
 
 @dataclass(frozen=True)
@@ -114,15 +121,38 @@ class Method:
 
     @property
     def reads(self) -> tuple[str, ...]:
-        """Ports whose values the owner must let the client read (explicit grants)."""
-        return tuple(dict.fromkeys(p.format(m=s.modality) for s in self.slots
+        """Ports whose values the owner must let the client read (explicit grants), on any backbone."""
+        return self._reads(self.slots)
+
+    def reads_on(self, spec: BackboneSpec) -> tuple[str, ...]:
+        """The reads this method needs on the backbone ``spec`` describes (what ``open_for`` grants)."""
+        return self._reads(self.slots_on(spec))
+
+    def _reads(self, slots: tuple[Slot, ...]) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(port_name(p, s.modality) for s in slots
                                    for p in self.adapter_class(s).read_patterns))
 
     @property
     def ports(self) -> tuple[str, ...]:
         """Ports the method touches (``image.layer.*``: some of the declared entry layers)."""
-        return tuple(dict.fromkeys(p.format(m=s.modality) for s in self.slots
+        return tuple(dict.fromkeys(port_name(p, s.modality) for s in self.slots
                                    for p in self.adapter_class(s).port_patterns))
+
+    def slots_on(self, spec: BackboneSpec) -> tuple[Slot, ...]:
+        """The slots built on ``spec``'s backbone: towers it has, and ``if_port`` slots where their ports are."""
+        names = set(spec.port_names())
+        kept = []
+        for s in self.slots:
+            if s.modality and s.modality not in spec.modalities:
+                continue
+            missing = [port_name(p, s.modality) for p in self.adapter_class(s).port_patterns
+                       if "*" not in p and port_name(p, s.modality) not in names]
+            if s.if_port and missing:
+                log.info("%s: %s publishes no %s, so its %s tower is left as it is", self.name, spec.id,
+                         ", ".join(missing), s.modality)
+                continue
+            kept.append(s)
+        return tuple(kept)
 
     @property
     def trains(self) -> str:
@@ -197,6 +227,7 @@ def _both(adapter: str) -> tuple[Slot, ...]:
 _DGA_INPUTS = (Slot("dga-pixel", "image"), Slot("dga-text", "text"))
 _TOWER, _WHITE, _LOGIT = MethodKind.TOWER, MethodKind.WHITEBOX, MethodKind.LOGIT
 _ZO = {"zeroth_order": True}
+_GATED = {"gate": "scalar"}
 _ZO_TRAIN = ("graytune train (zeroth-order: --zo spsa|spsa-gc|zip|mezo, --zo-q, --zo-eps; --max-calls caps the "
              "forward calls)")
 
@@ -219,7 +250,17 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            defaults={"dga-text": {**_ZO, "shift": False, "extra_tokens": 4}}, trained_by=_ZO_TRAIN),
     Method("lga", _TOWER, "light-gray LGA: DGA plus tokens at the declared entry layers", 3e-3,
            (*_DGA_INPUTS, *_both("lga"), *_both("dga-output"))),
-    Method("adalink", _TOWER, "AdaLink on the text token embeddings (a read grant) plus output adapters", 3e-3,
+    Method("dga-id", _TOWER, "DGA with the extra token's effect scaled by a zero-initialised gate: exactly the "
+           "zero-shot model at init, for a second backbone call per text batch", 3e-3,
+           (*_DGA_INPUTS, *_both("dga-output")), defaults={"dga-text": _GATED}),
+    Method("lga-id", _TOWER, "LGA with the inserted tokens' effect scaled by zero-initialised gates: exactly the "
+           "zero-shot model at init, for a second backbone call per batch of a tower with inserted tokens", 3e-3,
+           (*_DGA_INPUTS, *_both("lga"), *_both("dga-output")), defaults={"dga-text": _GATED, "lga": _GATED}),
+    Method("adalink", _TOWER, "AdaLink as published: a residual low-rank adapter on each tower's input tokens "
+           "(text; image where the backbone publishes image.patch_embeds), read grants there, nothing at the "
+           "outputs", 3e-3, (Slot("adalink", "image", if_port=True), Slot("adalink", "text"))),
+    Method("adalink+output", _TOWER, "AdaLink on the text token embeddings (a read grant) plus output adapters on "
+           "both towers: what graytune called adalink before it followed the paper", 3e-3,
            (Slot("adalink", "text"), *_both("dga-output"))),
     Method("lora", _WHITE, "white-box baseline: LoRA through PEFT on the client's copy of the module", 1e-3,
            (Slot("lora"),)),
@@ -238,6 +279,21 @@ def get_method(name: str) -> Method:
     if name not in METHODS:
         raise UnknownNameError("method", name, METHODS, "graytune methods lists them")
     return METHODS[name]
+
+
+def artifact_method(config: Mapping[str, Any]) -> Method:
+    """The method an artifact's config records, reading older names as what they meant when written.
+
+    Artifacts saved while ``adalink`` meant text AdaLink plus output adapters (their adapter list holds
+    ``dga-output``) are today's ``adalink+output``: same slots, same tensor names, same outputs.
+    """
+    name = str(config.get("method"))
+    adapters = {entry.get("name") for entry in config.get("adapters") or [] if isinstance(entry, Mapping)}
+    if name == "adalink" and "dga-output" in adapters:
+        log.info("this artifact was saved when adalink meant text AdaLink plus output adapters; "
+                 "it loads as adalink+output")
+        return METHODS["adalink+output"]
+    return get_method(name)
 
 
 def methods_of(kind: MethodKind) -> list[str]:

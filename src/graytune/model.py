@@ -31,7 +31,7 @@ from graytune.adapters import Adapter, TowerRequest, apply_whitebox, build_adapt
 from graytune.adapters.lora import LoRAConfig, peft_config
 from graytune.artifact_files import WEIGHTS_NAME, check_fingerprint, read_config, read_weights, write_artifact
 from graytune.errors import ArtifactError, InvalidInputError
-from graytune.methods import METHODS, Method, MethodKind, get_method
+from graytune.methods import METHODS, Method, MethodKind, artifact_method, get_method
 
 Tensor = torch.Tensor
 
@@ -90,7 +90,7 @@ class AdaptedModel(nn.Module):
             model.whitebox = (name, config)
             return model
         adapters = [build_adapter(s.adapter, handle.spec, s.modality, **options.get(s.adapter, {}))
-                    for s in method.slots if s.modality in handle.spec.modalities]
+                    for s in method.slots_on(handle.spec)]
         return cls(handle, adapters, method=method.name)
 
     def adapter_options(self) -> dict[str, dict[str, Any]]:
@@ -147,7 +147,7 @@ class AdaptedModel(nn.Module):
         """
         config = read_config(folder)
         check_fingerprint(config, handle.spec, folder)
-        method = get_method(config["method"])
+        method = artifact_method(config)  # older names read as what they meant then
         if method.kind is MethodKind.LOGIT:
             raise ArtifactError(f"{folder} holds a {config['method']} logit adapter; load it with "
                                 "graytune.transfer.load_transmiter (graytune eval does so itself)")
@@ -204,8 +204,14 @@ class AdaptedModel(nn.Module):
         request = self.prepare_tower(modality, {k: v.to(here) if v.is_floating_point() else v
                                                 for k, v in inputs.items()})
         port = f"{modality}.embeds"
-        embeds = self.handle.forward(request.inputs, add=request.add, insert=request.insert, outputs=[port])[port]
-        return self.finish_tower(modality, embeds.to(here))
+
+        def embeds(insert: Mapping[str, Tensor]) -> Tensor:
+            return self.handle.forward(request.inputs, add=request.add, insert=insert, outputs=[port])[port].to(here)
+
+        plain = embeds(request.insert)
+        if request.gate is not None:  # gated tokens: a second call with them, mixed by the gate
+            plain = request.mix(plain, embeds(request.all_inserts()))
+        return self.finish_tower(modality, plain)
 
     def prepare_tower(self, modality: str, inputs: Mapping[str, Tensor]) -> TowerRequest:
         """The request this model's adapters make for one tower (before the boundary is crossed).

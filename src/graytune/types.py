@@ -16,7 +16,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -209,7 +209,7 @@ class BackboneSpec:
     def from_json(cls, text: str) -> BackboneSpec:
         return cls.from_dict(json.loads(text))
 
-    def with_fingerprint(self, weights_identity: str) -> BackboneSpec:
+    def with_fingerprint(self, weights_identity: str, added_ports: Collection[str] = ()) -> BackboneSpec:
         """This spec with its fingerprint computed from its content and ``weights_identity``.
 
         The id and description are left out: they name where the weights were loaded from
@@ -217,11 +217,14 @@ class BackboneSpec:
         or copied folder must give the same fingerprint. Preprocess fields that describe the
         model rather than change what a client sends (``DESCRIPTIVE_PREPROCESS``) are left out
         too, so describing a backbone better never orphans the adapters trained on it. ``weights_identity`` must hence not
-        hold a path either (see ``backbones.base.file_identity``).
+        hold a path either (see ``backbones.base.file_identity``). ``added_ports`` are ports a provider
+        published after adapters had been trained on it: they change nothing an older adapter sends,
+        so they are left out of the hash and those adapters still load.
         """
         preprocess = {m: {k: v for k, v in fields.items() if k not in DESCRIPTIVE_PREPROCESS}
                       for m, fields in self.preprocess.items()}
-        body = replace(self, id="", description="", fingerprint="", preprocess=preprocess).to_json()
+        ports = tuple(p for p in self.ports if p.name not in added_ports)
+        body = replace(self, id="", description="", fingerprint="", preprocess=preprocess, ports=ports).to_json()
         digest = hashlib.sha256((body + "\n" + weights_identity).encode()).hexdigest()
         return replace(self, fingerprint=digest)
 

@@ -19,8 +19,10 @@ def test_methods_json_lists_every_method_with_derived_levels(capsys) -> None:  #
         "zero-shot": "black-box", "output": "black-box", "output-mlp": "black-box", "dga": "dark-gray",
         "dga-zo": "black-box", "prompt-zo": "black-box",
         "lga": "light-gray", "adalink": "dark-gray", "lora": "white-box", "full": "white-box",
-        "transmiter": "black-box", "transmiter+": "black-box"}
-    assert rows["adalink"]["reads"] == ["text.token_embeds"] and rows["dga"]["reads"] == []
+        "transmiter": "black-box", "transmiter+": "black-box", "adalink+output": "dark-gray", "dga-id": "dark-gray",
+        "lga-id": "light-gray"}
+    assert rows["adalink"]["reads"] == ["image.patch_embeds", "text.token_embeds"] and rows["dga"]["reads"] == []
+    assert rows["adalink+output"]["reads"] == ["text.token_embeds"]
     assert {n for n, r in rows.items() if r["zeroth_order"]} == {"dga-zo", "prompt-zo"}
     assert "--zo spsa|spsa-gc|zip|mezo" in rows["dga-zo"]["trained_by"] and "zeroth-order" in rows["dga-zo"]["trains"]
     assert rows["full"]["lr"] == 3e-5 and rows["dga"]["lr"] == 3e-3 and rows["zero-shot"]["lr"] is None

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from graytune.adapters.declared import Declared
+from graytune.adapters.declared import Declared, port_name
 from graytune.config import coerce_option
 from graytune.errors import InvalidInputError
 from graytune.registry import Registry
@@ -44,6 +44,11 @@ class TowerRequest:
         add: per port, the sum of the deltas adapters add there.
         insert: per port, the tokens adapters insert there, concatenated in adapter order.
         read: values at granted ports (filled before ``before`` runs, for adapters that declare ``reads``).
+        gated: per port, tokens whose effect on the tower's embedding is scaled by ``gate``.
+        gate: the sum of the gates of the adapters that sent ``gated`` tokens (None when none did).
+
+    With gated tokens the tower is called twice, without and with them, and its embedding is
+    ``plain + gate * (with - plain)`` (``mix``): a zero gate gives exactly the embedding without them.
     """
 
     modality: str
@@ -51,16 +56,38 @@ class TowerRequest:
     add: dict[str, Tensor] = field(default_factory=dict)
     insert: dict[str, Tensor] = field(default_factory=dict)
     read: dict[str, Tensor] = field(default_factory=dict)
+    gated: dict[str, Tensor] = field(default_factory=dict)
+    gate: Tensor | None = None
 
     def add_at(self, port: str, delta: Tensor) -> None:
         self.add[port] = self.add[port] + delta if port in self.add else delta
 
     def insert_at(self, port: str, tokens: Tensor) -> None:
-        if port in self.insert:
-            prev = self.insert[port]
-            batch = max(prev.shape[0], tokens.shape[0])
-            tokens = torch.cat([prev.expand(batch, -1, -1), tokens.expand(batch, -1, -1)], dim=1)
-        self.insert[port] = tokens
+        self.insert[port] = _joined(self.insert.get(port), tokens)
+
+    def insert_gated(self, port: str, tokens: Tensor, gate: Tensor) -> None:
+        """Insert ``tokens`` ``[B or 1, K, D]`` at ``port`` with their effect on the embedding scaled by ``gate``."""
+        self.gated[port] = _joined(self.gated.get(port), tokens)
+        self.gate = gate if self.gate is None else self.gate + gate
+
+    def all_inserts(self) -> dict[str, Tensor]:
+        """Every insert, at each port the plain tokens then the gated ones (the call ``mix`` needs)."""
+        return {port: _joined(self.insert.get(port), self.gated.get(port)) for port in {**self.insert, **self.gated}}
+
+    def mix(self, plain: Tensor, gated: Tensor) -> Tensor:
+        """``[B, E]``: ``plain + gate * (gated - plain)`` for the embeddings without and with the gated tokens."""
+        assert self.gate is not None  # only called on requests that hold gated tokens
+        return plain + self.gate * (gated - plain)
+
+
+def _joined(first: Tensor | None, second: Tensor | None) -> Tensor:
+    """Two token blocks ``[B or 1, K, D]`` one after the other (either may be None, not both)."""
+    if first is None or second is None:
+        out = first if second is None else second
+        assert out is not None
+        return out
+    batch = max(first.shape[0], second.shape[0])
+    return torch.cat([first.expand(batch, -1, -1), second.expand(batch, -1, -1)], dim=1)
 
 
 class Adapter(nn.Module, Declared):
@@ -83,12 +110,12 @@ class Adapter(nn.Module, Declared):
     @property
     def ports(self) -> tuple[str, ...]:
         """The ports this adapter edits or reads (for the exposure record)."""
-        return tuple(p.format(m=self.modality) for p in self.port_patterns)
+        return tuple(port_name(p, self.modality) for p in self.port_patterns)
 
     @property
     def reads(self) -> tuple[str, ...]:
         """Ports whose values must be read (granted) before ``before`` runs."""
-        return tuple(p.format(m=self.modality) for p in self.read_patterns)
+        return tuple(port_name(p, self.modality) for p in self.read_patterns)
 
     def before(self, request: TowerRequest) -> None:  # noqa: B027 - optional hook
         """Edit the request before it crosses the boundary."""
@@ -131,6 +158,18 @@ def build_adapter(name: str, spec: BackboneSpec, modality: str, **options: Any) 
     """The adapter registered as ``name`` for one ``modality`` of ``spec``, with ``options``."""
     adapter_class: type[Adapter] = ADAPTERS.lookup(name)[0]
     return adapter_class(config_from_dict(adapter_class.config_class, options, name), spec, modality)
+
+
+GATES = ("none", "scalar", "channel")
+
+
+def build_gate(kind: str, spec: BackboneSpec, modality: str, adapter: str) -> nn.Parameter | None:
+    """A zero gate on inserted tokens' effect: ``[1]`` (``scalar``), ``[E]`` (``channel``) or None (``none``)."""
+    if kind not in GATES:
+        raise InvalidInputError(f"{adapter}: gate must be one of {', '.join(GATES)}; got {kind!r}")
+    if kind == "none":
+        return None
+    return nn.Parameter(torch.zeros(port_dim(spec, f"{modality}.embeds") if kind == "channel" else 1))
 
 
 def port_dim(spec: BackboneSpec, port: str) -> int:

@@ -3,6 +3,13 @@
 Where a port allows ``insert`` (transformer layers), ``tokens`` vectors per layer
 are inserted (starting at zero); where it allows only ``add`` (CNN feature maps),
 a learned per-channel offset is added (starting at zero: the identity).
+Inserted tokens persist through the later layers (tokens inserted at layer k
+are still in the sequence at layer k+1, beside that layer's own) and, after
+[CLS] with mean pooling, enter the pool: LGA with inserted tokens is not the
+identity at init (cosine about 0.82 with zero-shot on MiniLM). With ``gate``
+(the method ``lga-id``) their effect on the embedding is scaled by a
+zero-initialised gate: exactly the identity at init, for a second backbone
+call per batch (see ``TowerRequest.mix``).
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from graytune.adapters.base import ADAPTERS, Adapter, TowerRequest, port_dim
+from graytune.adapters.base import ADAPTERS, Adapter, TowerRequest, build_gate, port_dim
 from graytune.errors import InvalidInputError
 from graytune.types import AccessLevel, BackboneSpec, Op, PortKind
 
@@ -25,6 +32,10 @@ class LGAConfig:
     """Tokens inserted per layer where insertion is possible."""
     mode: str = "auto"
     """``insert``, ``add`` or ``auto`` (insert where the port allows it, else add)."""
+    gate: str = "none"
+    """``none``: inserted tokens act from the start (as before); ``scalar`` or ``channel``: their effect on the
+    embedding is scaled by a zero-initialised gate (one number, or one per embedding channel), so the
+    adapter is the identity at init, for a second backbone call per batch (the method lga-id)."""
 
 
 @ADAPTERS.register("lga")
@@ -61,6 +72,9 @@ class LGA(Adapter):
             self.plan[port.name] = op
             params[port.name.replace(".", "_")] = nn.Parameter(torch.zeros(*shape))
         self.tokens = nn.ParameterDict(params)
+        inserts = Op.INSERT in self.plan.values()  # added offsets start at zero: no gate needed there
+        gate = build_gate(config.gate, spec, modality, self.name)  # checks the option even where unused
+        self.gate = gate if inserts else None
 
     @property
     def ports(self) -> tuple[str, ...]:
@@ -69,7 +83,9 @@ class LGA(Adapter):
     def before(self, request: TowerRequest) -> None:
         for port, op in self.plan.items():
             value = self.tokens[port.replace(".", "_")]
-            if op is Op.INSERT:
+            if op is Op.INSERT and self.gate is not None:
+                request.insert_gated(port, value, self.gate)
+            elif op is Op.INSERT:
                 request.insert_at(port, value)
             else:
                 request.add_at(port, value)

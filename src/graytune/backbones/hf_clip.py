@@ -1,7 +1,9 @@
 """Any Hugging Face ``CLIPModel`` checkpoint: ``hf-clip:<local dir or hub id>``.
 
-Ports: ``image.pixels`` [B, 3, S, S], ``image.layer.k`` (entries into vision
-layer k; insert places tokens after [CLS]), ``image.embeds`` [B, E];
+Ports: ``image.pixels`` [B, 3, S, S], ``image.patch_embeds`` [B, N, D] (the patch
+embeddings before [CLS] and the position embeddings join them: add, read when
+granted), ``image.layer.k`` (entries into vision layer k; insert places tokens
+after [CLS]), ``image.embeds`` [B, E];
 ``text.input_ids``/``text.attention_mask``, ``text.token_embeds`` (add, insert
 before the end token, where pooling sees them), ``text.layer.k``,
 ``text.embeds`` [B, E]. Embeddings are projected, not normalised.
@@ -34,6 +36,7 @@ from graytune.types import BackboneSpec, Op, PortKind, PortSpec
 Tensor = torch.Tensor
 OPENAI_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_STD = [0.26862954, 0.26130258, 0.27577711]
+PATCH_PORT = "image.patch_embeds"
 
 
 class HFClip(OneModule):
@@ -57,10 +60,14 @@ class HFClip(OneModule):
         self.text_cfg, self.vision_cfg = cfg.text_config, cfg.vision_config
         n_text, n_vision = self.text_cfg.num_hidden_layers, self.vision_cfg.num_hidden_layers
         size, dim = self.vision_cfg.image_size, cfg.projection_dim
+        patches = (size // self.vision_cfg.patch_size) ** 2
         proc_mean, proc_std = image_stats
         ports = [
             PortSpec("image.pixels", PortKind.INPUT, ("B", 3, size, size), "float32", (Op.REPLACE,), "image",
                      "RGB pixels, normalised with the spec's mean and std"),
+            PortSpec(PATCH_PORT, PortKind.INPUT, ("B", patches, self.vision_cfg.hidden_size), "float32",
+                     (Op.ADD, Op.READ), "image", "patch embeddings (the patch projection's outputs) before [CLS] "
+                     "and the position embeddings join them"),
             *[PortSpec(f"image.layer.{k}", PortKind.ENTRY, ("B", "N", self.vision_cfg.hidden_size), "float32",
                        (Op.ADD, Op.INSERT, Op.READ), "image", f"tokens entering vision layer {k}")
               for k in range(1, n_vision)],
@@ -87,7 +94,7 @@ class HFClip(OneModule):
                          "vocab_size": int(self.text_cfg.vocab_size)},
             },
             description=description,
-        ).with_fingerprint(identity)
+        ).with_fingerprint(identity, added_ports=(PATCH_PORT,))  # adapters trained before it still load
 
     @classmethod
     def load(cls, source: str) -> HFClip:
@@ -108,9 +115,11 @@ class HFClip(OneModule):
 
     def run(self, inputs, add, insert, outputs, reads):  # type: ignore[no-untyped-def]
         out: dict[str, Tensor] = {}
-        if not outputs and set(reads) <= {"text.token_embeds"}:  # a granted read needing no forward
-            if "text.input_ids" in inputs:
+        if not outputs and set(reads) <= {"text.token_embeds", PATCH_PORT}:  # granted reads needing no forward
+            if "text.input_ids" in inputs and "text.token_embeds" in reads:
                 out["text.token_embeds"] = self.model.text_model.embeddings.token_embedding(inputs["text.input_ids"])
+            if "image.pixels" in inputs and PATCH_PORT in reads:
+                out[PATCH_PORT] = self._patches(inputs["image.pixels"])
             return out
         if "image.pixels" in inputs:
             out["image.embeds"] = self._image(inputs["image.pixels"], add, insert, reads, out)
@@ -120,8 +129,14 @@ class HFClip(OneModule):
 
     def _image(self, pixels: Tensor, add: Mapping[str, Tensor], insert: Mapping[str, Tensor],
                reads: Collection[str], out: dict[str, Tensor]) -> Tensor:
-        vision = self.model.vision_model
-        hidden = vision.pre_layrnorm(vision.embeddings(pixels))  # [B, 1+N, D]
+        vision, embeddings = self.model.vision_model, self.model.vision_model.embeddings
+        patches = self._patches(pixels)  # [B, N, D]
+        if PATCH_PORT in reads:
+            out[PATCH_PORT] = patches
+        if PATCH_PORT in add:
+            patches = add_delta(PATCH_PORT, patches, add[PATCH_PORT])
+        hidden = torch.cat([embeddings.class_embedding.expand(len(patches), 1, -1), patches], dim=1)  # [B, 1+N, D]
+        hidden = vision.pre_layrnorm(hidden + embeddings.position_embedding(embeddings.position_ids))
         mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
         for k, layer in enumerate(vision.encoder.layers):
             port = f"image.layer.{k}"
@@ -134,6 +149,12 @@ class HFClip(OneModule):
                 hidden, mask = insert_tokens(port, hidden, mask, insert[port], at)
             hidden = run_layer(layer, hidden, None)
         return self.model.visual_projection(vision.post_layernorm(hidden[:, 0]))
+
+    def _patches(self, pixels: Tensor) -> Tensor:
+        """``[B, N, D]`` patch embeddings, as ``CLIPVisionEmbeddings`` computes them before [CLS] joins."""
+        embeddings = self.model.vision_model.embeddings  # the boundary has checked the pixels' size
+        weight = embeddings.patch_embedding.weight
+        return embeddings.patch_embedding(pixels.to(weight.dtype)).flatten(2).transpose(1, 2)
 
     def _text(self, inputs: Mapping[str, Tensor], add: Mapping[str, Tensor], insert: Mapping[str, Tensor],
               reads: Collection[str], out: dict[str, Tensor]) -> Tensor:

@@ -189,12 +189,17 @@ class AdapterHost:
         inputs = {k: torch.cat([r.inputs[k] for r in requests]) for k in requests[0].inputs}
         add = {port: torch.cat(_stacked([r.add.get(port) for r in requests], sizes))
                for port in sorted({p for r in requests for p in r.add})}
-        insert = {port: torch.cat([r.insert[port].expand(n, -1, -1) for r, n in zip(requests, sizes)])
-                  for port in requests[0].insert}
         port = f"{group[0].modality}.embeds"
-        embeds = self.handle.forward(inputs, add=add, insert=insert, outputs=[port])[port]
-        self.backbone_calls += 1
-        answers = [job.model.finish_tower(job.modality, rows) for job, rows in zip(group, embeds.split(sizes))]
+
+        def embeds(inserts: list[dict[str, Tensor]]) -> tuple[Tensor, ...]:
+            insert = {p: torch.cat([i[p].expand(n, -1, -1) for i, n in zip(inserts, sizes)]) for p in inserts[0]}
+            self.backbone_calls += 1
+            return self.handle.forward(inputs, add=add, insert=insert, outputs=[port])[port].split(sizes)
+
+        plain = embeds([r.insert for r in requests])
+        if requests[0].gate is not None:  # gated tokens (dga-id, lga-id): a second call with them, mixed
+            plain = tuple(r.mix(a, b) for r, a, b in zip(requests, plain, embeds([r.all_inserts() for r in requests])))
+        answers = [job.model.finish_tower(job.modality, rows) for job, rows in zip(group, plain)]
         for job, answer in zip(group, answers):  # all or none: a failing group is rerun request by request
             job.future.set_result(answer)
 
@@ -214,7 +219,8 @@ def _signature(request: TowerRequest) -> tuple:
     """Requests with equal signatures can share one backbone call."""
     shapes = tuple(sorted((k, tuple(v.shape[1:])) for k, v in request.inputs.items()))
     inserts = tuple(sorted((k, tuple(v.shape[1:])) for k, v in request.insert.items()))
-    return request.modality, shapes, inserts
+    gated = tuple(sorted((k, tuple(v.shape[1:])) for k, v in request.gated.items()))
+    return request.modality, shapes, inserts, gated
 
 
 def _stacked(deltas: list[Tensor | None], sizes: list[int]) -> list[Tensor]:

@@ -23,7 +23,7 @@ from graytune.data.images import ImagePreprocess
 from graytune.data.labeled import LabeledImageFiles, LabeledImages
 from graytune.devices import parse_device
 from graytune.errors import ArtifactError, InvalidInputError
-from graytune.methods import MethodKind, get_method
+from graytune.methods import MethodKind, artifact_method, get_method
 from graytune.model import AdaptedModel
 from graytune.train.tasks import ClassificationTask, RetrievalTask, SketchRetrievalTask, Task
 from graytune.train.trainer import TrainConfig, counted, fit, seed_everything, world_position, zeroth_order_for
@@ -74,6 +74,8 @@ def open_for(backbone: str, access: str | None, method: str, retry_s: float | No
              device: str | None = None, dtype: str | None = None, recompute: bool = False) -> Handle:
     """Open ``backbone`` at ``access`` (default: the method's level), granting the reads ``method`` needs.
 
+    The reads are the ones the method needs on this backbone (AdaLink reads ``image.patch_embeds`` only
+    where the backbone publishes it), so a method that reads is opened once to learn the spec.
     ``retry_s`` (served backbones only) is the client's retry budget while the server is down;
     ``device``, ``dtype`` and ``recompute`` place an in-process backbone (a server's owner chose its own).
     """
@@ -83,7 +85,9 @@ def open_for(backbone: str, access: str | None, method: str, retry_s: float | No
         extra: dict[str, Any] = {"retry_s": retry_s} if retry_s is not None else {}
     else:
         extra = {"device": device, "dtype": dtype, "recompute": recompute}
-    return open_backbone(backbone, access=level, reads=spec.reads, **extra)
+    handle = open_backbone(backbone, access=level, **extra)
+    reads = spec.reads_on(handle.spec)
+    return open_backbone(backbone, access=level, reads=reads, **extra) if reads else handle
 
 
 def place_model(model: AdaptedModel, device: str | None) -> AdaptedModel:
@@ -216,13 +220,13 @@ def evaluate_saved(backbone: str, adapter: str | None, data: str, task: str | No
     overrides its recorded size.
     """
     config = read_config(adapter) if adapter else {"method": "zero-shot", "access": "black-box"}
-    method = get_method(config["method"])
+    method = artifact_method(config)  # older names read as what they meant then
     if method.kind is MethodKind.LOGIT:
         raise InvalidInputError(f"{adapter} holds a {config['method']} logit adapter; score it with "
                                 "graytune.transfer.recipe.evaluate_transmiter (graytune eval does)")
     level = max(AccessLevel.parse(config["access"]), method.min_access)
     splits = load_whole(data, task) if split == "all" else load_splits(data, task)
-    handle = open_for(backbone, level.label, config["method"], device=device, dtype=dtype)
+    handle = open_for(backbone, level.label, method.name, device=device, dtype=dtype)
     pre = config.get("preprocess") or {}
     evaluator = make_task(splits, handle, image_size or pre.get("image_size") or config.get("image_size"),
                           fit=pre.get("fit"), loader=loader)
