@@ -52,7 +52,7 @@ def mpnet_tokenizer():  # type: ignore[no-untyped-def]
 
 
 def write_sentence_transformers(folder: Path, pooling: str | Sequence[str], normalize: bool = False,
-                                max_seq_length: int | None = None) -> None:
+                                max_seq_length: int | None = None, dim: int = DIM) -> None:
     """The files sentence-transformers saves beside a transformer: modules, pooling, limits."""
     modes = [pooling] if isinstance(pooling, str) else list(pooling)
     modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
@@ -62,7 +62,7 @@ def write_sentence_transformers(folder: Path, pooling: str | Sequence[str], norm
         (folder / "2_Normalize").mkdir(exist_ok=True)
     (folder / "modules.json").write_text(json.dumps(modules, indent=2))
     (folder / "1_Pooling").mkdir(exist_ok=True)
-    config = {"word_embedding_dimension": DIM, **{key: mode in modes for mode, key in POOLING_KEYS.items()},
+    config = {"word_embedding_dimension": dim, **{key: mode in modes for mode, key in POOLING_KEYS.items()},
               "include_prompt": True}
     (folder / "1_Pooling" / "config.json").write_text(json.dumps(config, indent=2))
     if max_seq_length is not None:
@@ -76,12 +76,12 @@ def _save_text(folder: Path, model: torch.nn.Module, tokenizer: object, pooling:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)  # type: ignore[attr-defined]
     if pooling is not None:
-        write_sentence_transformers(folder, pooling, normalize, max_seq_length)
+        write_sentence_transformers(folder, pooling, normalize, max_seq_length, model.config.hidden_size)
     return folder
 
 
-def _sizes() -> dict:
-    return dict(hidden_size=DIM, num_hidden_layers=LAYERS, num_attention_heads=4, intermediate_size=64)
+def _sizes(dim: int = DIM) -> dict:
+    return dict(hidden_size=dim, num_hidden_layers=LAYERS, num_attention_heads=4, intermediate_size=2 * dim)
 
 
 def build_tiny_bert(folder: Path, pooling: str | Sequence[str] | None = "mean", normalize: bool = False,
@@ -113,14 +113,17 @@ def build_tiny_roberta(folder: Path, pooling: str | Sequence[str] | None = "mean
 
 
 def build_tiny_mpnet(folder: Path, pooling: str | Sequence[str] | None = "mean", normalize: bool = False,
-                     max_seq_length: int | None = None) -> Path:
-    """A tiny random ``MPNetModel`` (relative position bias; 42 positions, 40 usable) and its tokenizer."""
+                     max_seq_length: int | None = None, dim: int = DIM) -> Path:
+    """A tiny random ``MPNetModel`` (relative position bias; 42 positions, 40 usable) and its tokenizer.
+
+    ``dim`` is the hidden width (a multiple of 4, the number of heads).
+    """
     from transformers import MPNetConfig, MPNetModel
 
     tokenizer = mpnet_tokenizer()
     torch.manual_seed(0)
     config = MPNetConfig(vocab_size=len(tokenizer), max_position_embeddings=42, pad_token_id=1, bos_token_id=0,
-                         eos_token_id=2, relative_attention_num_buckets=32, **_sizes())
+                         eos_token_id=2, relative_attention_num_buckets=32, **_sizes(dim))
     return _save_text(folder, MPNetModel(config), tokenizer, pooling, normalize, max_seq_length)
 
 

@@ -12,7 +12,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("extract", help="TransMiter: distil a weak fine-tuned adapter into a logit adapter (no labels)")
     e.add_argument("--weak", required=True, help="the weak backbone the adapter was trained on")
     e.add_argument("--adapter", required=True, help="the weak backbone's fine-tuned adapter (graytune train --out)")
-    e.add_argument("--data", required=True, help="an image classification set; its training images, labels unused")
+    e.add_argument("--data", required=True, help="an image or text classification set (text sets on text encoders); its training "
+                   "items, labels unused")
     e.add_argument("--out", required=True, help="folder for the TransMiter adapter (with its class list)")
     e.add_argument("--classes", type=positive_int, default=1024,
                    help="M: task plus auxiliary classes (default: 1024)")
@@ -24,7 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("transfer", help="TransMiter: move an extracted adapter to a stronger backbone, forward only")
     t.add_argument("--adapter", required=True, help="folder written by graytune extract")
     t.add_argument("--strong", required=True, help="the stronger backbone")
-    t.add_argument("--data", required=True, help="the same data set; its training images, labels unused")
+    t.add_argument("--data", required=True, help="the same data set; its training images or texts, labels unused")
     t.add_argument("--out", required=True)
     t.add_argument("--beta", type=non_negative_float, default=500.0,
                    help="pull of the basis change towards the identity (>= 0; default: 500)")

@@ -162,7 +162,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="an artifact to start from: for transmiter+, the folder written by graytune transfer; "
                         "for any other method, an artifact of that method on the same backbone (warm start)")
     p.add_argument("--shots", type=positive_int, default=None,
-                   help="transmiter+ only: labelled images per class (default: 16)")
+                   help="transmiter+ only: labelled images or texts per class (default: 16)")
     p.add_argument("--task", choices=["retrieval", "classification", "sketch"], help="default: the data set's own")
     add_data_arguments(p)
     p.add_argument("--train", default=None, metavar="FILE", help="the training split as its own file or folder "

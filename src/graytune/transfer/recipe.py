@@ -1,11 +1,14 @@
 """TransMiter runs on the real data sets: extract from a weak fine-tuned adapter, transfer, evaluate.
 
-Used by ``scripts/transmiter_results.py``. Images are classified by class-name prompts (CLIP
-style); unlabeled images come from the training split with their labels dropped.
+Used by ``scripts/transmiter_results.py``. Queries, images or texts, are classified by class-name
+prompts through the text tower (CLIP style); unlabeled queries come from the training split with
+their labels dropped. Text sets (``wordnet-supersense``, ``fortunes``) run on text encoders
+(``minilm``, ``hf-text:DIR``), image sets on image–text backbones.
 
 Example:
-    >>> px = load_pixels(load_splits("fashion-mnist:base-to-novel"), weak_handle, 64)
+    >>> px = load_queries(load_splits("fashion-mnist:base-to-novel"), weak_handle, 64)
     >>> base_novel_accuracy(tm.predict(strong, px.test), px.test_labels, (0, 1, 2, 3, 4), (5, 6, 7, 8, 9))
+    >>> texts = load_queries(load_splits("wordnet-supersense"), open_backbone("minilm"))   # texts: no size
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from graytune.eval.classification import split_accuracy
 from graytune.transfer.transmiter import (
     ExtractConfig,
     PlusConfig,
+    Queries,
     TransMiter,
     load_transmiter,
     save_transmiter,
@@ -35,44 +39,103 @@ Tensor = torch.Tensor
 
 
 @dataclass
-class Pixels:
-    """Preprocessed images of one data set's splits at one size (shared by every backbone of a family)."""
+class QuerySets:
+    """One data set's queries, ready to score: preprocessed images ``[N, 3, S, S]`` (one size, shared by
+    every backbone of a family) or texts, with the labels of the labelled splits."""
 
-    unlabeled: Tensor
-    train: Tensor
+    unlabeled: Queries
+    train: Queries
     train_labels: Tensor
-    val: Tensor
+    val: Queries
     val_labels: Tensor
-    test: Tensor
+    test: Queries
     test_labels: Tensor
 
 
-def load_pixels(splits: Splits, handle: Handle, image_size: int, unlabeled: Any,
-                shots: int | None = None, progress: bool = True) -> Pixels:
-    """Pixels of the ``unlabeled`` images (labels unused), a labelled ``shots``-per-class subset of train, val, test.
+Pixels = QuerySets  # the name from when TransMiter scored images only
 
-    ``unlabeled`` is any set with ``pil(i)``; keep it disjoint from ``splits.val`` and ``splits.test``.
-    ``progress`` shows a bar per set decoded (rate and ETA) on stderr.
+
+def query_modality(splits: Splits) -> str:
+    """``"image"`` or ``"text"``: what the items of a classification set are.
+
+    Raises:
+        InvalidInputError: ``splits`` is not a classification set of images or texts.
     """
-    if splits.task != "classification" or not hasattr(splits.train, "pil"):
-        raise InvalidInputError(f"TransMiter runs on image classification sets; {splits.name} is {splits.task}")
-    pre = ImagePreprocess.from_spec(handle.spec, image_size, fit=splits.fit)
+    if splits.task == "classification" and hasattr(splits.train, "pil"):
+        return "image"
+    if splits.task == "classification" and hasattr(splits.train, "texts"):
+        return "text"
+    raise InvalidInputError(f"TransMiter runs on classification sets of images or texts; {splits.name} is for "
+                            f"{splits.task}")
 
-    def pixels(data: Any, idx: list[int], name: str) -> Tensor:
-        chunks = [pixel_cache([], pre)]  # the right empty shape when idx is empty
-        with tqdm(total=len(idx), desc=f"images {name}", unit="img", disable=not progress) as bar:
-            for start in range(0, len(idx), 256):
-                chunks.append(pixel_cache([data.pil(i) for i in idx[start:start + 256]], pre))
-                bar.update(len(chunks[-1]))
-        return torch.cat(chunks)
+
+def check_towers(splits: Splits, handle: Handle) -> str:
+    """The set's query modality, once ``handle`` is known to have the towers TransMiter needs for it.
+
+    Queries go through their own tower, class prompts through the text tower.
+
+    Raises:
+        InvalidInputError: the backbone lacks the query's tower or the text tower.
+    """
+    modality = query_modality(splits)
+    needed = sorted({modality, "text"})
+    missing = [m for m in needed if m not in handle.spec.modalities]
+    if missing:
+        kind = "an image–text backbone (bridge:…, hf-clip:…)" if modality == "image" else \
+            "a text encoder (minilm, hf-text:DIR) or an image–text backbone"
+        raise InvalidInputError(f"{splits.name} holds {modality} items, scored against class prompts through the "
+                                f"text tower: TransMiter needs the {' and '.join(needed)} tower(s); "
+                                f"{handle.spec.id} has {', '.join(handle.spec.modalities)} only. Choose {kind}")
+    return modality
+
+
+def load_queries(splits: Splits, handle: Handle, image_size: int | None = None, unlabeled: Any = None,
+                 shots: int | None = None, progress: bool = True) -> QuerySets:
+    """The ``unlabeled`` queries (labels unused), a labelled ``shots``-per-class subset of train, val, test.
+
+    Images are preprocessed for ``handle`` at ``image_size`` (default: the backbone's own); texts are
+    kept as strings (each backbone tokenizes its own). ``unlabeled`` (default: ``splits.train``) is a
+    set of the same kind (``pil(i)`` for images, ``texts`` for texts); keep it disjoint from
+    ``splits.val`` and ``splits.test``. ``progress`` shows a bar per image set decoded on stderr.
+
+    Raises:
+        InvalidInputError: the set is not image or text classification, the backbone lacks a tower it
+            needs, or ``image_size`` is given for texts.
+    """
+    modality = check_towers(splits, handle)
+    unlabeled = splits.train if unlabeled is None else unlabeled
+    if modality == "text":
+        if image_size is not None:
+            raise InvalidInputError(f"an image size ({image_size}) was given for {splits.name}, whose items are "
+                                    "texts; leave --image-size out")
+
+        def take(data: Any, idx: list[int], name: str) -> Queries:
+            return [data.texts[i] for i in idx]
+    else:
+        size = image_size or int(handle.spec.preprocess["image"]["image_size"])
+        pre = ImagePreprocess.from_spec(handle.spec, size, fit=splits.fit)
+
+        def take(data: Any, idx: list[int], name: str) -> Queries:
+            chunks = [pixel_cache([], pre)]  # the right empty shape when idx is empty
+            with tqdm(total=len(idx), desc=f"images {name}", unit="img", disable=not progress) as bar:
+                for start in range(0, len(idx), 256):
+                    chunks.append(pixel_cache([data.pil(i) for i in idx[start:start + 256]], pre))
+                    bar.update(len(chunks[-1]))
+            return torch.cat(chunks)
 
     labels = splits.train.labels
     few = list(range(len(labels)))
     if shots:
         few = [i for c in sorted(set(labels.tolist())) for i in (labels == c).nonzero().flatten().tolist()[:shots]]
-    return Pixels(pixels(unlabeled, list(range(len(unlabeled))), "unlabeled"), pixels(splits.train, few, "train"),
-                  labels[few], pixels(splits.val, list(range(len(splits.val))), "val"), splits.val.labels,
-                  pixels(splits.test, list(range(len(splits.test))), "test"), splits.test.labels)
+    return QuerySets(take(unlabeled, list(range(len(unlabeled))), "unlabeled"), take(splits.train, few, "train"),
+                     labels[few], take(splits.val, list(range(len(splits.val))), "val"), splits.val.labels,
+                     take(splits.test, list(range(len(splits.test))), "test"), splits.test.labels)
+
+
+def load_pixels(splits: Splits, handle: Handle, image_size: int, unlabeled: Any,
+                shots: int | None = None, progress: bool = True) -> QuerySets:
+    """``load_queries`` for an image set at ``image_size`` (the name scripts written before text queries use)."""
+    return load_queries(splits, handle, image_size, unlabeled, shots, progress)
 
 
 def base_novel_accuracy(scores: Tensor, labels: Tensor, base: tuple[int, ...], novel: tuple[int, ...]
@@ -81,24 +144,28 @@ def base_novel_accuracy(scores: Tensor, labels: Tensor, base: tuple[int, ...], n
     return split_accuracy(scores, labels, {"base": base, "novel": novel})
 
 
-def plus(tm: TransMiter, strong: Handle, pixels: Pixels, seed: int = 0, config: PlusConfig | None = None,
+def plus(tm: TransMiter, strong: Handle, queries: QuerySets, seed: int = 0, config: PlusConfig | None = None,
          progress: bool = True) -> dict[str, float]:
     """TransMiter+: fine-tune the transferred adapter on the labelled few-shot set, select on val."""
     config = config or PlusConfig(seed=seed)
-    return tm.finetune(tm.scores(strong, pixels.train, progress, "scores train"), pixels.train_labels,
-                       tm.scores(strong, pixels.val, progress, "scores val"), pixels.val_labels, config,
+    return tm.finetune(tm.scores(strong, queries.train, progress, "scores train"), queries.train_labels,
+                       tm.scores(strong, queries.val, progress, "scores val"), queries.val_labels, config,
                        progress=progress)
 
 
 # -- the command-line runs: extract, transfer, TransMiter+ -------------------------------------
 
 
-def _image_pixels(splits: Splits, handle: Handle, image_size: int | None, shots: int | None = None) -> Pixels:
-    return load_pixels(splits, handle, image_size or int(handle.spec.preprocess["image"]["image_size"]),
-                       unlabeled=splits.train, shots=shots)
+def _check_classes(tm: TransMiter, splits: Splits, adapter: str) -> None:
+    """The data set's classes must be the adapter's task classes, in order."""
+    names = list(splits.train.class_names)
+    if tm.classes[:tm.n_task] != names:
+        raise InvalidInputError(f"{adapter} was extracted over the task classes {tm.classes[:tm.n_task][:5]}… "
+                                f"({tm.n_task}); {splits.name} has {names[:5]}… ({len(names)}): use the data set it "
+                                "was extracted on")
 
 
-def _evaluate(tm: TransMiter, strong: Handle, splits: Splits, px: Pixels) -> dict[str, float]:
+def _evaluate(tm: TransMiter, strong: Handle, splits: Splits, px: QuerySets) -> dict[str, float]:
     scores = tm.predict(strong, px.test, progress=True)
     out = {"accuracy": float((scores.argmax(1) == px.test_labels).float().mean())}
     if splits.eval_splits:
@@ -117,26 +184,30 @@ def _load_for(adapter: str, backbone_id: str, hint: str = "") -> tuple[TransMite
 
 def run_extract(weak_id: str, weak_adapter: str, data: str, out: str, classes: int = 1024, seed: int = 0,
                 image_size: int | None = None) -> dict[str, Any]:
-    """Extract a TransMiter from a saved weak adapter, on the training images with labels unused; save it."""
+    """Extract a TransMiter from a saved weak adapter, on the training images or texts with labels unused; save it."""
     splits = load_splits(data)
     weak = open_backbone(weak_id, access="black-box")
+    px = load_queries(splits, weak, image_size)  # a set the backbone's towers cannot score is refused first
     saved = read_config(weak_adapter)
     fine_tuned = load_adapter(weak_adapter, open_backbone(weak_id, access=saved["access"],
                                                           reads=saved.get("reads", ())))
-    px = _image_pixels(splits, weak, image_size)
     tm = TransMiter.create(list(splits.train.class_names), total=classes, seed=seed, prompt=splits.prompt)
     teacher = tm.scores(fine_tuned, px.unlabeled, progress=True, desc="teacher scores")[:, :tm.n_task]
     weak_scores = tm.scores(weak, px.unlabeled, progress=True, desc="weak scores")
     history = tm.extract(weak_scores, teacher, ExtractConfig(seed=seed))
     save_transmiter(tm, out, weak.spec.id, weak.spec.fingerprint,
                     extra={"source_adapter": str(weak_adapter), "data": data, "image_size": image_size,
-                           "extract_loss": history})
+                           "queries": query_modality(splits), "extract_loss": history})
     return {"out": out, "classes": len(tm.classes), "task_classes": tm.n_task, "extract_loss": history}
 
 
 def run_transfer(adapter: str, strong_id: str, data: str, out: str, beta: float = 500.0,
                  image_size: int | None = None) -> dict[str, Any]:
-    """Move a saved TransMiter from its weak backbone to ``strong_id``, forward only; save and test it."""
+    """Move a saved TransMiter from its weak backbone to ``strong_id``, forward only; save and test it.
+
+    The backbones may differ in width and tokenizer: the basis change aligns their scores over the saved
+    class list, never their embeddings.
+    """
     saved = read_config(adapter)
     if saved.get("transferred_to"):
         raise ArtifactError(f"{adapter} was already transferred to {saved['transferred_to']}; transfer the "
@@ -144,7 +215,9 @@ def run_transfer(adapter: str, strong_id: str, data: str, out: str, beta: float 
     tm, config, weak = _load_for(adapter, saved["backbone"], "the weak backbone changed since extraction")
     strong = open_backbone(strong_id, access="black-box")
     splits = load_splits(data)
-    px = _image_pixels(splits, strong, image_size or config.get("image_size"))
+    _check_classes(tm, splits, adapter)
+    check_towers(splits, weak)
+    px = load_queries(splits, strong, image_size or config.get("image_size"))  # texts: each backbone tokenizes
     start = time.perf_counter()
     moved = tm.transfer(tm.scores(weak, px.unlabeled, progress=True, desc="weak scores"),
                         tm.scores(strong, px.unlabeled, progress=True, desc="strong scores"), beta=beta)
@@ -153,7 +226,7 @@ def run_transfer(adapter: str, strong_id: str, data: str, out: str, beta: float 
     save_transmiter(moved, out, strong.spec.id, strong.spec.fingerprint,
                     extra={"transferred_from": config["backbone"], "transferred_to": strong.spec.id, "beta": beta,
                            "data": data, "image_size": image_size or config.get("image_size"),
-                           "metrics": {"test": metrics}})
+                           "queries": query_modality(splits), "metrics": {"test": metrics}})
     return {"out": out, "transfer_seconds": seconds, "gradient_queries": weak.exposure.gradient_queries
             + strong.exposure.gradient_queries, "test": metrics}
 
@@ -166,15 +239,17 @@ def run_plus(adapter: str, backbone: str, data: str, out: str, shots: int | None
     """
     tm, saved, handle = _load_for(adapter, backbone, "transfer it there first")
     splits = load_splits(data)
+    _check_classes(tm, splits, adapter)
     size = image_size or saved.get("image_size")
-    px = _image_pixels(splits, handle, size, shots=shots)
+    px = load_queries(splits, handle, size, shots=shots)
     config = replace(config or PlusConfig(), seed=seed)
     best = plus(tm, handle, px, config=config)
     metrics = _evaluate(tm, handle, splits, px)
     save_transmiter(tm, out, handle.spec.id, handle.spec.fingerprint,
                     extra={**{k: v for k, v in saved.items() if k in ("transferred_from", "transferred_to")},
                            "method": "transmiter+", "plus": {"shots": shots, **best}, "train": asdict(config),
-                           "data": data, "image_size": size, "metrics": {"test": metrics}})
+                           "data": data, "image_size": size, "queries": query_modality(splits),
+                           "metrics": {"test": metrics}})
     return {"out": out, "best_val": best, "test": metrics, "train": asdict(config)}
 
 
@@ -182,6 +257,7 @@ def evaluate_transmiter(adapter: str, backbone: str, data: str, image_size: int 
     """Test metrics of a saved TransMiter on the backbone it was transferred to (or extracted on)."""
     tm, config, handle = _load_for(adapter, backbone)
     splits = load_splits(data)
-    px = _image_pixels(splits, handle, image_size or config.get("image_size"))
+    _check_classes(tm, splits, adapter)
+    px = load_queries(splits, handle, image_size or config.get("image_size"))
     return {"backbone": handle.spec.id, "method": config["method"], "data": data,
             "test": _evaluate(tm, handle, splits, px)}

@@ -1,14 +1,19 @@
 """TransMiter end to end: class scores, unsupervised extraction, forward-only transfer, TransMiter+.
 
-Everything here needs only black-box access: image and text embeddings of the
-weak and strong backbones (no gradient ever crosses a boundary), plus the
-fine-tuned weak model's scores.
+Everything here needs only black-box access: query and class-prompt embeddings of
+the weak and strong backbones (no gradient ever crosses a boundary), plus the
+fine-tuned weak model's scores. Queries are images (a ``[N, 3, H, W]`` tensor,
+through ``encode_image``) or texts (a list of strings, through ``encode_text``);
+the classes are always prompts through the text tower. The two backbones may
+have different embedding widths and tokenizers: everything past ``class_scores``
+works on ``[N, M]`` scores over one shared class list.
 
 Example:
     >>> tm = TransMiter.create(task_classes, total=1024, prompt="a picture of a {}")
     >>> tm.extract(tm.scores(weak, unlabeled), teacher_scores)           # teacher: [N, N_task]
     >>> strong_tm = tm.transfer(tm.scores(weak, unlabeled), tm.scores(strong, unlabeled))
     >>> strong_tm.predict(strong, test_pixels)                            # [B, N_task]
+    >>> strong_tm.predict(strong, ["a word's definition", "another"])      # text queries: [2, N_task]
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ from graytune.transfer.classes import expand_classes
 from graytune.transfer.procrustes import orthogonal_procrustes
 
 Tensor = torch.Tensor
+#: what TransMiter scores: images ``[N, 3, H, W]`` or texts
+Queries = Tensor | Sequence[str]
 
 
 class Encoder(Protocol):
@@ -89,19 +96,32 @@ def class_text(encoder: Encoder, names: Sequence[str], prompt: str, progress: bo
     return F.normalize(torch.cat(chunks), dim=-1)
 
 
-@torch.no_grad()
-def class_scores(encoder: Encoder, pixels: Tensor, names: Sequence[str], prompt: str, batch_size: int = 128,
-                 text: Tensor | None = None, progress: bool = False, desc: str = "scores") -> Tensor:
-    """``[N, C]`` scores, 100 × cosine of image embeddings and class-prompt embeddings (forward only).
+def encode_queries(encoder: Encoder, queries: Queries) -> Tensor:
+    """``[B, E]`` embeddings of images (a tensor, ``encode_image``) or texts (strings, ``encode_text``)."""
+    if isinstance(queries, Tensor):
+        return encoder.encode_image(queries)
+    if isinstance(queries, str):
+        raise InvalidInputError("text queries must be a list of strings, not one string")
+    return encoder.encode_text(list(queries))
 
-    ``progress`` shows a bar over the images (rate and ETA) on stderr, labelled ``desc``.
+
+@torch.no_grad()
+def class_scores(encoder: Encoder, queries: Queries, names: Sequence[str], prompt: str, batch_size: int = 128,
+                 text: Tensor | None = None, progress: bool = False, desc: str = "scores") -> Tensor:
+    """``[N, C]`` scores, 100 × cosine of query embeddings and class-prompt embeddings (forward only).
+
+    ``queries`` are images ``[N, 3, H, W]`` or N texts (see ``encode_queries``). ``progress`` shows a
+    bar over the queries (rate and ETA) on stderr, labelled ``desc``.
     """
     text = class_text(encoder, names, prompt, progress) if text is None else text
     chunks = []
-    with tqdm(total=len(pixels), desc=desc, unit="img", disable=not progress) as bar:
-        for i in range(0, len(pixels), batch_size):
-            chunks.append(F.normalize(encoder.encode_image(pixels[i:i + batch_size]).cpu(), dim=-1) @ text.T)
+    unit = "img" if isinstance(queries, Tensor) else "text"
+    with tqdm(total=len(queries), desc=desc, unit=unit, disable=not progress) as bar:
+        for i in range(0, len(queries), batch_size):
+            chunks.append(F.normalize(encode_queries(encoder, queries[i:i + batch_size]).cpu(), dim=-1) @ text.T)
             bar.update(len(chunks[-1]))
+    if not chunks:  # no queries: [0, C]
+        return text.new_zeros(0, len(text))
     return 100.0 * torch.cat(chunks)
 
 
@@ -132,24 +152,24 @@ class TransMiter:
 
     # -- scores ----------------------------------------------------------------------------
 
-    def scores(self, encoder: Encoder, pixels: Tensor, progress: bool = False, desc: str = "scores") -> Tensor:
-        """``[N, M]`` zero-shot scores over this class list (forward only).
+    def scores(self, encoder: Encoder, queries: Queries, progress: bool = False, desc: str = "scores") -> Tensor:
+        """``[N, M]`` zero-shot scores of images or texts over this class list (forward only).
 
         The M prompt embeddings are computed once per encoder and reused: encoders here are frozen
         (backbone handles, or a fine-tuned teacher that no longer trains). ``progress`` shows a bar
-        over the images on stderr.
+        over the queries on stderr.
         """
         cached = self._text.get(id(encoder))
         if cached is None or cached[0] is not encoder:
             cached = (encoder, class_text(encoder, self.classes, self.prompt, progress))
             self._text[id(encoder)] = cached
-        return class_scores(encoder, pixels, self.classes, self.prompt, text=cached[1], progress=progress,
+        return class_scores(encoder, queries, self.classes, self.prompt, text=cached[1], progress=progress,
                             desc=desc)
 
     @torch.no_grad()
-    def predict(self, encoder: Encoder, pixels: Tensor, progress: bool = False) -> Tensor:
-        """``[N, N_task]`` adapted task-class scores."""
-        return self.adapt(self.scores(encoder, pixels, progress, desc="predict"))
+    def predict(self, encoder: Encoder, queries: Queries, progress: bool = False) -> Tensor:
+        """``[N, N_task]`` adapted task-class scores of images or texts."""
+        return self.adapt(self.scores(encoder, queries, progress, desc="predict"))
 
     def adapt(self, scores: Tensor) -> Tensor:
         """Adapter on ``[N, M]`` scores, task classes kept: ``[N, N_task]``."""
@@ -187,7 +207,8 @@ class TransMiter:
         """The adapter moved to the strong backbone by an orthogonal basis change; no backprop anywhere.
 
         ``weak_scores`` and ``strong_scores`` are both backbones' zero-shot scores
-        of the same unlabeled images over this class list.
+        of the same unlabeled queries (images or texts) over this class list, ``[N, M]`` each: the
+        backbones' embedding widths and tokenizers never meet.
         """
         if weak_scores.shape != strong_scores.shape or weak_scores.shape[1] != len(self.classes):
             raise InvalidInputError(f"transfer needs both backbones' scores of the same images over the "
