@@ -25,14 +25,14 @@ WORDS = {"animal": "cat dog cats dogs sleeps sleep small", "weather": "rain on r
 PROMPT = "a text about {}"
 
 
-def tiny_texts(name: str = "tiny-texts") -> Splits:
+def tiny_texts(name: str = "tiny-texts", class_names: tuple[str, ...] = CLASSES) -> Splits:
     """A three-class text set: train 30, val 12, test 15, words drawn per class with a fixed seed."""
     rng = random.Random(0)
 
     def part(n: int) -> LabeledTexts:
         labels = [i % len(CLASSES) for i in range(n)]
         texts = tuple(" ".join(rng.choices(WORDS[CLASSES[y]].split(), k=4)) for y in labels)
-        return LabeledTexts(name, texts, torch.tensor(labels), CLASSES)
+        return LabeledTexts(name, texts, torch.tensor(labels), class_names)
 
     return Splits(name, "classification", part(30), part(12), part(15), prompt=PROMPT,
                   eval_splits={"base": (0, 1), "novel": (2,)})
@@ -45,7 +45,7 @@ def pair(tmp_path_factory):  # type: ignore[no-untyped-def]
     return f"hf-text:{weak}", f"hf-text:{strong}"
 
 
-def test_text_queries_extract_and_transfer_across_widths_and_tokenizers(pair) -> None:  # type: ignore[no-untyped-def]
+def test_text_queries_extract_and_transfer_across_widths_and_tokenizers(pair):  # type: ignore[no-untyped-def]
     weak = graytune.open_backbone(pair[0], access="black-box")
     strong = graytune.open_backbone(pair[1], access="black-box")
     splits = tiny_texts()
@@ -92,11 +92,8 @@ def test_queries_that_a_backbone_has_no_tower_for_are_refused(pair, tmp_path) ->
         load_queries(tiny_texts(), text_only, image_size=32)
 
 
-def test_cli_extract_transfer_plus_on_texts(pair, tmp_path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    sets = {"tiny-texts": tiny_texts(), "other-texts": tiny_texts("other-texts")}
-    other = sets["other-texts"]
-    sets["other-texts"] = Splits(other.name, other.task, *(LabeledTexts(d.name, d.texts, d.labels, ("x", "y", "z"))
-                                                           for d in (other.train, other.val, other.test)), prompt=PROMPT)
+def test_cli_extract_transfer_plus_on_texts(pair, tmp_path, capsys, monkeypatch):  # type: ignore[no-untyped-def]
+    sets = {"tiny-texts": tiny_texts(), "other-texts": tiny_texts("other-texts", ("x", "y", "z"))}
     fake = lambda name, *a, **k: sets[name]  # noqa: E731
     monkeypatch.setattr("graytune.train.recipe.load_splits", fake)
     monkeypatch.setattr("graytune.transfer.recipe.load_splits", fake)
@@ -125,7 +122,8 @@ def test_cli_extract_transfer_plus_on_texts(pair, tmp_path, capsys, monkeypatch)
     assert json.loads(capsys.readouterr().out)["test"] == moved["test"]  # eval scores texts the same way
 
     assert main(["train", "--backbone", strong, "--method", "transmiter+", "--adapter", str(tmp_path / "moved"),
-                 "--data", "tiny-texts", "--out", str(tmp_path / "plus"), "--shots", "2", "--json"]) == 0
+                 "--data", "tiny-texts", "--out", str(tmp_path / "plus"), "--shots", "2", "--max-steps", "2",
+                 "--json"]) == 0
     plus = json.loads(capsys.readouterr().out)
     assert "accuracy" in plus["test"] and "val_accuracy" in plus["best_val"]
     assert json.loads((tmp_path / "plus" / "adapter_config.json").read_text())["queries"] == "text"
