@@ -92,3 +92,28 @@ def test_a_channel_gate_and_the_option_checks(tiny_bert) -> None:
         build_adapter("dga-text", handle.spec, "text", gate="sigmoid")
     with pytest.raises(InvalidInputError, match="gate and zeroth_order"):
         build_adapter("dga-text", handle.spec, "text", gate="scalar", zeroth_order=True)
+
+
+def test_a_served_host_batches_gated_adapters_and_matches_them_one_by_one(tiny_bert, tmp_path) -> None:
+    from graytune.serve.adapters import AdapterHost, _Job
+
+    handle = open_for(tiny_bert, None, "lga-id")
+    folders = {}
+    for seed, method in enumerate(["dga-id", "dga-id", "dga"]):
+        model = AdaptedModel.build(handle, method)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)))
+        folders[f"{method}-{seed}"] = str(model.save_pretrained(tmp_path / str(seed)))
+    host = AdapterHost(handle, folders, window_ms=1)
+    try:
+        jobs = [_Job(host.model(name), "text", texts=TEXTS[:2]) for name in folders]
+        with torch.no_grad():
+            host.run(jobs)
+        assert host.backbone_calls == 3  # the two gated adapters share both of their calls; dga has its own
+        for name, job in zip(folders, jobs):
+            with torch.no_grad():
+                torch.testing.assert_close(job.future.result(), host.model(name).encode_text(TEXTS[:2]),
+                                           rtol=1e-4, atol=1e-5)
+    finally:
+        host.close()
