@@ -18,11 +18,11 @@ from graytune.train.compare import compare
 SETTINGS = [
     # (name, backbone, data, image size, methods)
     ("text", "minilm", "wordnet-supersense", None,
-     ["zero-shot", "output", "output-mlp", "dga", "lga", "adalink", "lora", "full"]),
+     ["zero-shot", "output", "output-mlp", "dga", "lga", "adalink+output", "lora", "full"]),
     ("image", "bridge:efficientnet-lite0+minilm", "fashion-mnist", 64,
-     ["zero-shot", "output", "output-mlp", "dga", "lga", "adalink", "lora", "full"]),
+     ["zero-shot", "output", "output-mlp", "dga", "lga", "adalink+output", "lora", "full"]),
     ("image-text", "bridge:efficientnet-lite0+minilm", "tuxpaint", 128,
-     ["zero-shot", "output", "output-mlp", "dga", "lga", "adalink", "lora", "full"]),
+     ["zero-shot", "output", "output-mlp", "dga", "lga", "adalink+output", "lora", "full"]),
     ("sketch", "bridge:efficientnet-lite0+minilm", "tuxpaint-sketch", 96,
      ["zero-shot", "output", "output-mlp", "dga", "lga", "lora", "full"]),
 ]

@@ -20,13 +20,14 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([m.to_dict() for m in chosen], indent=2))
         return 0
-    head = f"{'method':<12}{'access':<12}{'lr':>8}  {'reads':<20}{'ports touched'}"
-    print(head)
+    rows = [(m.name, m.min_access.label, f"{m.lr:g}" if m.lr is not None else "-", ", ".join(m.reads) or "-",
+             ", ".join(m.ports) or ("the module itself (a copy)" if m.kind is MethodKind.WHITEBOX else "-"))
+            for m in chosen]
+    name_w, reads_w = (max(len(r[i]) for r in [("method", "", "", "reads", ""), *rows]) + 2 for i in (0, 3))
+    print(f"{'method':<{name_w}}{'access':<12}{'lr':>8}  {'reads':<{reads_w}}ports touched")
     print("-" * 100)
-    for m in chosen:
-        lr = f"{m.lr:g}" if m.lr is not None else "-"
-        ports = ", ".join(m.ports) or ("the module itself (a copy)" if m.kind is MethodKind.WHITEBOX else "-")
-        print(f"{m.name:<12}{m.min_access.label:<12}{lr:>8}  {', '.join(m.reads) or '-':<20}{ports}")
+    for name, access, lr, reads, ports in rows:  # columns as wide as their longest entry: names never run together
+        print(f"{name:<{name_w}}{access:<12}{lr:>8}  {reads:<{reads_w}}{ports}")
     for m in chosen:
         print(f"\n{m.name} ({m.kind.value}): {m.doc}")
         print(f"  trains: {m.trains}")
