@@ -1,0 +1,176 @@
+"""The exposure study (docs/exposure.md): every rung of the access ladder on two real tasks, what each run
+revealed, the zeroth-order methods' accuracy against calls, and the audit's extraction fidelity.
+
+Run: .venv/bin/python scripts/exposure.py [--seeds 0,1,2] [--parts ladder,curves,audits]
+     [--audit-budgets 1000,10000] [--out docs/exposure-raw.json]
+then .venv/bin/python scripts/exposure_table.py (renders docs/exposure.md and docs/figures/exposure-*.png).
+Every finished run is written at once (atomically), so an interrupted study resumes where it stopped;
+rerunning with more seeds or budgets adds only what is missing.
+
+Protocol:
+- ladder: each method at its own (least) access level with the registry's learning rate, batch 32,
+  AdamW with warm-up and cosine decay; gradient methods 60 steps (docs/results.md's budget); the
+  zeroth-order ones (dga-zo, prompt-zo) until ``ZO_FACTOR`` times the forward calls of the same seed's
+  DGA run (``--max-calls``), BlackVIP's SPSA-GC with q = 5, eps = 0.01; validation every ``EVAL_EVERY``
+  steps, best validation kept, test scored once.
+- curves: dga-zo on the text task with SPSA, SPSA-GC and ZIP at the same call budget, validation every
+  ``EVAL_EVERY`` steps: accuracy against training calls (SPSA-GC's curves are the ladder's runs).
+- audits: ``graytune audit`` at black-box, dark-gray and light-gray on each task's backbone, 16 rows a call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from graytune.audit import AuditConfig, run_audit
+from graytune.data.catalog import load_splits
+from graytune.methods import get_method
+from graytune.model import AdaptedModel
+from graytune.train.recipe import make_task, open_for
+from graytune.train.trainer import TrainConfig, fit, seed_everything
+
+#: (name, backbone, data set, image size): the two real tasks the issue names
+TASKS = [
+    ("text", "minilm", "wordnet-supersense", None),
+    ("image-text", "bridge:efficientnet-lite0+minilm", "tuxpaint", 128),
+]
+#: the ladder, bottom rung first (DGA before the zeroth-order runs: their budget is a multiple of its calls)
+LADDER = ["zero-shot", "output", "dga", "dga-zo", "prompt-zo", "lga", "adalink", "lora", "full"]
+ZO_METHODS = ("dga-zo", "prompt-zo")
+CURVE_ESTIMATORS = ("spsa", "zip")  # spsa-gc: the ladder's dga-zo runs
+STEPS, BATCH, EVAL_EVERY, ZO_FACTOR = 60, 32, 10, 20
+LEVELS = ("black-box", "dark-gray", "light-gray")
+
+log = logging.getLogger("exposure")
+
+
+def run_method(backbone: str, data: str, size: int | None, method: str, seed: int, max_calls: int = 0,
+               estimator: str | None = None) -> dict[str, Any]:
+    """Train ``method`` (or score it untrained) and record its accuracy, calls and exposure."""
+    splits = load_splits(data)
+    spec = get_method(method)
+    handle = open_for(backbone, None, method)
+    task = make_task(splits, handle, size)
+    seed_everything(seed)
+    model = AdaptedModel.build(handle, method)
+    row: dict[str, Any] = {"method": method, "access": spec.min_access.label, "seed": seed, "estimator": estimator}
+    started = time.perf_counter()
+    if spec.slots:
+        zo = method in ZO_METHODS
+        config = TrainConfig(lr=spec.lr, max_steps=100_000 if zo else STEPS, batch_size=BATCH, seed=seed,
+                             eval_every=EVAL_EVERY, max_calls=max_calls, zo=estimator if zo else None)
+        result = fit(model, task, splits.val, config, progress=False)
+        row.update(steps=result.steps, stopped=result.stopped, lr=config.lr, calls=result.calls,
+                   best_val=result.best_metric, best_step=result.best_step,
+                   trainable_parameters=model.trainable_parameters(),
+                   curve=[(h["train_calls"], h[f"val_{task.primary}"]) for h in result.history])
+    else:
+        row.update(steps=0, trainable_parameters=0, best_val=task.evaluate(model, splits.val)[task.primary])
+    row["test"] = task.evaluate(model, splits.test)
+    row["primary"] = task.primary
+    row["seconds"] = round(time.perf_counter() - started, 1)
+    row["exposure"] = handle.exposure.to_dict()  # validation and test calls included; ``calls`` has them apart
+    return row
+
+
+class Store:
+    """The raw JSON, rewritten atomically after every finished unit of work.
+
+    Parts may run in separate processes at once (``--parts audits`` beside ``--parts ladder``): each write
+    rereads the file under a lock and adds its row, so neither process drops the other's rows.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data = self._read()
+
+    def _read(self) -> dict[str, Any]:
+        data = json.loads(self.path.read_text()) if self.path.is_file() else {"ladder": [], "curves": [], "audits": []}
+        data.update(protocol={"steps": STEPS, "batch_size": BATCH, "eval_every": EVAL_EVERY,
+                              "zo_factor": ZO_FACTOR, "zo_estimator": "spsa-gc", "tasks": TASKS})
+        return data
+
+    def find(self, part: str, **key: Any) -> dict[str, Any] | None:
+        return next((r for r in self.data[part] if all(r.get(k) == v for k, v in key.items())), None)
+
+    def add(self, part: str, row: dict[str, Any]) -> None:
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self.data = self._read()
+            self.data[part].append(row)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.data, indent=1))
+            tmp.replace(self.path)
+
+
+def zo_budget(store: Store, task: str, seed: int) -> int:
+    dga = store.find("ladder", task=task, method="dga", seed=seed)
+    assert dga is not None, "the DGA run comes first"
+    return ZO_FACTOR * dga["calls"]["train"]
+
+
+def ladder(store: Store, seeds: list[int], methods: list[str] = LADDER) -> None:
+    for name, backbone, data, size in TASKS:
+        for seed in seeds:
+            for method in methods:
+                if store.find("ladder", task=name, method=method, seed=seed):
+                    continue
+                budget = zo_budget(store, name, seed) if method in ZO_METHODS else 0
+                row = run_method(backbone, data, size, method, seed, budget,
+                                 "spsa-gc" if method in ZO_METHODS else None)
+                log.info("%s seed %d %s: %s in %.0f s", name, seed, method, row["test"], row["seconds"])
+                store.add("ladder", {**row, "task": name, "backbone": backbone, "data": data, "image_size": size})
+
+
+def curves(store: Store, seeds: list[int], estimators: list[str]) -> None:
+    name, backbone, data, size = TASKS[0]
+    for seed in seeds:
+        for estimator in estimators:
+            if store.find("curves", task=name, estimator=estimator, seed=seed):
+                continue
+            row = run_method(backbone, data, size, "dga-zo", seed, zo_budget(store, name, seed), estimator)
+            log.info("%s seed %d dga-zo/%s: %s in %.0f s", name, seed, estimator, row["test"], row["seconds"])
+            store.add("curves", {**row, "task": name, "backbone": backbone, "data": data})
+
+
+def audits(store: Store, budgets: list[int]) -> None:
+    for name, backbone, _data, _size in TASKS:
+        for budget in budgets:
+            if store.find("audits", task=name, budget=budget):
+                continue
+            report = run_audit(backbone, AuditConfig(levels=LEVELS, budget=budget), progress=False)
+            log.info("%s audit at %d calls: %.0f s", name, budget, report.data["seconds"])
+            store.add("audits", {"task": name, "backbone": backbone, "budget": budget, "report": report.data})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--parts", default="ladder,curves,audits")
+    parser.add_argument("--audit-budgets", default="1000,10000")
+    parser.add_argument("--methods", default=",".join(LADDER), help="ladder methods to run (default: all)")
+    parser.add_argument("--estimators", default=",".join(CURVE_ESTIMATORS), help="curves: estimators beside spsa-gc")
+    parser.add_argument("--out", default="docs/exposure-raw.json")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    store = Store(Path(args.out))
+    seeds = [int(s) for s in args.seeds.split(",")]
+    parts = args.parts.split(",")
+    if "ladder" in parts:
+        chosen = set(args.methods.split(",")) | ({"dga"} if set(ZO_METHODS) & set(args.methods.split(",")) else set())
+        ladder(store, seeds, [m for m in LADDER if m in chosen])  # the zeroth-order budget needs DGA's calls
+    if "curves" in parts:
+        ladder(store, seeds, ["dga"])  # the curves' budget is a multiple of DGA's calls
+        curves(store, seeds, args.estimators.split(","))
+    if "audits" in parts:
+        audits(store, [int(b) for b in args.audit_budgets.split(",")])
+
+
+if __name__ == "__main__":
+    main()

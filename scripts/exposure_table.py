@@ -1,0 +1,283 @@
+"""Render docs/exposure-raw.json (written by scripts/exposure.py) into docs/exposure.md and its figures.
+
+Run: .venv/bin/python scripts/exposure_table.py [--raw docs/exposure-raw.json] [--doc docs/exposure.md]
+     [--figures docs/figures]
+
+The tables replace what lies between ``<!-- generated:NAME -->`` and ``<!-- /generated:NAME -->`` in the
+document (the prose around them is kept); the figures are ``exposure-ladder.png``, ``exposure-zo-curves.png``
+and ``exposure-audit.png``. Reads only the JSON; seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+SIZE, DPI = (6.4, 4.0), 100
+LEVELS = ("black-box", "dark-gray", "light-gray", "white-box")
+COLOURS = {"black-box": "#222222", "dark-gray": "#1f77b4", "light-gray": "#2ca02c", "white-box": "#d62728"}
+ESTIMATORS = {"spsa": "SPSA", "spsa-gc": "SPSA-GC (BlackVIP)", "zip": "ZIP (intrinsic, clipped)"}
+TITLES = {"text": "MiniLM, WordNet gloss → supersense (accuracy)",
+          "image-text": "bridge, Tux Paint drawing ↔ caption retrieval at 128 px (mean recall@1)"}
+HIDDEN_PORTS = ("input_ids", "attention_mask")  # what every call sends; not an exposure of its own
+
+
+def pct(values: list[float]) -> str:
+    values = [100.0 * v for v in values]
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def mean(values: list[float]) -> float:
+    return statistics.mean(values) if values else float("nan")
+
+
+def grouped(rows: list[dict[str, Any]], *keys: str) -> dict[tuple, list[dict[str, Any]]]:
+    out: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        out[tuple(row[k] for k in keys)].append(row)
+    return out
+
+
+def ports(exposure: dict[str, Any]) -> str:
+    """The ports a run touched beyond the plain inputs, with the ops used and the widths revealed."""
+    cells = []
+    for port, ops in exposure["ports"].items():
+        if port.endswith(HIDDEN_PORTS):
+            continue
+        width = [d for d in exposure["dims"].get(port, []) if isinstance(d, int)]
+        cells.append(f"`{port}` {'/'.join(ops)}" + (f" ({'×'.join(map(str, width))})" if width else ""))
+    return "; ".join(cells) or "—"
+
+
+def audit_at(audits: list[dict[str, Any]], task: str, level: str, calls: int) -> str:
+    """The audit's surrogate fidelity (probe accuracy as a share of the backbone's) at ``calls`` or just below."""
+    if level == "white-box":
+        return "1 (the module is handed over)"
+    reports = [a for a in audits if a["task"] == task]
+    if not reports:
+        return "not run"
+    report = max(reports, key=lambda a: a["budget"])["report"]
+    points = [c for c in report["levels"][level]["extraction"]["checkpoints"] if c["calls"] <= calls]
+    if not points:
+        return "—"
+    best = points[-1]
+    return f"{best['probe_ratio']:.2f} at {best['calls']:,}"
+
+
+def ladder_table(raw: dict[str, Any], task: str) -> str:
+    rows = [r for r in raw["ladder"] if r["task"] == task]
+    if not rows:
+        return "_not run yet_\n"
+    primary = rows[0]["primary"]
+    lines = ["| method | access | ports used (ops, widths revealed) | training calls | all forward calls | "
+             f"VJP calls | VJP rows | test {primary} % | audit fidelity at these calls |",
+             "|---|---|---|---:|---:|---:|---:|---:|---|"]
+    by_method = grouped(rows, "method")
+    for method in raw_order(by_method):
+        runs = by_method[(method,)]
+        first = runs[0]
+        exposure = first["exposure"]
+        forward = round(mean([r["exposure"]["forward_queries"] for r in runs]))
+        vjp = round(mean([r["exposure"]["gradient_queries"] for r in runs]))
+        vjp_rows = round(mean([r["exposure"].get("gradient_samples", 0) for r in runs]))
+        train = round(mean([r.get("calls", {}).get("train", 0) for r in runs]))
+        seeds = len(runs)
+        access = first["access"]
+        used = "the module itself (its weights)" if access == "white-box" else ports(exposure)
+        lines.append(f"| {method} | {access} | {used} | {train:,} | {forward:,} | {vjp:,} | {vjp_rows:,} | "
+                     f"{pct([r['test'][primary] for r in runs])}{'' if seeds == 3 else f' ({seeds} seeds)'} | "
+                     f"{audit_at(raw['audits'], task, access, forward + vjp)} |")
+    return "\n".join(lines) + "\n"
+
+
+def raw_order(by_method: dict[tuple, list]) -> list[str]:
+    order = ["zero-shot", "output", "dga-zo", "prompt-zo", "dga", "lga", "adalink", "lora", "full"]
+    names = [m for (m,) in by_method]
+    return [m for m in order if m in names] + [m for m in names if m not in order]
+
+
+def targets_table(raw: dict[str, Any]) -> str:
+    lines = ["| task | output (black-box) | dga-zo (black-box) | DGA (dark-gray) | gap closed | "
+             "dga-zo calls / DGA calls | beats output? | closes half the gap? |",
+             "|---|---:|---:|---:|---:|---:|---|---|"]
+    for task in TITLES:
+        rows = [r for r in raw["ladder"] if r["task"] == task]
+        by = grouped(rows, "method")
+        if not all((m,) in by for m in ("output", "dga", "dga-zo")):
+            continue
+        primary = rows[0]["primary"]
+        acc = {m: mean([r["test"][primary] for r in by[(m,)]]) for m in ("output", "dga", "dga-zo")}
+        gap = acc["dga"] - acc["output"]
+        closed = (acc["dga-zo"] - acc["output"]) / gap if gap > 0 else float("nan")
+        ratio = mean([r["calls"]["train"] for r in by[("dga-zo",)]]) / mean([r["calls"]["train"] for r in by[("dga",)]])
+        lines.append(f"| {task} | {100 * acc['output']:.1f} | {100 * acc['dga-zo']:.1f} | {100 * acc['dga']:.1f} | "
+                     f"{closed:.0%} | {ratio:.0f}× | {'yes' if acc['dga-zo'] > acc['output'] else 'no'} | "
+                     f"{'yes' if closed >= 0.5 else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def zo_curves(raw: dict[str, Any]) -> dict[str, list[list[tuple[int, float]]]]:
+    """Validation accuracy against training calls per estimator on the text task, one curve per seed."""
+    curves: dict[str, list[list[tuple[int, float]]]] = defaultdict(list)
+    for row in raw["ladder"]:
+        if row["task"] == "text" and row["method"] in ("dga-zo", "dga"):
+            curves[row["estimator"] or "dga"].append([tuple(p) for p in row["curve"]])
+    for row in raw["curves"]:
+        curves[row["estimator"]].append([tuple(p) for p in row["curve"]])
+    return curves
+
+
+def mean_curve(runs: list[list[tuple[int, float]]]) -> list[tuple[int, float]]:
+    """The seeds' mean at each number of calls all of them logged."""
+    common = sorted(set.intersection(*(set(c for c, _ in run) for run in runs)))
+    return [(c, mean([dict(run)[c] for run in runs])) for c in common]
+
+
+def calls_to_table(raw: dict[str, Any]) -> str:
+    """Calls to a common accuracy: the lowest of the estimators' best mean validation accuracies (as ZIP)."""
+    curves = {k: mean_curve(v) for k, v in zo_curves(raw).items() if k in ESTIMATORS and v}
+    if len(curves) < 2:
+        return "_not run yet_\n"
+    target = min(max(a for _, a in curve) for curve in curves.values())
+    lines = [f"Common target: {100 * target:.1f} % validation accuracy (the lowest of the estimators' best mean "
+             "accuracies).\n", "| estimator | seeds | best val % (mean) | calls to the target | test % |",
+             "|---|---:|---:|---:|---:|"]
+    tests = grouped([r for r in [*raw["ladder"], *raw["curves"]] if r["task"] == "text" and r["estimator"]],
+                    "estimator")
+    for name, curve in curves.items():
+        hit = next(c for c, a in curve if a >= target)
+        runs = tests[(name,)]
+        lines.append(f"| {ESTIMATORS[name]} | {len(runs)} | {100 * max(a for _, a in curve):.1f} | {hit:,} | "
+                     f"{pct([r['test']['accuracy'] for r in runs])} |")
+    return "\n".join(lines) + "\n"
+
+
+def audit_table(raw: dict[str, Any]) -> str:
+    lines = ["| task (tower attacked) | budget | level | surrogate probe / backbone's | cosine | agreement | "
+             "recommended quota | duplicate-row Jacobian | geometry (row corr.) | seconds |",
+             "|---|---:|---|---:|---:|---:|---|---|---|---:|"]
+    for audit in sorted(raw["audits"], key=lambda a: (a["task"], a["budget"])):
+        report = audit["report"]
+        for level, found in report["levels"].items():
+            last = found["extraction"]["checkpoints"][-1]
+            quota = found.get("recommended_quota", found.get("extraction_quota", {})).get("quota")
+            quota = f"{quota['calls']:,} calls" if isinstance(quota, dict) else str(quota)
+            dup = found.get("duplicate_rows", {})
+            dup_cell = f"{dup['status']}: {dup.get('rows', 0)} rows in {dup['spent']['calls']} calls" \
+                if "spent" in dup else dup.get("status", "—")
+            geo = found.get("embedding_geometry", {})
+            geo_cell = f"{geo['pairwise_cosine_correlation']:.2f}" if "pairwise_cosine_correlation" in geo else \
+                geo.get("status", "—")
+            lines.append(f"| {audit['task']} ({report['modality']}) | {audit['budget']:,} | {level} | "
+                         f"{last['probe_ratio']:.2f} | {last['cosine']:.2f} | {last['agreement']:.2f} | {quota} | "
+                         f"{dup_cell} | {geo_cell} | {report['seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def ladder_figure(raw: dict[str, Any], path: Path) -> None:
+    fig = Figure(figsize=(SIZE[0] * 2, SIZE[1]), dpi=DPI)
+    for i, task in enumerate(TITLES):
+        ax = fig.add_subplot(1, 2, i + 1)
+        rows = [r for r in raw["ladder"] if r["task"] == task]
+        for (method,), runs in grouped(rows, "method").items():
+            primary = runs[0]["primary"]
+            calls = mean([r["exposure"]["forward_queries"] + r["exposure"]["gradient_queries"] for r in runs])
+            acc = [100 * r["test"][primary] for r in runs]
+            err = statistics.stdev(acc) if len(acc) > 1 else 0.0
+            ax.errorbar(max(calls, 1), mean(acc), yerr=err, fmt="o", color=COLOURS[runs[0]["access"]])
+            ax.annotate(method, (max(calls, 1), mean(acc)), textcoords="offset points", xytext=(4, 3), fontsize=7)
+        ax.set_xscale("log")
+        ax.set_xlabel("boundary calls of the run (forward + VJP, validation and test included)")
+        ax.set_ylabel("test %")
+        ax.set_title(TITLES[task], fontsize=8)
+        for level, colour in COLOURS.items():
+            ax.plot([], [], "o", color=colour, label=level)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def curves_figure(raw: dict[str, Any], path: Path) -> None:
+    fig = Figure(figsize=SIZE, dpi=DPI)
+    ax = fig.add_subplot()
+    for name, runs in zo_curves(raw).items():
+        curve = mean_curve(runs)
+        if not curve:
+            continue
+        label = ESTIMATORS.get(name, "DGA (dark-gray, VJPs)") + f", {len(runs)} seed{'s' * (len(runs) > 1)}"
+        ax.plot([c for c, _ in curve], [100 * a for _, a in curve], marker=".", label=label)
+    output = [r for r in raw["ladder"] if r["task"] == "text" and r["method"] == "output"]
+    if output:
+        ax.axhline(100 * mean([r["best_val"] for r in output]), color="0.5", ls="--", lw=1,
+                   label="output adapters only (black-box), best val")
+    ax.set_xlabel("training calls (one batched forward = one call)")
+    ax.set_ylabel("validation accuracy %")
+    ax.set_title("MiniLM WordNet supersenses: dga-zo by estimator vs DGA", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def audit_figure(raw: dict[str, Any], path: Path) -> None:
+    tasks = sorted({a["task"] for a in raw["audits"]})
+    fig = Figure(figsize=(SIZE[0] * max(len(tasks), 1), SIZE[1]), dpi=DPI)
+    for i, task in enumerate(tasks):
+        ax = fig.add_subplot(1, len(tasks), i + 1)
+        audit = max((a for a in raw["audits"] if a["task"] == task), key=lambda a: a["budget"])
+        for level, found in audit["report"]["levels"].items():
+            points = [c for c in found["extraction"]["checkpoints"] if c["calls"] > 0]
+            ax.plot([c["calls"] for c in points], [c["probe_ratio"] for c in points], marker=".",
+                    color=COLOURS[level], label=level)
+        ax.axhline(0.9, color="0.5", ls="--", lw=1, label="90 % of the backbone's probe")
+        ax.set_xscale("log")
+        ax.set_xlabel("attack calls (16 rows each)")
+        ax.set_ylabel("surrogate probe accuracy / backbone's")
+        ax.set_title(f"{audit['backbone']} ({audit['report']['modality']} tower), budget {audit['budget']:,}",
+                     fontsize=8)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def replace(doc: str, name: str, body: str) -> str:
+    pattern = re.compile(rf"(<!-- generated:{name} -->\n).*?(<!-- /generated:{name} -->)", re.S)
+    if not pattern.search(doc):
+        raise SystemExit(f"{name}: no <!-- generated:{name} --> ... <!-- /generated:{name} --> block in the document")
+    return pattern.sub(lambda m: m.group(1) + body + m.group(2), doc)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--raw", default="docs/exposure-raw.json")
+    parser.add_argument("--doc", default="docs/exposure.md")
+    parser.add_argument("--figures", default="docs/figures")
+    args = parser.parse_args()
+    raw = json.loads(Path(args.raw).read_text())
+    doc_path = Path(args.doc)
+    doc = doc_path.read_text()
+    for task in TITLES:
+        doc = replace(doc, f"ladder-{task}", ladder_table(raw, task))
+    doc = replace(doc, "targets", targets_table(raw))
+    doc = replace(doc, "calls-to-accuracy", calls_to_table(raw))
+    doc = replace(doc, "audits", audit_table(raw))
+    figures = Path(args.figures)
+    figures.mkdir(parents=True, exist_ok=True)
+    ladder_figure(raw, figures / "exposure-ladder.png")
+    curves_figure(raw, figures / "exposure-zo-curves.png")
+    audit_figure(raw, figures / "exposure-audit.png")
+    tmp = doc_path.with_suffix(".tmp")
+    tmp.write_text(doc)
+    tmp.replace(doc_path)
+
+
+if __name__ == "__main__":
+    main()
