@@ -11,8 +11,9 @@ Protocol:
 - ladder: each method at its own (least) access level with the registry's learning rate, batch 32,
   AdamW with warm-up and cosine decay; gradient methods 60 steps (docs/results.md's budget); the
   zeroth-order ones (dga-zo, prompt-zo) until ``ZO_FACTOR`` times the forward calls of the same seed's
-  DGA run (``--max-calls``), BlackVIP's SPSA-GC with q = 5, eps = 0.01; validation every ``EVAL_EVERY``
-  steps, best validation kept, test scored once.
+  DGA run (``--max-calls``), BlackVIP's SPSA-GC with q = 5, eps = 0.01, for the steps that budget pays
+  for (the warm-up and cosine schedule span them); validation every ``EVAL_EVERY`` steps, best validation
+  kept, test scored once.
 - curves: dga-zo on the text task with SPSA, SPSA-GC and ZIP at the same call budget, validation every
   ``EVAL_EVERY`` steps: accuracy against training calls (SPSA-GC's curves are the ladder's runs).
 - audits: ``graytune audit`` at black-box, dark-gray and light-gray on each task's backbone, 16 rows a call.
@@ -44,14 +45,14 @@ TASKS = [
 LADDER = ["zero-shot", "output", "dga", "dga-zo", "prompt-zo", "lga", "adalink", "lora", "full"]
 ZO_METHODS = ("dga-zo", "prompt-zo")
 CURVE_ESTIMATORS = ("spsa", "zip")  # spsa-gc: the ladder's dga-zo runs
-STEPS, BATCH, EVAL_EVERY, ZO_FACTOR = 60, 32, 10, 20
+STEPS, BATCH, EVAL_EVERY, ZO_FACTOR, ZO_Q = 60, 32, 10, 20, 5
 LEVELS = ("black-box", "dark-gray", "light-gray")
 
 log = logging.getLogger("exposure")
 
 
 def run_method(backbone: str, data: str, size: int | None, method: str, seed: int, max_calls: int = 0,
-               estimator: str | None = None) -> dict[str, Any]:
+               estimator: str | None = None, calls_per_loss: int = 2) -> dict[str, Any]:
     """Train ``method`` (or score it untrained) and record its accuracy, calls and exposure."""
     splits = load_splits(data)
     spec = get_method(method)
@@ -63,8 +64,11 @@ def run_method(backbone: str, data: str, size: int | None, method: str, seed: in
     started = time.perf_counter()
     if spec.slots:
         zo = method in ZO_METHODS
-        config = TrainConfig(lr=spec.lr, max_steps=100_000 if zo else STEPS, batch_size=BATCH, seed=seed,
-                             eval_every=EVAL_EVERY, max_calls=max_calls, zo=estimator if zo else None)
+        # a zeroth-order step is 2q loss evaluations, each the calls of one DGA step: the schedule (warm-up,
+        # cosine decay) spans exactly the steps the budget pays for, and max_calls guards it
+        steps = max_calls // (2 * ZO_Q * calls_per_loss) if zo else STEPS
+        config = TrainConfig(lr=spec.lr, max_steps=steps, batch_size=BATCH, seed=seed, eval_every=EVAL_EVERY,
+                             max_calls=max_calls, zo=estimator if zo else None, zo_q=ZO_Q if zo else None)
         result = fit(model, task, splits.val, config, progress=False)
         row.update(steps=result.steps, stopped=result.stopped, lr=config.lr, calls=result.calls,
                    best_val=result.best_metric, best_step=result.best_step,
@@ -109,10 +113,11 @@ class Store:
             tmp.replace(self.path)
 
 
-def zo_budget(store: Store, task: str, seed: int) -> int:
+def zo_budget(store: Store, task: str, seed: int) -> tuple[int, int]:
+    """``ZO_FACTOR`` times the training calls of the seed's DGA run, and DGA's calls per step (one loss)."""
     dga = store.find("ladder", task=task, method="dga", seed=seed)
     assert dga is not None, "the DGA run comes first"
-    return ZO_FACTOR * dga["calls"]["train"]
+    return ZO_FACTOR * dga["calls"]["train"], dga["calls"]["train"] // dga["steps"]
 
 
 def ladder(store: Store, seeds: list[int], methods: list[str] = LADDER) -> None:
@@ -121,9 +126,9 @@ def ladder(store: Store, seeds: list[int], methods: list[str] = LADDER) -> None:
             for method in methods:
                 if store.find("ladder", task=name, method=method, seed=seed):
                     continue
-                budget = zo_budget(store, name, seed) if method in ZO_METHODS else 0
+                budget, per_loss = zo_budget(store, name, seed) if method in ZO_METHODS else (0, 2)
                 row = run_method(backbone, data, size, method, seed, budget,
-                                 "spsa-gc" if method in ZO_METHODS else None)
+                                 "spsa-gc" if method in ZO_METHODS else None, per_loss)
                 log.info("%s seed %d %s: %s in %.0f s", name, seed, method, row["test"], row["seconds"])
                 store.add("ladder", {**row, "task": name, "backbone": backbone, "data": data, "image_size": size})
 
@@ -134,7 +139,8 @@ def curves(store: Store, seeds: list[int], estimators: list[str]) -> None:
         for estimator in estimators:
             if store.find("curves", task=name, estimator=estimator, seed=seed):
                 continue
-            row = run_method(backbone, data, size, "dga-zo", seed, zo_budget(store, name, seed), estimator)
+            budget, per_loss = zo_budget(store, name, seed)
+            row = run_method(backbone, data, size, "dga-zo", seed, budget, estimator, per_loss)
             log.info("%s seed %d dga-zo/%s: %s in %.0f s", name, seed, estimator, row["test"], row["seconds"])
             store.add("curves", {**row, "task": name, "backbone": backbone, "data": data})
 
