@@ -67,7 +67,7 @@ def run_seed(seed: int, folder: Path, steps: int, total: int, unlabeled: int) ->
         weak_u = tm.scores(weak, px.unlabeled)
         teacher = tm.scores(weak_ft, px.unlabeled)[:, :len(names)]
         start = time.perf_counter()
-        tm.extract(weak_u, teacher, ExtractConfig(seed=seed))
+        tm.extract(weak_u, teacher, ExtractConfig(seed=seed, noise_per="sample"))  # as docs/transmiter-raw.json
         extract_seconds = time.perf_counter() - start
         start = time.perf_counter()
         moved = tm.transfer(weak_u, tm.scores(strong, px.unlabeled))

@@ -28,7 +28,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--data", required=True, help="the same data set; its training images or texts, labels unused")
     t.add_argument("--out", required=True)
     t.add_argument("--beta", type=non_negative_float, default=500.0,
-                   help="pull of the basis change towards the identity (>= 0; default: 500)")
+                   help="pull of the basis change towards the identity (>= 0; default: 500, the authors' value "
+                   "for their pool size)")
+    t.add_argument("--beta-per-sample", type=non_negative_float, default=None,
+                   help="instead of --beta, β = this × N (N: the unlabeled queries), so that the pull keeps its "
+                   "weight against the data term, which grows with N (e.g. 0.625: 500 at N = 800)")
     t.add_argument("--image-size", type=positive_int, default=None)
     t.add_argument("--json", action="store_true")
     t.add_argument("--overwrite", action="store_true", help="replace a finished adapter in --out")
@@ -57,5 +61,6 @@ def run_transfer(args: argparse.Namespace) -> int:
     from graytune.transfer.recipe import run_transfer as transfer
 
     prepare_out(args.out, args.overwrite)  # never deletes what graytune did not write
-    _print(transfer(args.adapter, args.strong, args.data, args.out, args.beta, args.image_size), args.json)
+    _print(transfer(args.adapter, args.strong, args.data, args.out, args.beta, args.image_size,
+                    args.beta_per_sample), args.json)
     return 0

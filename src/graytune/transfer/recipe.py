@@ -27,11 +27,13 @@ from graytune.data.images import ImagePreprocess, pixel_cache
 from graytune.errors import ArtifactError, InvalidInputError
 from graytune.eval.classification import split_accuracy
 from graytune.transfer.transmiter import (
+    BETA,
     ExtractConfig,
     PlusConfig,
     Queries,
     TransMiter,
     load_transmiter,
+    procrustes_beta,
     save_transmiter,
 )
 
@@ -90,7 +92,7 @@ def check_towers(splits: Splits, handle: Handle) -> str:
 
 
 def load_queries(splits: Splits, handle: Handle, image_size: int | None = None, unlabeled: Any = None,
-                 shots: int | None = None, progress: bool = True) -> QuerySets:
+                 shots: int | None = None, progress: bool = True, base_only: bool = False) -> QuerySets:
     """The ``unlabeled`` queries (labels unused), a labelled ``shots``-per-class subset of train, val, test.
 
     Images are preprocessed for ``handle`` at ``image_size`` (default: the backbone's own); texts are
@@ -98,12 +100,19 @@ def load_queries(splits: Splits, handle: Handle, image_size: int | None = None, 
     set of the same kind (``pil(i)`` for images, ``texts`` for texts); keep it disjoint from
     ``splits.val`` and ``splits.test``. ``progress`` shows a bar per image set decoded on stderr.
 
+    ``base_only`` keeps, of ``unlabeled``, the items of the classes trained on (``splits.classes``,
+    the base of a base-to-novel set): the paper's protocol, where no novel-class item is seen before
+    test. A base-to-novel set's own ``train`` holds base items only already; a pool given as
+    ``unlabeled`` may hold novel ones (transductive) unless ``base_only`` drops them.
+
     Raises:
         InvalidInputError: the set is not image or text classification, the backbone lacks a tower it
-            needs, or ``image_size`` is given for texts.
+            needs, ``image_size`` is given for texts, or ``base_only`` for a set that is not base-to-novel.
     """
     modality = check_towers(splits, handle)
     unlabeled = splits.train if unlabeled is None else unlabeled
+    if base_only:
+        unlabeled = base_items(unlabeled, splits)
     if modality == "text":
         if image_size is not None:
             raise InvalidInputError(f"an image size ({image_size}) was given for {splits.name}, whose items are "
@@ -130,6 +139,19 @@ def load_queries(splits: Splits, handle: Handle, image_size: int | None = None, 
     return QuerySets(take(unlabeled, list(range(len(unlabeled))), "unlabeled"), take(splits.train, few, "train"),
                      labels[few], take(splits.val, list(range(len(splits.val))), "val"), splits.val.labels,
                      take(splits.test, list(range(len(splits.test))), "test"), splits.test.labels)
+
+
+def base_items(data: Any, splits: Splits) -> Any:
+    """The items of ``data`` (a labelled set) whose label is one of ``splits.classes`` (a base-to-novel base).
+
+    Raises:
+        InvalidInputError: ``splits`` trains on every class (not base-to-novel), so there is no base.
+    """
+    if splits.classes is None or not splits.eval_splits:
+        raise InvalidInputError(f"a base-only unlabeled pool needs a base-to-novel set; {splits.name} trains on every "
+                                f"class: use {splits.name}:base-to-novel, or leave base_only off")
+    keep = set(splits.classes)
+    return data.subset([i for i, y in enumerate(data.labels.tolist()) if y in keep])
 
 
 def load_pixels(splits: Splits, handle: Handle, image_size: int, unlabeled: Any,
@@ -201,12 +223,13 @@ def run_extract(weak_id: str, weak_adapter: str, data: str, out: str, classes: i
     return {"out": out, "classes": len(tm.classes), "task_classes": tm.n_task, "extract_loss": history}
 
 
-def run_transfer(adapter: str, strong_id: str, data: str, out: str, beta: float = 500.0,
-                 image_size: int | None = None) -> dict[str, Any]:
+def run_transfer(adapter: str, strong_id: str, data: str, out: str, beta: float = BETA,
+                 image_size: int | None = None, beta_per_sample: float | None = None) -> dict[str, Any]:
     """Move a saved TransMiter from its weak backbone to ``strong_id``, forward only; save and test it.
 
     The backbones may differ in width and tokenizer: the basis change aligns their scores over the saved
-    class list, never their embeddings.
+    class list, never their embeddings. ``beta_per_sample``, when given, replaces ``beta`` by
+    ``beta_per_sample`` × N (N: the unlabeled queries; see ``TransMiter.transfer``).
     """
     saved = read_config(adapter)
     if saved.get("transferred_to"):
@@ -220,11 +243,14 @@ def run_transfer(adapter: str, strong_id: str, data: str, out: str, beta: float 
     px = load_queries(splits, strong, image_size or config.get("image_size"))  # texts: each backbone tokenizes
     start = time.perf_counter()
     moved = tm.transfer(tm.scores(weak, px.unlabeled, progress=True, desc="weak scores"),
-                        tm.scores(strong, px.unlabeled, progress=True, desc="strong scores"), beta=beta)
+                        tm.scores(strong, px.unlabeled, progress=True, desc="strong scores"), beta=beta,
+                        beta_per_sample=beta_per_sample)
     seconds = time.perf_counter() - start
     metrics = _evaluate(moved, strong, splits, px)
+    beta = procrustes_beta(len(px.unlabeled), beta, beta_per_sample)
     save_transmiter(moved, out, strong.spec.id, strong.spec.fingerprint,
                     extra={"transferred_from": config["backbone"], "transferred_to": strong.spec.id, "beta": beta,
+                           "beta_per_sample": beta_per_sample, "unlabeled": len(px.unlabeled),
                            "data": data, "image_size": image_size or config.get("image_size"),
                            "queries": query_modality(splits), "metrics": {"test": metrics}})
     return {"out": out, "transfer_seconds": seconds, "gradient_queries": weak.exposure.gradient_queries

@@ -42,6 +42,10 @@ from graytune.transfer.procrustes import orthogonal_procrustes
 Tensor = torch.Tensor
 #: what TransMiter scores: images ``[N, 3, H, W]`` or texts
 Queries = Tensor | Sequence[str]
+#: how logit noise is decided during extraction (``ExtractConfig.noise_per``)
+NOISE_PER = ("batch", "sample")
+#: the authors' β (``--reg_procrutes_coef 500``), an absolute number for their pool size
+BETA = 500.0
 
 
 class Encoder(Protocol):
@@ -60,11 +64,19 @@ class ExtractConfig:
     epochs: int = 10
     warmup: float = 0.05
     noise_p: float = 0.5
-    """Probability, per sample, of adding logit noise."""
+    """Probability of adding logit noise: to a whole batch or to each sample (``noise_per``)."""
     noise_scale: float = 0.5
     """Noise std as a fraction of the sample's score std."""
+    noise_per: str = "batch"
+    """``"batch"``: one coin per batch, the whole batch noised or not (the authors' ``models/noise.py``);
+    ``"sample"``: one coin per sample (the only behaviour before this option; ``scripts/transmiter_results.py``
+    pins it so that ``docs/transmiter-raw.json`` regenerates)."""
     teacher_temperature: float = 0.5
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.noise_per not in NOISE_PER:
+            raise InvalidInputError(f"noise_per must be one of {', '.join(NOISE_PER)}; got {self.noise_per!r}")
 
 
 @dataclass
@@ -194,7 +206,7 @@ class TransMiter:
 
         def loss_fn(idx: Tensor) -> Tensor:
             z = weak_scores[idx]
-            noisy = torch.rand(len(z), 1, generator=gen) < config.noise_p
+            noisy = torch.rand(len(z) if config.noise_per == "sample" else 1, 1, generator=gen) < config.noise_p
             noise = torch.randn(z.shape, generator=gen) * config.noise_scale * z.std(dim=-1, keepdim=True)
             student = F.log_softmax(self.adapt(z + noise * noisy), dim=-1)
             return F.kl_div(student, teacher[idx], reduction="batchmean")
@@ -203,17 +215,24 @@ class TransMiter:
                               config.epochs, config.warmup, gen, progress=progress, desc="extract")
 
     @torch.no_grad()
-    def transfer(self, weak_scores: Tensor, strong_scores: Tensor, beta: float = 500.0) -> TransMiter:
+    def transfer(self, weak_scores: Tensor, strong_scores: Tensor, beta: float = BETA,
+                 beta_per_sample: float | None = None) -> TransMiter:
         """The adapter moved to the strong backbone by an orthogonal basis change; no backprop anywhere.
 
         ``weak_scores`` and ``strong_scores`` are both backbones' zero-shot scores
         of the same unlabeled queries (images or texts) over this class list, ``[N, M]`` each: the
         backbones' embedding widths and tokenizers never meet.
+
+        ``beta`` pulls the basis change towards the identity. The data term ``H_tᵀH_s`` grows with N
+        (each standardised row has squared norm M − 1), so a fixed β weighs less the more queries
+        there are; ``beta_per_sample`` (when given, replacing ``beta``) uses β = ``beta_per_sample`` × N,
+        which keeps the balance whatever N is (see ``procrustes_beta``).
         """
         if weak_scores.shape != strong_scores.shape or weak_scores.shape[1] != len(self.classes):
             raise InvalidInputError(f"transfer needs both backbones' scores of the same images over the "
                                     f"{len(self.classes)} saved classes; got {list(weak_scores.shape)} and "
                                     f"{list(strong_scores.shape)}")
+        beta = procrustes_beta(len(weak_scores), beta, beta_per_sample)
         w_s = self.adapter.eval().weight  # [D, M]
         h_s = self.adapter.standardise(weak_scores)[0] @ w_s.T  # [N, D]
         h_t = self.adapter.standardise(strong_scores)[0] @ w_s.T
@@ -226,9 +245,12 @@ class TransMiter:
 
     def finetune(self, scores: Tensor, labels: Tensor, val_scores: Tensor, val_labels: Tensor,
                  config: PlusConfig | None = None, progress: bool = True) -> dict[str, float]:
-        """TransMiter+: cross-entropy on a few labels; keeps the epoch best on validation accuracy.
+        """TransMiter+: cross-entropy on a few labels; keeps the pass best on validation accuracy.
 
-        ``progress`` shows a bar over optimizer steps with the loss and validation accuracy on stderr.
+        Returns the best ``val_accuracy``, its ``epoch`` (0: the transferred adapter itself) and
+        ``steps``, the optimizer steps taken in all (``config.max_steps`` when given: with 80 labels at
+        batch 128 a pass is one step, so 20 passes are 20 steps). ``progress`` shows a bar over
+        optimizer steps with the loss and validation accuracy on stderr.
         """
         config = config or PlusConfig()
         gen = torch.Generator().manual_seed(config.seed)
@@ -248,7 +270,8 @@ class TransMiter:
                        max_steps=config.max_steps, progress=progress, desc="transmiter+")
         self.adapter.load_state_dict(best_state)
         self.adapter.eval()
-        return best
+        steps = total_steps(len(scores), config.batch_size, config.epochs, config.max_steps)
+        return {**best, "steps": float(steps)}
 
     @torch.no_grad()
     def accuracy(self, scores: Tensor, labels: Tensor) -> float:
@@ -263,8 +286,7 @@ class TransMiter:
         ``on_epoch(epoch)`` runs after each pass and may return fields to show beside the loss on the bar.
         """
         self.adapter.train()
-        per_epoch = max(1, math.ceil(n / batch_size))
-        total = max_steps or per_epoch * epochs
+        total = total_steps(n, batch_size, epochs, max_steps)
         opt, sched = adamw_warmup_cosine(self.adapter.parameters(), lr, weight_decay, total, warmup)
         history, step, epoch, shown = [], 0, 0, {}
         with tqdm(total=total, desc=desc, unit="step", disable=not progress) as bar:
@@ -289,6 +311,25 @@ class TransMiter:
                     self.adapter.train()
         self.adapter.eval()
         return history
+
+
+def total_steps(n: int, batch_size: int, epochs: int, max_steps: int | None = None) -> int:
+    """Optimizer steps of a run over ``n`` samples: ``max_steps`` when given, else ``epochs`` passes of
+    ⌈n / batch_size⌉ steps (the last batch of a pass may be short)."""
+    return max_steps or max(1, math.ceil(n / batch_size)) * epochs
+
+
+def procrustes_beta(n: int, beta: float = BETA, per_sample: float | None = None) -> float:
+    """The β a basis change over ``n`` queries uses: ``per_sample`` × n when given, else ``beta``.
+
+    Example:
+        >>> procrustes_beta(800, per_sample=0.625)   # the authors' 500 at 16 shots × 50 base classes
+        500.0
+    """
+    for name, value in (("beta", beta), ("beta_per_sample", per_sample)):
+        if value is not None and value < 0:
+            raise InvalidInputError(f"{name} must be >= 0; got {value}")
+    return float(beta if per_sample is None else per_sample * n)
 
 
 def save_transmiter(tm: TransMiter, folder: str | os.PathLike[str], backbone: str, fingerprint: str,
