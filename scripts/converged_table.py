@@ -137,12 +137,14 @@ def b2n_table(task: str, summaries: dict[str, dict[str, Any]], protocol: dict[st
              f"classes); test: accuracy among the base classes on base samples, among the novel classes on novel "
              f"samples, their harmonic mean, and among all 10 classes. Seeds {seeds_of(summaries)}, "
              f"{protocol['steps']} steps of batch {protocol['batch_size']}.", "",
-             "| method | access | lr | " + " | ".join(c for _, c in B2N_COLUMNS) + " | best-val step | plateau step |",
-             "|---|---|---:|" + "---:|" * len(B2N_COLUMNS) + "---:|---:|"]
+             "| method | access | rates tried: base val % (chosen in bold) | lr | " + " | ".join(c for _, c in B2N_COLUMNS)
+             + " | best-val step | plateau step |",
+             "|---|---|---|---:|" + "---:|" * len(B2N_COLUMNS) + "---:|---:|"]
     for method, s in summaries.items():
         cells = [fmt([r["test"][key] for r in s["runs"] if key in r["test"]]) for key, _ in B2N_COLUMNS]
         best_cell = f"{statistics.median(r['best_step'] for r in s['runs']):.0f}" if s["curve"] else "–"
-        lines.append(f"| {method} | {s['access']} | {lr_cell(s)} | " + " | ".join(cells)
+        lines.append(f"| {method} | {s['access']} | {grid_cell(s['grid'], s['lr'])} | {lr_cell(s)} | "
+                     + " | ".join(cells)
                      + f" | {best_cell} | {plateau_cell(s)} |")
     return lines + [""]
 
