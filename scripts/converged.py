@@ -206,6 +206,10 @@ class TaskRunner:
             self.task = self.task or make_task(self.splits, self.handles[method], self.defn.image_size)
         return self.handles[method]
 
+    def release(self, method: str) -> None:
+        """Close ``method``'s handle once its runs are done."""
+        self.handles.pop(method, None)
+
     def run(self, method: str, lr: float | None, seed: int) -> dict[str, Any]:
         """Train ``method`` at ``lr`` with ``seed`` (or score it untrained), test the best validated state."""
         from graytune.methods import get_method
@@ -264,6 +268,7 @@ def study(store: Store, tasks: list[str], methods: list[str] | None, seeds: list
             registry = get_method(method).lr
             if registry is None:  # zero-shot: deterministic, scored once
                 ensure(method, None, seeds[0])
+                runner.release(method)
                 continue
             best = {lr: ensure(method, lr, seeds[0])["best_val"] for lr in lr_grid(registry)}
             for _ in range(extend):
@@ -276,6 +281,7 @@ def study(store: Store, tasks: list[str], methods: list[str] | None, seeds: list
             log.info("%s %s: lr %g chosen%s", name, method, lr, f" (at the {edge} edge)" if edge else "")
             for seed in seeds[1:]:
                 ensure(method, lr, seed)
+            runner.release(method)  # one backbone copy in memory at a time
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -60,6 +60,9 @@ class FakeRunner:
     def __init__(self, name: str, protocol, device) -> None:  # type: ignore[no-untyped-def]
         self.name = name
 
+    def release(self, method: str) -> None:
+        pass
+
     def run(self, method: str, lr: float | None, seed: int) -> dict:
         FakeRunner.ran.append((self.name, method, lr, seed))
         val = 0.6 if lr is None else 0.8 - 0.05 * abs(math.log10(lr / 3e-3))
