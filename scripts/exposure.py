@@ -145,8 +145,10 @@ def curves(store: Store, seeds: list[int], estimators: list[str]) -> None:
             store.add("curves", {**row, "task": name, "backbone": backbone, "data": data})
 
 
-def audits(store: Store, budgets: list[int]) -> None:
+def audits(store: Store, budgets: list[int], tasks: list[str]) -> None:
     for name, backbone, _data, _size in TASKS:
+        if name not in tasks:
+            continue
         for budget in budgets:
             if store.find("audits", task=name, budget=budget):
                 continue
@@ -160,6 +162,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--parts", default="ladder,curves,audits")
     parser.add_argument("--audit-budgets", default="1000,10000")
+    parser.add_argument("--audit-tasks", default=",".join(t[0] for t in TASKS), help="tasks whose backbone to audit")
     parser.add_argument("--methods", default=",".join(LADDER), help="ladder methods to run (default: all)")
     parser.add_argument("--estimators", default=",".join(CURVE_ESTIMATORS), help="curves: estimators beside spsa-gc")
     parser.add_argument("--out", default="docs/exposure-raw.json")
@@ -175,7 +178,7 @@ def main() -> None:
         ladder(store, seeds, ["dga"])  # the curves' budget is a multiple of DGA's calls
         curves(store, seeds, args.estimators.split(","))
     if "audits" in parts:
-        audits(store, [int(b) for b in args.audit_budgets.split(",")])
+        audits(store, [int(b) for b in args.audit_budgets.split(",")], args.audit_tasks.split(","))
 
 
 if __name__ == "__main__":
