@@ -1,0 +1,340 @@
+"""TransMiter's weak→strong claim on a real text pair: MiniLM (weak) → all-mpnet-base-v2 (strong), WordNet
+gloss → supersense, base-to-novel (5 base / 5 novel classes), 3 seeds.
+
+Run: .venv/bin/python scripts/transmiter_text.py [--seeds 0,1,2] [--out docs/transmiter-text-raw.json]
+then .venv/bin/python scripts/transmiter_text_table.py > table.md   (and docs/figures/transmiter-text.png)
+     .venv/bin/python scripts/transmiter_text.py --smoke   # every row on a tiny subset, into a temp folder
+
+It first runs ``scripts/install_mpnet.py`` (idempotent: an installed folder is only re-verified by SHA-256).
+
+Rows, per seed (test: the 3,000 test glosses of all 10 classes; base items scored among the 5 base classes,
+novel items among the 5 novel ones, and their harmonic mean):
+- ``weak_zs``, ``strong_zs``: MiniLM and MPNet zero-shot (class prompts through the text tower);
+- ``weak_ft``, ``strong_ft``: each with an output adapter (``--ft-method``) trained on the base classes for the
+  same budget (``--ft-steps`` of batch 32, the method's registry rate, best validated state kept): the
+  teacher and the upper bound;
+- ``eft``: strong zero-shot + (weak fine-tuned − weak zero-shot) scores (``graytune.transfer.eft``);
+- ``tm``: TransMiter extracted from ``weak_ft`` on the base-only unlabeled pool (the base-to-novel training
+  texts, labels unused: no novel-class text before test), noise one coin per batch (the authors'), β = 500,
+  moved to MPNet;
+- ``tm_plus``: ``tm`` fine-tuned with ``--shots`` labels per base class for ``--plus-steps`` optimizer steps
+  (batch 128; validation on the base val split after each pass, best kept);
+- ``tm_all_pool``: extraction and transfer on the training texts of all 10 classes (transductive: novel texts
+  seen unlabeled), the protocol of ``scripts/transmiter_results.py``;
+- ablations of ``tm``: ``no_basis_change`` (the weak adapter on MPNet's scores), ``no_aux`` (M = 10, the task
+  classes only), ``noise_per_sample``, ``beta_per_sample`` (β = c·N at the pool's N), and the transfer on the
+  first ``--small-pool`` of the pool with β fixed (``beta_fixed_small``) and with β = c·N (``beta_per_sample_small``).
+
+Frozen backbones' embeddings depend only on their weights, so each text is embedded once per backbone and kept
+in ``--cache`` (keyed by the spec fingerprint); fine-tuned adapters are kept there too. Every finished row is
+written at once, atomically, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import logging
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import install_mpnet  # noqa: E402  (a script beside this one)
+
+WEAK, DATA, WHOLE = "minilm", "wordnet-supersense:base-to-novel", "wordnet-supersense"
+CACHE = Path("~/.cache/graytune/transmiter-text").expanduser()
+log = logging.getLogger("transmiter_text")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """What every row of one raw file shares; a rerun with other values must write elsewhere."""
+
+    ft_method: str = "output"
+    ft_steps: int = 300
+    ft_batch: int = 32
+    classes: int = 1024  # M: task + auxiliary classes
+    extract_epochs: int = 10
+    noise_per: str = "batch"
+    beta: float = 500.0
+    beta_per_sample: float = 0.625  # 500 at N = 800 (16 shots × 50 base classes, a typical pool of the paper)
+    small_pool: float = 0.25
+    shots: int = 16
+    plus_steps: int = 300
+    train_size: int | None = None  # None: the standard splits (2,000 train of which 992 base, 500 val, 3,000 test)
+    val_size: int | None = None
+    test_size: int | None = None
+
+
+#: every row of a seed, in the renderer's order
+ROWS = ("weak_zs", "strong_zs", "weak_ft", "strong_ft", "eft", "tm", "tm_plus", "tm_all_pool", "no_basis_change",
+        "no_aux", "noise_per_sample", "beta_per_sample", "beta_fixed_small", "beta_per_sample_small")
+SMOKE = Protocol(ft_steps=4, ft_batch=16, classes=64, extract_epochs=2, shots=4, plus_steps=5, train_size=200,
+                 val_size=50, test_size=100)
+
+
+class CachedText:
+    """A frozen text encoder whose embeddings are computed once per text and kept on disk; ``encode_text`` only."""
+
+    def __init__(self, handle: Any, folder: Path, name: str, batch_size: int = 64) -> None:
+        self.handle, self.batch_size, self.seconds = handle, batch_size, 0.0
+        self.path = folder / f"{name}-{handle.spec.fingerprint[:16]}.pt"
+        self.cache: dict[str, torch.Tensor] = {}
+        if self.path.is_file():
+            saved = torch.load(self.path, weights_only=True)
+            self.cache = dict(zip(saved["texts"], saved["embeds"]))
+        self.saved = len(self.cache)
+
+    @torch.no_grad()
+    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
+        from tqdm.auto import tqdm
+
+        missing = list(dict.fromkeys(t for t in texts if t not in self.cache))
+        start = time.perf_counter()
+        with tqdm(total=len(missing), desc=self.path.stem[:24], unit="text", disable=len(missing) < 256) as bar:
+            for i in range(0, len(missing), self.batch_size):
+                chunk = missing[i:i + self.batch_size]
+                self.cache.update(zip(chunk, self.handle.encode_text(chunk).float().cpu()))
+                bar.update(len(chunk))
+        self.seconds += time.perf_counter() - start
+        return torch.stack([self.cache[t] for t in texts]) if texts else torch.zeros(0)
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        raise TypeError("CachedText embeds texts only")
+
+    def save(self) -> None:
+        if len(self.cache) == self.saved:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        torch.save({"texts": list(self.cache), "embeds": torch.stack(list(self.cache.values()))}, tmp)
+        tmp.replace(self.path)
+        self.saved = len(self.cache)
+
+
+class Store:
+    """The raw JSON, rewritten atomically (temp file + rename) after every finished row."""
+
+    def __init__(self, path: Path, head: dict[str, Any]) -> None:
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.is_file() else {**head, "seeds": {}}
+        if self.data["protocol"] != head["protocol"]:
+            diff = [f"{k} {self.data['protocol'].get(k)} there, {v} now" for k, v in head["protocol"].items()
+                    if self.data["protocol"].get(k) != v]
+            raise SystemExit(f"{path} holds rows of another protocol ({'; '.join(diff)}); pass the same flags to "
+                             "resume it, or --out another file")
+        self.data.update({k: v for k, v in head.items() if k != "protocol"})
+
+    def has(self, seed: int, *keys: str) -> bool:
+        return all(k in self.data["seeds"].get(str(seed), {}) for k in keys)
+
+    def put(self, seed: int, key: str, row: dict[str, Any]) -> None:
+        self.data["seeds"].setdefault(str(seed), {})[key] = row
+        log.info("seed %d %s: %s", seed, key, {k: round(v, 4) for k, v in row.items() if isinstance(v, float)})
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1))
+        tmp.replace(self.path)
+
+
+def metrics(scores: torch.Tensor, labels: torch.Tensor, splits: Any) -> dict[str, float]:
+    """Base, novel (each among its own classes), their harmonic mean, and accuracy among all 10 (0–1)."""
+    from graytune.transfer.recipe import base_novel_accuracy
+
+    out = base_novel_accuracy(scores, labels, splits.eval_splits["base"], splits.eval_splits["novel"])
+    return {**out, "accuracy": float((scores.argmax(1) == labels).float().mean())}
+
+
+def _head(data: Any, n: int | None) -> Any:
+    return data if n is None else data.subset(range(min(n, len(data))))
+
+
+class Experiment:
+    """One protocol's data, backbones and caches, shared by the seeds."""
+
+    def __init__(self, protocol: Protocol, strong_id: str, cache: Path, store: Store, progress: bool) -> None:
+        from graytune.data.catalog import load_splits
+        from graytune.train.recipe import open_for
+        from graytune.transfer.recipe import load_queries
+
+        self.p, self.strong_id, self.cache, self.store, self.progress = protocol, strong_id, cache, store, progress
+        b2n = load_splits(DATA, train_size=protocol.train_size)
+        self.splits = replace(b2n, val=_head(b2n.val, protocol.val_size), test=_head(b2n.test, protocol.test_size))
+        whole = load_splits(WHOLE, train_size=protocol.train_size).train  # the same texts, novel classes kept
+        self.names, self.prompt = list(self.splits.train.class_names), self.splits.prompt
+        self.handles = {WEAK: open_for(WEAK, None, protocol.ft_method), strong_id: open_for(strong_id, None,
+                                                                                            protocol.ft_method)}
+        self.weak = CachedText(self.handles[WEAK], cache, "minilm")
+        self.strong = CachedText(self.handles[strong_id], cache, "mpnet")
+        handle = self.handles[WEAK]
+        self.q = load_queries(self.splits, handle, unlabeled=whole, shots=protocol.shots, base_only=True)
+        self.pool_all = load_queries(self.splits, handle, unlabeled=whole, progress=False).unlabeled
+        self.test_labels = labels = self.q.test_labels
+        store.data["sizes"] = {"pool_base": len(self.q.unlabeled), "pool_all": len(self.pool_all),
+                               "few_shot": len(self.q.train), "val": len(self.q.val), "test": len(labels),
+                               "base_classes": list(self.splits.eval_splits["base"])}
+
+    def scores(self, encoder: Any, texts: Sequence[str]) -> torch.Tensor:
+        from graytune.transfer.transmiter import class_scores
+
+        return class_scores(encoder, texts, self.names, self.prompt, progress=self.progress)
+
+    def fine_tuned(self, backbone: str, seed: int) -> tuple[Any, dict[str, Any]]:
+        """The backbone with a ``ft_method`` adapter trained on the base classes (kept in the cache, reloaded)."""
+        from graytune.artifacts import load_adapter, read_config, save_adapter
+        from graytune.methods import get_method
+        from graytune.model import AdaptedModel
+        from graytune.train.recipe import make_task
+        from graytune.train.trainer import TrainConfig, fit, seed_everything
+
+        handle, p = self.handles[backbone], self.p
+        what = [backbone, handle.spec.fingerprint, p.ft_method, p.ft_steps, p.ft_batch, p.train_size, p.val_size, seed]
+        key = hashlib.sha256(json.dumps(what).encode()).hexdigest()
+        folder = self.cache / "adapters" / f"{'mpnet' if backbone != WEAK else WEAK}-{p.ft_method}-{key[:12]}"
+        if (folder / "adapter_config.json").is_file():
+            return load_adapter(folder, handle).eval(), read_config(folder)["fit"]
+        seed_everything(seed)
+        model = AdaptedModel.build(handle, p.ft_method)
+        config = TrainConfig(lr=get_method(p.ft_method).lr, max_steps=p.ft_steps, batch_size=p.ft_batch, seed=seed)
+        result = fit(model, make_task(self.splits, handle, None), self.splits.val, config, progress=self.progress)
+        info = {"lr": config.lr, "steps": result.steps, "best_step": result.best_step,
+                "best_val": result.best_metric, "train_s": round(result.seconds, 1)}
+        save_adapter(model, folder, extra={"fit": info, "seed": seed, "data": DATA})
+        return model.eval(), info
+
+    def run_seed(self, seed: int) -> None:
+        from graytune.transfer.eft import eft_scores
+
+        put, has, test = self.store.put, self.store.has, self.q.test
+        if has(seed, *ROWS):
+            log.info("seed %d: every row is in %s already", seed, self.store.path)
+            return
+        for key, encoder in (("weak_zs", self.weak), ("strong_zs", self.strong)):
+            if not has(seed, key):
+                start = time.perf_counter()
+                put(seed, key, {**metrics(self.scores(encoder, test), self.test_labels, self.splits),
+                                "seconds": round(time.perf_counter() - start, 1)})
+        weak_ft, info = self.fine_tuned(WEAK, seed)
+        weak_ft_test = self.scores(weak_ft, test)
+        if not has(seed, "weak_ft"):
+            put(seed, "weak_ft", {**metrics(weak_ft_test, self.test_labels, self.splits), **info})
+        if not has(seed, "strong_ft"):
+            strong_ft, info = self.fine_tuned(self.strong_id, seed)
+            put(seed, "strong_ft", {**metrics(self.scores(strong_ft, test), self.test_labels, self.splits), **info})
+            del strong_ft
+        if not has(seed, "eft"):
+            start = time.perf_counter()
+            eft = eft_scores(self.scores(self.strong, test), weak_ft_test, self.scores(self.weak, test))
+            put(seed, "eft", {**metrics(eft, self.test_labels, self.splits),
+                              "seconds": round(time.perf_counter() - start, 1)})
+        main = ("tm", "tm_plus", "no_basis_change", "beta_per_sample", "beta_fixed_small", "beta_per_sample_small")
+        for keys, pool, m, noise in ((main, self.q.unlabeled, self.p.classes, self.p.noise_per),
+                                     (("tm_all_pool",), self.pool_all, self.p.classes, self.p.noise_per),
+                                     (("no_aux",), self.q.unlabeled, len(self.names), self.p.noise_per),
+                                     (("noise_per_sample",), self.q.unlabeled, self.p.classes, "sample")):
+            if not has(seed, *keys):
+                self.transmiter(seed, keys, pool, m, noise, weak_ft)
+        self.weak.save()
+        self.strong.save()
+
+    def transmiter(self, seed: int, keys: Sequence[str], pool: Sequence[str], m: int, noise: str, weak_ft: Any
+                   ) -> None:
+        """Extract from ``weak_ft`` on ``pool``, transfer to MPNet, and write the rows ``keys`` asks for."""
+        from graytune.transfer.transmiter import ExtractConfig, PlusConfig, TransMiter, procrustes_beta
+
+        p, labels = self.p, self.test_labels
+        tm = TransMiter.create(self.names, total=m, seed=seed, prompt=self.prompt)
+        teacher = self.scores(weak_ft, pool)  # [N, task classes]
+        weak_u, strong_u = tm.scores(self.weak, pool), tm.scores(self.strong, pool)
+        strong_test = tm.scores(self.strong, self.q.test)  # [test, M]
+        start = time.perf_counter()
+        history = tm.extract(weak_u, teacher, ExtractConfig(epochs=p.extract_epochs, noise_per=noise, seed=seed),
+                             progress=self.progress)
+        extract_s = time.perf_counter() - start
+
+        def transferred(n: int, per_sample: float | None) -> tuple[TransMiter, dict[str, Any]]:
+            start = time.perf_counter()
+            moved = tm.transfer(weak_u[:n], strong_u[:n], beta=p.beta, beta_per_sample=per_sample)
+            return moved, {"n": n, "beta": procrustes_beta(n, p.beta, per_sample),
+                           "transfer_s": round(time.perf_counter() - start, 2)}
+
+        def row(adapted: Callable[[], torch.Tensor], **extra: Any) -> dict[str, Any]:
+            with torch.no_grad():
+                return {**metrics(adapted(), labels, self.splits), **extra}
+
+        n, small = len(pool), max(2, round(p.small_pool * len(pool)))
+        moved, info = transferred(n, None)
+        common = {"extract_s": round(extract_s, 2), "extract_loss": history, "classes": m, "noise_per": noise}
+        out = {keys[0]: row(lambda: moved.adapt(strong_test), **info, **common)}
+        if "no_basis_change" in keys:
+            out["no_basis_change"] = row(lambda: tm.adapt(strong_test), n=n)
+            for key, size, per_sample in (("beta_per_sample", n, p.beta_per_sample),
+                                          ("beta_fixed_small", small, None),
+                                          ("beta_per_sample_small", small, p.beta_per_sample)):
+                other, info = transferred(size, per_sample)
+                out[key] = row(lambda: other.adapt(strong_test), **info)
+        if "tm_plus" in keys:
+            plus = copy.deepcopy(moved)
+            start = time.perf_counter()
+            best = plus.finetune(plus.scores(self.strong, self.q.train), self.q.train_labels,
+                                 plus.scores(self.strong, self.q.val), self.q.val_labels,
+                                 PlusConfig(max_steps=p.plus_steps, seed=seed), progress=self.progress)
+            out["tm_plus"] = row(lambda: plus.adapt(strong_test), **best, shots=p.shots,
+                                 plus_s=round(time.perf_counter() - start, 1))
+        for key in keys:
+            self.store.put(seed, key, out[key])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    defaults = Protocol()
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--out", default="docs/transmiter-text-raw.json")
+    parser.add_argument("--cache", type=Path, default=CACHE, help=f"embeddings and adapters (default: {CACHE})")
+    parser.add_argument("--mpnet", type=Path, default=install_mpnet.DEFAULT_TARGET, help="the MPNet folder")
+    parser.add_argument("--ft-method", default=defaults.ft_method, help="weak and strong fine-tuning (default: output)")
+    parser.add_argument("--ft-steps", type=int, default=defaults.ft_steps, help="optimizer steps of batch 32, each")
+    parser.add_argument("--classes", type=int, default=defaults.classes, help="M: task plus auxiliary classes")
+    parser.add_argument("--beta-per-sample", type=float, default=defaults.beta_per_sample)
+    parser.add_argument("--plus-steps", type=int, default=defaults.plus_steps, help="TransMiter+ optimizer steps")
+    parser.add_argument("--shots", type=int, default=defaults.shots, help="TransMiter+ labels per base class")
+    parser.add_argument("--smoke", action="store_true", help="a tiny subset, seed 0, a few steps, into a temp folder")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    started = time.perf_counter()
+    mpnet = install_mpnet.install(args.mpnet, say=log.info)  # idempotent; checks model.safetensors' SHA-256
+    protocol = replace(defaults, ft_method=args.ft_method, ft_steps=args.ft_steps, classes=args.classes,
+                       beta_per_sample=args.beta_per_sample, plus_steps=args.plus_steps, shots=args.shots)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    out, cache = Path(args.out), args.cache
+    if args.smoke:  # a fresh folder outside the repository, kept for a look (never docs/)
+        tmp = Path(tempfile.mkdtemp(prefix="transmiter-text-smoke-"))
+        protocol, seeds, out, cache = SMOKE, seeds[:1], tmp / "raw.json", tmp / "cache"
+    head = {"protocol": asdict(protocol), "weak": WEAK, "strong": f"hf-text:{mpnet}", "data": DATA,
+            "strong_sha256": install_mpnet.SHA256, "torch_threads": torch.get_num_threads()}
+    store = Store(out, head)
+    experiment = Experiment(protocol, f"hf-text:{mpnet}", cache, store, progress=not args.quiet)
+    for seed in seeds:
+        seed_start = time.perf_counter()
+        experiment.run_seed(seed)
+        log.info("seed %d done in %.0f s", seed, time.perf_counter() - seed_start)
+    log.info("embedding time: MiniLM %.0f s, MPNet %.0f s", experiment.weak.seconds, experiment.strong.seconds)
+    if args.smoke:
+        import transmiter_text_table
+
+        transmiter_text_table.main(["--raw", str(out), "--figures", str(out.parent)])
+        log.info("smoke done in %.0f s; raw JSON and figure in %s", time.perf_counter() - started, out.parent)
+
+
+if __name__ == "__main__":
+    main()

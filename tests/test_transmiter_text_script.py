@@ -1,0 +1,75 @@
+"""scripts/transmiter_text.py's raw file (atomic, resumable, one protocol) and scripts/transmiter_text_table.py's
+rendering and verdict, on made-up rows: no backbone, seconds. The end-to-end check is ``--smoke`` (MPNet needed)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def _load(name: str):  # type: ignore[no-untyped-def]
+    sys.path.insert(0, str(SCRIPTS))  # transmiter_text imports install_mpnet from beside it
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+script = _load("transmiter_text")
+renderer = _load("transmiter_text_table")
+
+
+def head(protocol=None) -> dict:  # type: ignore[no-untyped-def]
+    return {"protocol": asdict(protocol or script.Protocol()), "weak": "minilm", "strong": "hf-text:/m",
+            "data": script.DATA, "strong_sha256": "78c0197b" * 8, "torch_threads": 1}
+
+
+def test_store_writes_every_row_at_once_and_resumes_one_protocol_only(tmp_path: Path) -> None:
+    path = tmp_path / "raw.json"
+    store = script.Store(path, head())
+    store.put(0, "weak_zs", {"harmonic_mean": 0.5})
+    assert json.loads(path.read_text())["seeds"]["0"]["weak_zs"] == {"harmonic_mean": 0.5}
+    assert not path.with_suffix(".tmp").exists()
+    again = script.Store(path, head())  # a rerun keeps what is there
+    assert again.has(0, "weak_zs") and not again.has(0, "weak_zs", "tm") and not again.has(1, "weak_zs")
+    with pytest.raises(SystemExit, match="another protocol.*plus_steps 300 there, 50 now"):
+        script.Store(path, head(replace(script.Protocol(), plus_steps=50)))
+
+
+def made_up(hm: dict[str, list[float]]) -> dict:
+    """A raw file whose rows have the given HM per seed (base = novel = HM)."""
+    seeds: dict[str, dict] = {}
+    for key, per_seed in hm.items():
+        for seed, value in enumerate(per_seed):
+            seeds.setdefault(str(seed), {})[key] = {"base_accuracy": value, "novel_accuracy": value,
+                                                    "harmonic_mean": value, "accuracy": value}
+    return {**head(), "sizes": {"pool_base": 992, "pool_all": 2000, "test": 3000}, "seeds": seeds}
+
+
+@pytest.mark.parametrize("tm, verdict", [([0.80, 0.81, 0.82], "holds"),  # between: holds
+                                          ([0.70, 0.71, 0.72], "does not hold"),  # below weak fine-tuned
+                                          ([0.90, 0.90, 0.90], "does not hold")])  # far above the upper bound
+def test_the_verdict_follows_the_numbers(tm: list[float], verdict: str) -> None:
+    raw = made_up({"strong_zs": [0.74, 0.74, 0.74], "weak_ft": [0.78, 0.79, 0.77], "tm": tm,
+                   "strong_ft": [0.83, 0.84, 0.82]})
+    text = "\n".join(renderer.hypothesis(raw))
+    assert f"the pattern **{verdict}**" in text and "max(74.0, 78.0) = 78.0" in text
+
+
+def test_render_writes_the_table_and_figure(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    raw = made_up({key: [0.7, 0.72] for key in script.ROWS})
+    (tmp_path / "raw.json").write_text(json.dumps(raw))
+    renderer.main(["--raw", str(tmp_path / "raw.json"), "--figures", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "| **TransMiter on MPNet** (base-only pool, N = 992, β = 500) | 71.0 ± 1.4 |" in out
+    assert "ablation: β = 0.625·N, transfer on N = 248" in out
+    assert out.count("\n| ") == len(script.ROWS) + 1  # a line per row, and the header
+    assert (tmp_path / "transmiter-text.png").stat().st_size > 10_000
