@@ -48,14 +48,23 @@ def grouped(rows: list[dict[str, Any]], *keys: str) -> dict[tuple, list[dict[str
 
 
 def ports(exposure: dict[str, Any]) -> str:
-    """The ports a run touched beyond the plain inputs, with the ops used and the widths revealed."""
-    cells = []
+    """The ports a run touched beyond the plain inputs, with the ops used and the widths revealed; entry
+    layers with the same ops and width are one cell (``text.layer.1–5``)."""
+    cells: dict[tuple[str, str, str], list[str]] = defaultdict(list)
     for port, ops in exposure["ports"].items():
         if port.endswith(HIDDEN_PORTS):
             continue
         width = [d for d in exposure["dims"].get(port, []) if isinstance(d, int)]
-        cells.append(f"`{port}` {'/'.join(ops)}" + (f" ({'×'.join(map(str, width))})" if width else ""))
-    return "; ".join(cells) or "—"
+        layer = re.fullmatch(r"(.+\.layer)\.(\d+)", port)
+        name, index = (layer.group(1), layer.group(2)) if layer else (port, "")
+        cells[(name, "/".join(ops), "×".join(map(str, width)))].append(index)
+    out = []
+    for (name, ops, width), indices in cells.items():
+        if indices != [""]:
+            numbers = sorted(int(i) for i in indices)
+            name += f".{numbers[0]}" if len(numbers) == 1 else f".{numbers[0]}–{numbers[-1]}"
+        out.append(f"`{name}` {ops}" + (f" ({width})" if width else ""))
+    return "; ".join(out) or "—"
 
 
 def audit_at(audits: list[dict[str, Any]], task: str, level: str, calls: int) -> str:
@@ -70,7 +79,8 @@ def audit_at(audits: list[dict[str, Any]], task: str, level: str, calls: int) ->
     if not points:
         return "—"
     best = points[-1]
-    return f"{best['probe_ratio']:.2f} at {best['calls']:,}"
+    beyond = " (the audit's whole budget; the run spent more)" if calls > report["budget"] else ""
+    return f"{best['probe_ratio']:.2f} at {best['calls']:,}{beyond}"
 
 
 def ladder_table(raw: dict[str, Any], task: str) -> str:
@@ -92,10 +102,14 @@ def ladder_table(raw: dict[str, Any], task: str) -> str:
         train = round(mean([r.get("calls", {}).get("train", 0) for r in runs]))
         seeds = len(runs)
         access = first["access"]
-        used = "the module itself (its weights)" if access == "white-box" else ports(exposure)
-        lines.append(f"| {method} | {access} | {used} | {train:,} | {forward:,} | {vjp:,} | {vjp_rows:,} | "
-                     f"{pct([r['test'][primary] for r in runs])}{'' if seeds == 3 else f' ({seeds} seeds)'} | "
-                     f"{audit_at(raw['audits'], task, access, forward + vjp)} |")
+        counts = f"{train:,} | {forward:,} | {vjp:,} | {vjp_rows:,}"
+        if access == "white-box":  # the client runs its own copy: nothing crosses a boundary
+            used, counts = "the module itself (its weights)", "— | — | — | —"
+        else:
+            used = ports(exposure)
+        seeds_note = "" if seeds == 3 else f" ({seeds} seed{'s' * (seeds > 1)})"
+        lines.append(f"| {method} | {access} | {used} | {counts} | {pct([r['test'][primary] for r in runs])}"
+                     f"{seeds_note} | {audit_at(raw['audits'], task, access, forward + vjp)} |")
     return "\n".join(lines) + "\n"
 
 
