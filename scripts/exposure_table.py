@@ -207,8 +207,13 @@ def ladder_figure(raw: dict[str, Any], path: Path) -> None:
             calls = mean([r["exposure"]["forward_queries"] + r["exposure"]["gradient_queries"] for r in runs])
             acc = [100 * r["test"][primary] for r in runs]
             err = statistics.stdev(acc) if len(acc) > 1 else 0.0
-            ax.errorbar(max(calls, 1), mean(acc), yerr=err, fmt="o", color=COLOURS[runs[0]["access"]])
-            ax.annotate(method, (max(calls, 1), mean(acc)), textcoords="offset points", xytext=(4, 3), fontsize=7)
+            if runs[0]["access"] == "white-box":  # no boundary call: a line at its accuracy, not a point
+                ax.axhline(mean(acc), color=COLOURS["white-box"], ls=":", lw=1)
+                ax.annotate(f"{method} (white-box, no boundary)", (0.01, mean(acc)), xycoords=("axes fraction", "data"),
+                            textcoords="offset points", xytext=(0, 3), fontsize=7, color=COLOURS["white-box"])
+                continue
+            ax.errorbar(calls, mean(acc), yerr=err, fmt="o", color=COLOURS[runs[0]["access"]])
+            ax.annotate(method, (calls, mean(acc)), textcoords="offset points", xytext=(4, 3), fontsize=7)
         ax.set_xscale("log")
         ax.set_xlabel("boundary calls of the run (forward + VJP, validation and test included)")
         ax.set_ylabel("test %")
