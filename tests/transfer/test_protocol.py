@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -155,3 +156,21 @@ def test_eft_is_strong_zero_shot_plus_the_weak_pairs_difference() -> None:
                                    atol=1e-4, rtol=1e-5)
     with pytest.raises(InvalidInputError, match=r"EFT needs three \[N, C\] scores.*got \[\[2, 3\], \[2, 3\], \[2, 4\]\]"):
         eft_scores(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 4))
+
+
+def test_cli_transfer_takes_beta_per_sample(tmp_path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from graytune.cli.main import main
+
+    fake = lambda name, *a, **k: tiny_texts()  # noqa: E731
+    monkeypatch.setattr("graytune.train.recipe.load_splits", fake)
+    monkeypatch.setattr("graytune.transfer.recipe.load_splits", fake)
+    weak = f"hf-text:{build_tiny_bert(tmp_path / 'bert')}"
+    assert main(["train", "--backbone", weak, "--method", "output", "--data", "tiny-texts", "--out",
+                 str(tmp_path / "ft"), "--max-steps", "2", "--batch-size", "4", "--json"]) == 0
+    assert main(["extract", "--weak", weak, "--adapter", str(tmp_path / "ft"), "--data", "tiny-texts",
+                 "--out", str(tmp_path / "tm"), "--classes", "16", "--json"]) == 0
+    assert main(["transfer", "--adapter", str(tmp_path / "tm"), "--strong", weak, "--data", "tiny-texts",
+                 "--out", str(tmp_path / "moved"), "--beta-per-sample", "0.5", "--json"]) == 0
+    capsys.readouterr()
+    saved = json.loads((tmp_path / "moved" / "adapter_config.json").read_text())
+    assert saved["beta"] == 15.0 and saved["beta_per_sample"] == 0.5 and saved["unlabeled"] == 30  # 0.5 × N
