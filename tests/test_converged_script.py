@@ -3,28 +3,16 @@ scripts/converged_table.py's rendering, on made-up runs: no backbone, seconds.""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+from tests.scripts import load_script
 
-
-def _load(name: str):  # type: ignore[no-untyped-def]
-    sys.path.insert(0, str(SCRIPTS))  # converged_table imports converged from beside it
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-converged = _load("converged")
-converged_table = _load("converged_table")
+converged = load_script("converged")
+converged_table = load_script("converged_table")
 
 
 @pytest.mark.parametrize("registry, grid", [

@@ -3,28 +3,16 @@ rendering and verdict, on made-up rows: no backbone, seconds. The end-to-end che
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+from tests.scripts import load_script
 
-
-def _load(name: str):  # type: ignore[no-untyped-def]
-    sys.path.insert(0, str(SCRIPTS))  # transmiter_text imports install_mpnet from beside it
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-script = _load("transmiter_text")
-renderer = _load("transmiter_text_table")
+script = load_script("transmiter_text")
+renderer = load_script("transmiter_text_table")
 
 
 def head(protocol=None) -> dict:  # type: ignore[no-untyped-def]

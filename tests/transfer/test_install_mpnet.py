@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import io
 import json
 import zipfile
@@ -11,11 +10,9 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "install_mpnet.py"
-spec = importlib.util.spec_from_file_location("install_mpnet", SCRIPT)
-assert spec is not None and spec.loader is not None
-install_mpnet = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(install_mpnet)
+from tests.scripts import load_script
+
+install_mpnet = load_script("install_mpnet")
 
 WEIGHTS = bytes(range(256)) * 40  # stands in for model.safetensors
 FILES = {"config.json": json.dumps({"model_type": "mpnet"}), "tokenizer_config.json": "{}", "vocab.txt": "[UNK]\n",
