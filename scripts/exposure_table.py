@@ -51,7 +51,10 @@ def ports(exposure: dict[str, Any]) -> str:
     """The ports a run touched beyond the plain inputs, with the ops used and the widths revealed; entry
     layers with the same ops and width are one cell (``text.layer.1–5``)."""
     cells: dict[tuple[str, str, str], list[str]] = defaultdict(list)
-    for port, ops in exposure["ports"].items():
+    def natural(port: str) -> list[Any]:
+        return [int(part) if part.isdigit() else part for part in port.split(".")]
+
+    for port, ops in sorted(exposure["ports"].items(), key=lambda item: natural(item[0])):
         if port.endswith(HIDDEN_PORTS):
             continue
         width = [d for d in exposure["dims"].get(port, []) if isinstance(d, int)]
@@ -121,8 +124,8 @@ def raw_order(by_method: dict[tuple, list]) -> list[str]:
 
 def targets_table(raw: dict[str, Any]) -> str:
     lines = ["| task | output (black-box) | dga-zo (black-box) | DGA (dark-gray) | gap closed | "
-             "dga-zo calls / DGA calls | beats output? | closes half the gap? |",
-             "|---|---:|---:|---:|---:|---:|---|---|"]
+             "dga-zo calls / DGA calls | beats output? | closes half the gap? | seeds |",
+             "|---|---:|---:|---:|---:|---:|---|---|---:|"]
     for task in TITLES:
         rows = [r for r in raw["ladder"] if r["task"] == task]
         by = grouped(rows, "method")
@@ -131,11 +134,17 @@ def targets_table(raw: dict[str, Any]) -> str:
         primary = rows[0]["primary"]
         acc = {m: mean([r["test"][primary] for r in by[(m,)]]) for m in ("output", "dga", "dga-zo")}
         gap = acc["dga"] - acc["output"]
-        closed = (acc["dga-zo"] - acc["output"]) / gap if gap > 0 else float("nan")
         ratio = mean([r["calls"]["train"] for r in by[("dga-zo",)]]) / mean([r["calls"]["train"] for r in by[("dga",)]])
+        if gap > 0:
+            closed = (acc["dga-zo"] - acc["output"]) / gap
+            closed_cell, half = f"{closed:.0%}", "yes" if closed >= 0.5 else "no"
+        else:  # DGA did not beat output here: there is no gap to close
+            closed_cell = "no gap (DGA ≤ output)"
+            half = "moot: above both" if acc["dga-zo"] > acc["dga"] else "moot"
+        seeds = min(len(by[(m,)]) for m in ("output", "dga", "dga-zo"))
         lines.append(f"| {task} | {100 * acc['output']:.1f} | {100 * acc['dga-zo']:.1f} | {100 * acc['dga']:.1f} | "
-                     f"{closed:.0%} | {ratio:.0f}× | {'yes' if acc['dga-zo'] > acc['output'] else 'no'} | "
-                     f"{'yes' if closed >= 0.5 else 'no'} |")
+                     f"{closed_cell} | {ratio:.0f}× | {'yes' if acc['dga-zo'] > acc['output'] else 'no'} | {half} | "
+                     f"{seeds} |")
     return "\n".join(lines) + "\n"
 
 
