@@ -14,6 +14,8 @@ Protocol:
   DGA run (``--max-calls``), BlackVIP's SPSA-GC with q = 5, eps = 0.01, for the steps that budget pays
   for (the warm-up and cosine schedule span them); validation every ``EVAL_EVERY`` steps, best validation
   kept, test scored once.
+- controls: output adapters alone for as many steps as dga-zo took (its output adapters step once per
+  zeroth-order step, twice ``output``'s 60), so that its gain over ``output`` is read fairly.
 - curves: dga-zo on the text task with SPSA, SPSA-GC and ZIP at the same call budget, validation every
   ``EVAL_EVERY`` steps: accuracy against training calls (SPSA-GC's curves are the ladder's runs).
 - audits: ``graytune audit`` at black-box, dark-gray and light-gray on each task's backbone, 16 rows a call.
@@ -52,7 +54,7 @@ log = logging.getLogger("exposure")
 
 
 def run_method(backbone: str, data: str, size: int | None, method: str, seed: int, max_calls: int = 0,
-               estimator: str | None = None, calls_per_loss: int = 2) -> dict[str, Any]:
+               estimator: str | None = None, calls_per_loss: int = 2, steps: int = STEPS) -> dict[str, Any]:
     """Train ``method`` (or score it untrained) and record its accuracy, calls and exposure."""
     splits = load_splits(data)
     spec = get_method(method)
@@ -66,7 +68,7 @@ def run_method(backbone: str, data: str, size: int | None, method: str, seed: in
         zo = method in ZO_METHODS
         # a zeroth-order step is 2q loss evaluations, each the calls of one DGA step: the schedule (warm-up,
         # cosine decay) spans exactly the steps the budget pays for, and max_calls guards it
-        steps = max_calls // (2 * ZO_Q * calls_per_loss) if zo else STEPS
+        steps = max_calls // (2 * ZO_Q * calls_per_loss) if zo else steps
         config = TrainConfig(lr=spec.lr, max_steps=steps, batch_size=BATCH, seed=seed, eval_every=EVAL_EVERY,
                              max_calls=max_calls, zo=estimator if zo else None, zo_q=ZO_Q if zo else None)
         result = fit(model, task, splits.val, config, progress=False)
@@ -95,7 +97,9 @@ class Store:
         self.data = self._read()
 
     def _read(self) -> dict[str, Any]:
-        data = json.loads(self.path.read_text()) if self.path.is_file() else {"ladder": [], "curves": [], "audits": []}
+        data = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        for part in ("ladder", "curves", "audits", "controls"):
+            data.setdefault(part, [])
         data.update(protocol={"steps": STEPS, "batch_size": BATCH, "eval_every": EVAL_EVERY,
                               "zo_factor": ZO_FACTOR, "zo_estimator": "spsa-gc", "tasks": TASKS})
         return data
@@ -133,6 +137,22 @@ def ladder(store: Store, seeds: list[int], methods: list[str] = LADDER) -> None:
                 store.add("ladder", {**row, "task": name, "backbone": backbone, "data": data, "image_size": size})
 
 
+def controls(store: Store, seeds: list[int]) -> None:
+    """Output adapters alone for as many steps as dga-zo's (whose output adapters step once per zeroth-order
+    step): what of dga-zo's gain over ``output`` comes from its input adapters and not from more steps."""
+    for name, backbone, data, size in TASKS:
+        for seed in seeds:
+            if store.find("controls", task=name, method="output", seed=seed):
+                continue
+            zo = store.find("ladder", task=name, method="dga-zo", seed=seed)
+            if zo is None:
+                log.info("%s seed %d: no dga-zo run to match; skipped", name, seed)
+                continue
+            row = run_method(backbone, data, size, "output", seed, steps=zo["steps"])
+            log.info("%s seed %d output for %d steps: %s", name, seed, zo["steps"], row["test"])
+            store.add("controls", {**row, "task": name, "backbone": backbone, "data": data, "image_size": size})
+
+
 def curves(store: Store, seeds: list[int], estimators: list[str]) -> None:
     name, backbone, data, size = TASKS[0]
     for seed in seeds:
@@ -160,7 +180,7 @@ def audits(store: Store, budgets: list[int], tasks: list[str]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--parts", default="ladder,curves,audits")
+    parser.add_argument("--parts", default="ladder,controls,curves,audits")
     parser.add_argument("--audit-budgets", default="1000,10000")
     parser.add_argument("--audit-tasks", default=",".join(t[0] for t in TASKS), help="tasks whose backbone to audit")
     parser.add_argument("--methods", default=",".join(LADDER), help="ladder methods to run (default: all)")
@@ -174,6 +194,8 @@ def main() -> None:
     if "ladder" in parts:
         chosen = set(args.methods.split(",")) | ({"dga"} if set(ZO_METHODS) & set(args.methods.split(",")) else set())
         ladder(store, seeds, [m for m in LADDER if m in chosen])  # the zeroth-order budget needs DGA's calls
+    if "controls" in parts:
+        controls(store, seeds)
     if "curves" in parts:
         ladder(store, seeds, ["dga"])  # the curves' budget is a multiple of DGA's calls
         curves(store, seeds, args.estimators.split(","))
