@@ -4,8 +4,8 @@ Run: .venv/bin/python scripts/exposure_table.py [--raw docs/exposure-raw.json] [
      [--figures docs/figures]
 
 The tables replace what lies between ``<!-- generated:NAME -->`` and ``<!-- /generated:NAME -->`` in the
-document (the prose around them is kept); the figures are ``exposure-ladder.png``, ``exposure-zo-curves.png``
-and ``exposure-audit.png``. Reads only the JSON; seconds.
+document and README.md's short ladder (the prose around them is kept); the figures are
+``exposure-ladder.png``, ``exposure-zo-curves.png`` and ``exposure-audit.png``. Reads only the JSON; seconds.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ LEVELS = ("black-box", "dark-gray", "light-gray", "white-box")
 COLOURS = {"black-box": "#222222", "dark-gray": "#1f77b4", "light-gray": "#2ca02c", "white-box": "#d62728"}
 ESTIMATORS = {"spsa": "SPSA", "spsa-gc": "SPSA-GC (BlackVIP)", "zip": "ZIP (intrinsic, clipped)"}
 TITLES = {"text": "MiniLM, WordNet gloss → supersense (accuracy)",
-          "image-text": "bridge, Tux Paint drawing ↔ caption retrieval at 128 px (mean recall@1)"}
+          "image-text": "bridge, Tux Paint drawing ↔ caption retrieval at 128 px (mean recall: R@1, 5, 10 both ways)"}
 HIDDEN_PORTS = ("input_ids", "attention_mask")  # what every call sends; not an exposure of its own
 
 
@@ -113,6 +113,30 @@ def ladder_table(raw: dict[str, Any], task: str) -> str:
         seeds_note = "" if seeds == 3 else f" ({seeds} seed{'s' * (seeds > 1)})"
         lines.append(f"| {method} | {access} | {used} | {counts} | {pct([r['test'][primary] for r in runs])}"
                      f"{seeds_note} | {audit_at(raw['audits'], task, access, forward + vjp)} |")
+    return "\n".join(lines) + "\n"
+
+
+def readme_table(raw: dict[str, Any]) -> str:
+    """The README's short ladder: both tasks' test metric per method, its level and what crossed the boundary."""
+    by_task = {task: grouped([r for r in raw["ladder"] if r["task"] == task], "method") for task in TITLES}
+    methods = raw_order({key: [] for rows in by_task.values() for key in rows})
+    lines = ["| method | access | MiniLM WordNet accuracy % | bridge Tux Paint mean recall % | forward calls | VJP rows |",
+             "|---|---|---:|---:|---:|---:|"]
+    for method in methods:
+        cells, access, forward, rows = [], "", "", ""
+        for task, by in by_task.items():
+            runs = by.get((method,), [])
+            if not runs:
+                cells.append("—")
+                continue
+            primary = runs[0]["primary"]
+            cells.append(pct([r["test"][primary] for r in runs]))
+            access = runs[0]["access"]
+            if task == "text":
+                counts = [round(mean([r["exposure"].get(k, 0) for r in runs]))
+                          for k in ("forward_queries", "gradient_samples")]
+                forward, rows = ("— (own copy)", "—") if access == "white-box" else (f"{counts[0]:,}", f"{counts[1]:,}")
+        lines.append(f"| {method} | {access} | {cells[0]} | {cells[1]} | {forward} | {rows} |")
     return "\n".join(lines) + "\n"
 
 
@@ -292,6 +316,7 @@ def main() -> None:
     parser.add_argument("--raw", default="docs/exposure-raw.json")
     parser.add_argument("--doc", default="docs/exposure.md")
     parser.add_argument("--figures", default="docs/figures")
+    parser.add_argument("--readme", default="README.md", help="its ladder block is rewritten too ('' : leave it)")
     args = parser.parse_args()
     raw = json.loads(Path(args.raw).read_text())
     doc_path = Path(args.doc)
@@ -306,9 +331,14 @@ def main() -> None:
     ladder_figure(raw, figures / "exposure-ladder.png")
     curves_figure(raw, figures / "exposure-zo-curves.png")
     audit_figure(raw, figures / "exposure-audit.png")
-    tmp = doc_path.with_suffix(".tmp")
-    tmp.write_text(doc)
-    tmp.replace(doc_path)
+    written = {doc_path: doc}
+    if args.readme:
+        readme = Path(args.readme)
+        written[readme] = replace(readme.read_text(), "ladder-readme", readme_table(raw))
+    for path, text in written.items():
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
 
 
 if __name__ == "__main__":
