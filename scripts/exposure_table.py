@@ -36,6 +36,10 @@ def pct(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
+def seeds_word(n: int) -> str:
+    return f"{n} seed{'s' * (n > 1)}"
+
+
 def mean(values: list[float]) -> float:
     return statistics.mean(values) if values else float("nan")
 
@@ -110,7 +114,7 @@ def ladder_table(raw: dict[str, Any], task: str) -> str:
             used, counts = "the module itself (its weights)", "— | — | — | —"
         else:
             used = ports(exposure)
-        seeds_note = "" if seeds == 3 else f" ({seeds} seed{'s' * (seeds > 1)})"
+        seeds_note = "" if seeds == 3 else f" ({seeds_word(seeds)})"
         lines.append(f"| {method} | {access} | {used} | {counts} | {pct([r['test'][primary] for r in runs])}"
                      f"{seeds_note} | {audit_at(raw['audits'], task, access, forward + vjp)} |")
     return "\n".join(lines) + "\n"
@@ -160,7 +164,7 @@ def targets_table(raw: dict[str, Any]) -> str:
         primary = rows[0]["primary"]
         acc = {m: mean([r["test"][primary] for r in by[(m,)]]) for m in ("output", "dga", "dga-zo")}
         control = [r["test"][primary] for r in raw.get("controls", []) if r["task"] == task]
-        control_cell = f"{pct(control)} ({len(control)} seed{'s' * (len(control) > 1)})" if control else "not run"
+        control_cell = f"{pct(control)} ({seeds_word(len(control))})" if control else "not run"
         best_output = max(acc["output"], mean(control)) if control else acc["output"]
         gap = acc["dga"] - acc["output"]
         ratio = mean([r["calls"]["train"] for r in by[("dga-zo",)]]) / mean([r["calls"]["train"] for r in by[("dga",)]])
@@ -270,7 +274,7 @@ def curves_figure(raw: dict[str, Any], path: Path) -> None:
         curve = mean_curve(runs)
         if not curve:
             continue
-        label = ESTIMATORS.get(name, "DGA (dark-gray, VJPs)") + f", {len(runs)} seed{'s' * (len(runs) > 1)}"
+        label = ESTIMATORS.get(name, "DGA (dark-gray, VJPs)") + f", {seeds_word(len(runs))}"
         ax.plot([c for c, _ in curve], [100 * a for _, a in curve], marker=".", label=label)
     output = [r for r in raw["ladder"] if r["task"] == "text" and r["method"] == "output"]
     if output:
