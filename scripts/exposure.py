@@ -165,14 +165,14 @@ def curves(store: Store, seeds: list[int], estimators: list[str]) -> None:
             store.add("curves", {**row, "task": name, "backbone": backbone, "data": data})
 
 
-def audits(store: Store, budgets: list[int], tasks: list[str]) -> None:
+def audits(store: Store, budgets: list[int], tasks: list[str], levels: tuple[str, ...] = LEVELS) -> None:
     for name, backbone, _data, _size in TASKS:
         if name not in tasks:
             continue
         for budget in budgets:
             if store.find("audits", task=name, budget=budget):
                 continue
-            report = run_audit(backbone, AuditConfig(levels=LEVELS, budget=budget), progress=False)
+            report = run_audit(backbone, AuditConfig(levels=levels, budget=budget), progress=False)
             log.info("%s audit at %d calls: %.0f s", name, budget, report.data["seconds"])
             store.add("audits", {"task": name, "backbone": backbone, "budget": budget, "report": report.data})
 
@@ -183,6 +183,8 @@ def main() -> None:
     parser.add_argument("--parts", default="ladder,controls,curves,audits")
     parser.add_argument("--audit-budgets", default="1000,10000")
     parser.add_argument("--audit-tasks", default=",".join(t[0] for t in TASKS), help="tasks whose backbone to audit")
+    parser.add_argument("--audit-levels", default=",".join(LEVELS),
+                        help="levels each audit attacks (light-gray runs dark-gray's attack: its curve is the same)")
     parser.add_argument("--methods", default=",".join(LADDER), help="ladder methods to run (default: all)")
     parser.add_argument("--estimators", default=",".join(CURVE_ESTIMATORS), help="curves: estimators beside spsa-gc")
     parser.add_argument("--out", default="docs/exposure-raw.json")
@@ -200,7 +202,8 @@ def main() -> None:
         ladder(store, seeds, ["dga"])  # the curves' budget is a multiple of DGA's calls
         curves(store, seeds, args.estimators.split(","))
     if "audits" in parts:
-        audits(store, [int(b) for b in args.audit_budgets.split(",")], args.audit_tasks.split(","))
+        audits(store, [int(b) for b in args.audit_budgets.split(",")], args.audit_tasks.split(","),
+               tuple(args.audit_levels.split(",")))
 
 
 if __name__ == "__main__":

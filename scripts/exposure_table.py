@@ -78,16 +78,23 @@ def audit_at(audits: list[dict[str, Any]], task: str, level: str, calls: int) ->
     """The audit's surrogate fidelity (probe accuracy as a share of the backbone's) at ``calls`` or just below."""
     if level == "white-box":
         return "1 (the module is handed over)"
-    reports = [a for a in audits if a["task"] == task]
-    if not reports:
+    audit = largest_audit(audits, task, level)
+    if audit is None:
         return "not run"
-    report = max(reports, key=lambda a: a["budget"])["report"]
+    report = audit["report"]
     points = [c for c in report["levels"][level]["extraction"]["checkpoints"] if c["calls"] <= calls]
     if not points:
         return "—"
     best = points[-1]
     beyond = " (the audit's whole budget; the run spent more)" if calls > report["budget"] else ""
     return f"{best['probe_ratio']:.2f} at {best['calls']:,}{beyond}"
+
+
+def largest_audit(audits: list[dict[str, Any]], task: str, level: str) -> dict[str, Any] | None:
+    """The audit of ``task`` with the largest budget that attacked at ``level`` (its checkpoints include the
+    smaller budgets': the same seed sends the same calls), or None."""
+    runs = [a for a in audits if a["task"] == task and level in a["report"]["levels"]]
+    return max(runs, key=lambda a: a["budget"]) if runs else None
 
 
 def ladder_table(raw: dict[str, Any], task: str) -> str:
@@ -293,17 +300,22 @@ def audit_figure(raw: dict[str, Any], path: Path) -> None:
     fig = Figure(figsize=(SIZE[0] * max(len(tasks), 1), SIZE[1]), dpi=DPI)
     for i, task in enumerate(tasks):
         ax = fig.add_subplot(1, len(tasks), i + 1)
-        audit = max((a for a in raw["audits"] if a["task"] == task), key=lambda a: a["budget"])
-        for level, found in audit["report"]["levels"].items():
-            points = [c for c in found["extraction"]["checkpoints"] if c["calls"] > 0]
+        budgets = set()
+        for level in LEVELS:
+            audit = largest_audit(raw["audits"], task, level)
+            if audit is None:
+                continue
+            budgets.add(audit["budget"])
+            backbone, modality = audit["backbone"], audit["report"]["modality"]
+            points = [c for c in audit["report"]["levels"][level]["extraction"]["checkpoints"] if c["calls"] > 0]
             ax.plot([c["calls"] for c in points], [c["probe_ratio"] for c in points], marker=".",
-                    color=COLOURS[level], label=level)
+                    color=COLOURS[level], label=f"{level} (budget {audit['budget']:,})",
+                    ls="--" if level == "light-gray" else "-")
         ax.axhline(0.9, color="0.5", ls="--", lw=1, label="90 % of the backbone's probe")
         ax.set_xscale("log")
         ax.set_xlabel("attack calls (16 rows each)")
         ax.set_ylabel("surrogate probe accuracy / backbone's")
-        ax.set_title(f"{audit['backbone']} ({audit['report']['modality']} tower), budget {audit['budget']:,}",
-                     fontsize=8)
+        ax.set_title(f"{backbone} ({modality} tower), budgets up to {max(budgets):,}", fontsize=8)
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
