@@ -29,6 +29,7 @@ NON_DEFAULT = {
     "adalink+output": {"rank": "3", "dga-output.bias": "false"},
     "dga-id": {"extra_tokens": "2", "gate": "channel", "bias": "false"},
     "lga-id": {"layers": "1", "tokens": "2", "extra_tokens": "1", "lga.gate": "channel"},
+    "lga-deep": {"layers": "1,2", "tokens": "3", "extra_tokens": "0", "lga.gate": "scalar"},
     "lora": {"rank": "4", "alpha": "8", "targets": "q_proj,k_proj"},
     "full": {},
     "transmiter": {"classes": "12", "dim": "6", "hidden_ratio": "2"},

@@ -250,6 +250,9 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            defaults={"dga-text": {**_ZO, "shift": False, "extra_tokens": 4}}, trained_by=_ZO_TRAIN),
     Method("lga", _TOWER, "light-gray LGA: DGA plus tokens at the declared entry layers", 3e-3,
            (*_DGA_INPUTS, *_both("lga"), *_both("dga-output"))),
+    Method("lga-deep", _TOWER, "LGA as VPT-deep: each declared layer's tokens take the places of the previous "
+           "layer's (the sequence keeps L+K tokens) instead of joining them", 3e-3,
+           (*_DGA_INPUTS, *_both("lga"), *_both("dga-output")), defaults={"lga": {"stacking": "replace"}}),
     Method("dga-id", _TOWER, "DGA with the extra token's effect scaled by a zero-initialised gate: exactly the "
            "zero-shot model at init, for a second backbone call per text batch", 3e-3,
            (*_DGA_INPUTS, *_both("dga-output")), defaults={"dga-text": _GATED}),

@@ -93,6 +93,28 @@ def required_level(kind: PortKind, op: Op, with_grad: bool) -> AccessLevel:
     return AccessLevel.DARK_GRAY
 
 
+def prompts_port(layer_port: str) -> str:
+    """The prompts port ``<m>.prompts.k`` beside the entry port ``<m>.layer.k`` (``""`` for any other port).
+
+    Example:
+        >>> prompts_port("text.layer.2"), prompts_port("text.token_embeds")
+        ('text.prompts.2', '')
+
+    Tokens sent to ``<m>.prompts.k`` are prompts as in VPT-deep: the first such port of a request that
+    gets tokens inserts them where an insert at ``<m>.layer.k`` goes, each later one writes over those
+    same positions, so a tower holds one block of them at every layer (``is_prompts_port``).
+    """
+    modality, kind, layer = [*layer_port.split("."), "", ""][:3]
+    return f"{modality}.prompts.{layer}" if kind == "layer" and layer else ""
+
+
+def is_prompts_port(name: str) -> bool:
+    """Whether ``name`` is a prompts port ``<m>.prompts.k``: its tokens take the places of the previous
+    prompts port's, so a request's prompts add their ``K`` positions to a row once, not once per port."""
+    parts = name.split(".")
+    return len(parts) == 3 and parts[1] == "prompts"
+
+
 #: preprocess fields that describe a backbone (added as graytune learned to say them), not what a client sends
 DESCRIPTIVE_PREPROCESS = frozenset({"long_texts", "max_positions", "mean_std_from"})
 

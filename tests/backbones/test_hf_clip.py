@@ -21,7 +21,8 @@ def test_spec_has_both_towers_and_fixed_image_size(tiny_clip_dir) -> None:  # ty
     spec = graytune.open_backbone(f"hf-clip:{tiny_clip_dir}", access="light-gray").spec
     assert spec.port("image.pixels").shape == ("B", 3, 32, 32)
     assert spec.port("text.embeds").shape == ("B", 16) == spec.port("image.embeds").shape
-    assert spec.port_names(PortKind.ENTRY) == ["image.layer.1", "image.layer.2", "text.layer.1", "text.layer.2"]
+    assert spec.port_names(PortKind.ENTRY) == ["image.layer.1", "image.layer.2", "image.prompts.1", "image.prompts.2",
+                                               "text.layer.1", "text.layer.2", "text.prompts.1", "text.prompts.2"]
 
 
 def test_outputs_equal_clipmodel_features(tiny_clip_dir) -> None:  # type: ignore[no-untyped-def]

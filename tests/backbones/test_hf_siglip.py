@@ -42,7 +42,8 @@ def test_spec_ports_and_what_the_client_must_know(siglip_dir) -> None:  # type: 
     spec = _open(siglip_dir).spec
     assert spec.port("image.pixels").shape == ("B", 3, IMAGE_SIZE, IMAGE_SIZE)
     assert spec.port("image.embeds").shape == ("B", 32) == spec.port("text.embeds").shape
-    assert spec.port_names(PortKind.ENTRY) == ["image.layer.1", "image.layer.2", "text.layer.1", "text.layer.2"]
+    assert spec.port_names(PortKind.ENTRY) == ["image.layer.1", "image.layer.2", "image.prompts.1", "image.prompts.2",
+                                               "text.layer.1", "text.layer.2", "text.prompts.1", "text.prompts.2"]
     assert spec.port_names(PortKind.OUTPUT) == ["image.embeds", "text.embeds"]  # no logit_scale / logit_bias
     text = spec.preprocess["text"]
     assert text["max_tokens"] == MAX_POSITIONS and text["pad_id"] == 1

@@ -66,7 +66,7 @@ def test_spec_publishes_minilm_like_ports(folders) -> None:  # type: ignore[no-u
     spec = _open(folders["mpnet-mean"], "light-gray").spec
     assert spec.modalities == ("text",)
     assert spec.port_names(PortKind.INPUT) == ["text.input_ids", "text.attention_mask", "text.token_embeds"]
-    assert spec.port_names(PortKind.ENTRY) == ["text.layer.1", "text.layer.2"]
+    assert spec.port_names(PortKind.ENTRY) == ["text.layer.1", "text.layer.2", "text.prompts.1", "text.prompts.2"]
     assert spec.port("text.token_embeds").shape == ("B", "L", DIM)
     assert spec.port("text.embeds").shape == ("B", DIM)
     text = spec.preprocess["text"]

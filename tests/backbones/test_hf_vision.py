@@ -64,7 +64,7 @@ def test_spec_publishes_pixels_patches_entries_and_embeds(folders) -> None:  # t
     assert spec.modalities == ("image",)
     assert spec.port("image.pixels").shape == ("B", 3, 32, 32)
     assert spec.port("image.patch_embeds").shape == ("B", 16, DIM)  # (32 / 8) ** 2 patches, before [CLS]
-    assert spec.port_names(PortKind.ENTRY) == ["image.layer.1", "image.layer.2"]
+    assert spec.port_names(PortKind.ENTRY) == ["image.layer.1", "image.layer.2", "image.prompts.1", "image.prompts.2"]
     assert spec.port("image.embeds").shape == ("B", DIM)
     assert "pooler" in spec.port("image.embeds").doc
     assert "pooler" not in _open(folders["vit-no-pooler"]).spec.port("image.embeds").doc

@@ -20,7 +20,7 @@ def test_methods_json_lists_every_method_with_derived_levels(capsys) -> None:  #
         "dga-zo": "black-box", "prompt-zo": "black-box",
         "lga": "light-gray", "adalink": "dark-gray", "lora": "white-box", "full": "white-box",
         "transmiter": "black-box", "transmiter+": "black-box", "adalink+output": "dark-gray", "dga-id": "dark-gray",
-        "lga-id": "light-gray"}
+        "lga-id": "light-gray", "lga-deep": "light-gray"}
     assert rows["adalink"]["reads"] == ["image.patch_embeds", "text.token_embeds"] and rows["dga"]["reads"] == []
     assert rows["adalink+output"]["reads"] == ["text.token_embeds"]
     assert {n for n, r in rows.items() if r["zeroth_order"]} == {"dga-zo", "prompt-zo"}

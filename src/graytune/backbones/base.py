@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from graytune.errors import InvalidInputError, MissingDependencyError
-from graytune.types import BackboneSpec, Op, PortKind, PortSpec
+from graytune.types import BackboneSpec, Op, PortKind, PortSpec, is_prompts_port, prompts_port
 
 Tensor = torch.Tensor
 
@@ -332,8 +332,10 @@ def _three(value: object, where: str, key: str) -> list[float]:
 
 
 def text_ports(prefix: str, dim: int, entry_layers: Sequence[int], max_len: int) -> list[PortSpec]:
-    """The input and entry ports of a transformer text tower of width ``dim``."""
+    """The input and entry ports of a transformer text tower of width ``dim`` (its prompts ports included:
+    pass ``prompt_port_names`` of them as ``added_ports`` to ``with_fingerprint``)."""
     seq = ("B", "L")
+    entry_layers = tuple(entry_layers)
     ports = [
         PortSpec(f"{prefix}.input_ids", PortKind.INPUT, seq, "int64", (Op.REPLACE,), prefix,
                  f"token ids from the backbone's tokenizer, at most {max_len} per row"),
@@ -348,7 +350,29 @@ def text_ports(prefix: str, dim: int, entry_layers: Sequence[int], max_len: int)
                  (Op.ADD, Op.INSERT, Op.READ), prefix, f"hidden states entering transformer layer {k}")
         for k in entry_layers
     ]
-    return ports
+    return ports + prompt_ports(prefix, "L", dim, entry_layers)
+
+
+def prompt_ports(prefix: str, seq: str, dim: int, entry_layers: Sequence[int]) -> list[PortSpec]:
+    """``<prefix>.prompts.k`` for each entry layer k: prompt tokens that take the places of the previous
+    layer's instead of joining them (VPT-deep), on a tower whose ``<prefix>.layer.k`` take inserts.
+
+    Args:
+        seq: the name of the sequence dim (``L`` for text, ``N`` for image tokens).
+        dim: the tower's width.
+
+    A tower places them with a ``PromptSlots`` per forward. They came after adapters had been trained on
+    every tower, so towers pass ``prompt_port_names`` of them as ``added_ports`` of their fingerprint.
+    """
+    return [PortSpec(f"{prefix}.prompts.{k}", PortKind.ENTRY, ("B", seq, dim), "float32", (Op.INSERT,), prefix,
+                     f"prompt tokens entering layer {k}: the first prompts port a request sends inserts them as "
+                     f"an insert at {prefix}.layer.{k} would; each later one writes over those tokens (same K)")
+            for k in entry_layers]
+
+
+def prompt_port_names(ports: Sequence[PortSpec]) -> tuple[str, ...]:
+    """The names of the prompts ports among ``ports`` (what ``with_fingerprint``'s ``added_ports`` leaves out)."""
+    return tuple(p.name for p in ports if is_prompts_port(p.name))
 
 
 def add_delta(port: str, values: Tensor, delta: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -381,12 +405,7 @@ def insert_tokens(
         ``[B, L+K, D]`` values and ``[B, L+K]`` mask (inserted tokens are real).
     """
     batch, length, dim = values.shape
-    if tokens.dim() != 3 or tokens.shape[0] not in (1, batch) or tokens.shape[2] != dim:
-        raise InvalidInputError(
-            f"insert at {port}: got tokens of shape {list(tokens.shape)}; expected "
-            f"[1, K, {dim}] or [{batch}, K, {dim}]"
-        )
-    k = tokens.shape[1]
+    k = _token_count(port, values, tokens)
     joined = torch.cat([values, tokens.expand(batch, k, dim)], dim=1)  # [B, L+K, D]
     pos = torch.arange(length + k, device=values.device).unsqueeze(0)  # [1, L+K]
     at = at.to(values.device).unsqueeze(1)  # [B, 1]
@@ -394,6 +413,97 @@ def insert_tokens(
     new_values = joined.gather(1, src.unsqueeze(-1).expand(-1, -1, dim))
     new_mask = torch.cat([mask, mask.new_ones(batch, k)], dim=1).gather(1, src)
     return new_values, new_mask
+
+
+def _token_count(port: str, values: Tensor, tokens: Tensor) -> int:
+    """K of ``tokens`` ``[B or 1, K, D]`` sent to ``port``, whose ``values`` are ``[B, L, D]``."""
+    batch, _, dim = values.shape
+    if tokens.dim() != 3 or tokens.shape[0] not in (1, batch) or tokens.shape[2] != dim:
+        raise InvalidInputError(
+            f"insert at {port}: got tokens of shape {list(tokens.shape)}; expected "
+            f"[1, K, {dim}] or [{batch}, K, {dim}]"
+        )
+    return int(tokens.shape[1])
+
+
+def overwrite_tokens(port: str, values: Tensor, tokens: Tensor, at: Tensor) -> Tensor:
+    """``values`` with positions ``at[b] .. at[b]+K-1`` of each row replaced by ``tokens``.
+
+    Args:
+        values: ``[B, L, D]`` sequence.
+        tokens: ``[B or 1, K, D]`` tokens to write.
+        at: ``[B]`` first position written per row (``at[b] + K <= L``).
+
+    Returns:
+        ``[B, L, D]`` values; what was at those positions gets no gradient.
+    """
+    batch, length, dim = values.shape
+    k = _token_count(port, values, tokens)
+    offset = torch.arange(length, device=values.device).unsqueeze(0) - at.to(values.device).unsqueeze(1)  # [B, L]
+    if bool((offset[:, -1] < k - 1).any()):
+        raise InvalidInputError(f"insert at {port}: {k} tokens written from positions {at.tolist()} pass the end "
+                                f"of rows of {length} positions: the tower placed its prompts wrongly, a graytune "
+                                "bug; please report it")
+    inside = (offset >= 0) & (offset < k)  # [B, L]
+    picked = offset.clamp(0, k - 1).unsqueeze(-1).expand(-1, -1, dim)  # [B, L, D] the token each position takes
+    written = tokens.to(values.dtype).expand(batch, k, dim).gather(1, picked)  # [B, L, D]
+    return torch.where(inside.unsqueeze(-1), written, values)
+
+
+class PromptSlots:
+    """Where one forward's prompt tokens sit in one tower (the ``<m>.prompts.k`` ports, VPT-deep).
+
+    The first prompts port (in layer order) that gets tokens inserts them, as an insert at its
+    ``<m>.layer.k`` would; each later one writes over those K positions, so the sequence keeps one block
+    of prompts (L+K tokens) instead of growing by K per layer. A tower makes one per forward and sends
+    its plain ``<m>.layer.k`` inserts through ``insert`` too, so the block is followed when they land
+    before it. At one layer the plain insert goes first, then the prompts.
+
+    Example:
+        >>> prompts = PromptSlots()
+        >>> for k, layer in enumerate(layers):
+        ...     at = torch.ones(len(hidden), dtype=torch.long)  # after [CLS]
+        ...     if f"text.layer.{k}" in insert:
+        ...         hidden, mask = prompts.insert(f"text.layer.{k}", hidden, mask, insert[f"text.layer.{k}"], at)
+        ...     hidden, mask = prompts.take(f"text.layer.{k}", hidden, mask, insert, at)
+    """
+
+    def __init__(self) -> None:
+        self.start: Tensor | None = None  # [B] first position of the block, once placed
+        self.count = 0  # K
+        self.placed_by = ""  # the prompts port that placed it
+
+    def insert(self, port: str, values: Tensor, mask: Tensor, tokens: Tensor, at: Tensor) -> tuple[Tensor, Tensor]:
+        """``insert_tokens`` (a plain insert before ``at``), moving the block along where it lands before it."""
+        values, mask = insert_tokens(port, values, mask, tokens, at)
+        if self.start is not None:
+            self.start = self.start + tokens.shape[1] * (at.to(self.start.device) <= self.start).long()
+        return values, mask
+
+    def take(self, layer_port: str, values: Tensor, mask: Tensor, insert: Mapping[str, Tensor],
+             at: Tensor) -> tuple[Tensor, Tensor]:
+        """The tokens ``insert`` holds for the prompts port beside ``layer_port``, if any: inserted before
+        ``at`` when no block is placed yet, else written over the block (the mask unchanged).
+
+        Raises:
+            InvalidInputError: their K differs from the block's (the message names both ports).
+        """
+        port = prompts_port(layer_port)
+        if port not in insert:
+            return values, mask
+        tokens = insert[port]
+        if self.start is None:
+            values, mask = insert_tokens(port, values, mask, tokens, at)
+            self.start, self.count, self.placed_by = at.to(values.device), int(tokens.shape[1]), port
+            return values, mask
+        if tokens.dim() == 3 and tokens.shape[1] != self.count:
+            raise InvalidInputError(
+                f"insert at {port}: got {tokens.shape[1]} prompt tokens, but {self.placed_by} placed "
+                f"{self.count} in this request; each later prompts port writes over the tokens the first one "
+                f"placed, so every prompts port of a tower takes the same K: send {self.count} here (or insert at "
+                f"{layer_port} to add tokens to the sequence)"
+            )
+        return overwrite_tokens(port, values, tokens, self.start), mask
 
 
 def masked_mean(hidden: Tensor, mask: Tensor) -> Tensor:

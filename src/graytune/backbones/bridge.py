@@ -18,6 +18,7 @@ from torch import nn
 
 from graytune.assets import imagenet_class_names
 from graytune.backbones import BACKBONES
+from graytune.backbones.base import prompt_port_names
 from graytune.backbones.efficientnet import load_tower as load_image_tower
 from graytune.backbones.minilm import DIM
 from graytune.backbones.minilm import load_tower as load_text_tower
@@ -65,19 +66,21 @@ class Bridge:
             PortSpec("text.embeds", PortKind.OUTPUT, ("B", DIM), "float32", (Op.READ,), "text",
                      "mean-pooled MiniLM sentence embedding"),
         ]
+        ports = (*self.image_tower.ports(), *self.text_tower.ports(), *outputs)
         text_pre = {"tokenizer": "MiniLM wordpiece", "max_tokens": 128, "insert_position": "after [CLS]",
                     **self.text_tower.room_for_inserts(), "vocab_size": self.text_tower.vocab_size}
         self.spec = BackboneSpec(
             id=f"bridge:{image_name}+minilm",
             modalities=("image", "text"),
-            ports=(*self.image_tower.ports(), *self.text_tower.ports(), *outputs),
+            ports=ports,
             preprocess={"image": self.image_tower.preprocess(), "text": text_pre},
             description=(
                 f"Composite image–text bridge: {image_name} ImageNet probabilities mapped into MiniLM's "
                 f"space through MiniLM embeddings of '{PROMPT}' for the 1000 WordNet class names. "
                 "Real parts, not contrastively trained."
             ),
-        ).with_fingerprint(f"{self.image_tower.weights_identity}+{self.text_tower.weights_identity}")
+        ).with_fingerprint(f"{self.image_tower.weights_identity}+{self.text_tower.weights_identity}",
+                           added_ports=prompt_port_names(ports))  # MiniLM's: adapters trained before still load
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
         return self.text_tower.tokenize(texts)

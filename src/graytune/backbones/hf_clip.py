@@ -6,7 +6,9 @@ granted), ``image.layer.k`` (entries into vision layer k; insert places tokens
 after [CLS]), ``image.embeds`` [B, E];
 ``text.input_ids``/``text.attention_mask``, ``text.token_embeds`` (add, insert
 before the end token, where pooling sees them), ``text.layer.k``,
-``text.embeds`` [B, E]. Embeddings are projected, not normalised.
+``text.embeds`` [B, E]. Embeddings are projected, not normalised. Each tower's
+``<m>.prompts.k`` take prompt tokens, placed where inserts at ``<m>.layer.k`` go;
+each later prompts port writes over them (``base.PromptSlots``).
 
 Nothing here downloads on its own: a hub id loads only where the hub is
 reachable and allowed; tests use a tiny random CLIP they save locally.
@@ -22,11 +24,13 @@ from torch import nn
 from graytune.backbones import BACKBONES
 from graytune.backbones.base import (
     OneModule,
+    PromptSlots,
     add_delta,
     freeze,
     image_normalisation,
-    insert_tokens,
     load_hf_checkpoint,
+    prompt_port_names,
+    prompt_ports,
     run_layer,
     text_ports,
 )
@@ -71,6 +75,7 @@ class HFClip(OneModule):
             *[PortSpec(f"image.layer.{k}", PortKind.ENTRY, ("B", "N", self.vision_cfg.hidden_size), "float32",
                        (Op.ADD, Op.INSERT, Op.READ), "image", f"tokens entering vision layer {k}")
               for k in range(1, n_vision)],
+            *prompt_ports("image", "N", self.vision_cfg.hidden_size, range(1, n_vision)),
             *text_ports("text", self.text_cfg.hidden_size, range(1, n_text), self.text_cfg.max_position_embeddings),
             PortSpec("image.embeds", PortKind.OUTPUT, ("B", dim), "float32", (Op.READ,), "image",
                      "projected [CLS] embedding"),
@@ -94,7 +99,7 @@ class HFClip(OneModule):
                          "vocab_size": int(self.text_cfg.vocab_size)},
             },
             description=description,
-        ).with_fingerprint(identity, added_ports=(PATCH_PORT,))  # adapters trained before it still load
+        ).with_fingerprint(identity, added_ports=(PATCH_PORT, *prompt_port_names(ports)))  # older adapters load
 
     @classmethod
     def load(cls, source: str) -> HFClip:
@@ -138,15 +143,17 @@ class HFClip(OneModule):
         hidden = torch.cat([embeddings.class_embedding.expand(len(patches), 1, -1), patches], dim=1)  # [B, 1+N, D]
         hidden = vision.pre_layrnorm(hidden + embeddings.position_embedding(embeddings.position_ids))
         mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+        prompts = PromptSlots()
         for k, layer in enumerate(vision.encoder.layers):
             port = f"image.layer.{k}"
             if port in reads:
                 out[port] = hidden
             if port in add:
                 hidden = add_delta(port, hidden, add[port])
-            if port in insert:  # after [CLS]
-                at = torch.ones(len(hidden), dtype=torch.long, device=hidden.device)
-                hidden, mask = insert_tokens(port, hidden, mask, insert[port], at)
+            at = torch.ones(len(hidden), dtype=torch.long, device=hidden.device)  # after [CLS]
+            if port in insert:
+                hidden, mask = prompts.insert(port, hidden, mask, insert[port], at)
+            hidden, mask = prompts.take(port, hidden, mask, insert, at)
             hidden = run_layer(layer, hidden, None)
         return self.model.visual_projection(vision.post_layernorm(hidden[:, 0]))
 
@@ -164,7 +171,8 @@ class HFClip(OneModule):
         ids, mask = inputs["text.input_ids"], inputs["text.attention_mask"]
         eos = self._eos_positions(ids)  # [B]
         hidden = text.embeddings.token_embedding(ids)  # [B, L, D]
-        hidden, mask, eos = self._edit("text.token_embeds", hidden, mask, eos, add, insert, reads, out)
+        prompts = PromptSlots()
+        hidden, mask, eos = self._edit("text.token_embeds", hidden, mask, eos, add, insert, reads, out, prompts)
         limit = self.text_cfg.max_position_embeddings
         if hidden.shape[1] > limit:
             raise InvalidInputError(f"{hidden.shape[1]} tokens after insertion exceed this CLIP's {limit} "
@@ -172,7 +180,7 @@ class HFClip(OneModule):
         hidden = text.embeddings(inputs_embeds=hidden)
         attn, length = None, -1
         for k, layer in enumerate(text.encoder.layers):
-            hidden, mask, eos = self._edit(f"text.layer.{k}", hidden, mask, eos, add, insert, reads, out)
+            hidden, mask, eos = self._edit(f"text.layer.{k}", hidden, mask, eos, add, insert, reads, out, prompts)
             if hidden.shape[1] != length:
                 length = hidden.shape[1]
                 attn = create_causal_mask(config=self.text_cfg, inputs_embeds=hidden,
@@ -189,16 +197,18 @@ class HFClip(OneModule):
 
     @staticmethod
     def _edit(port: str, hidden: Tensor, mask: Tensor, eos: Tensor, add: Mapping[str, Tensor],
-              insert: Mapping[str, Tensor], reads: Collection[str],
-              out: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+              insert: Mapping[str, Tensor], reads: Collection[str], out: dict[str, Tensor],
+              prompts: PromptSlots) -> tuple[Tensor, Tensor, Tensor]:
         if port in reads:
             out[port] = hidden
         if port in add:
             hidden = add_delta(port, hidden, add[port], mask)
         if port in insert:  # before the end token, which pooling reads
-            hidden, mask = insert_tokens(port, hidden, mask, insert[port], eos)
+            hidden, mask = prompts.insert(port, hidden, mask, insert[port], eos)
             eos = eos + insert[port].shape[1]
-        return hidden, mask, eos
+        length = hidden.shape[1]
+        hidden, mask = prompts.take(port, hidden, mask, insert, eos)  # before the end token too
+        return hidden, mask, eos + (hidden.shape[1] - length)
 
 
 

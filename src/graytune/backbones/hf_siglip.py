@@ -9,8 +9,10 @@ k; insert places tokens before the patch tokens: SigLIP has no [CLS], and its
 attention-pooling head reads every token), ``image.embeds`` [B, E] (the pooling
 head's output); ``text.input_ids``/``text.attention_mask``, ``text.token_embeds``
 (add; insert just before the last position), ``text.layer.k``, ``text.embeds``
-[B, E]. Embeddings are not normalised; ``logit_scale`` and ``logit_bias`` are
-weights and stay hidden.
+[B, E]; each tower's ``<m>.prompts.k`` take prompt tokens, placed where inserts at
+``<m>.layer.k`` go; each later prompts port writes over them (``base.PromptSlots``).
+Embeddings are not normalised; ``logit_scale`` and ``logit_bias`` are weights and
+stay hidden.
 
 SigLIP's text tower attends in both directions and pools the *last position*,
 which is a padding token unless the text fills the context: the model was trained
@@ -29,11 +31,13 @@ from torch import nn
 from graytune.backbones import BACKBONES
 from graytune.backbones.base import (
     OneModule,
+    PromptSlots,
     add_delta,
     freeze,
     image_normalisation,
-    insert_tokens,
     load_hf_checkpoint,
+    prompt_port_names,
+    prompt_ports,
     run_layer,
     text_ports,
 )
@@ -80,6 +84,7 @@ class HFSiglip(OneModule):
             *[PortSpec(f"image.layer.{k}", PortKind.ENTRY, ("B", "N", width), "float32",
                        (Op.ADD, Op.INSERT, Op.READ), "image", f"tokens entering vision layer {k}")
               for k in range(1, n_vision)],
+            *prompt_ports("image", "N", width, range(1, n_vision)),
             *text_ports("text", self.text_cfg.hidden_size, range(1, n_text), self.max_tokens),
             PortSpec("image.embeds", PortKind.OUTPUT, ("B", width), "float32", (Op.READ,), "image",
                      "attention-pooled image embedding (SigLIP's pooling head)"),
@@ -107,7 +112,7 @@ class HFSiglip(OneModule):
                          "vocab_size": int(self.text_cfg.vocab_size)},
             },
             description=description,
-        ).with_fingerprint(identity)
+        ).with_fingerprint(identity, added_ports=prompt_port_names(ports))
 
     @classmethod
     def load(cls, source: str) -> HFSiglip:
@@ -155,15 +160,17 @@ class HFSiglip(OneModule):
         vision = self.model.vision_model
         hidden = vision.embeddings(pixels)  # [B, N, D], position embeddings added
         mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+        prompts = PromptSlots()
         for k, layer in enumerate(vision.encoder.layers):
             port = f"image.layer.{k}"
             if port in reads:
                 out[port] = hidden
             if port in add:
                 hidden = add_delta(port, hidden, add[port])
-            if port in insert:  # before the patch tokens; every token is attended and pooled
-                at = torch.zeros(len(hidden), dtype=torch.long, device=hidden.device)
-                hidden, mask = insert_tokens(port, hidden, mask, insert[port], at)
+            at = torch.zeros(len(hidden), dtype=torch.long, device=hidden.device)  # before the patch tokens
+            if port in insert:  # every token is attended and pooled
+                hidden, mask = prompts.insert(port, hidden, mask, insert[port], at)
+            hidden, mask = prompts.take(port, hidden, mask, insert, at)
             hidden = run_layer(layer, hidden, None)
         return vision.head(vision.post_layernorm(hidden))  # [B, D]
 
@@ -174,14 +181,15 @@ class HFSiglip(OneModule):
         text = self.model.text_model
         ids, mask = inputs["text.input_ids"], inputs["text.attention_mask"]
         hidden = text.embeddings.token_embedding(ids)  # [B, L, D]
-        hidden, mask = self._edit("text.token_embeds", hidden, mask, add, insert, reads, out)
+        prompts = PromptSlots()
+        hidden, mask = self._edit("text.token_embeds", hidden, mask, add, insert, reads, out, prompts)
         if hidden.shape[1] > self.max_tokens:
             raise InvalidInputError(f"{hidden.shape[1]} tokens after insertion exceed this SigLIP's "
                                     f"{self.max_tokens} positions; send shorter texts or fewer tokens")
         hidden = text.embeddings(inputs_embeds=hidden)
         attn, length = None, -1
         for k, layer in enumerate(text.encoder.layers):
-            hidden, mask = self._edit(f"text.layer.{k}", hidden, mask, add, insert, reads, out)
+            hidden, mask = self._edit(f"text.layer.{k}", hidden, mask, add, insert, reads, out, prompts)
             if hidden.shape[1] != length:
                 length = hidden.shape[1]
                 attn = create_bidirectional_mask(config=self.text_cfg, inputs_embeds=hidden, attention_mask=mask)
@@ -191,15 +199,16 @@ class HFSiglip(OneModule):
 
     @staticmethod
     def _edit(port: str, hidden: Tensor, mask: Tensor, add: Mapping[str, Tensor], insert: Mapping[str, Tensor],
-              reads: Collection[str], out: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+              reads: Collection[str], out: dict[str, Tensor], prompts: PromptSlots) -> tuple[Tensor, Tensor]:
         if port in reads:
             out[port] = hidden
         if port in add:
             hidden = add_delta(port, hidden, add[port], mask)
         if port in insert:  # just before the last position, which pooling reads
             at = torch.full((len(hidden),), hidden.shape[1] - 1, dtype=torch.long, device=hidden.device)
-            hidden, mask = insert_tokens(port, hidden, mask, insert[port], at)
-        return hidden, mask
+            hidden, mask = prompts.insert(port, hidden, mask, insert[port], at)
+        at = torch.full((len(hidden),), hidden.shape[1] - 1, dtype=torch.long, device=hidden.device)  # there too
+        return prompts.take(port, hidden, mask, insert, at)
 
 
 

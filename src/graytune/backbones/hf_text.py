@@ -3,7 +3,8 @@
 Ports, like ``minilm``'s: ``text.input_ids``/``text.attention_mask`` (replace),
 ``text.token_embeds`` [B, L, D] (add, insert right after the first token, [CLS]
 or <s>, read when granted), ``text.layer.k`` for k = 1..n-1 (entries into
-transformer layer k), ``text.embeds`` [B, D]: the pooling the folder's
+transformer layer k), ``text.prompts.k`` (prompt tokens there that each later
+one writes over: ``base.PromptSlots``), ``text.embeds`` [B, D]: the pooling the folder's
 sentence-transformers config declares (``modules.json`` → ``1_Pooling/config.json``):
 the masked mean of the last hidden state (also when nothing is declared) or its
 first token. Embeddings are never normalised, even when a ``Normalize`` module
@@ -27,13 +28,14 @@ from torch import nn
 from graytune.backbones import BACKBONES
 from graytune.backbones.base import (
     OneModule,
+    PromptSlots,
     add_delta,
     checkpoint_location,
     file_identity,
     freeze,
     hub_json,
-    insert_tokens,
     masked_mean,
+    prompt_port_names,
     quiet_loading,
     run_layer,
     text_ports,
@@ -208,7 +210,7 @@ class HFText(OneModule):
                                  "pooling_from": sentence.source, "normalize_declared": sentence.normalize}},
             description=(f"Hugging Face {type(model).__name__} text encoder from {backbone_id.split(':', 1)[1]}, "
                          f"{self.pooling} pooling ({sentence.source}), {dim}-d, not normalised{normalize}."),
-        ).with_fingerprint(identity)
+        ).with_fingerprint(identity, added_ports=prompt_port_names(ports))
 
     @classmethod
     def load(cls, source: str) -> HFText:
@@ -251,7 +253,8 @@ class HFText(OneModule):
 
         model = self.model
         hidden = model.embeddings.word_embeddings(ids)  # [B, L, D]
-        hidden, mask = _edit("text.token_embeds", hidden, mask, add, insert, reads, read)
+        prompts = PromptSlots()
+        hidden, mask = _edit("text.token_embeds", hidden, mask, add, insert, reads, read, prompts)
         if hidden.shape[1] > self.max_positions:
             raise InvalidInputError(
                 f"{hidden.shape[1]} tokens after insertion exceed this model's {self.max_positions} positions; "
@@ -260,7 +263,7 @@ class HFText(OneModule):
         hidden = model.embeddings(inputs_embeds=hidden, **self._position_inputs(mask))
         attn, bias, length = None, None, -1
         for k, layer in enumerate(model.encoder.layer):
-            hidden, mask = _edit(f"text.layer.{k}", hidden, mask, add, insert, reads, read)
+            hidden, mask = _edit(f"text.layer.{k}", hidden, mask, add, insert, reads, read, prompts)
             if hidden.shape[1] != length:  # the first layer, or tokens were inserted
                 length = hidden.shape[1]
                 attn = create_bidirectional_mask(config=model.config, inputs_embeds=hidden, attention_mask=mask)
@@ -285,15 +288,15 @@ class HFText(OneModule):
 
 
 def _edit(port: str, hidden: Tensor, mask: Tensor, add: Mapping[str, Tensor], insert: Mapping[str, Tensor],
-          reads: Collection[str], read: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+          reads: Collection[str], read: dict[str, Tensor], prompts: PromptSlots) -> tuple[Tensor, Tensor]:
     if port in reads:
         read[port] = hidden
     if port in add:
         hidden = add_delta(port, hidden, add[port], mask)
-    if port in insert:  # right after the first token ([CLS] or <s>): mean pooling counts them
-        at = torch.ones(hidden.shape[0], dtype=torch.long, device=hidden.device)
-        hidden, mask = insert_tokens(port, hidden, mask, insert[port], at)
-    return hidden, mask
+    at = torch.ones(hidden.shape[0], dtype=torch.long, device=hidden.device)  # after [CLS] or <s>: pooling counts them
+    if port in insert:
+        hidden, mask = prompts.insert(port, hidden, mask, insert[port], at)
+    return prompts.take(port, hidden, mask, insert, at)
 
 
 @BACKBONES.register("hf-text:", family_help="dir or hub id")

@@ -5,7 +5,8 @@ Ports: ``image.pixels`` [B, 3, S, S] (replace); ``image.patch_embeds`` [B, N, D]
 them: add, insert, read when granted; inserted tokens go right after [CLS] with
 no position embedding, as visual prompt tokens do); ``image.layer.k`` for
 k = 1..n-1 (tokens entering encoder layer k, [CLS] first: add, insert after
-[CLS], read when granted); ``image.embeds`` [B, D]: the model's pooled output,
+[CLS], read when granted); ``image.prompts.k`` (prompt tokens after [CLS] that
+each later one writes over: ``base.PromptSlots``); ``image.embeds`` [B, D]: the model's pooled output,
 the final-layernormed [CLS] (DINOv2, and ViT checkpoints without pooler weights)
 or ViT's pooler on it (tanh of a dense layer) when the checkpoint has one. Not
 normalised.
@@ -32,13 +33,15 @@ from torch import nn
 from graytune.backbones import BACKBONES
 from graytune.backbones.base import (
     OneModule,
+    PromptSlots,
     add_delta,
     checkpoint_location,
     file_identity,
     freeze,
     image_normalisation,
     image_processor_config,
-    insert_tokens,
+    prompt_port_names,
+    prompt_ports,
     quiet_loading,
     run_layer,
 )
@@ -79,6 +82,7 @@ class HFVision(OneModule):
             *[PortSpec(f"image.layer.{k}", PortKind.ENTRY, ("B", "N", dim), "float32", (Op.ADD, Op.INSERT, Op.READ),
                        "image", f"tokens entering encoder layer {k}, [CLS] first")
               for k in range(1, cfg.num_hidden_layers)],
+            *prompt_ports("image", "N", dim, range(1, cfg.num_hidden_layers)),
             PortSpec("image.embeds", PortKind.OUTPUT, ("B", dim), "float32", (Op.READ,), "image",
                      f"{pooled}, not normalised"),
         ]
@@ -89,7 +93,7 @@ class HFVision(OneModule):
             preprocess={"image": {**image, "insert_position": "after [CLS]"}},
             description=(f"Hugging Face {type(model).__name__} image encoder from {backbone_id.split(':', 1)[1]}, "
                          f"{self.size} px, {patches} patches, {dim}-d; image.embeds is {pooled}, not normalised."),
-        ).with_fingerprint(identity)
+        ).with_fingerprint(identity, added_ports=prompt_port_names(ports))
 
     @classmethod
     def load(cls, source: str) -> HFVision:
@@ -136,8 +140,8 @@ class HFVision(OneModule):
         hidden = torch.cat([embeddings.cls_token.expand(len(hidden), -1, -1), hidden], dim=1)  # [B, 1+N, D]
         hidden = hidden + embeddings.interpolate_pos_encoding(hidden, pixels.shape[2], pixels.shape[3])
         hidden = embeddings.dropout(hidden)
-        if port in insert:
-            hidden = _insert_after_cls(port, hidden, insert[port])
+        prompts = PromptSlots()
+        hidden = _insert_after_cls(port, hidden, insert, prompts)
         layers = model.layers if hasattr(model, "layers") else model.encoder.layer  # ViT (transformers 5) / DINOv2
         for k, layer in enumerate(layers):
             port = f"image.layer.{k}"
@@ -145,8 +149,7 @@ class HFVision(OneModule):
                 read[port] = hidden
             if port in add:
                 hidden = add_delta(port, hidden, add[port])
-            if port in insert:
-                hidden = _insert_after_cls(port, hidden, insert[port])
+            hidden = _insert_after_cls(port, hidden, insert, prompts)
             hidden = run_layer(layer, hidden, None)
         cls_token = model.layernorm(hidden[:, :1])  # [B, 1, D]: the layernorm works per token
         pooler = getattr(model, "pooler", None)
@@ -154,10 +157,13 @@ class HFVision(OneModule):
 
 
 
-def _insert_after_cls(port: str, hidden: Tensor, tokens: Tensor) -> Tensor:
+def _insert_after_cls(port: str, hidden: Tensor, insert: Mapping[str, Tensor], prompts: PromptSlots) -> Tensor:
+    """``hidden`` with the tokens ``insert`` holds for ``port``, then for its prompts port, right after [CLS]."""
     at = torch.ones(len(hidden), dtype=torch.long, device=hidden.device)
     mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)  # every image token is real
-    return insert_tokens(port, hidden, mask, tokens, at)[0]
+    if port in insert:
+        hidden, mask = prompts.insert(port, hidden, mask, insert[port], at)
+    return prompts.take(port, hidden, mask, insert, at)[0]
 
 
 def image_preprocess(where: str, config: Any) -> dict[str, Any]:

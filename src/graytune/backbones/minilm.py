@@ -2,8 +2,9 @@
 
 Ports: ``text.input_ids``/``text.attention_mask`` (replace), ``text.token_embeds``
 [B, L, 384] (add, insert after [CLS], read when granted), ``text.layer.k`` for
-k = 1..5 (entries into transformer layer k), ``text.embeds`` [B, 384]
-(the masked mean of the last hidden state, not normalised).
+k = 1..5 (entries into transformer layer k), ``text.prompts.k`` (prompt tokens
+after [CLS] that each later one writes over: ``base.PromptSlots``),
+``text.embeds`` [B, 384] (the masked mean of the last hidden state, not normalised).
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from torch import nn
 
 from graytune.backbones import BACKBONES
 from graytune.backbones.base import (
+    PromptSlots,
     add_delta,
     file_identity,
     freeze,
-    insert_tokens,
     masked_mean,
+    prompt_port_names,
     quiet_loading,
     run_layer,
     text_ports,
@@ -98,7 +100,8 @@ class MiniLMTower:
         hidden = bert.embeddings.word_embeddings(ids)  # [B, L, D]
         if lookup_only:
             return hidden.new_zeros(0), {f"{prefix}.token_embeds": hidden}
-        hidden, mask = self._edit(f"{prefix}.token_embeds", hidden, mask, add, insert, reads, read)
+        prompts = PromptSlots()
+        hidden, mask = self._edit(f"{prefix}.token_embeds", hidden, mask, add, insert, reads, read, prompts)
         if hidden.shape[1] > bert.config.max_position_embeddings:
             raise InvalidInputError(
                 f"{hidden.shape[1]} tokens after insertion exceed MiniLM's "
@@ -108,7 +111,7 @@ class MiniLMTower:
         attn = None
         for k, layer in enumerate(bert.encoder.layer):
             before = mask.shape[1]
-            hidden, mask = self._edit(f"{prefix}.layer.{k}", hidden, mask, add, insert, reads, read)
+            hidden, mask = self._edit(f"{prefix}.layer.{k}", hidden, mask, add, insert, reads, read, prompts)
             if attn is None or mask.shape[1] != before:
                 attn = create_bidirectional_mask(config=bert.config, inputs_embeds=hidden,
                                                   attention_mask=mask)
@@ -124,15 +127,16 @@ class MiniLMTower:
         insert: Mapping[str, Tensor],
         reads: Collection[str],
         read: dict[str, Tensor],
+        prompts: PromptSlots,
     ) -> tuple[Tensor, Tensor]:
         if port in reads:
             read[port] = hidden
         if port in add:
             hidden = add_delta(port, hidden, add[port], mask)
-        if port in insert:  # right after [CLS], where mean pooling sees them
-            at = torch.ones(hidden.shape[0], dtype=torch.long, device=hidden.device)
-            hidden, mask = insert_tokens(port, hidden, mask, insert[port], at)
-        return hidden, mask
+        at = torch.ones(hidden.shape[0], dtype=torch.long, device=hidden.device)  # after [CLS]: mean pooling sees them
+        if port in insert:
+            hidden, mask = prompts.insert(port, hidden, mask, insert[port], at)
+        return prompts.take(port, hidden, mask, insert, at)
 
 
 @functools.cache
@@ -156,7 +160,7 @@ class MiniLM:
                                  "max_tokens": MAX_TOKENS, "insert_position": "after [CLS]",
                                  **self.tower.room_for_inserts(), "vocab_size": self.tower.vocab_size}},
             description=DESCRIPTION,
-        ).with_fingerprint(self.tower.weights_identity)
+        ).with_fingerprint(self.tower.weights_identity, added_ports=prompt_port_names(ports))
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
         return self.tower.tokenize(texts)

@@ -27,6 +27,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 
 from graytune.serve.config import ServeConfig
+from graytune.types import is_prompts_port
 
 
 class HTTPProblem(Exception):
@@ -89,7 +90,9 @@ def check_work(inputs: Mapping[str, torch.Tensor], insert: Mapping[str, torch.Te
 
     Args:
         inputs: port → ``[B, L]`` ids or ``[B, C, H, W]`` pixels (other inputs are not counted).
-        insert: port → ``[B or 1, K, D]`` tokens; each adds ``K`` positions to its modality's rows.
+        insert: port → ``[B or 1, K, D]`` tokens; each adds ``K`` positions to its modality's rows, except
+            that a modality's prompts ports (``<m>.prompts.k``, which write over each other's tokens) add
+            theirs once.
         grad: whether the request wants gradients.
     """
     tokens, token_flag = (config.max_grad_tokens, "--max-grad-tokens") if grad else (config.max_tokens,
@@ -101,8 +104,10 @@ def check_work(inputs: Mapping[str, torch.Tensor], insert: Mapping[str, torch.Te
         modality = name.split(".")[0]
         if name.endswith(".input_ids") and value.dim() == 2:
             rows, length = value.shape
-            extra = sum(int(t.shape[1]) for port, t in insert.items()
-                        if port.startswith(modality + ".") and t.dim() == 3)
+            counts = [(is_prompts_port(port), int(t.shape[1])) for port, t in insert.items()
+                      if port.startswith(modality + ".") and t.dim() == 3]
+            extra = sum(k for prompts, k in counts if not prompts) + max((k for prompts, k in counts if prompts),
+                                                                          default=0)
             positions = rows * (length + extra)
             if positions > tokens:
                 raise too_large(f"this request holds {positions:,} token positions{kind} ({rows:,} rows x "
