@@ -44,7 +44,7 @@ TASKS = [
     ("image-text", "bridge:efficientnet-lite0+minilm", "tuxpaint", 128),
 ]
 #: the ladder, bottom rung first (DGA before the zeroth-order runs: their budget is a multiple of its calls)
-LADDER = ["zero-shot", "output", "dga", "dga-zo", "prompt-zo", "lga", "adalink", "lora", "full"]
+LADDER = ["zero-shot", "output", "dga", "dga-zo", "prompt-zo", "lga", "lga-deep", "adalink", "lora", "full"]
 ZO_METHODS = ("dga-zo", "prompt-zo")
 CURVE_ESTIMATORS = ("spsa", "zip")  # spsa-gc: the ladder's dga-zo runs
 STEPS, BATCH, EVAL_EVERY, ZO_FACTOR, ZO_Q = 60, 32, 10, 20, 5

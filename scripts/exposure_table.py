@@ -153,7 +153,7 @@ def readme_table(raw: dict[str, Any]) -> str:
 
 
 def raw_order(by_method: dict[tuple, list]) -> list[str]:
-    order = ["zero-shot", "output", "dga-zo", "prompt-zo", "dga", "lga", "adalink", "lora", "full"]
+    order = ["zero-shot", "output", "dga-zo", "prompt-zo", "dga", "lga", "lga-deep", "adalink", "lora", "full"]
     names = [m for (m,) in by_method]
     return [m for m in order if m in names] + [m for m in names if m not in order]
 
