@@ -462,16 +462,27 @@ class PromptSlots:
     Example:
         >>> prompts = PromptSlots()
         >>> for k, layer in enumerate(layers):
-        ...     at = torch.ones(len(hidden), dtype=torch.long)  # after [CLS]
-        ...     if f"text.layer.{k}" in insert:
-        ...         hidden, mask = prompts.insert(f"text.layer.{k}", hidden, mask, insert[f"text.layer.{k}"], at)
-        ...     hidden, mask = prompts.take(f"text.layer.{k}", hidden, mask, insert, at)
+        ...     hidden, mask = prompts.place(f"text.layer.{k}", hidden, mask, insert, at=1)  # after [CLS]
     """
 
     def __init__(self) -> None:
         self.start: Tensor | None = None  # [B] first position of the block, once placed
         self.count = 0  # K
         self.placed_by = ""  # the prompts port that placed it
+
+    def place(self, port: str, values: Tensor, mask: Tensor, insert: Mapping[str, Tensor],
+              at: int) -> tuple[Tensor, Tensor]:
+        """The tokens ``insert`` holds for ``port`` (a plain insert), then for its prompts port, each placed
+        before position ``at`` of every row; a negative ``at`` counts from the end of the sequence as it
+        stands when each is placed (-1: before the last position). Nothing is built when neither is sent.
+
+        Towers whose insert position differs per row (CLIP's end token) call ``insert`` and ``take``.
+        """
+        if port in insert:
+            values, mask = self.insert(port, values, mask, insert[port], _positions(values, at))
+        if prompts_port(port) in insert:
+            values, mask = self.take(port, values, mask, insert, _positions(values, at))
+        return values, mask
 
     def insert(self, port: str, values: Tensor, mask: Tensor, tokens: Tensor, at: Tensor) -> tuple[Tensor, Tensor]:
         """``insert_tokens`` (a plain insert before ``at``), moving the block along where it lands before it."""
@@ -504,6 +515,12 @@ class PromptSlots:
                 f"{layer_port} to add tokens to the sequence)"
             )
         return overwrite_tokens(port, values, tokens, self.start), mask
+
+
+def _positions(values: Tensor, at: int) -> Tensor:
+    """``[B]``: position ``at`` of every row of ``values`` ``[B, L, D]`` (negative: counted from the end)."""
+    return torch.full((len(values),), at if at >= 0 else values.shape[1] + at, dtype=torch.long,
+                      device=values.device)
 
 
 def masked_mean(hidden: Tensor, mask: Tensor) -> Tensor:

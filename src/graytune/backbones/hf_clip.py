@@ -150,10 +150,7 @@ class HFClip(OneModule):
                 out[port] = hidden
             if port in add:
                 hidden = add_delta(port, hidden, add[port])
-            at = torch.ones(len(hidden), dtype=torch.long, device=hidden.device)  # after [CLS]
-            if port in insert:
-                hidden, mask = prompts.insert(port, hidden, mask, insert[port], at)
-            hidden, mask = prompts.take(port, hidden, mask, insert, at)
+            hidden, mask = prompts.place(port, hidden, mask, insert, at=1)  # after [CLS]
             hidden = run_layer(layer, hidden, None)
         return self.model.visual_projection(vision.post_layernorm(hidden[:, 0]))
 

@@ -167,10 +167,8 @@ class HFSiglip(OneModule):
                 out[port] = hidden
             if port in add:
                 hidden = add_delta(port, hidden, add[port])
-            at = torch.zeros(len(hidden), dtype=torch.long, device=hidden.device)  # before the patch tokens
-            if port in insert:  # every token is attended and pooled
-                hidden, mask = prompts.insert(port, hidden, mask, insert[port], at)
-            hidden, mask = prompts.take(port, hidden, mask, insert, at)
+            # before the patch tokens; every token is attended and pooled
+            hidden, mask = prompts.place(port, hidden, mask, insert, at=0)
             hidden = run_layer(layer, hidden, None)
         return vision.head(vision.post_layernorm(hidden))  # [B, D]
 
@@ -204,11 +202,7 @@ class HFSiglip(OneModule):
             out[port] = hidden
         if port in add:
             hidden = add_delta(port, hidden, add[port], mask)
-        if port in insert:  # just before the last position, which pooling reads
-            at = torch.full((len(hidden),), hidden.shape[1] - 1, dtype=torch.long, device=hidden.device)
-            hidden, mask = prompts.insert(port, hidden, mask, insert[port], at)
-        at = torch.full((len(hidden),), hidden.shape[1] - 1, dtype=torch.long, device=hidden.device)  # there too
-        return prompts.take(port, hidden, mask, insert, at)
+        return prompts.place(port, hidden, mask, insert, at=-1)  # just before the last position, which pooling reads
 
 
 

@@ -293,10 +293,7 @@ def _edit(port: str, hidden: Tensor, mask: Tensor, add: Mapping[str, Tensor], in
         read[port] = hidden
     if port in add:
         hidden = add_delta(port, hidden, add[port], mask)
-    at = torch.ones(hidden.shape[0], dtype=torch.long, device=hidden.device)  # after [CLS] or <s>: pooling counts them
-    if port in insert:
-        hidden, mask = prompts.insert(port, hidden, mask, insert[port], at)
-    return prompts.take(port, hidden, mask, insert, at)
+    return prompts.place(port, hidden, mask, insert, at=1)  # after [CLS] or <s>: pooling counts them
 
 
 @BACKBONES.register("hf-text:", family_help="dir or hub id")

@@ -141,7 +141,8 @@ class HFVision(OneModule):
         hidden = hidden + embeddings.interpolate_pos_encoding(hidden, pixels.shape[2], pixels.shape[3])
         hidden = embeddings.dropout(hidden)
         prompts = PromptSlots()
-        hidden = _insert_after_cls(port, hidden, insert, prompts)
+        mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)  # every image token is real
+        hidden, mask = prompts.place(port, hidden, mask, insert, at=1)  # after [CLS]
         layers = model.layers if hasattr(model, "layers") else model.encoder.layer  # ViT (transformers 5) / DINOv2
         for k, layer in enumerate(layers):
             port = f"image.layer.{k}"
@@ -149,21 +150,12 @@ class HFVision(OneModule):
                 read[port] = hidden
             if port in add:
                 hidden = add_delta(port, hidden, add[port])
-            hidden = _insert_after_cls(port, hidden, insert, prompts)
+            hidden, mask = prompts.place(port, hidden, mask, insert, at=1)
             hidden = run_layer(layer, hidden, None)
         cls_token = model.layernorm(hidden[:, :1])  # [B, 1, D]: the layernorm works per token
         pooler = getattr(model, "pooler", None)
         return pooler(cls_token) if pooler is not None else cls_token[:, 0]
 
-
-
-def _insert_after_cls(port: str, hidden: Tensor, insert: Mapping[str, Tensor], prompts: PromptSlots) -> Tensor:
-    """``hidden`` with the tokens ``insert`` holds for ``port``, then for its prompts port, right after [CLS]."""
-    at = torch.ones(len(hidden), dtype=torch.long, device=hidden.device)
-    mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)  # every image token is real
-    if port in insert:
-        hidden, mask = prompts.insert(port, hidden, mask, insert[port], at)
-    return prompts.take(port, hidden, mask, insert, at)[0]
 
 
 def image_preprocess(where: str, config: Any) -> dict[str, Any]:

@@ -133,10 +133,7 @@ class MiniLMTower:
             read[port] = hidden
         if port in add:
             hidden = add_delta(port, hidden, add[port], mask)
-        at = torch.ones(hidden.shape[0], dtype=torch.long, device=hidden.device)  # after [CLS]: mean pooling sees them
-        if port in insert:
-            hidden, mask = prompts.insert(port, hidden, mask, insert[port], at)
-        return prompts.take(port, hidden, mask, insert, at)
+        return prompts.place(port, hidden, mask, insert, at=1)  # after [CLS]: mean pooling sees them
 
 
 @functools.cache
