@@ -18,12 +18,14 @@ COLUMNS = {
     "sketch": [("mAP", "mAP %"), ("P@10", "P@10 %"), ("sketch_recall@1", "inst. R@1 %")],
 }
 TITLES = {
-    "text": "Text: MiniLM, WordNet gloss → supersense (10 classes; 2,000 train, 500 val, 3,000 test)",
+    "text": "Text: MiniLM, WordNet gloss → supersense (10 classes; 2,000 train, 500 val, 3,000 test); "
+            "MiniLM: a contrastively trained sentence encoder",
     "image": "Image: EfficientNet-Lite0 (through the bridge's class-name prompts), Fashion-MNIST at 64 px "
-             "(1,000 train, 500 val, 1,000 test)",
-    "image-text": "Image–text: the bridge on Tux Paint drawing ↔ caption retrieval at 128 px (500 / 85 / 200)",
+             "(1,000 train, 500 val, 1,000 test); bridge: not contrastively trained",
+    "image-text": "Image–text: the bridge on Tux Paint drawing ↔ caption retrieval at 128 px (500 / 85 / 200); bridge: not "
+                  "contrastively trained",
     "sketch": "Sketch → drawing: derived edge maps of Tux Paint drawings vs the drawings, 96 px, category-level "
-              "(500 / 85 / 200)",
+              "(500 / 85 / 200); bridge: not contrastively trained",
 }
 
 
