@@ -100,9 +100,10 @@ class TransMiterAdapter(nn.Module, Declared):
             raise InvalidInputError(f"transmiter: expected scores of shape [B, {self.config.classes}], got "
                                     f"{list(scores.shape)}; score the same class list the adapter was built for")
         z, mean, std = self.standardise(scores)
-        h = z @ self.weight.T  # [B, D]
+        weight = self.weight  # the orthogonal map of an [M, M] matrix costs O(M³): compute it once per forward
+        h = z @ weight.T  # [B, D]
         h = h + self.mlp(h)
-        return (h @ self.weight) * (std + 1e-6) + mean  # [B, M]
+        return (h @ weight) * (std + 1e-6) + mean  # [B, M]
 
     def set_weight(self, weight: Tensor) -> None:
         """Replace ``W`` by another orthogonal ``[D, M]`` matrix (the transfer's basis change)."""
