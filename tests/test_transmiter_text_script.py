@@ -49,7 +49,17 @@ def test_the_verdict_follows_the_numbers(tm: list[float], verdict: str) -> None:
     raw = made_up({"strong_zs": [0.74, 0.74, 0.74], "weak_ft": [0.78, 0.79, 0.77], "tm": tm,
                    "strong_ft": [0.83, 0.84, 0.82]})
     text = "\n".join(renderer.hypothesis(raw))
-    assert f"the pattern **{verdict}**" in text and "max(74.0, 78.0) = 78.0" in text
+    assert "HM: max(74.0, 78.0) = 78.0" in text and text.count(f"the pattern **{verdict}**") == 3
+
+
+def test_the_verdict_is_per_metric() -> None:
+    """TransMiter may win on base and lose on novel; each metric gets its own verdict."""
+    raw = made_up({"strong_zs": [0.80] * 3, "weak_ft": [0.75] * 3, "tm": [0.85] * 3, "strong_ft": [0.90] * 3})
+    for row in raw["seeds"].values():
+        row["tm"]["novel_accuracy"] = 0.50
+    text = "\n".join(renderer.hypothesis(raw))
+    assert "base: max(80.0, 75.0) = 80.0 ≤ TransMiter 85.0 ≲ strong fine-tuned 90.0: the pattern **holds**" in text
+    assert "novel: max(80.0, 75.0) = 80.0 > TransMiter 50.0" in text and "novel" in text.split("does not hold")[0]
 
 
 def test_render_writes_the_table_and_figure(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
