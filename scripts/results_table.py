@@ -22,8 +22,8 @@ TITLES = {
             "MiniLM: a contrastively trained sentence encoder",
     "image": "Image: EfficientNet-Lite0 (through the bridge's class-name prompts), Fashion-MNIST at 64 px "
              "(1,000 train, 500 val, 1,000 test); bridge: not contrastively trained",
-    "image-text": "Image–text: the bridge on Tux Paint drawing ↔ caption retrieval at 128 px (500 / 85 / 200); bridge: not "
-                  "contrastively trained",
+    "image-text": "Image–text: the bridge on Tux Paint drawing ↔ caption retrieval at 128 px (500 / 85 / 200); "
+                  "bridge: not contrastively trained",
     "sketch": "Sketch → drawing: derived edge maps of Tux Paint drawings vs the drawings, 96 px, category-level "
               "(500 / 85 / 200); bridge: not contrastively trained",
 }
