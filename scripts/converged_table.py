@@ -96,9 +96,16 @@ def plateau_cell(summary: dict[str, Any]) -> str:
 
 
 def lr_cell(summary: dict[str, Any]) -> str:
+    """The chosen rate; "grid unfinished" while fewer than the study's 3 rates have run (a partial raw file)."""
     if summary["lr"] is None:
         return "–"
-    return f"{summary['lr']:g}" + (f" ({summary['edge']} edge)" if summary["edge"] else "")
+    notes = [f"{summary['edge']} edge"] * bool(summary["edge"]) + ["grid unfinished"] * (len(summary["grid"]) < 3)
+    return f"{summary['lr']:g}" + (f" ({', '.join(notes)})" if notes else "")
+
+
+def seeds_cell(summary: dict[str, Any]) -> str:
+    """How many seeds the cells average (fewer than asked while the study is under way)."""
+    return str(len(summary["runs"])) if summary["lr"] is not None else "–"
 
 
 def small_budget(small: dict[str, Any] | None, setting: str | None) -> dict[str, list[dict[str, Any]]]:
@@ -120,10 +127,10 @@ def converged_table(task: str, summaries: dict[str, dict[str, Any]], small: dict
              f"{protocol['steps']} steps of batch {protocol['batch_size']}, test at the best validation. "
              f"Beside it, docs/results.md's equal small budget ({steps_small} steps at the registry's rate). "
              f"Plateau: first validation within {100 * protocol['plateau_tol']:g} points of the run's best.", "",
-             "| method | access | trainable params | rates tried: val % (chosen in bold) | lr | "
+             "| method | access | trainable params | rates tried: val % (chosen in bold) | lr | seeds | "
              + " | ".join(f"{c} converged" if i == 0 else c for i, (_, c) in enumerate(cols))
              + f" | {primary_label} at {steps_small} steps | best-val step | plateau step |",
-             "|---|---|---:|---|---:|" + "---:|" * len(cols) + "---:|---:|---:|"]
+             "|---|---|---:|---|---:|---:|" + "---:|" * len(cols) + "---:|---:|---:|"]
     for method, s in summaries.items():
         cells = [fmt([r["test"][key] for r in s["runs"]]) for key, _ in cols]
         was = before.get(method)
@@ -131,7 +138,7 @@ def converged_table(task: str, summaries: dict[str, dict[str, Any]], small: dict
         best_steps = [r["best_step"] for r in s["runs"]]
         best_cell = f"{statistics.median(best_steps):.0f}" if s["curve"] else "–"
         lines.append(f"| {method} | {s['access']} | {s['params']:,} | {grid_cell(s['grid'], s['lr'])} | {lr_cell(s)} | "
-                     + " | ".join(cells) + f" | {small_cell} | {best_cell} | {plateau_cell(s)} |")
+                     + f"{seeds_cell(s)} | " + " | ".join(cells) + f" | {small_cell} | {best_cell} | {plateau_cell(s)} |")
     return lines + [""]
 
 
@@ -141,14 +148,15 @@ def b2n_table(task: str, summaries: dict[str, dict[str, Any]], protocol: dict[st
              f"classes); test: accuracy among the base classes on base samples, among the novel classes on novel "
              f"samples, their harmonic mean, and among all 10 classes. Seeds {seeds_of(summaries)}, "
              f"{protocol['steps']} steps of batch {protocol['batch_size']}.", "",
-             "| method | access | rates tried: base val % (chosen in bold) | lr | " + " | ".join(c for _, c in B2N_COLUMNS)
+             "| method | access | rates tried: base val % (chosen in bold) | lr | seeds | "
+             + " | ".join(c for _, c in B2N_COLUMNS)
              + " | best-val step | plateau step |",
-             "|---|---|---|---:|" + "---:|" * len(B2N_COLUMNS) + "---:|---:|"]
+             "|---|---|---|---:|---:|" + "---:|" * len(B2N_COLUMNS) + "---:|---:|"]
     for method, s in summaries.items():
         cells = [fmt([r["test"][key] for r in s["runs"] if key in r["test"]]) for key, _ in B2N_COLUMNS]
         best_cell = f"{statistics.median(r['best_step'] for r in s['runs']):.0f}" if s["curve"] else "–"
         lines.append(f"| {method} | {s['access']} | {grid_cell(s['grid'], s['lr'])} | {lr_cell(s)} | "
-                     + " | ".join(cells)
+                     + f"{seeds_cell(s)} | " + " | ".join(cells)
                      + f" | {best_cell} | {plateau_cell(s)} |")
     return lines + [""]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,18 @@ def test_study_selects_on_seed_0_extends_at_an_edge_and_resumes(tmp_path: Path,
     summary = converged_table.summarise(json.loads(out.read_text())["runs"], 0.01)["output"]
     assert summary["lr"] == pytest.approx(3e-3) and summary["edge"] == ""
     assert [r["seed"] for r in summary["runs"]] == [0, 1, 2]
+
+
+def test_a_partial_study_says_so_in_the_table() -> None:
+    """A method whose grid or seeds are still running shows its seed count and "grid unfinished"."""
+    runs = [FakeRunner("text-b2n", None, None).run("output", lr, 0) for lr in (3e-4, 1e-3, 3e-3)]
+    runs += [FakeRunner("text-b2n", None, None).run("output", 3e-3, seed) for seed in (1, 2)]
+    runs += [FakeRunner("text-b2n", None, None).run("dga", 1e-3, 0)]
+    for run in runs:
+        run["test"] = {"base_accuracy": 0.9, "novel_accuracy": 0.7, "harmonic_mean": 0.79, "accuracy": 0.7}
+    lines = converged_table.b2n_table("text-b2n", converged_table.summarise(runs, 0.01),
+                                      asdict(converged.Protocol()))
+    output = next(line for line in lines if line.startswith("| output "))
+    dga = next(line for line in lines if line.startswith("| dga "))
+    assert "| 0.003 (high edge) | 3 | 90.0 ± 0.0 |" in output and "unfinished" not in output
+    assert "| 0.001 (grid unfinished) | 1 | 90.0 |" in dga
