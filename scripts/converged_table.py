@@ -99,7 +99,11 @@ def lr_cell(summary: dict[str, Any]) -> str:
     """The chosen rate; "grid unfinished" while fewer than the study's 3 rates have run (a partial raw file)."""
     if summary["lr"] is None:
         return "–"
-    notes = [f"{summary['edge']} edge"] * bool(summary["edge"]) + ["grid unfinished"] * (len(summary["grid"]) < 3)
+    notes = []
+    if summary["edge"]:
+        notes.append(f"{summary['edge']} edge")
+    if len(summary["grid"]) < 3:
+        notes.append("grid unfinished")
     return f"{summary['lr']:g}" + (f" ({', '.join(notes)})" if notes else "")
 
 
