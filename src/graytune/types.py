@@ -241,11 +241,12 @@ class BackboneSpec:
         too, so describing a backbone better never orphans the adapters trained on it. ``weights_identity`` must hence not
         hold a path either (see ``backbones.base.file_identity``). ``added_ports`` are ports a provider
         published after adapters had been trained on it: they change nothing an older adapter sends,
-        so they are left out of the hash and those adapters still load.
+        so they are left out of the hash and those adapters still load. The prompts ports
+        (``is_prompts_port``) came after adapters on every tower, so they are always left out.
         """
         preprocess = {m: {k: v for k, v in fields.items() if k not in DESCRIPTIVE_PREPROCESS}
                       for m, fields in self.preprocess.items()}
-        ports = tuple(p for p in self.ports if p.name not in added_ports)
+        ports = tuple(p for p in self.ports if p.name not in added_ports and not is_prompts_port(p.name))
         body = replace(self, id="", description="", fingerprint="", preprocess=preprocess, ports=ports).to_json()
         digest = hashlib.sha256((body + "\n" + weights_identity).encode()).hexdigest()
         return replace(self, fingerprint=digest)

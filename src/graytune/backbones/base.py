@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from graytune.errors import InvalidInputError, MissingDependencyError
-from graytune.types import BackboneSpec, Op, PortKind, PortSpec, is_prompts_port, prompts_port
+from graytune.types import BackboneSpec, Op, PortKind, PortSpec, prompts_port
 
 Tensor = torch.Tensor
 
@@ -332,8 +332,7 @@ def _three(value: object, where: str, key: str) -> list[float]:
 
 
 def text_ports(prefix: str, dim: int, entry_layers: Sequence[int], max_len: int) -> list[PortSpec]:
-    """The input and entry ports of a transformer text tower of width ``dim`` (its prompts ports included:
-    pass ``prompt_port_names`` of them as ``added_ports`` to ``with_fingerprint``)."""
+    """The input and entry ports of a transformer text tower of width ``dim``, its prompts ports included."""
     seq = ("B", "L")
     entry_layers = tuple(entry_layers)
     ports = [
@@ -362,17 +361,12 @@ def prompt_ports(prefix: str, seq: str, dim: int, entry_layers: Sequence[int]) -
         dim: the tower's width.
 
     A tower places them with a ``PromptSlots`` per forward. They came after adapters had been trained on
-    every tower, so towers pass ``prompt_port_names`` of them as ``added_ports`` of their fingerprint.
+    every tower, so ``BackboneSpec.with_fingerprint`` leaves them out of the hash.
     """
     return [PortSpec(f"{prefix}.prompts.{k}", PortKind.ENTRY, ("B", seq, dim), "float32", (Op.INSERT,), prefix,
                      f"prompt tokens entering layer {k}: the first prompts port a request sends inserts them as "
                      f"an insert at {prefix}.layer.{k} would; each later one writes over those tokens (same K)")
             for k in entry_layers]
-
-
-def prompt_port_names(ports: Sequence[PortSpec]) -> tuple[str, ...]:
-    """The names of the prompts ports among ``ports`` (what ``with_fingerprint``'s ``added_ports`` leaves out)."""
-    return tuple(p.name for p in ports if is_prompts_port(p.name))
 
 
 def add_delta(port: str, values: Tensor, delta: Tensor, mask: Tensor | None = None) -> Tensor:

@@ -18,7 +18,6 @@ from torch import nn
 
 from graytune.assets import imagenet_class_names
 from graytune.backbones import BACKBONES
-from graytune.backbones.base import prompt_port_names
 from graytune.backbones.efficientnet import load_tower as load_image_tower
 from graytune.backbones.minilm import DIM
 from graytune.backbones.minilm import load_tower as load_text_tower
@@ -79,8 +78,7 @@ class Bridge:
                 f"space through MiniLM embeddings of '{PROMPT}' for the 1000 WordNet class names. "
                 "Real parts, not contrastively trained."
             ),
-        ).with_fingerprint(f"{self.image_tower.weights_identity}+{self.text_tower.weights_identity}",
-                           added_ports=prompt_port_names(ports))  # MiniLM's: adapters trained before still load
+        ).with_fingerprint(f"{self.image_tower.weights_identity}+{self.text_tower.weights_identity}")
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
         return self.text_tower.tokenize(texts)

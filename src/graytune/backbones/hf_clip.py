@@ -29,7 +29,6 @@ from graytune.backbones.base import (
     freeze,
     image_normalisation,
     load_hf_checkpoint,
-    prompt_port_names,
     prompt_ports,
     run_layer,
     text_ports,
@@ -99,7 +98,7 @@ class HFClip(OneModule):
                          "vocab_size": int(self.text_cfg.vocab_size)},
             },
             description=description,
-        ).with_fingerprint(identity, added_ports=(PATCH_PORT, *prompt_port_names(ports)))  # older adapters load
+        ).with_fingerprint(identity, added_ports=(PATCH_PORT,))  # older adapters load
 
     @classmethod
     def load(cls, source: str) -> HFClip:

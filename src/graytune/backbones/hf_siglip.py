@@ -36,7 +36,6 @@ from graytune.backbones.base import (
     freeze,
     image_normalisation,
     load_hf_checkpoint,
-    prompt_port_names,
     prompt_ports,
     run_layer,
     text_ports,
@@ -112,7 +111,7 @@ class HFSiglip(OneModule):
                          "vocab_size": int(self.text_cfg.vocab_size)},
             },
             description=description,
-        ).with_fingerprint(identity, added_ports=prompt_port_names(ports))
+        ).with_fingerprint(identity)
 
     @classmethod
     def load(cls, source: str) -> HFSiglip:

@@ -35,7 +35,6 @@ from graytune.backbones.base import (
     freeze,
     hub_json,
     masked_mean,
-    prompt_port_names,
     quiet_loading,
     run_layer,
     text_ports,
@@ -210,7 +209,7 @@ class HFText(OneModule):
                                  "pooling_from": sentence.source, "normalize_declared": sentence.normalize}},
             description=(f"Hugging Face {type(model).__name__} text encoder from {backbone_id.split(':', 1)[1]}, "
                          f"{self.pooling} pooling ({sentence.source}), {dim}-d, not normalised{normalize}."),
-        ).with_fingerprint(identity, added_ports=prompt_port_names(ports))
+        ).with_fingerprint(identity)
 
     @classmethod
     def load(cls, source: str) -> HFText:

@@ -40,7 +40,6 @@ from graytune.backbones.base import (
     freeze,
     image_normalisation,
     image_processor_config,
-    prompt_port_names,
     prompt_ports,
     quiet_loading,
     run_layer,
@@ -93,7 +92,7 @@ class HFVision(OneModule):
             preprocess={"image": {**image, "insert_position": "after [CLS]"}},
             description=(f"Hugging Face {type(model).__name__} image encoder from {backbone_id.split(':', 1)[1]}, "
                          f"{self.size} px, {patches} patches, {dim}-d; image.embeds is {pooled}, not normalised."),
-        ).with_fingerprint(identity, added_ports=prompt_port_names(ports))
+        ).with_fingerprint(identity)
 
     @classmethod
     def load(cls, source: str) -> HFVision:

@@ -23,7 +23,6 @@ from graytune.backbones.base import (
     file_identity,
     freeze,
     masked_mean,
-    prompt_port_names,
     quiet_loading,
     run_layer,
     text_ports,
@@ -157,7 +156,7 @@ class MiniLM:
                                  "max_tokens": MAX_TOKENS, "insert_position": "after [CLS]",
                                  **self.tower.room_for_inserts(), "vocab_size": self.tower.vocab_size}},
             description=DESCRIPTION,
-        ).with_fingerprint(self.tower.weights_identity, added_ports=prompt_port_names(ports))
+        ).with_fingerprint(self.tower.weights_identity)
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
         return self.tower.tokenize(texts)
