@@ -106,6 +106,8 @@ class CachedText:
                 self.cache.update(zip(chunk, self.handle.encode_text(chunk).float().cpu()))
                 bar.update(len(chunk))
         self.seconds += time.perf_counter() - start
+        if len(missing) >= 256:  # a bulk pass: kept on disk now, so an interrupted seed does not embed it again
+            self.save()
         return torch.stack([self.cache[t] for t in texts]) if texts else torch.zeros(0)
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -71,3 +71,28 @@ def test_render_writes_the_table_and_figure(tmp_path: Path, capsys: pytest.Captu
     assert "ablation: β = 0.625·N, transfer on N = 248" in out
     assert out.count("\n| ") == len(script.ROWS) + 1  # a line per row, and the header
     assert (tmp_path / "transmiter-text.png").stat().st_size > 10_000
+
+
+class CountingEncoder:
+    """A stand-in text tower: one 2-d embedding per text (its length, 1), counting the texts it embeds."""
+
+    def __init__(self) -> None:
+        self.spec, self.embedded = type("Spec", (), {"fingerprint": "f" * 64})(), 0
+
+    def encode_text(self, texts: list[str]):  # type: ignore[no-untyped-def]
+        import torch
+
+        self.embedded += len(texts)
+        return torch.tensor([[float(len(t)), 1.0] for t in texts])
+
+
+def test_a_bulk_pass_is_on_disk_before_the_seed_ends(tmp_path: Path) -> None:
+    texts = [f"text {i}" for i in range(300)]
+    first = CountingEncoder()
+    script.CachedText(first, tmp_path, "weak", batch_size=64).encode_text(texts)  # no save() called: interrupted
+    again = CountingEncoder()
+    cached = script.CachedText(again, tmp_path, "weak")
+    assert cached.encode_text(texts[:3]).tolist() == [[6.0, 1.0], [6.0, 1.0], [6.0, 1.0]]
+    assert (first.embedded, again.embedded) == (300, 0)
+    cached.encode_text(["a new one"])  # a few texts: embedded, kept in memory until save()
+    assert again.embedded == 1 and script.CachedText(CountingEncoder(), tmp_path, "weak").saved == 300
