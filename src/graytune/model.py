@@ -234,7 +234,9 @@ class AdaptedModel(nn.Module):
         return embeds
 
     def trainable_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+        """Numbers training changes: those with gradients and those of adapters trained zeroth-order (no gradients)."""
+        zeroth = {id(p) for m in self.modules() if isinstance(m, Adapter) and m.zeroth_order for p in m.parameters()}
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or id(p) in zeroth)
 
 
 @dataclass

@@ -143,6 +143,9 @@ def test_zeroth_order_methods_are_black_box_and_never_ask_for_a_vjp(tiny_clip_di
     model = zo_model(tiny_clip_dir)
     zo_names = set(zo_parameters(model))
     assert zo_names and all(not p.requires_grad for p in zo_parameters(model).values())
+    graded = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    zo_count = sum(p.numel() for p in zo_parameters(model).values())
+    assert model.trainable_parameters() == graded + zo_count  # the tensors trained without a gradient count too
     owner = {k: v.clone() for k, v in model.handle._backbone.module().state_dict().items()}  # test-side only
     before = state(model)
     result = fit(model, ClassificationTask(toy_texts(), "a {}"), toy_texts(8, seed=1),
@@ -220,6 +223,7 @@ def test_zeroth_order_alone_lowers_the_training_loss(tiny_clip_dir) -> None:
     """prompt-zo with the temperature frozen: only the zeroth-order prompt tokens train."""
     model = zo_model(tiny_clip_dir, "prompt-zo")
     model.logit_scale.requires_grad_(False)
+    assert model.trainable_parameters() == sum(p.numel() for p in zo_parameters(model).values()) > 0
     task = ClassificationTask(toy_texts(), "a {}")
     batch = (list(task.data.texts), task.data.labels)
     with torch.no_grad():

@@ -27,7 +27,6 @@ from graytune.methods import MethodKind, artifact_method, get_method
 from graytune.model import AdaptedModel
 from graytune.train.tasks import ClassificationTask, RetrievalTask, SketchRetrievalTask, Task
 from graytune.train.trainer import TrainConfig, counted, fit, seed_everything, world_position, zeroth_order_for
-from graytune.train.zeroth import zo_parameters
 from graytune.types import AccessLevel
 
 log = logging.getLogger(__name__)
@@ -153,11 +152,6 @@ def resolved(train: TrainConfig, method_lr: float | None, model: AdaptedModel) -
     return replace(config, **zo.settings.fields()) if zo is not None else config
 
 
-def tuned_parameters(model: AdaptedModel) -> int:
-    """Numbers training changes: those with gradients and those trained zeroth-order."""
-    return model.trainable_parameters() + sum(p.numel() for p in zo_parameters(model).values())
-
-
 def train_and_save(run: RunSpec, progress: bool = True) -> dict[str, Any]:
     """Train, select on val, evaluate once on test; save to ``run.out`` when given. Returns a summary."""
     return train_model(run, progress)[0]
@@ -192,7 +186,7 @@ def train_model(run: RunSpec, progress: bool = True) -> tuple[dict[str, Any], Ad
         test = task.evaluate(model, splits.test) if splits.test is not None and rank == 0 else {}
     summary = {
         "backbone": handle.spec.id, "access": handle.access.label, "method": run.method, "data": run.data,
-        "task": splits.task, "trainable_parameters": tuned_parameters(model) if result else 0,
+        "task": splits.task, "trainable_parameters": model.trainable_parameters() if result else 0,
         "steps": result.steps if result else 0, "best_val": result.best_metric if result else None,
         "train_seconds": result.seconds if result else 0.0, "step_seconds": result.step_seconds if result else 0.0,
         "test_seconds": time.perf_counter() - start, "test": test, "history": result.history if result else [],
@@ -205,7 +199,7 @@ def train_model(run: RunSpec, progress: bool = True) -> tuple[dict[str, Any], Ad
         save_adapter(model, run.out, extra={"train": asdict(config), **describe(splits, task, run.data),
                                             "warm_start": run.adapter, "best_step": summary["best_step"],
                                             "metrics": {"test": test}, "calls": calls,
-                                            "trainable_parameters": tuned_parameters(model)})
+                                            "trainable_parameters": model.trainable_parameters()})
         if ckpt is not None:
             ckpt.unlink(missing_ok=True)  # the run is finished; history.jsonl stays beside the adapter
     return summary, model
