@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from graytune.access import Handle
-from graytune.adapters import Adapter, TowerRequest, apply_whitebox, build_adapter, config_from_dict
+from graytune.adapters import Adapter, TowerRequest, apply_whitebox, build_adapter, config_from_dict, zo_parameters
 from graytune.adapters.lora import LoRAConfig, peft_config
 from graytune.artifact_files import WEIGHTS_NAME, check_fingerprint, read_config, read_weights, write_artifact
 from graytune.errors import ArtifactError, InvalidInputError
@@ -235,7 +235,7 @@ class AdaptedModel(nn.Module):
 
     def trainable_parameters(self) -> int:
         """Numbers training changes: those with gradients and those of adapters trained zeroth-order (no gradients)."""
-        zeroth = {id(p) for m in self.modules() if isinstance(m, Adapter) and m.zeroth_order for p in m.parameters()}
+        zeroth = {id(p) for p in zo_parameters(self).values()}
         return sum(p.numel() for p in self.parameters() if p.requires_grad or id(p) in zeroth)
 
 

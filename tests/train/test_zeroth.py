@@ -10,12 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from graytune import AccessDeniedError, InvalidInputError
+from graytune.adapters import zo_parameters
 from graytune.methods import METHODS
 from graytune.model import AdaptedModel
 from graytune.train.recipe import open_for
 from graytune.train.tasks import ClassificationTask
 from graytune.train.trainer import TrainConfig, calls_curve, fit
-from graytune.train.zeroth import ESTIMATORS, ZerothOrder, ZOSettings, zo_parameters
+from graytune.train.zeroth import ESTIMATORS, ZerothOrder, ZOSettings
 from tests.serve.conftest import ALICE, minilm, serve  # noqa: F401 - fixtures for the served run
 from tests.train.test_trainer import Interrupt, StopAfter, toy_texts
 

@@ -154,6 +154,15 @@ def config_from_dict(cls: type, values: Mapping[str, Any], adapter: str) -> Any:
     return cls(**{k: coerce_option(f"{adapter}.{k}", allowed[k].type, v) for k, v in values.items()})
 
 
+def zo_parameters(model: nn.Module) -> dict[str, Tensor]:
+    """The tensors of ``model``'s adapters that train zeroth-order, by their names in ``model``."""
+    found: dict[str, Tensor] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, Adapter) and module.zeroth_order:
+            found.update(module.named_parameters(prefix=name))
+    return found
+
+
 def build_adapter(name: str, spec: BackboneSpec, modality: str, **options: Any) -> Adapter:
     """The adapter registered as ``name`` for one ``modality`` of ``spec``, with ``options``."""
     adapter_class: type[Adapter] = ADAPTERS.lookup(name)[0]

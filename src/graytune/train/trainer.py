@@ -36,13 +36,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from graytune.adapters import zo_parameters
 from graytune.artifact_files import replace_atomically
 from graytune.errors import InvalidInputError, MissingDependencyError
 from graytune.model import AdaptedModel
 from graytune.schedules import adamw_warmup_cosine
 from graytune.train.tasks import Task
 from graytune.train.zeroth import (
-    ZO_FIELDS, BudgetSpent, MeteredHandle, ZerothOrder, ZOSettings, settings_problems, zo_parameters,
+    ZO_FIELDS, BudgetSpent, MeteredHandle, ZerothOrder, ZOSettings, settings_problems,
 )
 
 log = logging.getLogger(__name__)

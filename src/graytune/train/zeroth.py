@@ -40,7 +40,6 @@ import torch
 from torch import nn
 
 from graytune.access import Handle
-from graytune.adapters import Adapter
 from graytune.errors import InvalidInputError
 from graytune.types import AccessLevel, BackboneSpec, Exposure
 
@@ -108,15 +107,6 @@ class ZOSettings:
         """The ``TrainConfig`` fields that say these settings (what an artifact records)."""
         return {"zo": self.estimator, "zo_q": self.q, "zo_eps": self.eps, "zo_dim": self.dim,
                 "zo_momentum": self.momentum}
-
-
-def zo_parameters(model: nn.Module) -> dict[str, Tensor]:
-    """The tensors of ``model``'s adapters that train zeroth-order, by their names in ``model``."""
-    found: dict[str, Tensor] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, Adapter) and module.zeroth_order:
-            found.update(module.named_parameters(prefix=name))
-    return found
 
 
 class ZerothOrder:
