@@ -31,14 +31,16 @@ COLUMNS = {  # task -> (test metric key, column) ; the first is the primary
 B2N_COLUMNS = [("base_accuracy", "base %"), ("novel_accuracy", "novel %"), ("harmonic_mean", "HM %"),
                ("accuracy", "all 10 classes %")]
 TITLES = {
-    "text": "Text: MiniLM, WordNet gloss → supersense (10 classes; 2,000 train, 500 val, 3,000 test)",
+    "text": "Text: MiniLM, WordNet gloss → supersense (10 classes; 2,000 train, 500 val, 3,000 test); "
+            "MiniLM: a contrastively trained sentence encoder",
     "image": "Image: the EfficientNet-Lite0 + MiniLM bridge, Fashion-MNIST at 64 px (1,000 / 500 / 1,000); "
              "bridge: not contrastively trained",
     "image-text": "Image–text: the bridge on Tux Paint drawing ↔ caption retrieval at 128 px (500 / 85 / 200); "
                   "bridge: not contrastively trained",
     "sketch": "Sketch → drawing: the bridge on Tux Paint edge maps vs drawings, 96 px (500 / 85 / 200); "
               "bridge: not contrastively trained",
-    "text-b2n": "Text base-to-novel: MiniLM, WordNet supersenses, 5 base / 5 novel classes",
+    "text-b2n": "Text base-to-novel: MiniLM, WordNet supersenses, 5 base / 5 novel classes; "
+                "MiniLM: a contrastively trained sentence encoder",
     "image-b2n": "Image base-to-novel: the bridge, Fashion-MNIST 64 px, 5 base / 5 novel classes; "
                  "bridge: not contrastively trained",
 }
