@@ -14,6 +14,7 @@ import argparse
 import json
 import statistics
 import sys
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -196,7 +197,8 @@ def curves_figure(path: Path, task: str, summaries: dict[str, dict[str, Any]], p
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=6.5, loc="lower right", framealpha=0.9)
     note = "seed 0 at each method's chosen rate; dot: best validation (the state tested); dotted: white-box"
-    ax.set_title(f"{TITLES.get(task, task)}\n{note}", fontsize=7.5)  # a bridge task's title names its nature
+    title = textwrap.fill(TITLES.get(task, task), width=110)  # long titles would run off the figure
+    ax.set_title(f"{title}\n{note}", fontsize=7.5)  # a bridge task's title names its nature
     figure.savefig(path, dpi=DPI, metadata={"Software": None})  # no version stamp: regenerating changes nothing
     return path
 
