@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from converged import TASKS, pick_lr, plateau  # noqa: E402  (a script beside this one)
+from converged import BRIDGE, TASKS, pick_lr, plateau  # noqa: E402  (a script beside this one)
 
 COLUMNS = {  # task -> (test metric key, column) ; the first is the primary
     "text": [("accuracy", "accuracy %")],
@@ -31,20 +31,21 @@ COLUMNS = {  # task -> (test metric key, column) ; the first is the primary
 }
 B2N_COLUMNS = [("base_accuracy", "base %"), ("novel_accuracy", "novel %"), ("harmonic_mean", "HM %"),
                ("accuracy", "all 10 classes %")]
+NATURE = {"minilm": "MiniLM: a contrastively trained sentence encoder",  # backbone -> what its table must say
+          BRIDGE: "bridge: not contrastively trained"}
 TITLES = {
-    "text": "Text: MiniLM, WordNet gloss → supersense (10 classes; 2,000 train, 500 val, 3,000 test); "
-            "MiniLM: a contrastively trained sentence encoder",
-    "image": "Image: the EfficientNet-Lite0 + MiniLM bridge, Fashion-MNIST at 64 px (1,000 / 500 / 1,000); "
-             "bridge: not contrastively trained",
-    "image-text": "Image–text: the bridge on Tux Paint drawing ↔ caption retrieval at 128 px (500 / 85 / 200); "
-                  "bridge: not contrastively trained",
-    "sketch": "Sketch → drawing: the bridge on Tux Paint edge maps vs drawings, 96 px (500 / 85 / 200); "
-              "bridge: not contrastively trained",
-    "text-b2n": "Text base-to-novel: MiniLM, WordNet supersenses, 5 base / 5 novel classes; "
-                "MiniLM: a contrastively trained sentence encoder",
-    "image-b2n": "Image base-to-novel: the bridge, Fashion-MNIST 64 px, 5 base / 5 novel classes; "
-                 "bridge: not contrastively trained",
+    "text": "Text: MiniLM, WordNet gloss → supersense (10 classes; 2,000 train, 500 val, 3,000 test)",
+    "image": "Image: the EfficientNet-Lite0 + MiniLM bridge, Fashion-MNIST at 64 px (1,000 / 500 / 1,000)",
+    "image-text": "Image–text: the bridge on Tux Paint drawing ↔ caption retrieval at 128 px (500 / 85 / 200)",
+    "sketch": "Sketch → drawing: the bridge on Tux Paint edge maps vs drawings, 96 px (500 / 85 / 200)",
+    "text-b2n": "Text base-to-novel: MiniLM, WordNet supersenses, 5 base / 5 novel classes",
+    "image-b2n": "Image base-to-novel: the bridge, Fashion-MNIST 64 px, 5 base / 5 novel classes",
 }
+
+
+def title(task: str) -> str:
+    """A task's title, naming its backbone's nature (taken from the task's backbone, so no task can omit it)."""
+    return f"{TITLES.get(task, task)}; {NATURE[TASKS[task].backbone]}"
 SIZE, DPI = (6.4, 4.0), 100
 
 
@@ -128,7 +129,7 @@ def converged_table(task: str, summaries: dict[str, dict[str, Any]], small: dict
     primary, primary_label = cols[0]
     before = small_budget(small, TASKS[task].results)
     steps_small = (small or {}).get("steps", "?")
-    lines = [f"### {TITLES.get(task, task)}", "",
+    lines = [f"### {title(task)}", "",
              f"Converged: rate chosen on validation (seed 0), then seeds {seeds_of(summaries)} at it, "
              f"{protocol['steps']} steps of batch {protocol['batch_size']}, test at the best validation. "
              f"Beside it, docs/results.md's equal small budget ({steps_small} steps at the registry's rate). "
@@ -149,7 +150,7 @@ def converged_table(task: str, summaries: dict[str, dict[str, Any]], small: dict
 
 
 def b2n_table(task: str, summaries: dict[str, dict[str, Any]], protocol: dict[str, Any]) -> list[str]:
-    lines = [f"### {TITLES.get(task, task)}", "",
+    lines = [f"### {title(task)}", "",
              f"Train and validation hold base classes only (the rate is chosen on base samples, scored among all "
              f"classes); test: accuracy among the base classes on base samples, among the novel classes on novel "
              f"samples, their harmonic mean, and among all 10 classes. Seeds {seeds_of(summaries)}, "
@@ -197,8 +198,8 @@ def curves_figure(path: Path, task: str, summaries: dict[str, dict[str, Any]], p
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=6.5, loc="lower right", framealpha=0.9)
     note = "seed 0 at each method's chosen rate; dot: best validation (the state tested); dotted: white-box"
-    title = textwrap.fill(TITLES.get(task, task), width=110)  # long titles would run off the figure
-    ax.set_title(f"{title}\n{note}", fontsize=7.5)  # a bridge task's title names its nature
+    wrapped = textwrap.fill(title(task), width=110)  # long titles would run off the figure
+    ax.set_title(f"{wrapped}\n{note}", fontsize=7.5)
     figure.savefig(path, dpi=DPI, metadata={"Software": None})  # no version stamp: regenerating changes nothing
     return path
 
