@@ -1,6 +1,6 @@
-"""Render docs/transmiter-text-raw.json (written by scripts/transmiter_text.py): the MiniLM → MPNet TransMiter
-table (base, novel, HM as mean ± std over seeds), the paper's pattern as a hypothesis and whether the numbers
-hold it, timings, and docs/figures/transmiter-text.png.
+"""Render a raw file of scripts/transmiter_text.py: the MiniLM → MPNet TransMiter table (base, novel, HM as
+mean ± std over seeds), the paper's pattern as a hypothesis and whether the numbers hold it, timings, and a
+figure: docs/figures/transmiter-text.png for WordNet, transmiter-text-<data>.png for another text set.
 
 Run: .venv/bin/python scripts/transmiter_text_table.py [--raw docs/transmiter-text-raw.json]
      [--figures docs/figures] > table.md
@@ -19,6 +19,19 @@ from typing import Any
 
 SIZE, DPI = (7.2, 4.6), 100
 KEYS = ("base_accuracy", "novel_accuracy", "harmonic_mean")
+#: data set -> (what it is, what one test item is); the study's text sets
+DATA = {"wordnet-supersense": ("WordNet supersenses", "glosses"), "fortunes": ("Debian fortunes by topic", "quotes")}
+
+
+def data_of(raw: dict[str, Any]) -> tuple[str, str, str]:
+    """(data set, its description, its items), from the raw file's ``data`` (e.g. ``fortunes:base-to-novel``)."""
+    name = raw["data"].split(":")[0]
+    return (name, *DATA.get(name, (name, "texts")))
+
+
+def figure_name(raw: dict[str, Any]) -> str:
+    name = data_of(raw)[0]
+    return "transmiter-text.png" if name == "wordnet-supersense" else f"transmiter-text-{name}.png"
 
 
 def labels(protocol: dict[str, Any], sizes: dict[str, Any]) -> dict[str, str]:
@@ -26,6 +39,7 @@ def labels(protocol: dict[str, Any], sizes: dict[str, Any]) -> dict[str, str]:
     n, c = sizes.get("pool_base", "N"), protocol["beta_per_sample"]
     small = max(2, round(protocol["small_pool"] * n)) if isinstance(n, int) else "N/4"
     ft = f"{protocol['ft_method']} adapter, {protocol['ft_steps']} steps"
+    k = sizes.get("classes", 10)  # the WordNet raw file predates the field: 10 supersenses
     return {
         "weak_zs": "weak zero-shot (MiniLM)",
         "strong_zs": "strong zero-shot (MPNet)",
@@ -34,9 +48,9 @@ def labels(protocol: dict[str, Any], sizes: dict[str, Any]) -> dict[str, str]:
         "eft": "EFT: strong zero-shot + (weak fine-tuned − weak zero-shot)",
         "tm": f"**TransMiter on MPNet** (base-only pool, N = {n}, β = {protocol['beta']:g})",
         "tm_plus": f"TransMiter+ ({protocol['shots']} shots per base class, {protocol['plus_steps']} steps)",
-        "tm_all_pool": f"TransMiter, pool of all 10 classes (transductive, N = {sizes.get('pool_all', '?')})",
+        "tm_all_pool": f"TransMiter, pool of all {k} classes (transductive, N = {sizes.get('pool_all', '?')})",
         "no_basis_change": "ablation: no basis change",
-        "no_aux": "ablation: no auxiliary classes (M = 10)",
+        "no_aux": f"ablation: no auxiliary classes (M = {k})",
         "noise_per_sample": "ablation: noise one coin per sample (not per batch)",
         "beta_per_sample": f"ablation: β = {c:g}·N (N = {n})",
         "beta_fixed_small": f"ablation: β = {protocol['beta']:g} fixed, transfer on N = {small}",
@@ -94,7 +108,8 @@ def hypothesis(raw: dict[str, Any]) -> list[str]:
 
 def table(raw: dict[str, Any]) -> list[str]:
     names = labels(raw["protocol"], raw.get("sizes", {}))
-    lines = ["| row | base % | novel % | HM % | all 10 classes % |", "|---|---:|---:|---:|---:|"]
+    k = raw.get("sizes", {}).get("classes", 10)
+    lines = [f"| row | base % | novel % | HM % | all {k} classes % |", "|---|---:|---:|---:|---:|"]
     present = {k for rows in raw["seeds"].values() for k in rows}
     for key, name in names.items():
         if key in present:
@@ -137,7 +152,7 @@ def figure(raw: dict[str, Any], path: Path) -> Path:
     ax.set_xlabel("test accuracy %: base among base classes, novel among novel", fontsize=8)
     ax.legend(fontsize=7, loc="best")
     ax.grid(True, axis="x", alpha=0.3)
-    ax.set_title(f"TransMiter, MiniLM → all-mpnet-base-v2\nWordNet supersenses base-to-novel, seeds "
+    ax.set_title(f"TransMiter, MiniLM → all-mpnet-base-v2\n{data_of(raw)[1]} base-to-novel, seeds "
                  f"{', '.join(raw['seeds'])}: mean ± std", fontsize=8)
     fig.savefig(path, dpi=DPI, metadata={"Software": None})  # no version stamp: regenerating changes nothing
     return path
@@ -146,12 +161,13 @@ def figure(raw: dict[str, Any], path: Path) -> Path:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--raw", default="docs/transmiter-text-raw.json", help="written by scripts/transmiter_text.py")
-    parser.add_argument("--figures", default="docs/figures", help="folder for transmiter-text.png")
+    parser.add_argument("--figures", default="docs/figures", help="folder for the figure")
     args = parser.parse_args(argv)
     raw = json.loads(Path(args.raw).read_text())
     p, sizes = raw["protocol"], raw.get("sizes", {})
+    _, _, items = data_of(raw)
     print(f"Weak {raw['weak']} → strong all-mpnet-base-v2 (model.safetensors SHA-256 {raw['strong_sha256'][:12]}…), "
-          f"{raw['data']}: {sizes.get('test', '?')} test glosses; unlabeled pool: the training glosses, labels "
+          f"{raw['data']}: {sizes.get('test', '?')} test {items}; unlabeled pool: the training {items}, labels "
           f"unused; M = {p['classes']} classes (task + WordNet auxiliary nouns); extraction {p['extract_epochs']} "
           f"epochs of batch 128, logit noise one coin per {p['noise_per']}; seeds {', '.join(raw['seeds'])}.\n")
     print("\n".join(hypothesis(raw)) + "\n")
@@ -159,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     print(timings(raw))
     folder = Path(args.figures)
     folder.mkdir(parents=True, exist_ok=True)
-    path = figure(raw, folder / "transmiter-text.png")
+    path = figure(raw, folder / figure_name(raw))
     print(f"wrote {path} ({path.stat().st_size // 1024} KB)", file=sys.stderr)
 
 

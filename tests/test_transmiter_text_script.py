@@ -17,7 +17,7 @@ renderer = load_script("transmiter_text_table")
 
 def head(protocol=None) -> dict:  # type: ignore[no-untyped-def]
     return {"protocol": asdict(protocol or script.Protocol()), "weak": "minilm", "strong": "hf-text:/m",
-            "data": script.DATA, "strong_sha256": "78c0197b" * 8, "torch_threads": 1}
+            "data": "wordnet-supersense:base-to-novel", "strong_sha256": "78c0197b" * 8, "torch_threads": 1}
 
 
 def test_store_writes_every_row_at_once_and_resumes_one_protocol_only(tmp_path: Path) -> None:
@@ -30,6 +30,17 @@ def test_store_writes_every_row_at_once_and_resumes_one_protocol_only(tmp_path: 
     assert again.has(0, "weak_zs") and not again.has(0, "weak_zs", "tm") and not again.has(1, "weak_zs")
     with pytest.raises(SystemExit, match="another protocol.*plus_steps 300 there, 50 now"):
         script.Store(path, head(replace(script.Protocol(), plus_steps=50)))
+
+    with pytest.raises(SystemExit, match="holds rows on wordnet-supersense:base-to-novel, not fortunes.*--data "
+                       "wordnet-supersense"):
+        script.Store(path, {**head(), "data": "fortunes:base-to-novel"})  # one file holds one data set's rows
+
+
+def test_an_unknown_data_set_is_refused_before_any_work(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        script.main(["--data", "fashion-mnist"])
+    err = capsys.readouterr().err
+    assert "--data 'fashion-mnist'" in err and "wordnet-supersense, fortunes" in err
 
 
 def made_up(hm: dict[str, list[float]]) -> dict:
@@ -71,6 +82,17 @@ def test_render_writes_the_table_and_figure(tmp_path: Path, capsys: pytest.Captu
     assert "ablation: β = 0.625·N, transfer on N = 248" in out
     assert out.count("\n| ") == len(script.ROWS) + 1  # a line per row, and the header
     assert (tmp_path / "transmiter-text.png").stat().st_size > 10_000
+
+
+def test_another_text_set_is_named_in_the_table_and_its_own_figure(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    raw = made_up({key: [0.7, 0.72] for key in script.ROWS})
+    raw["data"], raw["sizes"]["classes"] = "fortunes:base-to-novel", 8
+    (tmp_path / "raw.json").write_text(json.dumps(raw))
+    renderer.main(["--raw", str(tmp_path / "raw.json"), "--figures", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "3000 test quotes" in out and "| all 8 classes % |" in out and "(M = 8)" in out and "glosses" not in out
+    assert (tmp_path / "transmiter-text-fortunes.png").is_file() and not (tmp_path / "transmiter-text.png").exists()
 
 
 class CountingEncoder:
