@@ -337,8 +337,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.smoke:  # a fresh folder outside the repository, kept for a look (never docs/)
         tmp = Path(tempfile.mkdtemp(prefix="transmiter-text-smoke-"))
         protocol, seeds, out, cache = SMOKE, seeds[:1], tmp / "raw.json", tmp / "cache"
-    head = {"protocol": asdict(protocol), "weak": WEAK, "strong": f"hf-text:{mpnet}", "data": f"{args.data}:base-to-novel",
-            "strong_sha256": install_mpnet.SHA256, "torch_threads": torch.get_num_threads()}
+    head = {"protocol": asdict(protocol), "weak": WEAK, "strong": f"hf-text:{mpnet}",
+            "data": f"{args.data}:base-to-novel", "strong_sha256": install_mpnet.SHA256,
+            "torch_threads": torch.get_num_threads()}
     store = Store(out, head)
     experiment = Experiment(protocol, f"hf-text:{mpnet}", cache, store, progress=not args.quiet, data=args.data)
     for seed in seeds:
