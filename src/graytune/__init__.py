@@ -18,7 +18,7 @@ from graytune.errors import (
     NumericalError,
     UnknownNameError,
 )
-from graytune.access import known_backbones, open_backbone
+from graytune.access import known_backbones, memoize, open_backbone
 from graytune.types import AccessLevel, BackboneSpec, Exposure, Op, PortKind, PortSpec
 
 __version__ = "0.1.0"
@@ -27,5 +27,5 @@ __version__ = "0.1.0"
 __all__ = [
     "AccessDeniedError", "AccessLevel", "ArtifactError", "BackboneSpec", "Exposure", "GraytuneError",
     "InvalidInputError", "MissingDependencyError", "NumericalError", "Op", "PortKind", "PortSpec", "UnknownNameError",
-    "__version__", "known_backbones", "open_backbone",
+    "__version__", "known_backbones", "memoize", "open_backbone",
 ]
