@@ -111,8 +111,8 @@ class CachedText:
                 self.cache.update(zip(chunk, self.handle.encode_text(chunk).float().cpu()))
                 bar.update(len(chunk))
         self.seconds += time.perf_counter() - start
-        if len(missing) >= 256:  # a bulk pass: kept on disk now, so an interrupted seed does not embed it again
-            self.save()
+        if len(self.cache) - self.saved >= 256:  # kept on disk every 256 new texts (``class_scores`` asks for
+            self.save()                          # 128 at a time), so an interrupted seed does not embed them again
         return torch.stack([self.cache[t] for t in texts]) if texts else torch.zeros(0)
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -202,6 +202,7 @@ class Experiment:
 
     def fine_tuned(self, backbone: str, seed: int) -> tuple[Any, dict[str, Any]]:
         """The backbone with a ``ft_method`` adapter trained on the base classes (kept in the cache, reloaded)."""
+        from graytune.access import memoize
         from graytune.artifacts import load_adapter, read_config, save_adapter
         from graytune.methods import get_method
         from graytune.model import AdaptedModel
@@ -216,11 +217,13 @@ class Experiment:
         if (folder / "adapter_config.json").is_file():
             return load_adapter(folder, handle).eval(), read_config(folder)["fit"]
         seed_everything(seed)
-        model = AdaptedModel.build(handle, p.ft_method)
+        memo = memoize(handle)  # the frozen backbone's plain forwards, once per text (output adapters train on them)
+        model = AdaptedModel.build(memo, p.ft_method)
         config = TrainConfig(lr=get_method(p.ft_method).lr, max_steps=p.ft_steps, batch_size=p.ft_batch, seed=seed)
         result = fit(model, make_task(self.splits, handle, None), self.splits.val, config, progress=self.progress)
         info = {"lr": config.lr, "steps": result.steps, "best_step": result.best_step,
-                "best_val": result.best_metric, "train_s": round(result.seconds, 1)}
+                "best_val": result.best_metric, "train_s": round(result.seconds, 1),
+                "backbone_rows": memo.misses, "remembered_rows": memo.hits}
         save_adapter(model, folder, extra={"fit": info, "seed": seed, "data": self.data})
         return model.eval(), info
 

@@ -123,9 +123,10 @@ def timings(raw: dict[str, Any]) -> str:
         xs = [rows[key][field] for rows in raw["seeds"].values() if key in rows and field in rows[key]]
         return f"{statistics.mean(xs):.1f}" if xs else "–"
 
+    threads = raw.get("torch_threads", "?")
     return (f"Per seed (mean): extraction {avg('tm', 'extract_s')} s, basis change {avg('tm', 'transfer_s')} s, "
             f"TransMiter+ {avg('tm_plus', 'plus_s')} s; fine-tuning MiniLM {avg('weak_ft', 'train_s')} s, MPNet "
-            f"{avg('strong_ft', 'train_s')} s ({raw.get('torch_threads', '?')} torch threads).")
+            f"{avg('strong_ft', 'train_s')} s ({threads} torch thread{'' if threads == 1 else 's'}).")
 
 
 def figure(raw: dict[str, Any], path: Path) -> Path:

@@ -111,10 +111,15 @@ class CountingEncoder:
 def test_a_bulk_pass_is_on_disk_before_the_seed_ends(tmp_path: Path) -> None:
     texts = [f"text {i}" for i in range(300)]
     first = CountingEncoder()
-    script.CachedText(first, tmp_path, "weak", batch_size=64).encode_text(texts)  # no save() called: interrupted
+    embedder = script.CachedText(first, tmp_path, "weak", batch_size=64)
+    for start in range(0, 300, 128):  # as class_scores asks: 128 at a time
+        embedder.encode_text(texts[start:start + 128])  # no save() called: interrupted
     again = CountingEncoder()
     cached = script.CachedText(again, tmp_path, "weak")
+    assert cached.saved == 256  # on disk at 256 new texts; the last 44 were still in memory when it stopped
     assert cached.encode_text(texts[:3]).tolist() == [[6.0, 1.0], [6.0, 1.0], [6.0, 1.0]]
     assert (first.embedded, again.embedded) == (300, 0)
-    cached.encode_text(["a new one"])  # a few texts: embedded, kept in memory until save()
-    assert again.embedded == 1 and script.CachedText(CountingEncoder(), tmp_path, "weak").saved == 300
+    cached.encode_text(texts[256:] + ["a new one"])  # fewer than 256 new: embedded, kept in memory until save()
+    assert again.embedded == 45 and script.CachedText(CountingEncoder(), tmp_path, "weak").saved == 256
+    cached.save()
+    assert script.CachedText(CountingEncoder(), tmp_path, "weak").saved == 301
