@@ -173,6 +173,7 @@ class Experiment:
 
     def __init__(self, protocol: Protocol, strong_id: str, cache: Path, store: Store, progress: bool,
                  data: str = "wordnet-supersense") -> None:
+        from graytune.access import memoize
         from graytune.data.catalog import load_splits
         from graytune.train.recipe import open_for
         from graytune.transfer.recipe import load_queries
@@ -185,6 +186,8 @@ class Experiment:
         self.names, self.prompt = list(self.splits.train.class_names), self.splits.prompt
         self.handles = {WEAK: open_for(WEAK, None, protocol.ft_method), strong_id: open_for(strong_id, None,
                                                                                             protocol.ft_method)}
+        # the fine-tuned rows' frozen forwards, once per text across seeds (their output adapters train on them)
+        self.memos = {name: memoize(h) for name, h in self.handles.items()}
         self.weak = CachedText(self.handles[WEAK], cache, "minilm")
         self.strong = CachedText(self.handles[strong_id], cache, "mpnet")
         handle = self.handles[WEAK]
@@ -202,28 +205,27 @@ class Experiment:
 
     def fine_tuned(self, backbone: str, seed: int) -> tuple[Any, dict[str, Any]]:
         """The backbone with a ``ft_method`` adapter trained on the base classes (kept in the cache, reloaded)."""
-        from graytune.access import memoize
         from graytune.artifacts import load_adapter, read_config, save_adapter
         from graytune.methods import get_method
         from graytune.model import AdaptedModel
         from graytune.train.recipe import make_task
         from graytune.train.trainer import TrainConfig, fit, seed_everything
 
-        handle, p = self.handles[backbone], self.p
+        handle, memo, p = self.handles[backbone], self.memos[backbone], self.p
         what = [backbone, handle.spec.fingerprint, self.data, p.ft_method, p.ft_steps, p.ft_batch, p.train_size,
                 p.val_size, seed]
         key = hashlib.sha256(json.dumps(what).encode()).hexdigest()
         folder = self.cache / "adapters" / f"{'mpnet' if backbone != WEAK else WEAK}-{p.ft_method}-{key[:12]}"
         if (folder / "adapter_config.json").is_file():
-            return load_adapter(folder, handle).eval(), read_config(folder)["fit"]
+            return load_adapter(folder, memo).eval(), read_config(folder)["fit"]
         seed_everything(seed)
-        memo = memoize(handle)  # the frozen backbone's plain forwards, once per text (output adapters train on them)
+        misses, hits = memo.misses, memo.hits
         model = AdaptedModel.build(memo, p.ft_method)
         config = TrainConfig(lr=get_method(p.ft_method).lr, max_steps=p.ft_steps, batch_size=p.ft_batch, seed=seed)
         result = fit(model, make_task(self.splits, handle, None), self.splits.val, config, progress=self.progress)
         info = {"lr": config.lr, "steps": result.steps, "best_step": result.best_step,
                 "best_val": result.best_metric, "train_s": round(result.seconds, 1),
-                "backbone_rows": memo.misses, "remembered_rows": memo.hits}
+                "backbone_rows": memo.misses - misses, "remembered_rows": memo.hits - hits}
         save_adapter(model, folder, extra={"fit": info, "seed": seed, "data": self.data})
         return model.eval(), info
 
