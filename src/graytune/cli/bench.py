@@ -20,6 +20,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cases", default="minilm,efficientnet-lite0", help="comma-separated boundary cases")
     p.add_argument("--transmiter", action=argparse.BooleanOptionalAction, default=True,
                    help="also time TransMiter's transfer and adapted inference (default: on)")
+    p.add_argument("--memo", action=argparse.BooleanOptionalAction, default=True,
+                   help="epochs of an output adapter with and without graytune.memoize (default: on)")
     p.add_argument("--serve", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the served boundary: remote vs in-process, transport, mixed adapters "
                         "(default: on)")
@@ -58,6 +60,10 @@ def run(args: argparse.Namespace) -> int:
         from graytune.bench import transmiter
 
         results["transmiter"] = transmiter.run()
+    if args.memo:
+        from graytune.bench import memo
+
+        results["memo"] = memo.run()
     if args.serve:
         from graytune.bench import serve
 
@@ -68,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
         print(format_report(results))
         if args.transmiter:
             print("\n" + transmiter.format_report(results["transmiter"]))
+        if args.memo:
+            print("\n" + memo.format_report(results["memo"]))
         if args.serve:
             print("\n" + serve.format_report(results["serve"]))
     return 0
