@@ -48,6 +48,17 @@ class Handle(Protocol):
     def with_module(self, module: nn.Module) -> Handle: ...
 
 
+def encode_image(handle: Handle, pixels: Tensor, **edits: Mapping[str, Tensor]) -> Tensor:
+    """``[B, E]`` image embeddings (not normalised) through ``handle``: every handle's ``encode_image``."""
+    return handle.forward({"image.pixels": pixels}, outputs=["image.embeds"], **edits)["image.embeds"]
+
+
+def encode_text(handle: Handle, text: Sequence[str] | Mapping[str, Tensor], **edits: Mapping[str, Tensor]) -> Tensor:
+    """``[B, E]`` text embeddings (not normalised) for strings or tokenized ids: every handle's ``encode_text``."""
+    inputs = dict(text) if isinstance(text, Mapping) else {"text": text}
+    return handle.forward(inputs, outputs=["text.embeds"], **edits)["text.embeds"]
+
+
 class BoundaryRun(Protocol):
     """One checked call across the boundary: its forward now, its VJP later (in process or on a server)."""
 

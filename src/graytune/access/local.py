@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from graytune.access.checks import CallPlan, plan_call, port_for, texts_of
-from graytune.access.handle import client_device, cross
+from graytune.access.handle import client_device, cross, encode_image, encode_text
 from graytune.access.owner import BoundaryCall, weight_storages
 from graytune.backbones.base import Backbone, module_placement, recomputing
 from graytune.devices import dtype_name
@@ -101,7 +101,8 @@ class LocalHandle:
         plan = self.plan(inputs, add or {}, insert or {}, outputs, reads)
         if self.access is AccessLevel.WHITE_BOX:  # plain autograd: weights of a rebound module train too
             call = self.open_call(plan)
-            moved = [{port: call.inward(t) for port, t in group.items()} for group in (plan.inputs, plan.add, plan.insert)]
+            moved = [{port: call.inward(t) for port, t in group.items()}
+                     for group in (plan.inputs, plan.add, plan.insert)]
             with recomputing(self.recompute):
                 result = self._backbone.run(*moved, plan.outputs, plan.reads)
             home = client_device(plan, self.device)
@@ -138,12 +139,11 @@ class LocalHandle:
 
     def encode_image(self, pixels: Tensor, **edits: Mapping[str, Tensor]) -> Tensor:
         """``[B, E]`` image embeddings (not normalised), the CLIP way."""
-        return self.forward({"image.pixels": pixels}, outputs=["image.embeds"], **edits)["image.embeds"]
+        return encode_image(self, pixels, **edits)
 
     def encode_text(self, text: Sequence[str] | Mapping[str, Tensor], **edits: Mapping[str, Tensor]) -> Tensor:
         """``[B, E]`` text embeddings (not normalised) for strings or tokenized ids."""
-        inputs = dict(text) if isinstance(text, Mapping) else {"text": text}
-        return self.forward(inputs, outputs=["text.embeds"], **edits)["text.embeds"]
+        return encode_text(self, text, **edits)
 
     def module(self) -> nn.Module:
         """A copy of the backbone module (white-box only: baselines such as LoRA, full fine-tuning).

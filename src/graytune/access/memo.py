@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from graytune.access.handle import Handle
+from graytune.access.handle import Handle, encode_image, encode_text
 from graytune.errors import InvalidInputError
 from graytune.types import AccessLevel
 
@@ -175,12 +175,11 @@ class MemoHandle:
 
     def encode_image(self, pixels: Tensor, **edits: Mapping[str, Tensor]) -> Tensor:
         """``[B, E]`` image embeddings, remembered when ``edits`` is empty."""
-        return self.forward({"image.pixels": pixels}, outputs=["image.embeds"], **edits)["image.embeds"]
+        return encode_image(self, pixels, **edits)
 
     def encode_text(self, text: Sequence[str] | Mapping[str, Tensor], **edits: Mapping[str, Tensor]) -> Tensor:
         """``[B, E]`` text embeddings for strings or tokenized ids, remembered when ``edits`` is empty."""
-        inputs = dict(text) if isinstance(text, Mapping) else {"text": text}
-        return self.forward(inputs, outputs=["text.embeds"], **edits)["text.embeds"]
+        return encode_text(self, text, **edits)
 
     def module(self) -> nn.Module:
         return self.handle.module()  # refused below white-box, and a memo never wraps white-box

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from graytune.access.checks import CallPlan, plan_call, texts_of
-from graytune.access.handle import cross
+from graytune.access.handle import cross, encode_image, encode_text
 from graytune.access.wire import (
     PROTOCOL_VERSION, check_server_protocol, decode, pack_call, pack_grads, pack_recompute, unpack_result,
     unpack_vjp,
@@ -136,12 +136,11 @@ class RemoteHandle:
 
     def encode_image(self, pixels: Tensor, **edits: Mapping[str, Tensor]) -> Tensor:
         """``[B, E]`` image embeddings (not normalised)."""
-        return self.forward({"image.pixels": pixels}, outputs=["image.embeds"], **edits)["image.embeds"]
+        return encode_image(self, pixels, **edits)
 
     def encode_text(self, text: Sequence[str] | Mapping[str, Tensor], **edits: Mapping[str, Tensor]) -> Tensor:
         """``[B, E]`` text embeddings (not normalised) for strings or tokenized ids."""
-        inputs = dict(text) if isinstance(text, Mapping) else {"text": text}
-        return self.forward(inputs, outputs=["text.embeds"], **edits)["text.embeds"]
+        return encode_text(self, text, **edits)
 
     def module(self) -> nn.Module:
         raise AccessDeniedError("the backbone module", AccessLevel.WHITE_BOX.label, self.access.label,
