@@ -87,3 +87,21 @@ def test_a_deadline_stops_the_forward_and_the_backward_at_their_next_step() -> N
                 with deadline(start + 0.05):
                     late.vjp([torch.ones_like(z3)])
         assert time.monotonic() - start < 0.5, stage  # the whole step takes ~1.5 s on 2 cores
+
+
+def test_a_deadline_leaves_the_thread_in_the_autograd_mode_it_found() -> None:
+    """A forward stopped inside ``torch.set_grad_enabled`` must not leave the thread with autograd off."""
+    import time
+
+    import pytest
+
+    from graytune.access.owner import DeadlineExceeded, deadline
+
+    handle = graytune.open_backbone("minilm", "dark-gray")
+    ids = torch.randint(1000, 20000, (32, 128), generator=torch.Generator().manual_seed(0))
+    plan = handle.plan({"text.input_ids": ids}, {}, {}, ["text.embeds"], [])  # no gradient: runs under no_grad
+    for mode in (True, False):
+        with torch.set_grad_enabled(mode):
+            with pytest.raises(DeadlineExceeded), deadline(time.monotonic() + 0.01):
+                handle.open_call(plan).forward([])
+            assert torch.is_grad_enabled() is mode

@@ -10,7 +10,7 @@ import httpx
 import torch
 
 from graytune.access.wire import encode
-from tests.serve.conftest import ALICE
+from tests.serve.conftest import ALICE, BOB
 
 IDS = {"inputs/text.input_ids": torch.tensor([[101, 1037, 4937, 102]]),
        "inputs/text.attention_mask": torch.ones(1, 4, dtype=torch.long)}
@@ -111,3 +111,30 @@ def test_health_spec_stats_and_release_never_wait_for_the_backbone(serve) -> Non
     for route, took in times.items():
         assert max(took) < 0.5, f"{route}: slowest {max(took):.3f} s with the backbone saturated"
     assert set(statuses) <= {200, 503} and statuses.count(503) >= 45 - 9  # at most --max-queue wait, one runs
+
+
+def test_a_stopped_forward_leaves_no_state_behind_for_other_clients(serve, tmp_path, monkeypatch) -> None:
+    """Regression: a forward without gradients stopped by its deadline left its worker thread with autograd
+    off, so every later gradient forward on that thread kept no session and training failed at step 0."""
+    from safetensors.torch import load_file
+
+    from graytune.train.recipe import RunSpec, train_and_save
+    from graytune.train.trainer import TrainConfig
+
+    url, app = serve(access="dark-gray", reads=(), request_timeout_s=0.5)
+    big = encode({"inputs/text.input_ids": torch.randint(1000, 20000, (128, 128),
+                                                         generator=torch.Generator().manual_seed(0))})
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {BOB}"}, timeout=60) as bob:
+        for _ in range(3):  # on each worker thread the pool may hand the next request to
+            assert bob.post("/v1/forward", content=big).status_code == 504
+    app.state.service.config.request_timeout_s = 60.0  # alice's steps must not meet the deadline themselves
+    monkeypatch.setenv("GRAYTUNE_API_KEY", ALICE)
+    config = TrainConfig(lr=3e-3, max_steps=3, batch_size=8, seed=3)
+    for where, backbone in (("local", "minilm"), ("remote", url)):
+        train_and_save(RunSpec(backbone, "dark-gray", "dga", "wordnet-supersense", out=str(tmp_path / where),
+                               train=config), progress=False)
+    local = load_file(str(tmp_path / "local" / "adapter_model.safetensors"))
+    remote = load_file(str(tmp_path / "remote" / "adapter_model.safetensors"))
+    assert any(t.abs().sum() > 0 for t in local.values())
+    for key in local:
+        assert torch.equal(remote[key], local[key]), key

@@ -39,15 +39,26 @@ class DeadlineExceeded(GraytuneError):
     """Backbone work stopped at a safe point because its deadline passed."""
 
 
+#: calls that only set or read this thread's autograd mode: a context manager's ``__exit__`` makes them while
+#: unwinding, and raising there would leave the mode changed for every later request on the thread
+_MODE_CALLS = frozenset({torch._C._set_grad_enabled, torch.is_grad_enabled, torch.set_grad_enabled,
+                         torch._C.is_grad_enabled})
+
+
 class _StopAt(TorchFunctionMode):
-    """Raises ``DeadlineExceeded`` at the first torch operation after ``at`` (``time.monotonic()``)."""
+    """Raises ``DeadlineExceeded`` at the first torch operation after ``at`` (``time.monotonic()``).
+
+    Calls that set or read the autograd mode always run, so no ``with torch.no_grad()`` (or
+    ``set_grad_enabled``) inside the stopped work fails to restore the mode it changed.
+    """
 
     def __init__(self, at: float) -> None:
         super().__init__()
         self.at = at
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        _check(self.at)
+        if func not in _MODE_CALLS:
+            _check(self.at)
         return func(*args, **(kwargs or {}))
 
 
@@ -61,7 +72,9 @@ def deadline(at: float | None) -> Iterator[None]:
     """Stop the backbone work run on this thread inside the block soon after ``at`` (``time.monotonic()``).
 
     The forward stops at its next torch operation, a ``BoundaryCall.vjp`` at its next graph
-    node; both raise ``DeadlineExceeded``. ``None`` sets no deadline.
+    node; both raise ``DeadlineExceeded``. ``None`` sets no deadline. The thread leaves the block
+    with the autograd mode it entered with, however the work ended: a server's worker threads are
+    shared by every client, so one stopped request must not change how the next one is served.
 
     Example:
         >>> with deadline(time.monotonic() + 5.0):
@@ -71,12 +84,14 @@ def deadline(at: float | None) -> Iterator[None]:
         yield
         return
     previous = getattr(_active, "at", None)
+    grad_mode = torch.is_grad_enabled()
     _active.at = at
     try:
         with _StopAt(at):
             yield
     finally:
         _active.at = previous
+        torch.set_grad_enabled(grad_mode)
 
 
 def weight_storages(module: nn.Module) -> frozenset[int]:
