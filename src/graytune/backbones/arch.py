@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from graytune.backbones import BACKBONES
 from graytune.backbones.base import quiet_loading
 from graytune.backbones.hf_clip import OPENAI_MEAN, OPENAI_STD, HFClip
+from graytune.backbones.registry import BACKBONES
 from graytune.errors import MissingDependencyError
 
 

@@ -17,10 +17,10 @@ import torch
 from torch import nn
 
 from graytune.assets import imagenet_class_names
-from graytune.backbones import BACKBONES
 from graytune.backbones.efficientnet import load_tower as load_image_tower
 from graytune.backbones.minilm import DIM
 from graytune.backbones.minilm import load_tower as load_text_tower
+from graytune.backbones.registry import BACKBONES
 from graytune.errors import InvalidInputError
 from graytune.types import BackboneSpec, Op, PortKind, PortSpec
 

@@ -17,8 +17,8 @@ from collections.abc import Collection, Mapping, Sequence
 import torch
 from torch import nn
 
-from graytune.backbones import BACKBONES
 from graytune.backbones.base import add_delta, file_identity, freeze, run_layer
+from graytune.backbones.registry import BACKBONES
 from graytune.errors import InvalidInputError, MissingDependencyError
 from graytune.types import BackboneSpec, Op, PortKind, PortSpec
 

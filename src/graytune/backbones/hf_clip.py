@@ -21,7 +21,6 @@ from collections.abc import Collection, Mapping, Sequence
 import torch
 from torch import nn
 
-from graytune.backbones import BACKBONES
 from graytune.backbones.base import (
     OneModule,
     PromptSlots,
@@ -33,6 +32,7 @@ from graytune.backbones.base import (
     run_layer,
     text_ports,
 )
+from graytune.backbones.registry import BACKBONES
 from graytune.errors import InvalidInputError
 from graytune.types import BackboneSpec, Op, PortKind, PortSpec
 

@@ -28,7 +28,6 @@ from collections.abc import Collection, Mapping, Sequence
 import torch
 from torch import nn
 
-from graytune.backbones import BACKBONES
 from graytune.backbones.base import (
     OneModule,
     PromptSlots,
@@ -40,6 +39,7 @@ from graytune.backbones.base import (
     run_layer,
     text_ports,
 )
+from graytune.backbones.registry import BACKBONES
 from graytune.errors import InvalidInputError
 from graytune.types import BackboneSpec, Op, PortKind, PortSpec
 

@@ -25,7 +25,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from graytune.backbones import BACKBONES
 from graytune.backbones.base import (
     OneModule,
     PromptSlots,
@@ -39,6 +38,7 @@ from graytune.backbones.base import (
     run_layer,
     text_ports,
 )
+from graytune.backbones.registry import BACKBONES
 from graytune.errors import InvalidInputError, MissingDependencyError
 from graytune.types import BackboneSpec, Op, PortKind, PortSpec
 

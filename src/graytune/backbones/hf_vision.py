@@ -30,7 +30,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from graytune.backbones import BACKBONES
 from graytune.backbones.base import (
     OneModule,
     PromptSlots,
@@ -45,6 +44,7 @@ from graytune.backbones.base import (
     run_layer,
 )
 from graytune.backbones.hf_text import hub_config
+from graytune.backbones.registry import BACKBONES
 from graytune.errors import InvalidInputError, MissingDependencyError
 from graytune.types import BackboneSpec, Op, PortKind, PortSpec
 
