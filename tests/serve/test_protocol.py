@@ -52,7 +52,7 @@ def test_a_newer_request_gets_400_saying_what_to_do(client, path) -> None:  # ty
 
 def test_the_client_refuses_a_server_speaking_a_newer_protocol(  # type: ignore[no-untyped-def]
         serve, monkeypatch) -> None:
-    import graytune.serve.app as app_module
+    import graytune.serve.routes.info as app_module
 
     monkeypatch.setattr(app_module, "server_protocol", lambda: {"protocol": 2, "protocol_min": 2})
     url, _ = serve(access="dark-gray", reads=())

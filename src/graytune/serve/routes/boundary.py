@@ -1,0 +1,125 @@
+"""The backbone's own calls across the boundary: tokenize, forward, vector–Jacobian products, sessions.
+
+- ``POST /v1/tokenize`` ``{"texts": [...]}`` → the owner's token ids;
+- ``POST /v1/forward`` a safetensors request → outputs, and a session id when gradients are wanted;
+- ``POST /v1/vjp`` the outputs' gradients and a session id (or, after 410, the whole forward again)
+  → the gradients at the client's tensors;
+- ``POST /v1/sessions/release`` ``{"session": id}`` release a session the client will not differentiate
+  (``DELETE /v1/sessions/{id}`` still works for older clients, but puts the id in URLs and logs).
+
+Each route authenticates, reads its body within the service's limits, decodes and checks it on a
+checks thread, charges the quota, and runs the backbone through ``Service.compute``; work that is not
+served is refunded.
+
+Example:
+    >>> app.include_router(boundary.router)
+"""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+from typing import Any
+
+import torch
+from fastapi import APIRouter, Depends, Request, Response
+
+from graytune.access import BoundaryCall, CallPlan, LocalHandle, texts_of
+from graytune.access.wire import check_request_protocol, encode, pack_result, pack_vjp, read_request, request_key
+from graytune.errors import InvalidInputError
+from graytune.serve.admission import check_texts
+from graytune.serve.config import ServeConfig
+from graytune.serve.responses import wire_response
+from graytune.serve.routes.dependencies import ClientDep, ServiceDep, get_client
+from graytune.serve.service import rows_of
+
+__all__ = ["router"]
+Tensor = torch.Tensor
+router = APIRouter()
+
+
+@router.post("/v1/tokenize", dependencies=[Depends(get_client)])
+async def tokenize(request: Request, service: ServiceDep) -> Response:
+    async with service.body(request) as body:
+        texts = await service.checked(_tokenize_texts, body, service.config)
+        ids = await service.checked(service.handle.tokenize, texts)
+    return wire_response(encode(ids))
+
+
+@router.post("/v1/forward")
+async def forward(request: Request, service: ServiceDep, client: ClientDep) -> Response:
+    until = service.deadline()
+    async with service.body(request) as body:
+        message = await service.checked(read_request, body)
+        handle, plan = await service.checked(service.plan, client, message)
+        rows = rows_of(plan)
+        await service.checked(service.ledger.charge, client, rows)
+        try:
+            values, call = await service.compute(partial(_run_forward, handle, plan), until)
+        except BaseException:
+            await service.refund(client, samples=rows)
+            raise
+    session = service.store.put(client, call, call.nbytes, request_key(message)) if call.differentiable else None
+    return wire_response(pack_result(plan, values, call.values_read, session))
+
+
+@router.post("/v1/vjp")
+async def vjp(request: Request, service: ServiceDep, client: ClientDep) -> Response:
+    until = service.deadline()
+    async with service.body(request) as body:
+        message = await service.checked(read_request, body)
+        call, grads, rows = await service.checked(service.vjp_call, client, message)
+        try:
+            result = await service.compute(partial(_run_vjp, call, grads), until)
+        except BaseException:
+            await service.refund(client, grad_rows=rows)
+            raise
+    return wire_response(pack_vjp(call.plan, result))
+
+
+@router.post("/v1/sessions/release")
+async def release(request: Request, service: ServiceDep, client: ClientDep) -> dict[str, bool]:
+    async with service.body(request) as body:
+        payload = await service.checked(_json, body)
+    session = payload.get("session") if isinstance(payload, dict) else None
+    if not isinstance(session, str):
+        raise InvalidInputError('send {"session": "<the id the forward answered with>"}')
+    return {"released": service.store.release(client, session)}
+
+
+@router.delete("/v1/sessions/{session}")
+async def release_by_url(session: str, service: ServiceDep, client: ClientDep) -> dict[str, bool]:
+    return {"released": service.store.release(client, session)}
+
+
+def _run_forward(handle: LocalHandle, plan: CallPlan) -> tuple[tuple[Tensor, ...], BoundaryCall]:
+    """The forward of a checked ``plan``, measured, and the call that keeps it for a VJP (backbone thread)."""
+    call = handle.open_call(plan, measure=True)
+    return call.forward([plan.tensor(g, p) for g, p in plan.slots]), call
+
+
+def _run_vjp(call: BoundaryCall, grads: list[Tensor | None]) -> tuple[Tensor | None, ...]:
+    """The gradients at the client's tensors (backbone thread); a recompute runs its forward first."""
+    if not call.output_shapes:  # a recompute: the forward again, then the shapes are known
+        call.forward([call.plan.tensor(g, p) for g, p in call.plan.slots])
+        call.check_grads(grads)
+    return call.vjp(grads)
+
+
+def _tokenize_texts(body: bytes, config: ServeConfig) -> list[str]:
+    payload = _json(body)
+    if isinstance(payload, dict):
+        check_request_protocol(payload)
+    texts = payload.get("texts") if isinstance(payload, dict) else None
+    if isinstance(texts, list):
+        check_texts([t for t in texts if isinstance(t, str)], config)
+    return texts_of(texts)
+
+
+def _json(body: bytes) -> Any:
+    try:
+        return json.loads(body or b"null")
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise InvalidInputError("the body must be JSON, e.g. {\"texts\": [\"a cat\"]}") from None
+    except RecursionError:
+        raise InvalidInputError("the body nests JSON too deeply; send e.g. {\"texts\": [\"a cat\"]}") from None
