@@ -15,7 +15,8 @@ from graytune.access.wire import decode, encode
 from graytune.artifacts import save_adapter
 from graytune.model import AdaptedModel
 from graytune.serve import ApiKeys, ServeConfig, create_app
-from graytune.serve.adapters import AdapterHost, HostClosed, _Job, install_adapters
+from graytune.serve.adapters import AdapterHost, HostClosed, _Job
+from graytune.serve.routes.hosted import install_adapters
 from graytune.serve.runner import BackgroundServer
 from tests.serve.conftest import ALICE, KEYS
 

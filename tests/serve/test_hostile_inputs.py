@@ -195,7 +195,7 @@ def hosted(serve, minilm, tmp_path):  # type: ignore[no-untyped-def]
     """alice's client to a server hosting one DGA adapter as ``dga``, and a count of backbone calls."""
     from graytune.artifacts import save_adapter
     from graytune.model import AdaptedModel
-    from graytune.serve.adapters import install_adapters
+    from graytune.serve.routes.hosted import install_adapters
 
     save_adapter(AdaptedModel.build(minilm, "dga"), tmp_path / "dga")
     url, app = serve(access="dark-gray", reads=(), adapters=(f"dga={tmp_path / 'dga'}",), extra=install_adapters)

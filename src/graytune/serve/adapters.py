@@ -7,9 +7,7 @@ are stacked along the batch, deltas an adapter does not make are zeros, and each
 adapter maps its own rows of the result (``finish_tower``). A group that fails is
 rerun request by request, so one bad request never fails another client's.
 
-Endpoints: ``GET /v1/adapters``; ``POST /v1/adapters/{name}/embed`` (pixels as
-``inputs/image.pixels`` or ``texts`` in the metadata) → ``embeds`` ``[B, E]``;
-``POST /v1/adapters/{name}/classify`` (pixels and ``classes``) → ``logits`` ``[B, C]``.
+Their HTTP routes (``/v1/adapters/...``) and ``install_adapters`` are in ``graytune.serve.routes.hosted``.
 
 Example:
     >>> host = AdapterHost(handle, {"fashion": "runs/fashion-dga"})
@@ -27,10 +25,7 @@ import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
-
 import torch
-from fastapi import FastAPI, Request, Response
 
 from graytune.access import LocalHandle
 from graytune.access.owner import DeadlineExceeded, deadline
@@ -58,7 +53,7 @@ class _Job:
     modality: str
     inputs: dict[str, Tensor] = field(default_factory=dict)
     texts: list[str] = field(default_factory=list)
-    future: Future = field(default_factory=Future)
+    future: Future[Tensor] = field(default_factory=Future)
     request: TowerRequest | None = None
     until: float = float("inf")  # its deadline (time.monotonic()); the batch stops at the latest one
 
@@ -71,7 +66,7 @@ class AdapterHost:
     """Trained adapters around one handle, and the thread that batches their requests."""
 
     def __init__(self, handle: LocalHandle, folders: Mapping[str, str], window_ms: float = 5.0,
-                 max_batch: int = 256, lock: Any = None, max_pending: int = 1024) -> None:
+                 max_batch: int = 256, lock: threading.Lock | None = None, max_pending: int = 1024) -> None:
         self.handle, self.window_s, self.max_batch = handle, window_ms / 1000, max_batch
         self.max_pending = max_pending
         self.models: dict[str, AdaptedModel] = {}
@@ -103,7 +98,7 @@ class AdapterHost:
         return self.models[name]
 
     def submit(self, name: str, modality: str, inputs: Mapping[str, Tensor] | None = None,
-               texts: Sequence[str] = (), until: float = float("inf")) -> Future:
+               texts: Sequence[str] = (), until: float = float("inf")) -> Future[Tensor]:
         """Queue one request; its future gives ``[B, E]`` adapted embeddings (not normalised),
         ``DeadlineExceeded`` past ``until`` (``time.monotonic()``), or ``HostClosed`` once the host is closed.
         ``HostBusy`` when ``max_pending`` requests already wait."""
@@ -237,111 +232,3 @@ def _stacked(deltas: list[Tensor | None], sizes: list[int]) -> list[Tensor]:
             delta = delta.reshape((1,) * (rank - delta.dim()) + tuple(delta.shape))
             out.append(delta.expand(n, *tail))
     return out
-
-
-def install_adapters(app: FastAPI, service: Any) -> None:
-    """Add the hosted-adapter routes to the service's app."""
-    from graytune.serve.admission import busy, check_prompts, check_texts, check_work
-    from graytune.serve.app import WIRE_MEDIA
-
-    config = service.config
-    folders = dict(_name_folder(item) for item in config.adapters)
-    host = AdapterHost(service.handle, folders, config.batch_window_ms, config.max_batch, service.compute_lock,
-                       max_pending=4 * config.max_batch)
-    app.state.adapters = host
-    app.state.on_close.append(host.close)
-
-    @app.exception_handler(HostBusy)
-    async def host_busy(_: Request, err: HostBusy) -> Response:
-        from graytune.serve.app import answer
-
-        return answer(busy(1.0, str(err)))
-
-    def admit(client: str, name: str, body: bytes, until: float, classify: bool) -> tuple[Future, int, dict]:
-        """Checks, admission and the quota charge of one request (on a checks thread), then its job queued."""
-        message = read_request(body)
-        meta = message[1]
-        host.model(name)
-        if classify:  # the prompts it will build: their characters before they are built, then their tokens
-            classes = _texts(meta.get("classes"))
-            check_texts(classes, config, "classes")
-            template = str(meta.get("template", TEMPLATE))
-            check_prompts(classes, template, config)
-            meta["prompts"] = [template.replace("{}", c) for c in classes]
-            check_work(service.handle.tokenize(meta["prompts"]), {}, config, grad=False)
-        if meta.get("texts") is not None:
-            texts = _texts(meta["texts"])
-            check_texts(texts, config)
-            check_work(service.handle.tokenize(texts), {}, config, grad=False)
-            rows, job = len(texts), ("text", None, texts)
-        else:
-            pixels = unpack_inputs(message)
-            if set(pixels) != {"image.pixels"}:
-                raise InvalidInputError(f"send {tensor_name(INPUTS, 'image.pixels')}, or texts in the metadata")
-            check_work(pixels, {}, config, grad=False)
-            rows, job = int(pixels["image.pixels"].shape[0]), ("image", pixels, ())
-        service.ledger.charge(client, rows)
-        try:
-            return host.submit(name, job[0], job[1], texts=job[2], until=until), rows, meta
-        except BaseException:
-            service.ledger.refund(client, rows)
-            raise
-
-    async def embeds_for(name: str, request: Request, until: float, classify: bool = False
-                         ) -> tuple[Tensor, dict[str, Any]]:
-        client = service.client(request)
-        async with service.body(request) as body:
-            future, rows, meta = await service.checked(admit, client, name, body, until, classify)
-            try:
-                return await _wait(future, until, config.request_timeout_s), meta
-            except BaseException:
-                await service.refund(client, samples=rows)
-                raise
-
-    @app.get("/v1/adapters")
-    async def listing(request: Request) -> dict[str, Any]:
-        service.client(request)
-        return {name: {"method": m.method, "backbone": service.handle.spec.id} for name, m in host.models.items()}
-
-    @app.post("/v1/adapters/{name}/embed")
-    async def embed(name: str, request: Request) -> Response:
-        embeds, _ = await embeds_for(name, request, service.deadline())
-        return Response(encode({"embeds": embeds}), media_type=WIRE_MEDIA)
-
-    @app.post("/v1/adapters/{name}/classify")
-    async def classify(name: str, request: Request) -> Response:
-        until = service.deadline()
-        embeds, meta = await embeds_for(name, request, until, classify=True)  # its prompts were admitted with it
-        prompts = meta["prompts"]
-        text = await _wait(await service.checked(lambda: host.submit(name, "text", texts=prompts, until=until)),
-                           until, config.request_timeout_s)
-        logits = host.model(name).similarity(embeds, text)
-        return Response(encode({"logits": logits}, {"classes": meta["classes"]}), media_type=WIRE_MEDIA)
-
-
-TEMPLATE = "a photo of a {}."
-
-
-def _texts(value: object) -> list[str]:
-    from graytune.access import texts_of
-
-    return texts_of(value)
-
-
-async def _wait(future: Future, until: float, timeout_s: float) -> Tensor:
-    from graytune.serve.app import HTTPProblem
-    from graytune.serve.service import timed_out
-
-    try:
-        return await asyncio.wait_for(asyncio.wrap_future(future), max(0.0, until - time.monotonic()))
-    except HostClosed as err:
-        raise HTTPProblem(503, "closing", str(err)) from None
-    except (TimeoutError, DeadlineExceeded):
-        raise timed_out(timeout_s) from None
-
-
-def _name_folder(item: str) -> tuple[str, str]:
-    name, sep, folder = item.partition("=")
-    if not sep or not name or not folder:
-        raise InvalidInputError(f"--adapter {item!r}: write NAME=FOLDER, e.g. fashion=runs/fashion-dga")
-    return name, folder

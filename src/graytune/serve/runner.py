@@ -67,7 +67,7 @@ ENV_VAR = "GRAYTUNE_SERVE"
 def build_app(backbone_id: str, config: ServeConfig, keys: ApiKeys) -> Any:
     """The service for a backbone id, with the adapters named in ``config.adapters`` hosted."""
     from graytune.access import LocalHandle, open_backbone
-    from graytune.serve.adapters import install_adapters
+    from graytune.serve.routes.hosted import install_adapters
 
     if backbone_id.startswith(("http://", "https://")):
         raise InvalidInputError("graytune serve lends a backbone it holds; give a local id such as minilm")
