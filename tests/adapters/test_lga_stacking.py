@@ -14,7 +14,7 @@ import graytune
 from graytune import InvalidInputError
 from graytune.adapters import build_adapter
 from graytune.methods import METHODS
-from graytune.backbones.base import file_identity
+from graytune.backbones.loading import file_identity
 from graytune.model import AdaptedModel
 from graytune.train.recipe import open_for
 from graytune.types import AccessLevel, BackboneSpec, Op, PortKind, PortSpec, is_prompts_port

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from graytune.backbones.base import quiet_loading
 from graytune.backbones.hf_clip import OPENAI_MEAN, OPENAI_STD, HFClip
+from graytune.backbones.loading import quiet_loading
 from graytune.backbones.registry import BACKBONES
 from graytune.errors import MissingDependencyError
 

@@ -17,8 +17,10 @@ from collections.abc import Collection, Mapping, Sequence
 import torch
 from torch import nn
 
-from graytune.backbones.base import add_delta, file_identity, freeze, run_layer
+from graytune.backbones.base import freeze, run_layer
+from graytune.backbones.loading import file_identity
 from graytune.backbones.registry import BACKBONES
+from graytune.backbones.tokens import add_delta
 from graytune.errors import InvalidInputError, MissingDependencyError
 from graytune.types import BackboneSpec, Op, PortKind, PortSpec
 

@@ -8,7 +8,7 @@ after [CLS]), ``image.embeds`` [B, E];
 before the end token, where pooling sees them), ``text.layer.k``,
 ``text.embeds`` [B, E]. Embeddings are projected, not normalised. Each tower's
 ``<m>.prompts.k`` take prompt tokens, placed where inserts at ``<m>.layer.k`` go;
-each later prompts port writes over them (``base.PromptSlots``).
+each later prompts port writes over them (``tokens.PromptSlots``).
 
 Nothing here downloads on its own: a hub id loads only where the hub is
 reachable and allowed; tests use a tiny random CLIP they save locally.
@@ -21,18 +21,11 @@ from collections.abc import Collection, Mapping, Sequence
 import torch
 from torch import nn
 
-from graytune.backbones.base import (
-    OneModule,
-    PromptSlots,
-    add_delta,
-    freeze,
-    image_normalisation,
-    load_hf_checkpoint,
-    prompt_ports,
-    run_layer,
-    text_ports,
-)
+from graytune.backbones.base import OneModule, freeze, run_layer
+from graytune.backbones.loading import image_normalisation, load_hf_checkpoint
+from graytune.backbones.ports import prompt_ports, text_ports
 from graytune.backbones.registry import BACKBONES
+from graytune.backbones.tokens import PromptSlots, add_delta
 from graytune.errors import InvalidInputError
 from graytune.types import BackboneSpec, Op, PortKind, PortSpec
 

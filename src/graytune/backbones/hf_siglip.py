@@ -10,7 +10,7 @@ attention-pooling head reads every token), ``image.embeds`` [B, E] (the pooling
 head's output); ``text.input_ids``/``text.attention_mask``, ``text.token_embeds``
 (add; insert just before the last position), ``text.layer.k``, ``text.embeds``
 [B, E]; each tower's ``<m>.prompts.k`` take prompt tokens, placed where inserts at
-``<m>.layer.k`` go; each later prompts port writes over them (``base.PromptSlots``).
+``<m>.layer.k`` go; each later prompts port writes over them (``tokens.PromptSlots``).
 Embeddings are not normalised; ``logit_scale`` and ``logit_bias`` are weights and
 stay hidden.
 
@@ -28,18 +28,11 @@ from collections.abc import Collection, Mapping, Sequence
 import torch
 from torch import nn
 
-from graytune.backbones.base import (
-    OneModule,
-    PromptSlots,
-    add_delta,
-    freeze,
-    image_normalisation,
-    load_hf_checkpoint,
-    prompt_ports,
-    run_layer,
-    text_ports,
-)
+from graytune.backbones.base import OneModule, freeze, run_layer
+from graytune.backbones.loading import image_normalisation, load_hf_checkpoint
+from graytune.backbones.ports import prompt_ports, text_ports
 from graytune.backbones.registry import BACKBONES
+from graytune.backbones.tokens import PromptSlots, add_delta
 from graytune.errors import InvalidInputError
 from graytune.types import BackboneSpec, Op, PortKind, PortSpec
 

@@ -4,7 +4,7 @@ Ports, like ``minilm``'s: ``text.input_ids``/``text.attention_mask`` (replace),
 ``text.token_embeds`` [B, L, D] (add, insert right after the first token, [CLS]
 or <s>, read when granted), ``text.layer.k`` for k = 1..n-1 (entries into
 transformer layer k), ``text.prompts.k`` (prompt tokens there that each later
-one writes over: ``base.PromptSlots``), ``text.embeds`` [B, D]: the pooling the folder's
+one writes over: ``tokens.PromptSlots``), ``text.embeds`` [B, D]: the pooling the folder's
 sentence-transformers config declares (``modules.json`` → ``1_Pooling/config.json``):
 the masked mean of the last hidden state (also when nothing is declared) or its
 first token. Embeddings are never normalised, even when a ``Normalize`` module
@@ -25,20 +25,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from graytune.backbones.base import (
-    OneModule,
-    PromptSlots,
-    add_delta,
-    checkpoint_location,
-    file_identity,
-    freeze,
-    hub_json,
-    masked_mean,
-    quiet_loading,
-    run_layer,
-    text_ports,
-)
+from graytune.backbones.base import OneModule, freeze, run_layer
+from graytune.backbones.loading import checkpoint_location, file_identity, hub_json, quiet_loading
+from graytune.backbones.ports import text_ports
 from graytune.backbones.registry import BACKBONES
+from graytune.backbones.tokens import PromptSlots, add_delta, masked_mean
 from graytune.errors import InvalidInputError, MissingDependencyError
 from graytune.types import BackboneSpec, Op, PortKind, PortSpec
 

@@ -6,7 +6,7 @@ them: add, insert, read when granted; inserted tokens go right after [CLS] with
 no position embedding, as visual prompt tokens do); ``image.layer.k`` for
 k = 1..n-1 (tokens entering encoder layer k, [CLS] first: add, insert after
 [CLS], read when granted); ``image.prompts.k`` (prompt tokens after [CLS] that
-each later one writes over: ``base.PromptSlots``); ``image.embeds`` [B, D]: the model's pooled output,
+each later one writes over: ``tokens.PromptSlots``); ``image.embeds`` [B, D]: the model's pooled output,
 the final-layernormed [CLS] (DINOv2, and ViT checkpoints without pooler weights)
 or ViT's pooler on it (tanh of a dense layer) when the checkpoint has one. Not
 normalised.
@@ -30,21 +30,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from graytune.backbones.base import (
-    OneModule,
-    PromptSlots,
-    add_delta,
+from graytune.backbones.base import OneModule, freeze, run_layer
+from graytune.backbones.hf_text import hub_config
+from graytune.backbones.loading import (
     checkpoint_location,
     file_identity,
-    freeze,
     image_normalisation,
     image_processor_config,
-    prompt_ports,
     quiet_loading,
-    run_layer,
 )
-from graytune.backbones.hf_text import hub_config
+from graytune.backbones.ports import prompt_ports
 from graytune.backbones.registry import BACKBONES
+from graytune.backbones.tokens import PromptSlots, add_delta
 from graytune.errors import InvalidInputError, MissingDependencyError
 from graytune.types import BackboneSpec, Op, PortKind, PortSpec
 
@@ -160,7 +157,7 @@ class HFVision(OneModule):
 def image_preprocess(where: str, config: Any) -> dict[str, Any]:
     """The image size, resizing and mean/std a client applies, from the checkpoint's image processor.
 
-    Mean and std as every graytune loader reads them (``base.image_normalisation``: the ``image_processor``
+    Mean and std as every graytune loader reads them (``loading.image_normalisation``: the ``image_processor``
     of ``processor_config.json`` as transformers 5 writes it, then ``preprocessor_config.json``), ImageNet's
     when neither gives them; DINOv2's size and crop from the same file.
     """

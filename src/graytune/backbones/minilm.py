@@ -3,7 +3,7 @@
 Ports: ``text.input_ids``/``text.attention_mask`` (replace), ``text.token_embeds``
 [B, L, 384] (add, insert after [CLS], read when granted), ``text.layer.k`` for
 k = 1..5 (entries into transformer layer k), ``text.prompts.k`` (prompt tokens
-after [CLS] that each later one writes over: ``base.PromptSlots``),
+after [CLS] that each later one writes over: ``tokens.PromptSlots``),
 ``text.embeds`` [B, 384] (the masked mean of the last hidden state, not normalised).
 """
 
@@ -16,17 +16,11 @@ from collections.abc import Collection, Mapping, Sequence
 import torch
 from torch import nn
 
-from graytune.backbones.base import (
-    PromptSlots,
-    add_delta,
-    file_identity,
-    freeze,
-    masked_mean,
-    quiet_loading,
-    run_layer,
-    text_ports,
-)
+from graytune.backbones.base import freeze, run_layer
+from graytune.backbones.loading import file_identity, quiet_loading
+from graytune.backbones.ports import text_ports
 from graytune.backbones.registry import BACKBONES
+from graytune.backbones.tokens import PromptSlots, add_delta, masked_mean
 from graytune.errors import InvalidInputError, MissingDependencyError
 from graytune.types import BackboneSpec, Op, PortKind, PortSpec
 
