@@ -17,7 +17,6 @@ Example:
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import json
 import os
@@ -94,54 +93,6 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-#: Files a graytune run or artifact folder may hold (``--out`` may replace these, never anything else).
-RUN_FILES = (CONFIG_NAME, WEIGHTS_NAME, "checkpoint.pt", "history.jsonl", "events.out.tfevents.*", "rank*.safetensors",
-             "tensorboard")
-
-
-def prepare_out(folder: str | os.PathLike[str], overwrite: bool = False) -> str:
-    """Check a run's ``--out`` folder before any work; returns ``new``, ``resume`` or ``replace``.
-
-    - a missing or empty folder: ``new``;
-    - a folder holding an interrupted run (``checkpoint.pt``, no finished adapter): ``resume``;
-    - a folder holding a finished adapter: refused unless ``overwrite`` (then ``replace``: graytune's
-      own run files there are removed, nothing else);
-    - a folder holding other files: refused unless ``overwrite`` (then the run's files go beside them).
-
-    Raises:
-        InvalidInputError: what the folder holds and what to do.
-    """
-    from graytune.errors import InvalidInputError
-
-    path = Path(folder)
-    if path.exists() and not path.is_dir():
-        raise InvalidInputError(f"--out {folder} is a file; give a folder for the adapter")
-    entries = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
-    ours = [n for n in entries if any(fnmatch.fnmatch(n, pat) for pat in RUN_FILES) or n.startswith(".")]
-    others = [n for n in entries if n not in ours]
-    if (path / CONFIG_NAME).is_file():
-        if not overwrite:
-            method = _method_of(path)
-            raise InvalidInputError(f"--out {folder} already holds a finished {method} adapter; pass --overwrite to "
-                                    "replace it (only graytune's run files there are replaced), or choose another --out")
-        for name in ("checkpoint.pt", "history.jsonl"):  # the finished run's own; a new one starts
-            (path / name).unlink(missing_ok=True)
-        return "replace"
-    if others and not overwrite:
-        shown = ", ".join(others[:3]) + (" …" if len(others) > 3 else "")
-        raise InvalidInputError(f"--out {folder} holds {len(others)} file(s) that are not a graytune run ({shown}); "
-                                "graytune never deletes them: choose a new or empty folder, or pass --overwrite to "
-                                "write the adapter beside them")
-    return "resume" if (path / "checkpoint.pt").is_file() else "new"
-
-
-def _method_of(path: Path) -> str:
-    try:
-        return repr(json.loads((path / CONFIG_NAME).read_text()).get("method"))
-    except (OSError, ValueError, AttributeError):
-        return "(unreadable)"
 
 
 def read_config(folder: str | os.PathLike[str]) -> dict[str, Any]:

@@ -28,10 +28,10 @@ from graytune.artifact_files import (
     check_fingerprint,
     read_config,
     read_weights,
-    prepare_out,
     write_artifact,
 )
 from graytune.model import AdaptedModel
+from graytune.runs import prepare_out
 
 
 def adapter_state(model: AdaptedModel) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ from graytune.access.checks import CallPlan, texts_of
 from graytune.access.handle import Handle
 from graytune.access.local import LocalHandle
 from graytune.access.memo import MemoHandle, memoize
+from graytune.access.metered import BudgetSpent, MeteredHandle, metered
 from graytune.access.owner import BoundaryCall
 from graytune.access.remote import API_KEY_ENV, RemoteHandle
 from graytune.access.wire import PROTOCOL_VERSION
@@ -85,5 +86,6 @@ def known_backbones() -> list[str]:
     return BACKBONES.names()
 
 
-__all__ = ["API_KEY_ENV", "PROTOCOL_VERSION", "BoundaryCall", "CallPlan", "Handle", "LocalHandle", "MemoHandle",
-           "RemoteHandle", "known_backbones", "memoize", "open_backbone", "texts_of"]
+__all__ = ["API_KEY_ENV", "PROTOCOL_VERSION", "BoundaryCall", "BudgetSpent", "CallPlan", "Handle", "LocalHandle",
+           "MemoHandle", "MeteredHandle", "RemoteHandle", "known_backbones", "memoize", "metered", "open_backbone",
+           "texts_of"]

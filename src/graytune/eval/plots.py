@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from graytune.errors import ArtifactError, InvalidInputError, UnknownNameError
+from graytune.artifact_files import CONFIG_NAME
+from graytune.runs import history_file, read_history_lines
 
 log = logging.getLogger(__name__)
 
-HISTORY_FILE = "history.jsonl"
-CONFIG_FILE = "adapter_config.json"
 FIGURE_SIZE = (11.0, 4.2)
 """Inches at ``DPI``: a 1100 × 420 pixel image."""
 DPI = 100
@@ -72,28 +72,11 @@ def read_history(run: str | os.PathLike[str]) -> RunHistory:
     Raises:
         ArtifactError: no ``history.jsonl``, a damaged line, or no step or validation line at all.
     """
-    path = Path(run)
-    file = path if path.is_file() else path / HISTORY_FILE
+    file = history_file(run)
     folder = file.parent
-    if not path.exists():
-        raise ArtifactError(f"{path} does not exist; give a run folder written by graytune train --out DIR")
-    if not file.is_file():
-        raise ArtifactError(f"{folder} has no {HISTORY_FILE}; graytune train --out DIR writes it into DIR "
-                            "while it trains (runs made before history was recorded have none)")
     steps: dict[int, float] = {}
     vals: dict[int, dict] = {}
-    lines = file.read_text(encoding="utf-8").split("\n")
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            if number == len(lines):  # no trailing newline: the run was stopped mid-write
-                log.warning("%s: ignoring the unfinished last line %d", file, number)
-                continue
-            raise ArtifactError(f"{file}, line {number}: not JSON ({err.msg}); each line must be one JSON "
-                                "object as graytune train writes them") from None
+    for record in read_history_lines(file):
         if not isinstance(record, dict) or "step" not in record:
             continue
         if record.get("event") == "step" and record.get("loss") is not None:
@@ -220,7 +203,7 @@ def _title(runs: list[RunHistory]) -> str:
 def _describe(folder: Path) -> tuple[str | None, str | None]:
     """Method and backbone from the folder's ``adapter_config.json``, when it has a readable one."""
     try:
-        config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+        config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None, None
     if not isinstance(config, dict):

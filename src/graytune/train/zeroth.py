@@ -27,6 +27,8 @@ Example:
     >>> opt = torch.optim.AdamW([*client_params, *zo.variables().values()], lr=1e-2)
     >>> loss = zo.accumulate(lambda: task.loss(model, batch), step=0)   # 2q loss evaluations
     >>> zo.write_grads(); opt.step(); zo.after_step()
+
+It is one of the trainer's two gradient sources (``graytune.train.gradients``), beside backprop.
 """
 
 from __future__ import annotations
@@ -37,11 +39,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
-from graytune.access import Handle
 from graytune.errors import InvalidInputError
-from graytune.types import AccessLevel, BackboneSpec, Exposure
 
 Tensor = torch.Tensor
 
@@ -145,13 +144,27 @@ class ZerothOrder:
         """The tensors the optimizer steps: θ by name, or ``zip``'s intrinsic vector z."""
         return {"zeroth_order.z": self.z} if self.z is not None else dict(zip(self.names, self.params))
 
-    def accumulate(self, loss_of: Callable[[], Tensor], step: int, part: int = 0, weight: float = 1.0) -> float:
-        """Add ``weight`` × this batch's estimate to the step's (2q calls of ``loss_of``); the mean loss × weight.
+    def tensors(self) -> dict[str, Tensor]:
+        """θ by name: what a checkpoint and the best state keep beside the model's trainable tensors."""
+        return dict(zip(self.names, self.params))
 
-        ``loss_of`` computes the loss at the current θ (a scalar tensor). Client-side tensors that require
-        gradients accumulate ``weight`` × the gradient of the mean of the 2q losses. θ is restored exactly.
+    #: the settings that make a step cheaper, for a budget too small for one
+    cost_flags = "--grad-accum or --zo-q"
+
+    def step_cost(self, grad_accum: int) -> str:
+        """What one training step costs in loss evaluations (for a budget too small for one)."""
+        return (f"{2 * self.settings.q * grad_accum} loss evaluations (2 × zo_q × grad_accum), each the task's "
+                "batched forwards")
+
+    def accumulate(self, loss_of: Callable[[], Tensor], step: int, part: int = 0, parts: int = 1) -> float:
+        """Add this batch's estimate / ``parts`` to the step's (2q calls of ``loss_of``); the mean loss / ``parts``.
+
+        ``loss_of`` computes the loss at the current θ (a scalar tensor); a step accumulates ``parts``
+        batches (``grad_accum``), this is batch ``part``. Client-side tensors that require gradients
+        accumulate the gradient of the mean of the 2q losses / ``parts``. θ is restored exactly.
         """
         s = self.settings
+        weight = 1.0 / parts
         base = [p.detach().clone() for p in self.params]
         estimate = torch.zeros(self.z.numel() if self.z is not None else sum(self.sizes), device=self.device)
         total = 0.0
@@ -241,70 +254,3 @@ def _mix(*numbers: int) -> int:
     for n in numbers:
         value = ((value ^ (int(n) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) % 2**64
     return value % 2**63
-
-
-# ---- budgets in calls -------------------------------------------------------------------------------
-
-class BudgetSpent(Exception):
-    """A training forward would take the calls past the budget (``TrainConfig.max_calls``); it was not sent."""
-
-
-class MeteredHandle:
-    """``handle`` that refuses (``BudgetSpent``) the forward call past ``allowed`` calls; the handle otherwise.
-
-    The trainer puts it in place of a model's handle during a training step, so the budget holds
-    exactly: a call is refused before it is sent, not counted after.
-    """
-
-    def __init__(self, handle: Handle, allowed: int) -> None:
-        self._handle, self.left = handle, allowed
-
-    @property
-    def access(self) -> AccessLevel:
-        return self._handle.access
-
-    @property
-    def spec(self) -> BackboneSpec:
-        return self._handle.spec
-
-    @property
-    def exposure(self) -> Exposure:
-        return self._handle.exposure
-
-    @property
-    def device(self) -> torch.device:
-        return self._handle.device
-
-    @property
-    def grants(self) -> frozenset[str]:
-        return self._handle.grants
-
-    @property
-    def fingerprint(self) -> str:
-        return self._handle.fingerprint
-
-    def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
-        return self._handle.tokenize(texts)
-
-    def forward(self, inputs: Mapping[str, Any], **kwargs: Any) -> dict[str, Tensor]:
-        self._spend()
-        return self._handle.forward(inputs, **kwargs)
-
-    def encode_image(self, pixels: Tensor, **edits: Mapping[str, Tensor]) -> Tensor:
-        self._spend()
-        return self._handle.encode_image(pixels, **edits)
-
-    def encode_text(self, text: Any, **edits: Mapping[str, Tensor]) -> Tensor:
-        self._spend()
-        return self._handle.encode_text(text, **edits)
-
-    def module(self) -> nn.Module:
-        return self._handle.module()
-
-    def with_module(self, module: nn.Module) -> Handle:
-        return self._handle.with_module(module)
-
-    def _spend(self) -> None:
-        if self.left <= 0:
-            raise BudgetSpent
-        self.left -= 1
