@@ -2,11 +2,13 @@
 
 Towers call these at their input and entry ports (``<m>.token_embeds``, ``<m>.layer.k``,
 ``<m>.prompts.k``); the shapes are ``[B, L, D]`` values and ``[B, L]`` masks (1 real, 0 padding).
+``PortEdits`` gathers one forward's requests at one tower, for towers that apply them port by port.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
 
 import torch
 
@@ -156,6 +158,57 @@ class PromptSlots:
                 f"{layer_port} to add tokens to the sequence)"
             )
         return overwrite_tokens(port, values, tokens, self.start), mask
+
+
+@dataclass
+class PortEdits:
+    """One forward's requests at one tower's ports, applied port by port as the tower runs.
+
+    Attributes:
+        add: per port, a delta broadcast onto its values.
+        insert: per port, ``[B or 1, K, D]`` tokens (plain inserts and prompts ports alike).
+        reads: ports whose values (before any edit there) go to ``out``.
+        out: where the values read are put (the dict ``run`` returns).
+        prompts: where this forward's prompt tokens sit in the tower.
+
+    Example:
+        >>> edits = PortEdits(add, insert, reads, out)
+        >>> hidden = edits.read_and_add("text.layer.1", hidden, mask)
+        >>> hidden, mask = edits.place("text.layer.1", hidden, mask, at=1)  # after [CLS]
+    """
+
+    add: Mapping[str, Tensor]
+    insert: Mapping[str, Tensor]
+    reads: Collection[str]
+    out: dict[str, Tensor]
+    prompts: PromptSlots = field(default_factory=PromptSlots)
+
+    def read_and_add(self, port: str, values: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``values`` noted in ``out`` when ``port`` is read, then with the delta sent to ``port`` added
+        (``add_delta``: kept off padding when ``mask`` is given)."""
+        if port in self.reads:
+            self.out[port] = values
+        if port in self.add:
+            values = add_delta(port, values, self.add[port], mask)
+        return values
+
+    def place(self, port: str, values: Tensor, mask: Tensor, at: int) -> tuple[Tensor, Tensor]:
+        """The tokens sent to ``port`` and to its prompts port, placed before position ``at`` of every row
+        (``PromptSlots.place``; negative ``at`` counts from the end)."""
+        return self.prompts.place(port, values, mask, self.insert, at)
+
+    def place_before(self, port: str, values: Tensor, mask: Tensor, at: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """As ``place``, before ``at[b]`` in row b (a token each row has in its own place, e.g. CLIP's end token).
+
+        Returns:
+            values ``[B, L', D]``, mask ``[B, L']``, and ``[B]``: where the token at ``at`` moved to.
+        """
+        if port in self.insert:
+            values, mask = self.prompts.insert(port, values, mask, self.insert[port], at)
+            at = at + self.insert[port].shape[1]
+        length = values.shape[1]
+        values, mask = self.prompts.take(port, values, mask, self.insert, at)  # before that token too
+        return values, mask, at + (values.shape[1] - length)
 
 
 def _positions(values: Tensor, at: int) -> Tensor:
