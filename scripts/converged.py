@@ -199,7 +199,7 @@ class TaskRunner:
         self.splits, self.task, self.handles = splits, None, {}
 
     def handle(self, method: str) -> Any:
-        from graytune.train.recipe import make_task, open_for
+        from graytune.recipes.run import make_task, open_for
 
         if method not in self.handles:  # each method at its own level, with its own grants
             self.handles[method] = open_for(self.defn.backbone, None, method, device=self.device)
@@ -214,7 +214,7 @@ class TaskRunner:
         """Train ``method`` at ``lr`` with ``seed`` (or score it untrained), test the best validated state."""
         from graytune.methods import get_method
         from graytune.model import AdaptedModel
-        from graytune.train.recipe import place_model
+        from graytune.recipes.run import place_model
         from graytune.train.trainer import TrainConfig, fit, seed_everything
 
         spec, handle, p = get_method(method), self.handle(method), self.protocol

@@ -35,7 +35,7 @@ from graytune.audit import AuditConfig, run_audit
 from graytune.data.catalog import load_splits
 from graytune.methods import get_method
 from graytune.model import AdaptedModel
-from graytune.train.recipe import make_task, open_for
+from graytune.recipes.run import make_task, open_for
 from graytune.train.trainer import TrainConfig, fit, seed_everything
 
 #: (name, backbone, data set, image size): the two real tasks the issue names

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from graytune.methods import METHODS
-from graytune.train.compare import compare
+from graytune.recipes.compare import compare
 
 SETTINGS = [
     # (name, backbone, data, image size, methods)

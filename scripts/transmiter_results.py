@@ -21,9 +21,9 @@ from graytune.access import open_backbone
 from graytune.artifacts import load_adapter
 from graytune.data.catalog import load_splits
 from graytune.data.labeled import load_fashion_mnist
-from graytune.train.recipe import RunSpec, train_and_save
+from graytune.recipes.run import RunSpec, train_and_save
 from graytune.train.trainer import TrainConfig
-from graytune.transfer.recipe import base_novel_accuracy, load_pixels, plus
+from graytune.recipes.transmiter import base_novel_accuracy, load_pixels, plus
 from graytune.transfer.transmiter import ExtractConfig, TransMiter, class_scores
 
 WEAK, STRONG = "bridge:efficientnet-lite0+minilm", "bridge:efficientnet-lite1+minilm"

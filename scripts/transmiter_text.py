@@ -158,7 +158,7 @@ class Store:
 
 def metrics(scores: torch.Tensor, labels: torch.Tensor, splits: Any) -> dict[str, float]:
     """Base, novel (each among its own classes), their harmonic mean, and accuracy among all 10 (0–1)."""
-    from graytune.transfer.recipe import base_novel_accuracy
+    from graytune.recipes.transmiter import base_novel_accuracy
 
     out = base_novel_accuracy(scores, labels, splits.eval_splits["base"], splits.eval_splits["novel"])
     return {**out, "accuracy": float((scores.argmax(1) == labels).float().mean())}
@@ -175,8 +175,8 @@ class Experiment:
                  data: str = "wordnet-supersense") -> None:
         from graytune.access import memoize
         from graytune.data.catalog import load_splits
-        from graytune.train.recipe import open_for
-        from graytune.transfer.recipe import load_queries
+        from graytune.recipes.run import open_for
+        from graytune.recipes.transmiter import load_queries
 
         self.p, self.strong_id, self.cache, self.store, self.progress = protocol, strong_id, cache, store, progress
         self.data = data
@@ -208,7 +208,7 @@ class Experiment:
         from graytune.artifacts import load_adapter, read_config, save_adapter
         from graytune.methods import get_method
         from graytune.model import AdaptedModel
-        from graytune.train.recipe import make_task
+        from graytune.recipes.run import make_task
         from graytune.train.trainer import TrainConfig, fit, seed_everything
 
         handle, memo, p = self.handles[backbone], self.memos[backbone], self.p

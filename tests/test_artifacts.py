@@ -11,7 +11,7 @@ from graytune import ArtifactError
 from graytune.artifacts import CONFIG_NAME, WEIGHTS_NAME, load_adapter, read_config, save_adapter
 from graytune.methods import METHODS, MethodKind
 from graytune.model import AdaptedModel
-from graytune.train.recipe import open_for
+from graytune.recipes.run import open_for
 from tests.conftest import build_tiny_clip
 
 TEXTS = ["a cat", "dogs run far"]

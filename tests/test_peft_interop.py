@@ -7,7 +7,7 @@ import warnings
 import torch
 
 from graytune.model import AdaptedModel
-from graytune.train.recipe import open_for
+from graytune.recipes.run import open_for
 
 TEXTS = ["a small cat sleeps on the mat", "stock markets fell sharply today", "rain"]
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from graytune import InvalidInputError
 from graytune.adapters import build_adapter
 from graytune.model import AdaptedModel
-from graytune.train.recipe import open_for
+from graytune.recipes.run import open_for
 from tests.backbones.tiny_text_vision import build_tiny_bert
 
 TEXTS = ["a cat", "dogs run far", "a red car", "rain"]

@@ -16,7 +16,7 @@ from graytune.adapters import build_adapter
 from graytune.methods import METHODS
 from graytune.backbones.loading import file_identity
 from graytune.model import AdaptedModel
-from graytune.train.recipe import open_for
+from graytune.recipes.run import open_for
 from graytune.types import AccessLevel, BackboneSpec, Op, PortKind, PortSpec, is_prompts_port
 from tests.backbones.tiny_siglip import build_tiny_siglip
 from tests.backbones.tiny_text_vision import _sizes, bert_tokenizer, build_tiny_vit, write_sentence_transformers

@@ -10,7 +10,7 @@ from graytune import AccessDeniedError, InvalidInputError, UnknownNameError
 from graytune.adapters import build_adapter
 from graytune.methods import METHODS, MethodKind
 from graytune.model import AdaptedModel
-from graytune.train.recipe import open_for
+from graytune.recipes.run import open_for
 from graytune.types import AccessLevel
 
 #: Every registered method that wraps a handle (logit adapters are tested in tests/transfer).

@@ -85,7 +85,7 @@ def test_adapter_warm_starts_the_same_method(tiny_clip_dir, tmp_path, capsys) ->
 
 
 def test_retry_s_reaches_the_remote_handle_and_is_refused_in_process(monkeypatch, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
-    import graytune.train.recipe as recipe
+    import graytune.recipes.run as recipe
 
     seen = {}
 

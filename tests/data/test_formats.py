@@ -14,7 +14,7 @@ from graytune import InvalidInputError, MissingDependencyError
 from graytune.data.catalog import load_splits
 from graytune.data.video import sample_frames
 from graytune.model import AdaptedModel
-from graytune.train.recipe import make_task, open_for
+from graytune.recipes.run import make_task, open_for
 
 
 def test_sample_frames_are_evenly_spaced_real_frames() -> None:

@@ -10,7 +10,7 @@ from PIL import Image
 from graytune.eval.clip_compat import for_clip_evaluators
 from graytune.eval.retrieval import retrieval_metrics
 from graytune.model import AdaptedModel
-from graytune.train.recipe import open_for
+from graytune.recipes.run import open_for
 
 
 def test_clip_benchmark_retrieval_runs_on_an_adapted_model(tiny_clip_dir) -> None:

@@ -25,7 +25,7 @@ def test_two_rank_gloo_ddp_against_a_live_server(tmp_path: Path) -> None:
     app = create_app(handle, ServeConfig(access="dark-gray"), ApiKeys({"trainer": KEY}))  # type: ignore[arg-type]
     with BackgroundServer(app) as url:
         torchrun = Path(sys.executable).parent / "torchrun"
-        cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "graytune.train.ddp",
+        cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "graytune.recipes.ddp",
                "--backbone", url, "--method", "dga", "--data", "wordnet-supersense", "--max-steps", "4",
                "--batch-size", "8", "--out", str(tmp_path)]
         done = subprocess.run(cmd, env={**os.environ, "GRAYTUNE_API_KEY": KEY}, capture_output=True, text=True,

@@ -118,7 +118,7 @@ def test_a_stopped_forward_leaves_no_state_behind_for_other_clients(serve, tmp_p
     off, so every later gradient forward on that thread kept no session and training failed at step 0."""
     from safetensors.torch import load_file
 
-    from graytune.train.recipe import RunSpec, train_and_save
+    from graytune.recipes.run import RunSpec, train_and_save
     from graytune.train.trainer import TrainConfig
 
     url, app = serve(access="dark-gray", reads=(), request_timeout_s=0.5)

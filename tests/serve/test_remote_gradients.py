@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 
 import graytune
 from graytune.access import RemoteHandle
-from graytune.train.recipe import RunSpec, evaluate_saved, train_and_save
+from graytune.recipes.evaluate import evaluate_saved
+from graytune.recipes.run import RunSpec, train_and_save
 from graytune.train.trainer import TrainConfig
 from tests.serve.conftest import ALICE
 

@@ -20,7 +20,7 @@ def test_two_ranks_equal_one_process_with_the_double_batch(tiny_clip_dir, tmp_pa
     flags = ["--backbone", f"hf-clip:{tiny_clip_dir}", "--method", "dga", "--data", data, "--max-steps", "3",
              "--eval-every", "3", "--seed", "4", "--lr", "0.01", "--json"]
     torchrun = Path(sys.executable).parent / "torchrun"
-    done = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "graytune.train.ddp",
+    done = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "graytune.recipes.ddp",
                            *flags, "--batch-size", "4", "--out", str(tmp_path / "ddp")],
                           capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]

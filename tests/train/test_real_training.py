@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from graytune.train.recipe import RunSpec, train_and_save
+from graytune.recipes.run import RunSpec, train_and_save
 from graytune.train.trainer import TrainConfig
 
 

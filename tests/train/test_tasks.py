@@ -6,7 +6,7 @@ import torch
 
 from graytune.data.catalog import load_splits
 from graytune.model import AdaptedModel
-from graytune.train.recipe import make_task, open_for
+from graytune.recipes.run import make_task, open_for
 from graytune.train.trainer import TrainConfig, fit
 
 BRIDGE = "bridge:efficientnet-lite0+minilm"

@@ -8,7 +8,7 @@ import torch
 from graytune import InvalidInputError
 from graytune.data.labeled import LabeledTexts
 from graytune.model import AdaptedModel
-from graytune.train.recipe import open_for
+from graytune.recipes.run import open_for
 from graytune.train.tasks import ClassificationTask
 from graytune.train.trainer import TrainConfig, fit
 

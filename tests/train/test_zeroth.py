@@ -13,7 +13,7 @@ from graytune import AccessDeniedError, InvalidInputError
 from graytune.adapters import zo_parameters
 from graytune.methods import METHODS
 from graytune.model import AdaptedModel
-from graytune.train.recipe import open_for
+from graytune.recipes.run import open_for
 from graytune.train.tasks import ClassificationTask
 from graytune.train.trainer import TrainConfig, calls_curve, fit
 from graytune.train.zeroth import ESTIMATORS, ZerothOrder, ZOSettings

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import graytune
 from graytune import InvalidInputError
 from graytune.transfer.eft import eft_predict, eft_scores
-from graytune.transfer.recipe import base_items, load_queries
+from graytune.recipes.transmiter import base_items, load_queries
 from graytune.transfer.transmiter import ExtractConfig, PlusConfig, TransMiter, procrustes_beta
 from tests.backbones.tiny_text_vision import build_tiny_bert
 from tests.transfer.test_text_queries import tiny_texts
@@ -162,8 +162,8 @@ def test_cli_transfer_takes_beta_per_sample(tmp_path, capsys, monkeypatch) -> No
     from graytune.cli.main import main
 
     fake = lambda name, *a, **k: tiny_texts()  # noqa: E731
-    monkeypatch.setattr("graytune.train.recipe.load_splits", fake)
-    monkeypatch.setattr("graytune.transfer.recipe.load_splits", fake)
+    monkeypatch.setattr("graytune.recipes.run.load_splits", fake)
+    monkeypatch.setattr("graytune.recipes.transmiter.load_splits", fake)
     weak = f"hf-text:{build_tiny_bert(tmp_path / 'bert')}"
     assert main(["train", "--backbone", weak, "--method", "output", "--data", "tiny-texts", "--out",
                  str(tmp_path / "ft"), "--max-steps", "2", "--batch-size", "4", "--json"]) == 0

@@ -15,7 +15,7 @@ from graytune.cli.main import main
 from graytune.data.catalog import Splits
 from graytune.data.labeled import LabeledImages, LabeledTexts
 from graytune.transfer.procrustes import orthogonal_procrustes
-from graytune.transfer.recipe import load_queries
+from graytune.recipes.transmiter import load_queries
 from graytune.transfer.transmiter import ExtractConfig, TransMiter
 from tests.backbones.tiny_text_vision import build_tiny_bert, build_tiny_dinov2, build_tiny_mpnet
 
@@ -95,8 +95,8 @@ def test_queries_that_a_backbone_has_no_tower_for_are_refused(pair, tmp_path) ->
 def test_cli_extract_transfer_plus_on_texts(pair, tmp_path, capsys, monkeypatch):  # type: ignore[no-untyped-def]
     sets = {"tiny-texts": tiny_texts(), "other-texts": tiny_texts("other-texts", ("x", "y", "z"))}
     fake = lambda name, *a, **k: sets[name]  # noqa: E731
-    monkeypatch.setattr("graytune.train.recipe.load_splits", fake)
-    monkeypatch.setattr("graytune.transfer.recipe.load_splits", fake)
+    monkeypatch.setattr("graytune.recipes.run.load_splits", fake)
+    monkeypatch.setattr("graytune.recipes.transmiter.load_splits", fake)
     weak, strong = pair
     assert main(["train", "--backbone", weak, "--method", "dga", "--data", "tiny-texts", "--out", str(tmp_path / "ft"),
                  "--max-steps", "2", "--batch-size", "4", "--json"]) == 0

@@ -12,7 +12,7 @@ import argparse
 import time
 
 from graytune.access import open_backbone
-from graytune.train.arguments import non_negative_int, positive_int
+from graytune.recipes.arguments import non_negative_int, positive_int
 from graytune.data.images import ImagePreprocess
 from graytune.data.tuxpaint import load_tuxpaint
 from graytune.eval.embed import embed_images, embed_texts
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def comparison(args: argparse.Namespace) -> int:
-    from graytune.train.compare import compare
+    from graytune.recipes.compare import compare
 
     start = time.perf_counter()
     rows = compare(args.backbone, "tuxpaint", args.methods, args.steps, args.seed, args.image_size)

@@ -7,7 +7,7 @@ import json
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from graytune.train.arguments import add_data_arguments, add_placement_arguments, positive_int
+    from graytune.recipes.arguments import add_data_arguments, add_placement_arguments, positive_int
 
     p = sub.add_parser("eval", help="evaluate a saved adapter on a data set's test split")
     p.add_argument("--backbone", required=True,
@@ -30,12 +30,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from graytune.artifacts import read_config
     from graytune.methods import MethodKind, get_method
-    from graytune.train.recipe import evaluate_saved
+    from graytune.recipes.evaluate import evaluate_saved
 
     method = get_method(read_config(args.adapter)["method"]) if args.adapter else get_method("zero-shot")
     if method.kind is MethodKind.LOGIT:
         from graytune.errors import InvalidInputError
-        from graytune.transfer.recipe import evaluate_transmiter
+        from graytune.recipes.transmiter import evaluate_transmiter
 
         loader_flags = args.workers is not None or args.cache_mb is not None
         placed = args.device is not None or args.dtype is not None
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
                                     "--device and --dtype do not apply")
         result = evaluate_transmiter(args.adapter, args.backbone, args.data, args.image_size)
     else:
-        from graytune.train.arguments import loader_config, placement
+        from graytune.recipes.arguments import loader_config, placement
 
         where = placement(args)
         result = evaluate_saved(args.backbone, args.adapter, args.data, args.task, args.image_size, args.split,

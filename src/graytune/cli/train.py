@@ -10,7 +10,7 @@ from graytune.methods import METHODS
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from graytune.train.arguments import TRAINABLE, add_train_arguments
+    from graytune.recipes.arguments import TRAINABLE, add_train_arguments
 
     p = sub.add_parser("train", help="train an adapter through the boundary and save it",
                        description="Methods: " + "; ".join(f"{k}: {METHODS[k].doc}" for k in TRAINABLE)
@@ -20,12 +20,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from graytune.train.arguments import run_spec
+    from graytune.recipes.arguments import run_spec
 
     run_ = run_spec(args)  # every flag checked before a backbone loads
     if METHODS[args.method].recipe == "plus":
         return _transmiter_plus(args)
-    from graytune.train.recipe import train_and_save
+    from graytune.recipes.run import train_and_save
 
     summary = train_and_save(run_, progress=True)  # the bar and validation lines go to stderr, --json or not
     if args.json:  # the validation history and best step included
@@ -51,8 +51,8 @@ def _transmiter_plus(args: argparse.Namespace) -> int:
     """TransMiter+ with the flags that mean something for it; the others are refused, not ignored."""
     from graytune.artifacts import prepare_out
     from graytune.errors import InvalidInputError
-    from graytune.train.arguments import given_train_fields
-    from graytune.transfer.recipe import run_plus
+    from graytune.recipes.arguments import given_train_fields
+    from graytune.recipes.transmiter import run_plus
     from graytune.transfer.transmiter import PlusConfig
 
     if not args.adapter:

@@ -7,7 +7,7 @@ import json
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from graytune.train.arguments import non_negative_float, non_negative_int, positive_int
+    from graytune.recipes.arguments import non_negative_float, non_negative_int, positive_int
 
     e = sub.add_parser("extract", help="TransMiter: distil a weak fine-tuned adapter into a logit adapter (no labels)")
     e.add_argument("--weak", required=True, help="the weak backbone the adapter was trained on")
@@ -49,7 +49,7 @@ def _print(result: dict, as_json: bool) -> None:
 
 def run_extract(args: argparse.Namespace) -> int:
     from graytune.artifacts import prepare_out
-    from graytune.transfer.recipe import run_extract as extract
+    from graytune.recipes.transmiter import run_extract as extract
 
     prepare_out(args.out, args.overwrite)  # never deletes what graytune did not write
     _print(extract(args.weak, args.adapter, args.data, args.out, args.classes, args.seed, args.image_size), args.json)
@@ -58,7 +58,7 @@ def run_extract(args: argparse.Namespace) -> int:
 
 def run_transfer(args: argparse.Namespace) -> int:
     from graytune.artifacts import prepare_out
-    from graytune.transfer.recipe import run_transfer as transfer
+    from graytune.recipes.transmiter import run_transfer as transfer
 
     prepare_out(args.out, args.overwrite)  # never deletes what graytune did not write
     _print(transfer(args.adapter, args.strong, args.data, args.out, args.beta, args.image_size,

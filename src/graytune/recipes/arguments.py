@@ -1,4 +1,4 @@
-"""The flags of a training run, shared by ``graytune train`` and the DDP entry point (``python -m graytune.train.ddp``).
+"""The flags of a training run, shared by ``graytune train`` and the DDP entry point (``python -m graytune.recipes.ddp``).
 
 Bad values are refused at parse time (argparse's usage error) with what is allowed;
 method options (``--option KEY=VALUE``) are checked against the method's adapters'
@@ -21,8 +21,8 @@ from graytune.data.stream import LoaderConfig
 from graytune.devices import DTYPES, parse_device
 from graytune.errors import InvalidInputError, MissingDependencyError
 from graytune.methods import METHODS, get_method
-from graytune.train.recipe import RunSpec
-from graytune.train.trainer import LIMITS, TrainConfig, checkpoint_cadence, limit_problem
+from graytune.recipes.run import RunSpec
+from graytune.train.config import LIMITS, TrainConfig, checkpoint_cadence, limit_problem
 from graytune.train.zeroth import ZO_FIELDS, settings_problems
 from graytune.types import AccessLevel
 

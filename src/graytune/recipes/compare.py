@@ -21,9 +21,10 @@ from graytune.eval.profiling import peak_tensor_mb
 from graytune.errors import InvalidInputError
 from graytune.methods import MethodKind, get_method
 from graytune.model import AdaptedModel
-from graytune.train.recipe import make_task, open_for
+from graytune.recipes.run import Opened, make_task, open_for, run_once
+from graytune.train.config import TrainConfig
+from graytune.train.loop import seed_everything
 from graytune.train.tasks import Task
-from graytune.train.trainer import TrainConfig, fit, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -55,21 +56,16 @@ def compare(backbone: str, data: str, methods: Sequence[str], steps: int, seed: 
         spec = get_method(method)
         handle = open_for(backbone, None, method)  # each method at its own level, with its own grants
         task = task or make_task(splits, handle, image_size)
-        row: dict[str, Any] = {"method": method, "access": spec.min_access.label}
+        peak = step_peak_mb(AdaptedModel.build(handle, method), task, batch_size) if spec.slots else 0.0
+        # the registry's learning rates: chosen once, before the results runs, for every task
+        config = TrainConfig(lr=spec.lr, max_steps=steps, batch_size=batch_size, seed=seed)
+        run, _ = run_once(Opened(handle, task, splits.val, splits.test), method, config, progress=progress,
+                          score_val=True)
+        row = {"method": method, "access": spec.min_access.label, "peak_mb": peak, "steps": run["steps"],
+               "step_seconds": run["step_seconds"], "best_val": run["best_val"],
+               "trainable_parameters": run["trainable_parameters"], "test": run["test"]}
         if spec.slots:
-            row["peak_mb"] = step_peak_mb(AdaptedModel.build(handle, method), task, batch_size)
-            seed_everything(seed)
-            model = AdaptedModel.build(handle, method)
-            # the registry's learning rates: chosen once, before the results runs, for every task
-            config = TrainConfig(lr=spec.lr, max_steps=steps, batch_size=batch_size, seed=seed)
-            result = fit(model, task, splits.val, config, progress=progress)
-            row.update(steps=result.steps, step_seconds=result.step_seconds, best_val=result.best_metric,
-                       lr=config.lr)
-        else:
-            model = AdaptedModel.build(handle, method)
-            row.update(steps=0, step_seconds=0.0, peak_mb=0.0, best_val=task.evaluate(model, splits.val)[task.primary])
-        row["trainable_parameters"] = model.trainable_parameters() if row["steps"] else 0
-        row["test"] = task.evaluate(model, splits.test)
+            row["lr"] = config.lr
         log.info("%s: %s", method, row["test"])
         rows.append(row)
     return rows

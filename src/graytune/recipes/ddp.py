@@ -11,7 +11,7 @@ saves.
 
 Example (two processes on this machine, key in $GRAYTUNE_API_KEY)::
 
-    torchrun --standalone --nproc-per-node 2 -m graytune.train.ddp \\
+    torchrun --standalone --nproc-per-node 2 -m graytune.recipes.ddp \\
         --backbone http://127.0.0.1:8470 --method dga --data wordnet-supersense --max-steps 20 --out runs/ddp
 """
 
@@ -29,10 +29,11 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from graytune.artifacts import adapter_state, prepare_out
+from graytune.artifacts import adapter_state
 from graytune.methods import get_method
-from graytune.train.arguments import add_train_arguments, run_spec
-from graytune.train.recipe import RunSpec, train_model
+from graytune.recipes.arguments import add_train_arguments, run_spec
+from graytune.recipes.run import RunSpec, train_model
+from graytune.runs import prepare_out, rank_weights_name
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +50,13 @@ def train(run: RunSpec) -> dict[str, Any]:
     summary, model = train_model(run, progress=rank == 0)
     if run.out:
         dist.barrier()  # the artifact is in place
-        save_file(adapter_state(model), str(Path(run.out) / f"rank{rank}.safetensors"))
+        save_file(adapter_state(model), str(Path(run.out) / rank_weights_name(rank)))
         dist.barrier()
     return {**summary, "rank": rank, "samples_sent": model.handle.exposure.forward_samples}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m graytune.train.ddp", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m graytune.recipes.ddp", description=__doc__.split("\n")[0])
     add_train_arguments(p)  # the same flags as graytune train
     args = p.parse_args(argv)
     run = run_spec(args)

@@ -1,6 +1,8 @@
 """One training run end to end: open the backbone, build the method, fit, test once, save the artifact.
 
-Shared by ``graytune train``/``graytune eval`` and the demo.
+``run_once`` is the one run every program calls (``graytune train``, ``compare`` and the demo, the
+study scripts); ``train_model`` adds the run folder around it (``--out``: refused before any work
+if it could harm what is there, checkpointed, the artifact written at the end).
 
 Example:
     >>> result = train_and_save(RunSpec("minilm", "dark-gray", "dga", "wordnet-supersense", out="out/dga"))
@@ -16,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from graytune.access import Handle, open_backbone
-from graytune.artifacts import load_adapter, prepare_out, read_config, save_adapter
-from graytune.data.catalog import Splits, load_splits, load_whole
+from graytune.artifacts import load_adapter, read_config, save_adapter
+from graytune.data.catalog import Splits, load_splits
 from graytune.data.stream import LoaderConfig
 from graytune.data.images import ImagePreprocess
 from graytune.data.labeled import LabeledImageFiles, LabeledImages
@@ -25,8 +27,13 @@ from graytune.devices import parse_device
 from graytune.errors import ArtifactError, InvalidInputError
 from graytune.methods import MethodKind, artifact_method, get_method
 from graytune.model import AdaptedModel
+from graytune.runs import checkpoint_path, prepare_out
+from graytune.train.budget import counted
+from graytune.train.config import TrainConfig
+from graytune.train.distributed import world_position
+from graytune.train.gradients import zeroth_order_for
+from graytune.train.loop import fit, seed_everything
 from graytune.train.tasks import ClassificationTask, RetrievalTask, SketchRetrievalTask, Task
-from graytune.train.trainer import TrainConfig, counted, fit, seed_everything, world_position, zeroth_order_for
 from graytune.types import AccessLevel
 
 log = logging.getLogger(__name__)
@@ -124,17 +131,17 @@ def describe(splits: Splits, task: Task, run_data: str) -> dict[str, Any]:
     return out
 
 
-def warm_start(run: RunSpec, handle: Handle) -> AdaptedModel:
-    """The model of ``run.adapter`` (same method and backbone) to continue training from."""
-    saved = read_config(run.adapter)  # type: ignore[arg-type]
-    if saved.get("method") != run.method:
-        raise ArtifactError(f"--adapter {run.adapter} holds a {saved.get('method')!r} adapter; warm-starting "
-                            f"--method {run.method} needs an artifact of that method (or drop --adapter)")
-    model = load_adapter(run.adapter, handle)  # type: ignore[arg-type]
-    if run.options:
-        wanted = AdaptedModel.build(handle, run.method, run.options).adapter_options()
+def warm_start(adapter: str, method: str, options: dict[str, Any], handle: Handle) -> AdaptedModel:
+    """The model of the artifact ``adapter`` (same method and backbone) to continue training from."""
+    saved = read_config(adapter)
+    if saved.get("method") != method:
+        raise ArtifactError(f"--adapter {adapter} holds a {saved.get('method')!r} adapter; warm-starting "
+                            f"--method {method} needs an artifact of that method (or drop --adapter)")
+    model = load_adapter(adapter, handle)
+    if options:
+        wanted = AdaptedModel.build(handle, method, options).adapter_options()
         if wanted != model.adapter_options():
-            raise InvalidInputError(f"--option {run.options} differs from the options of --adapter {run.adapter} "
+            raise InvalidInputError(f"--option {options} differs from the options of --adapter {adapter} "
                                     f"({model.adapter_options()}); a warm start keeps the artifact's options, "
                                     "so drop --option")
     return model
@@ -157,6 +164,75 @@ def train_and_save(run: RunSpec, progress: bool = True) -> dict[str, Any]:
     return train_model(run, progress)[0]
 
 
+@dataclass
+class Opened:
+    """What the runs of one study share: the backbone handle, the task over the training split, and the
+    validation and test splits (``test`` None: not scored)."""
+
+    handle: Handle
+    task: Task
+    val: Any
+    test: Any
+
+
+def run_once(opened: Opened, method: str, train: TrainConfig, options: dict[str, Any] | None = None,
+             adapter: str | None = None, device: str | None = None, checkpoint: Path | None = None,
+             progress: bool = False, tensorboard: bool = False, score_val: bool = False,
+             ) -> tuple[dict[str, Any], AdaptedModel]:
+    """One run: seed, build (or warm-start from ``adapter``), fit and select on val, test once; a row.
+
+    Every program that trains calls this: ``graytune train`` (``train_model``), ``compare`` (the demo's
+    table) and the study scripts. The adapters are built right after seeding, so one seed gives the same
+    initial adapter whatever was opened before. ``score_val``: an untrained method (zero-shot) is scored on
+    the validation split too, as studies compare it with trained ones. In a process group, rank 0 tests.
+
+    Returns:
+        The row (``method``, ``access``, ``lr``, ``seed``, ``options``, ``trainable_parameters``, ``steps``,
+        ``stopped``, ``best_val``, ``best_step``, ``history``, ``train_seconds``, ``step_seconds``, ``calls``,
+        ``test``, ``test_seconds``, ``zeroth_order``, ``train``: the settings as resolved) and the model, in its
+        best validated state.
+    """
+    spec, handle = get_method(method), opened.handle
+    seed_everything(train.seed)
+    model = warm_start(adapter, method, options or {}, handle) if adapter else \
+        AdaptedModel.build(handle, method, options)
+    model = place_model(model, device)
+    config = resolved(train, spec.lr, model)
+    result = fit(model, opened.task, opened.val, config, checkpoint=checkpoint, progress=progress,
+                 tensorboard=tensorboard) if spec.slots else None
+    best_val = result.best_metric if result else None
+    if result is None and score_val:
+        best_val = opened.task.evaluate(model, opened.val)[opened.task.primary]
+    start = time.perf_counter()
+    calls = dict(result.calls) if result else {}
+    calls.pop("step", None)
+    calls.update(test=0, test_samples=0)
+    with counted(model, calls, "test"):
+        test = opened.task.evaluate(model, opened.test) if opened.test is not None and world_position()[0] == 0 \
+            else {}
+    row = {"method": method, "access": handle.access.label, "lr": config.lr, "seed": config.seed,
+           "options": model.adapter_options(), "trainable_parameters": model.trainable_parameters() if result else 0,
+           "steps": result.steps if result else 0, "stopped": result.stopped if result else None,
+           "best_val": best_val, "best_step": result.best_step if result else 0,
+           "history": result.history if result else [], "train_seconds": result.seconds if result else 0.0,
+           "step_seconds": result.step_seconds if result else 0.0, "calls": calls, "test": test,
+           "test_seconds": time.perf_counter() - start,
+           "zeroth_order": {k: v for k, v in asdict(config).items() if k.startswith("zo")} if config.zo else None,
+           "train": asdict(config)}
+    return row, model
+
+
+def open_run(run: RunSpec) -> tuple[Splits, Opened]:
+    """``run``'s data and backbone, opened at the method's level with its grants (data first: a missing file
+    is said before the backbone loads)."""
+    splits = splits_for(run)
+    if splits.note:
+        log.warning("%s", splits.note)
+    handle = open_for(run.backbone, run.access, run.method, run.retry_s, run.device, run.dtype, run.recompute)
+    task = make_task(splits, handle, run.image_size, loader=run.loader)
+    return splits, Opened(handle, task, splits.val, splits.test)
+
+
 def train_model(run: RunSpec, progress: bool = True) -> tuple[dict[str, Any], AdaptedModel]:
     """``train_and_save``, also returning the trained model (in a process group: rank 0 tests and saves)."""
     method = get_method(run.method)
@@ -166,66 +242,18 @@ def train_model(run: RunSpec, progress: bool = True) -> tuple[dict[str, Any], Ad
     if run.out and rank == 0:
         prepare_out(run.out, run.overwrite)  # refuses, before any work, a folder it could harm
     seed_everything(run.train.seed)
-    splits = splits_for(run)  # a missing file is said before the backbone loads
-    if splits.note:
-        log.warning("%s", splits.note)
-    handle = open_for(run.backbone, run.access, run.method, run.retry_s, run.device, run.dtype, run.recompute)
-    task = make_task(splits, handle, run.image_size, loader=run.loader)
-    model = warm_start(run, handle) if run.adapter else AdaptedModel.build(handle, run.method, run.options)
-    model = place_model(model, run.device)
-    config = resolved(run.train, method.lr, model)
-    result = None
-    ckpt = Path(run.out) / "checkpoint.pt" if run.out else None
-    if method.slots:
-        result = fit(model, task, splits.val, config, checkpoint=ckpt, progress=progress, tensorboard=run.tensorboard)
-    start = time.perf_counter()
-    calls = dict(result.calls) if result else {}
-    calls.pop("step", None)
-    calls.update(test=0, test_samples=0)
-    with counted(model, calls, "test"):
-        test = task.evaluate(model, splits.test) if splits.test is not None and rank == 0 else {}
-    summary = {
-        "backbone": handle.spec.id, "access": handle.access.label, "method": run.method, "data": run.data,
-        "task": splits.task, "trainable_parameters": model.trainable_parameters() if result else 0,
-        "steps": result.steps if result else 0, "best_val": result.best_metric if result else None,
-        "train_seconds": result.seconds if result else 0.0, "step_seconds": result.step_seconds if result else 0.0,
-        "test_seconds": time.perf_counter() - start, "test": test, "history": result.history if result else [],
-        "lr": config.lr, "options": model.adapter_options(),
-        "best_step": result.best_step if result else 0, "data_note": splits.note, "world_size": world,
-        "calls": calls, "stopped": result.stopped if result else None,
-        "zeroth_order": {k: v for k, v in asdict(config).items() if k.startswith("zo")} if config.zo else None,
-    }
+    splits, opened = open_run(run)
+    ckpt = checkpoint_path(run.out)
+    row, model = run_once(opened, run.method, run.train, run.options, run.adapter, run.device, ckpt, progress,
+                          run.tensorboard)
+    summary = {"backbone": opened.handle.spec.id, "data": run.data, "task": splits.task, **row,
+               "data_note": splits.note, "world_size": world}
+    del summary["seed"]
     if run.out and rank == 0:
-        save_adapter(model, run.out, extra={"train": asdict(config), **describe(splits, task, run.data),
+        save_adapter(model, run.out, extra={"train": row["train"], **describe(splits, opened.task, run.data),
                                             "warm_start": run.adapter, "best_step": summary["best_step"],
-                                            "metrics": {"test": test}, "calls": calls,
+                                            "metrics": {"test": row["test"]}, "calls": row["calls"],
                                             "trainable_parameters": model.trainable_parameters()})
         if ckpt is not None:
             ckpt.unlink(missing_ok=True)  # the run is finished; history.jsonl stays beside the adapter
     return summary, model
-
-
-def evaluate_saved(backbone: str, adapter: str | None, data: str, task: str | None = None,
-                   image_size: int | None = None, split: str = "test", loader: LoaderConfig | None = None,
-                   device: str | None = None, dtype: str | None = None) -> dict[str, Any]:
-    """Test metrics of a saved adapter of any method (or of the zero-shot backbone when ``adapter`` is None).
-
-    The artifact says everything needed (method, options, access, grants, preprocessing); ``image_size``
-    overrides its recorded size.
-    """
-    config = read_config(adapter) if adapter else {"method": "zero-shot", "access": "black-box"}
-    method = artifact_method(config)  # older names read as what they meant then
-    if method.kind is MethodKind.LOGIT:
-        raise InvalidInputError(f"{adapter} holds a {config['method']} logit adapter; score it with "
-                                "graytune.transfer.recipe.evaluate_transmiter (graytune eval does)")
-    level = max(AccessLevel.parse(config["access"]), method.min_access)
-    splits = load_whole(data, task) if split == "all" else load_splits(data, task)
-    handle = open_for(backbone, level.label, method.name, device=device, dtype=dtype)
-    pre = config.get("preprocess") or {}
-    evaluator = make_task(splits, handle, image_size or pre.get("image_size") or config.get("image_size"),
-                          fit=pre.get("fit"), loader=loader)
-    model = load_adapter(adapter, handle) if adapter else AdaptedModel.build(handle, "zero-shot")
-    model = place_model(model, device)
-    scored = splits.val if split == "val" else splits.test
-    return {"backbone": handle.spec.id, "method": config["method"], "data": data, "split": split,
-            "items": len(scored), "data_note": splits.note, "test": evaluator.evaluate(model, scored)}
