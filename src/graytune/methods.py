@@ -45,6 +45,28 @@ class MethodKind(str, Enum):
 
 
 @dataclass(frozen=True)
+class Recipe:
+    """How a kind of method is made: the one table every program reads instead of comparing names."""
+
+    name: str
+    by_train: bool
+    """``graytune train`` makes it."""
+    fits: bool
+    """The training loop (``graytune.train.loop.fit``) runs it or it trains nothing: the data-parallel entry
+    point, ``--max-calls`` and the studies' ``run_once`` take it."""
+    takes_shots: bool = False
+    """It trains on a few labels per class (``--shots``)."""
+
+
+#: ``fit``: the gradient trainer; ``none``: nothing to train; ``plus``: TransMiter+ from a transferred artifact;
+#: ``extract``: ``graytune extract`` then ``transfer``.
+RECIPES: dict[str, Recipe] = {r.name: r for r in [
+    Recipe("fit", by_train=True, fits=True), Recipe("none", by_train=True, fits=True),
+    Recipe("plus", by_train=True, fits=False, takes_shots=True), Recipe("extract", by_train=False, fits=False),
+]}
+
+
+@dataclass(frozen=True)
 class Slot:
     """One adapter on one tower (``modality``), or the method's white-box / logit adapter (no modality)."""
 
@@ -90,6 +112,13 @@ class Method:
     trained_by: str = "graytune train"
     defaults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     """Per adapter, this method's own option defaults where they differ from the adapter's."""
+    shown_in: tuple[str, ...] = ()
+    """The tables that show it: ``demo`` (``make demo``, the README's table), ``bench`` (``graytune bench``)."""
+
+    @property
+    def made_by(self) -> Recipe:
+        """How it is made (``RECIPES``)."""
+        return RECIPES[self.recipe]
 
     def adapter_class(self, slot: Slot) -> Any:
         table = {MethodKind.TOWER: ADAPTERS, MethodKind.WHITEBOX: WHITEBOX, MethodKind.LOGIT: LOGIT_ADAPTERS}
@@ -227,6 +256,7 @@ def _both(adapter: str) -> tuple[Slot, ...]:
 _DGA_INPUTS = (Slot("dga-pixel", "image"), Slot("dga-text", "text"))
 _TOWER, _WHITE, _LOGIT = MethodKind.TOWER, MethodKind.WHITEBOX, MethodKind.LOGIT
 _ZO = {"zeroth_order": True}
+_BOTH = ("demo", "bench")
 _GATED = {"gate": "scalar"}
 _ZO_TRAIN = ("graytune train (zeroth-order: --zo spsa|spsa-gc|zip|mezo, --zo-q, --zo-eps; --max-calls caps the "
              "forward calls)")
@@ -234,13 +264,13 @@ _ZO_TRAIN = ("graytune train (zeroth-order: --zo spsa|spsa-gc|zip|mezo, --zo-q, 
 #: Every method, by name. Adapters on towers a backbone lacks are skipped when a model is built.
 METHODS: dict[str, Method] = {m.name: m for m in [
     Method("zero-shot", _TOWER, "the frozen backbone, no adapter", None, recipe="none",
-           trained_by="nothing to train"),
+           trained_by="nothing to train", shown_in=_BOTH),
     Method("output", _TOWER, "DGA output adapters: a residual linear map per tower's embedding", 1e-3,
-           _both("dga-output")),
+           _both("dga-output"), shown_in=_BOTH),
     Method("output-mlp", _TOWER, "CLIP-Adapter-style residual MLP on each tower's embedding", 1e-3,
            _both("output-mlp")),
     Method("dga", _TOWER, "dark-gray DGA: pixel conv, text shift + extra token, and output adapters", 3e-3,
-           (*_DGA_INPUTS, *_both("dga-output"))),
+           (*_DGA_INPUTS, *_both("dga-output")), shown_in=_BOTH),
     Method("dga-zo", _TOWER, "black-box DGA: the pixel conv and the text shift + extra token trained zeroth-order "
            "from forward calls alone, the output adapters by the client's own backprop", 1e-3,
            (*_DGA_INPUTS, *_both("dga-output")), defaults={"dga-pixel": _ZO, "dga-text": _ZO},
@@ -249,7 +279,7 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            "tower, trained zeroth-order from forward calls alone", 3e-3, (Slot("dga-text", "text"),),
            defaults={"dga-text": {**_ZO, "shift": False, "extra_tokens": 4}}, trained_by=_ZO_TRAIN),
     Method("lga", _TOWER, "light-gray LGA: DGA plus tokens at the declared entry layers", 3e-3,
-           (*_DGA_INPUTS, *_both("lga"), *_both("dga-output"))),
+           (*_DGA_INPUTS, *_both("lga"), *_both("dga-output")), shown_in=_BOTH),
     Method("lga-deep", _TOWER, "LGA as VPT-deep: each declared layer's tokens take the places of the previous "
            "layer's (the sequence keeps L+K tokens) instead of joining them", 3e-3,
            (*_DGA_INPUTS, *_both("lga"), *_both("dga-output")), defaults={"lga": {"stacking": "replace"}}),
@@ -261,14 +291,14 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            (*_DGA_INPUTS, *_both("lga"), *_both("dga-output")), defaults={"dga-text": _GATED, "lga": _GATED}),
     Method("adalink", _TOWER, "AdaLink as published: a residual low-rank adapter on each tower's input tokens "
            "(text; image where the backbone publishes image.patch_embeds), read grants there, nothing at the "
-           "outputs", 3e-3, (Slot("adalink", "image", if_port=True), Slot("adalink", "text"))),
+           "outputs", 3e-3, (Slot("adalink", "image", if_port=True), Slot("adalink", "text")), shown_in=("bench",)),
     Method("adalink+output", _TOWER, "AdaLink on the text token embeddings (a read grant) plus output adapters on "
            "both towers: what graytune called adalink before it followed the paper", 3e-3,
-           (Slot("adalink", "text"), *_both("dga-output"))),
+           (Slot("adalink", "text"), *_both("dga-output")), shown_in=("demo",)),
     Method("lora", _WHITE, "white-box baseline: LoRA through PEFT on the client's copy of the module", 1e-3,
-           (Slot("lora"),)),
+           (Slot("lora"),), shown_in=_BOTH),
     Method("full", _WHITE, "white-box baseline: full fine-tuning of the client's copy of the module", 3e-5,
-           (Slot("full"),)),
+           (Slot("full"),), shown_in=_BOTH),
     Method("transmiter", _LOGIT, "TransMiter: a logit adapter distilled on a weak backbone, moved to a "
            "stronger one by an orthogonal basis change", 1e-3, (Slot("transmiter"),),
            recipe="extract", trained_by="graytune extract, then graytune transfer"),
@@ -301,3 +331,8 @@ def artifact_method(config: Mapping[str, Any]) -> Method:
 
 def methods_of(kind: MethodKind) -> list[str]:
     return [name for name, m in METHODS.items() if m.kind is kind]
+
+
+def methods_shown_in(table: str) -> list[str]:
+    """The methods a table shows (``demo`` or ``bench``), in registry order (``Method.shown_in``)."""
+    return [name for name, m in METHODS.items() if table in m.shown_in]

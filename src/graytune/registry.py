@@ -30,7 +30,11 @@ class Registry(Generic[T]):
         self._families: dict[str, tuple[T, str]] = {}
 
     def register(self, name: str, *, family_help: str = "") -> Callable[[T], T]:
-        """Register a builder under ``name``; a name ending in ``:`` is a family."""
+        """Register a builder under ``name``; a name ending in ``:`` is a family.
+
+        A class registered here is given its name as ``cls.name``, so the name is written once, in
+        the decorator (``@ADAPTERS.register("adalink")`` over ``class AdaLink``).
+        """
 
         def add(builder: T) -> T:
             table_has = name in self._exact or name in self._families
@@ -40,6 +44,8 @@ class Registry(Generic[T]):
                 self._families[name] = (builder, family_help)
             else:
                 self._exact[name] = builder
+            if isinstance(builder, type):
+                builder.name = name  # type: ignore[attr-defined]
             return builder
 
         return add

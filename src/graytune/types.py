@@ -239,7 +239,7 @@ class BackboneSpec:
         or copied folder must give the same fingerprint. Preprocess fields that describe the
         model rather than change what a client sends (``DESCRIPTIVE_PREPROCESS``) are left out
         too, so describing a backbone better never orphans the adapters trained on it. ``weights_identity`` must hence not
-        hold a path either (see ``backbones.base.file_identity``). ``added_ports`` are ports a provider
+        hold a path either (see ``backbones.loading.file_identity``). ``added_ports`` are ports a provider
         published after adapters had been trained on it: they change nothing an older adapter sends,
         so they are left out of the hash and those adapters still load. The prompts ports
         (``is_prompts_port``) came after adapters on every tower, so they are always left out.

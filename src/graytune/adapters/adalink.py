@@ -31,7 +31,6 @@ class AdaLinkConfig:
 
 @ADAPTERS.register("adalink")
 class AdaLink(Adapter):
-    name = "adalink"
     min_access = AccessLevel.DARK_GRAY
     config_class = AdaLinkConfig
     port_patterns = (PORT,)

@@ -23,7 +23,6 @@ class DGAOutputConfig:
 
 @ADAPTERS.register("dga-output")
 class DGAOutput(Adapter):
-    name = "dga-output"
     min_access = AccessLevel.BLACK_BOX
     config_class = DGAOutputConfig
     port_patterns = ("{m}.embeds",)

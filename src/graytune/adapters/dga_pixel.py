@@ -31,7 +31,6 @@ class DGAPixelConfig:
 
 @ADAPTERS.register("dga-pixel")
 class DGAPixel(Adapter):
-    name = "dga-pixel"
     min_access = AccessLevel.DARK_GRAY
     zo_access = AccessLevel.BLACK_BOX
     config_class = DGAPixelConfig

@@ -44,7 +44,6 @@ class DGATextConfig:
 
 @ADAPTERS.register("dga-text")
 class DGAText(Adapter):
-    name = "dga-text"
     min_access = AccessLevel.DARK_GRAY
     zo_access = AccessLevel.BLACK_BOX
     config_class = DGATextConfig

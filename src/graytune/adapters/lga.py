@@ -56,7 +56,6 @@ class LGAConfig:
 
 @ADAPTERS.register("lga")
 class LGA(Adapter):
-    name = "lga"
     min_access = AccessLevel.LIGHT_GRAY
     config_class = LGAConfig
     port_patterns = ("{m}.layer.*", "{m}.prompts.*")

@@ -50,16 +50,11 @@ class FullConfig:
 class WhiteboxAdapter(Declared):
     """A change of the client's copy of the module (no port): it needs white-box access.
 
-    A subclass names itself in its class line and is registered in ``WHITEBOX`` there:
-    ``class Full(WhiteboxAdapter, name="full", config=FullConfig, trains="...")``.
+    Registered as every adapter is: ``@WHITEBOX.register("full")`` over the class, which declares
+    ``config_class`` and ``trains``.
     """
 
     min_access = AccessLevel.WHITE_BOX
-
-    def __init_subclass__(cls, name: str, config: type, trains: str, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        cls.name, cls.config_class, cls.trains = name, config, trains
-        WHITEBOX.register(name)(cls)
 
     @staticmethod
     def apply(module: nn.Module, config: Any, backbone: str) -> nn.Module:
@@ -67,8 +62,11 @@ class WhiteboxAdapter(Declared):
         raise NotImplementedError
 
 
-class LoRA(WhiteboxAdapter, name="lora", config=LoRAConfig,
-           trains="low-rank updates of the attention (or classifier) weights"):
+@WHITEBOX.register("lora")
+class LoRA(WhiteboxAdapter):
+    config_class = LoRAConfig
+    trains = "low-rank updates of the attention (or classifier) weights"
+
     @staticmethod
     def apply(module: nn.Module, config: LoRAConfig, backbone: str) -> nn.Module:
         from peft import inject_adapter_in_model
@@ -82,7 +80,11 @@ class LoRA(WhiteboxAdapter, name="lora", config=LoRAConfig,
         return module
 
 
-class Full(WhiteboxAdapter, name="full", config=FullConfig, trains="every weight of the client's copy of the backbone"):
+@WHITEBOX.register("full")
+class Full(WhiteboxAdapter):
+    config_class = FullConfig
+    trains = "every weight of the client's copy of the backbone"
+
     @staticmethod
     def apply(module: nn.Module, config: FullConfig, backbone: str) -> nn.Module:
         return module.requires_grad_(True)

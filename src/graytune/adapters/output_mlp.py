@@ -26,7 +26,6 @@ class OutputMLPConfig:
 
 @ADAPTERS.register("output-mlp")
 class OutputMLP(Adapter):
-    name = "output-mlp"
     min_access = AccessLevel.BLACK_BOX
     config_class = OutputMLPConfig
     port_patterns = ("{m}.embeds",)

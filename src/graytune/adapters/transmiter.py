@@ -47,7 +47,6 @@ LOGIT_ADAPTERS: Registry = Registry("logit adapter")
 class TransMiterAdapter(nn.Module, Declared):
     """Standardise → orthogonal in-projection → residual MLP → out-projection → de-standardise."""
 
-    name = "transmiter"
     port: ClassVar[str] = "logits"
     min_access = AccessLevel.BLACK_BOX
     config_class = TransMiterConfig

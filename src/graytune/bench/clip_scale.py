@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from graytune.access import Handle, open_backbone
 from graytune.devices import dtype_name, parse_device, parse_dtype
 from graytune.errors import InvalidInputError
+from graytune.methods import methods_shown_in
 from graytune.eval.profiling import peak_tensor_mb
 from graytune.methods import MethodKind, get_method
 from graytune.model import AdaptedModel
@@ -53,7 +54,7 @@ from graytune.types import AccessLevel
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor
 
-METHODS = ("zero-shot", "output", "dga", "lga", "adalink", "lora", "full")
+METHODS = tuple(methods_shown_in("bench"))
 """The methods measured by default; ``full`` always runs (the ratios' reference)."""
 NATIVE = "native"
 """DGA's adapters by plain autograd through the white-box module: the input-gradient floor."""

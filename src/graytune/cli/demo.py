@@ -18,10 +18,11 @@ from graytune.data.tuxpaint import load_tuxpaint
 from graytune.eval.embed import embed_images, embed_texts
 from graytune.eval.retrieval import retrieval_metrics
 from graytune.eval.scale import as_percent
+from graytune.methods import methods_shown_in
 
 BACKBONE = "bridge:efficientnet-lite0+minilm"
 #: One method per rung of the ladder that ``graytune train`` makes (the registry has more: graytune methods).
-METHODS = ("zero-shot", "output", "dga", "lga", "adalink+output", "lora", "full")  # the README table's rows
+METHODS = tuple(methods_shown_in("demo"))  # the README table's rows
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

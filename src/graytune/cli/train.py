@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
     from graytune.recipes.arguments import run_spec
 
     run_ = run_spec(args)  # every flag checked before a backbone loads
-    if METHODS[args.method].recipe == "plus":
+    if not METHODS[args.method].made_by.fits:  # TransMiter+: from a transferred artifact, not the loop
         return _transmiter_plus(args)
     from graytune.recipes.run import train_and_save
 

@@ -27,7 +27,7 @@ from graytune.train.zeroth import ZO_FIELDS, settings_problems
 from graytune.types import AccessLevel
 
 #: Methods ``graytune train`` makes (TransMiter itself is made by ``graytune extract`` + ``transfer``).
-TRAINABLE = [name for name, m in METHODS.items() if m.recipe != "extract"]
+TRAINABLE = [name for name, m in METHODS.items() if m.made_by.by_train]
 
 
 def _checked(text: str, kind: type, problem: Any) -> Any:
@@ -205,7 +205,7 @@ def run_spec(args: argparse.Namespace) -> RunSpec:
     """
     method = get_method(args.method)
     options = dict(args.option)
-    if args.shots is not None and method.recipe != "plus":
+    if args.shots is not None and not method.made_by.takes_shots:
         raise InvalidInputError(f"--shots is for --method transmiter+; --method {args.method} trains on the whole "
                                 "training split")
     resolved = method.resolve_options(options)  # every bad option reported now, with the allowed ones

@@ -60,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_train_arguments(p)  # the same flags as graytune train
     args = p.parse_args(argv)
     run = run_spec(args)
-    if get_method(run.method).recipe not in ("fit", "none"):
+    if not get_method(run.method).made_by.fits:
         p.error(f"--method {run.method} is not trained by the gradient trainer; DDP runs graytune train's methods")
     if int(os.environ.get("RANK", "0")) == 0 and run.out:
         prepare_out(run.out, run.overwrite)  # before any rank works; init_process_group waits for this rank
