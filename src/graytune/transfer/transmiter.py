@@ -284,6 +284,13 @@ class TransMiter:
         """AdamW with warm-up then cosine over ``max_steps`` steps (default: ``epochs`` passes); loss per pass.
 
         ``on_epoch(epoch)`` runs after each pass and may return fields to show beside the loss on the bar.
+
+        Why not ``graytune.train.loop.fit``: this follows the authors' protocol, ⌈N / batch⌉ steps a pass with
+        the last batch short, order and logit noise drawn from one generator; ``fit`` steps full batches only
+        and refuses a set smaller than one (TransMiter+ at 16 shots × 5 base classes is 80 labels at batch 128:
+        one short batch a pass, which ``fit`` refuses), so moving it would change every committed TransMiter
+        number. It needs no checkpoint or call budget either: it runs in seconds on scores computed once,
+        with no call through the boundary.
         """
         self.adapter.train()
         total = total_steps(n, batch_size, epochs, max_steps)
