@@ -24,6 +24,7 @@ NON_DEFAULT = {
     "dga": {"kernel": "5", "depth": "2", "channels": "4", "extra_tokens": "2", "bias": "false"},
     "dga-zo": {"kernel": "5", "extra_tokens": "3", "shift": "false", "bias": "false"},
     "prompt-zo": {"extra_tokens": "2", "shift": "true"},
+    "prompt": {"extra_tokens": "3"},
     "lga": {"layers": "1", "tokens": "2", "extra_tokens": "0", "shift": "false"},
     "adalink": {"rank": "3"},
     "adalink+output": {"rank": "3", "dga-output.bias": "false"},

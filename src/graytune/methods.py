@@ -44,6 +44,15 @@ class MethodKind(str, Enum):
     LOGIT = "logit adapter"  # an adapter on class scores, forward only (TransMiter)
 
 
+#: The kinds of backbone: CLIP-like encoders (embeddings out) and causal language models (target log-probs out).
+BACKBONE_KINDS = ("encoder", "causal-lm")
+
+
+def backbone_kind(spec: BackboneSpec) -> str:
+    """``causal-lm`` for a backbone whose output is ``text.target_logprobs``, ``encoder`` otherwise."""
+    return "causal-lm" if "text.target_logprobs" in spec.port_names() else "encoder"
+
+
 @dataclass(frozen=True)
 class Recipe:
     """How a kind of method is made: the one table every program reads instead of comparing names."""
@@ -114,6 +123,9 @@ class Method:
     """Per adapter, this method's own option defaults where they differ from the adapter's."""
     shown_in: tuple[str, ...] = ()
     """The tables that show it: ``demo`` (``make demo``, the README's table), ``bench`` (``graytune bench``)."""
+    backbones: tuple[str, ...] = ("encoder",)
+    """The kinds of backbone it adapts (``BACKBONE_KINDS``): output adapters need an embedding, which a
+    language model does not publish; its output is ``text.target_logprobs``."""
 
     @property
     def made_by(self) -> Recipe:
@@ -177,8 +189,8 @@ class Method:
             missing = [port_name(p, s.modality) for p in self.adapter_class(s).port_patterns
                        if "*" not in p and port_name(p, s.modality) not in names]
             if s.if_port and missing:
-                log.info("%s: %s publishes no %s, so its %s tower is left as it is", self.name, spec.id,
-                         ", ".join(missing), s.modality)
+                log.info("%s: %s publishes no %s, so its %s %s is left out", self.name, spec.id,
+                         ", ".join(missing), s.modality, s.adapter)
                 continue
             kept.append(s)
         return tuple(kept)
@@ -235,6 +247,15 @@ class Method:
             raise InvalidInputError(f"method {self.name!r}: " + "; ".join(errors) + f". Its options: {allowed}")
         return {name: opts for name, opts in resolved.items() if opts}
 
+    def check_backbone(self, spec: BackboneSpec) -> None:
+        """``InvalidInputError`` when this method does not adapt ``spec``'s kind of backbone, naming those that do."""
+        kind = backbone_kind(spec)
+        if kind not in self.backbones:
+            fitting = [name for name, m in METHODS.items() if kind in m.backbones]
+            raise InvalidInputError(f"method {self.name!r} adapts {' and '.join(k + 's' for k in self.backbones)}; "
+                                    f"{spec.id} is a {kind}, whose methods are {', '.join(fitting)} "
+                                    "(graytune methods shows which method fits which backbone)")
+
     def check_access(self, granted: AccessLevel) -> None:
         """``AccessDeniedError`` when ``granted`` is below this method's level (the one level check)."""
         require_level(granted, self.min_access, f"method {self.name!r}")
@@ -244,19 +265,20 @@ class Method:
         return {"name": self.name, "kind": self.kind.value, "access": self.min_access.label,
                 "reads": list(self.reads), "ports": list(self.ports), "lr": self.lr, "trains": self.trains,
                 "recipe": self.recipe, "trained_by": self.trained_by, "doc": self.doc,
-                "zeroth_order": self.zeroth_order,
+                "zeroth_order": self.zeroth_order, "backbones": list(self.backbones),
                 "adapters": [{"adapter": s.adapter, "modality": s.modality or None} for s in self.slots],
                 "options": [o.to_dict() for o in self.options()]}
 
 
-def _both(adapter: str) -> tuple[Slot, ...]:
-    return Slot(adapter, "image"), Slot(adapter, "text")
+def _both(adapter: str, if_port: bool = False) -> tuple[Slot, ...]:
+    return Slot(adapter, "image", if_port), Slot(adapter, "text", if_port)
 
 
 _DGA_INPUTS = (Slot("dga-pixel", "image"), Slot("dga-text", "text"))
 _TOWER, _WHITE, _LOGIT = MethodKind.TOWER, MethodKind.WHITEBOX, MethodKind.LOGIT
 _ZO = {"zeroth_order": True}
 _BOTH = ("demo", "bench")
+_ALL = BACKBONE_KINDS
 _GATED = {"gate": "scalar"}
 _ZO_TRAIN = ("graytune train (zeroth-order: --zo spsa|spsa-gc|zip|mezo, --zo-q, --zo-eps; --max-calls caps the "
              "forward calls)")
@@ -264,25 +286,32 @@ _ZO_TRAIN = ("graytune train (zeroth-order: --zo spsa|spsa-gc|zip|mezo, --zo-q, 
 #: Every method, by name. Adapters on towers a backbone lacks are skipped when a model is built.
 METHODS: dict[str, Method] = {m.name: m for m in [
     Method("zero-shot", _TOWER, "the frozen backbone, no adapter", None, recipe="none",
-           trained_by="nothing to train", shown_in=_BOTH),
+           trained_by="nothing to train", shown_in=_BOTH, backbones=_ALL),
     Method("output", _TOWER, "DGA output adapters: a residual linear map per tower's embedding", 1e-3,
            _both("dga-output"), shown_in=_BOTH),
     Method("output-mlp", _TOWER, "CLIP-Adapter-style residual MLP on each tower's embedding", 1e-3,
            _both("output-mlp")),
-    Method("dga", _TOWER, "dark-gray DGA: pixel conv, text shift + extra token, and output adapters", 3e-3,
-           (*_DGA_INPUTS, *_both("dga-output")), shown_in=_BOTH),
+    Method("dga", _TOWER, "dark-gray DGA: pixel conv, text shift + extra token, and output adapters (on a language "
+           "model: the shift and extra token)", 3e-3, (*_DGA_INPUTS, *_both("dga-output", if_port=True)),
+           shown_in=_BOTH, backbones=_ALL),
     Method("dga-zo", _TOWER, "black-box DGA: the pixel conv and the text shift + extra token trained zeroth-order "
            "from forward calls alone, the output adapters by the client's own backprop", 1e-3,
            (*_DGA_INPUTS, *_both("dga-output")), defaults={"dga-pixel": _ZO, "dga-text": _ZO},
            trained_by=_ZO_TRAIN),
+    Method("prompt", _TOWER, "dark-gray prompt tuning: soft prompt tokens inserted into the text sequence (before "
+           "the first token on a language model, after [CLS] on an encoder), trained by backprop through VJPs",
+           1e-2, (Slot("dga-text", "text"),), defaults={"dga-text": {"shift": False, "extra_tokens": 8}},
+           backbones=_ALL),
     Method("prompt-zo", _TOWER, "black-box prompt tuning (as BBT, ZIP): prompt tokens inserted into the text "
            "tower, trained zeroth-order from forward calls alone", 3e-3, (Slot("dga-text", "text"),),
-           defaults={"dga-text": {**_ZO, "shift": False, "extra_tokens": 4}}, trained_by=_ZO_TRAIN),
-    Method("lga", _TOWER, "light-gray LGA: DGA plus tokens at the declared entry layers", 3e-3,
-           (*_DGA_INPUTS, *_both("lga"), *_both("dga-output")), shown_in=_BOTH),
+           defaults={"dga-text": {**_ZO, "shift": False, "extra_tokens": 4}}, trained_by=_ZO_TRAIN, backbones=_ALL),
+    Method("lga", _TOWER, "light-gray LGA: DGA plus tokens at the declared entry layers (on a language model: "
+           "prefix tokens inside the decoder)", 3e-3,
+           (*_DGA_INPUTS, *_both("lga"), *_both("dga-output", if_port=True)), shown_in=_BOTH, backbones=_ALL),
     Method("lga-deep", _TOWER, "LGA as VPT-deep: each declared layer's tokens take the places of the previous "
            "layer's (the sequence keeps L+K tokens) instead of joining them", 3e-3,
-           (*_DGA_INPUTS, *_both("lga"), *_both("dga-output")), defaults={"lga": {"stacking": "replace"}}),
+           (*_DGA_INPUTS, *_both("lga"), *_both("dga-output", if_port=True)), defaults={"lga": {"stacking": "replace"}},
+           backbones=_ALL),
     Method("dga-id", _TOWER, "DGA with the extra token's effect scaled by a zero-initialised gate: exactly the "
            "zero-shot model at init, for a second backbone call per text batch", 3e-3,
            (*_DGA_INPUTS, *_both("dga-output")), defaults={"dga-text": _GATED}),
@@ -291,14 +320,15 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            (*_DGA_INPUTS, *_both("lga"), *_both("dga-output")), defaults={"dga-text": _GATED, "lga": _GATED}),
     Method("adalink", _TOWER, "AdaLink as published: a residual low-rank adapter on each tower's input tokens "
            "(text; image where the backbone publishes image.patch_embeds), read grants there, nothing at the "
-           "outputs", 3e-3, (Slot("adalink", "image", if_port=True), Slot("adalink", "text")), shown_in=("bench",)),
+           "outputs", 3e-3, (Slot("adalink", "image", if_port=True), Slot("adalink", "text")), shown_in=("bench",),
+           backbones=_ALL),
     Method("adalink+output", _TOWER, "AdaLink on the text token embeddings (a read grant) plus output adapters on "
            "both towers: what graytune called adalink before it followed the paper", 3e-3,
            (Slot("adalink", "text"), *_both("dga-output")), shown_in=("demo",)),
     Method("lora", _WHITE, "white-box baseline: LoRA through PEFT on the client's copy of the module", 1e-3,
-           (Slot("lora"),), shown_in=_BOTH),
+           (Slot("lora"),), shown_in=_BOTH, backbones=_ALL),
     Method("full", _WHITE, "white-box baseline: full fine-tuning of the client's copy of the module", 3e-5,
-           (Slot("full"),), shown_in=_BOTH),
+           (Slot("full"),), shown_in=_BOTH, backbones=_ALL),
     Method("transmiter", _LOGIT, "TransMiter: a logit adapter distilled on a weak backbone, moved to a "
            "stronger one by an orthogonal basis change", 1e-3, (Slot("transmiter"),),
            recipe="extract", trained_by="graytune extract, then graytune transfer"),

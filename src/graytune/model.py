@@ -77,6 +77,7 @@ class AdaptedModel(nn.Module):
             raise InvalidInputError(f"method {method!r} is a logit adapter on class scores, not adapters around "
                                     f"a handle; it is made by {spec.trained_by}")
         spec.check_access(handle.access)
+        spec.check_backbone(handle.spec)
         return cls._assemble(handle, spec, spec.resolve_options(options or {}))
 
     @classmethod

@@ -17,7 +17,7 @@ def test_methods_json_lists_every_method_with_derived_levels(capsys) -> None:  #
     assert set(rows) == set(METHODS)
     assert {n: r["access"] for n, r in rows.items()} == {
         "zero-shot": "black-box", "output": "black-box", "output-mlp": "black-box", "dga": "dark-gray",
-        "dga-zo": "black-box", "prompt-zo": "black-box",
+        "dga-zo": "black-box", "prompt-zo": "black-box", "prompt": "dark-gray",
         "lga": "light-gray", "adalink": "dark-gray", "lora": "white-box", "full": "white-box",
         "transmiter": "black-box", "transmiter+": "black-box", "adalink+output": "dark-gray", "dga-id": "dark-gray",
         "lga-id": "light-gray", "lga-deep": "light-gray"}
@@ -26,6 +26,8 @@ def test_methods_json_lists_every_method_with_derived_levels(capsys) -> None:  #
     assert {n for n, r in rows.items() if r["zeroth_order"]} == {"dga-zo", "prompt-zo"}
     assert "--zo spsa|spsa-gc|zip|mezo" in rows["dga-zo"]["trained_by"] and "zeroth-order" in rows["dga-zo"]["trains"]
     assert rows["full"]["lr"] == 3e-5 and rows["dga"]["lr"] == 3e-3 and rows["zero-shot"]["lr"] is None
+    lm = {n for n, r in rows.items() if "causal-lm" in r["backbones"]}  # output adapters need an embedding
+    assert lm == {"zero-shot", "prompt", "dga", "lga", "lga-deep", "adalink", "prompt-zo", "lora", "full"}
     assert {"key": "rank", "adapter": "lora", "type": "int", "default": 8} .items() <= rows["lora"]["options"][0].items()
     assert main(["methods", "lora"]) == 0
     assert "--option rank=8" in capsys.readouterr().out

@@ -20,14 +20,16 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([m.to_dict() for m in chosen], indent=2))
         return 0
-    rows = [(m.name, m.min_access.label, f"{m.lr:g}" if m.lr is not None else "-", ", ".join(m.reads) or "-",
+    kinds = {"encoder": "enc", "causal-lm": "LM"}
+    rows = [(m.name, m.min_access.label, f"{m.lr:g}" if m.lr is not None else "-",
+             "+".join(kinds[k] for k in m.backbones), ", ".join(m.reads) or "-",
              ", ".join(m.ports) or ("the module itself (a copy)" if m.kind is MethodKind.WHITEBOX else "-"))
             for m in chosen]
-    name_w, reads_w = (max(len(r[i]) for r in [("method", "", "", "reads", ""), *rows]) + 2 for i in (0, 3))
-    print(f"{'method':<{name_w}}{'access':<12}{'lr':>8}  {'reads':<{reads_w}}ports touched")
+    name_w, reads_w = (max(len(r[i]) for r in [("method", "", "", "", "reads", ""), *rows]) + 2 for i in (0, 4))
+    print(f"{'method':<{name_w}}{'access':<12}{'lr':>8}  {'adapts':<8}{'reads':<{reads_w}}ports touched")
     print("-" * 100)
-    for name, access, lr, reads, ports in rows:  # columns as wide as their longest entry: names never run together
-        print(f"{name:<{name_w}}{access:<12}{lr:>8}  {reads:<{reads_w}}{ports}")
+    for name, access, lr, kind, reads, ports in rows:  # columns as wide as their longest entry
+        print(f"{name:<{name_w}}{access:<12}{lr:>8}  {kind:<8}{reads:<{reads_w}}{ports}")
     for m in chosen:
         print(f"\n{m.name} ({m.kind.value}): {m.doc}")
         print(f"  trains: {m.trains}")
@@ -35,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
         for o in m.options():
             default = ",".join(map(str, o.default)) if isinstance(o.default, tuple) else o.default
             print(f"  --option {o.name + '=' + str(default):<28} {o.type:<16} {o.doc}")
-    print("\naccess: the lowest level that runs the method; reads: ports whose values the owner must grant "
-          "(they reveal weights); lr: the default peak learning rate (--lr overrides). "
-          "Write an option as KEY or ADAPTER.KEY.")
+    print("\naccess: the lowest level that runs the method; adapts: the backbones it fits (enc: CLIP-like and "
+          "text/image encoders; LM: causal language models, where output adapters are left out); reads: ports "
+          "whose values the owner must grant (they reveal weights); lr: the default peak learning rate (--lr "
+          "overrides). Write an option as KEY or ADAPTER.KEY.")
     return 0
