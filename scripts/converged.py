@@ -26,10 +26,7 @@ processes), so an interrupted study resumes where it stopped, and a rerun does o
 from __future__ import annotations
 
 import argparse
-import fcntl
-import json
 import logging
-import math
 import sys
 import tempfile
 import time
@@ -37,33 +34,10 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-BRIDGE = "bridge:efficientnet-lite0+minilm"
-GRAY = ["zero-shot", "output", "output-mlp", "dga", "dga-id", "lga", "adalink"]
-WHITE = ["lora", "full"]
-B2N = ["zero-shot", "output", "dga", "dga-id", "lga", "adalink"]
+from graytune.recipes.store import ProtocolMismatch, ResultsStore
 
-
-@dataclass(frozen=True)
-class TaskDef:
-    """One task of the study: ``results`` names its equal-small-budget setting in docs/results-raw.json."""
-
-    backbone: str
-    data: str
-    image_size: int | None
-    methods: tuple[str, ...]
-    results: str | None = None
-
-
-TASKS: dict[str, TaskDef] = {
-    "text": TaskDef("minilm", "wordnet-supersense", None, (*GRAY, "adalink+output", *WHITE), "text"),
-    "image": TaskDef(BRIDGE, "fashion-mnist", 64, (*GRAY, "adalink+output", *WHITE), "image"),
-    "image-text": TaskDef(BRIDGE, "tuxpaint", 128, (*GRAY, "adalink+output", *WHITE), "image-text"),
-    # one image tower: adalink has no input tokens to adapt there, and dga-id's gate is on text tokens only
-    "sketch": TaskDef(BRIDGE, "tuxpaint-sketch", 96, ("zero-shot", "output", "output-mlp", "dga", "lga", *WHITE),
-                      "sketch"),
-    "text-b2n": TaskDef("minilm", "wordnet-supersense:base-to-novel", None, tuple(B2N)),
-    "image-b2n": TaskDef(BRIDGE, "fashion-mnist:base-to-novel", 64, tuple(B2N)),
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from study_kit import TASKS, first_items, lr_grid, next_rate, pick_lr  # noqa: E402  (beside this script)
 
 
 @dataclass(frozen=True)
@@ -86,101 +60,18 @@ SMOKE_TASKS, SMOKE_METHODS = ["text", "text-b2n"], ["zero-shot", "output", "full
 log = logging.getLogger("converged")
 
 
-# --- the logic worth a test: the grid, the pick, the plateau -------------------------------------------------
-
-def ladder_rate(k: int) -> float:
-    """The k-th rate of the 1-3-10 ladder: even k is 10^(k/2), odd k three times 10^((k-1)/2)."""
-    return float(f"{(1 if k % 2 == 0 else 3) * 10.0 ** (k // 2):.0e}")
-
-
-def _nearest(lr: float) -> int:
-    """The ladder position nearest ``lr`` on a log scale."""
-    k = round(2 * math.log10(lr))
-    return min((k - 1, k, k + 1), key=lambda j: abs(math.log(ladder_rate(j) / lr)))
-
-
-def lr_grid(registry: float, each_side: int = 1) -> list[float]:
-    """The registry's rate rounded onto the 1-3-10 ladder, with ``each_side`` neighbours below and above.
-
-    >>> lr_grid(1e-3), lr_grid(3e-5)
-    ([0.0003, 0.001, 0.003], [1e-05, 3e-05, 0.0001])
-    """
-    k = _nearest(registry)
-    return [ladder_rate(j) for j in range(k - each_side, k + each_side + 1)]
-
-
-def pick_lr(best_val: dict[float, float], registry: float) -> tuple[float, str]:
-    """The rate with the best validation score, and ``"low"``/``"high"`` when it is the lowest/highest run
-    ("" inside the grid). Ties (within 1e-9) go to the rate nearer the registry's, then to the lower."""
-    top = max(best_val.values())
-    tied = [lr for lr, v in best_val.items() if v >= top - 1e-9]
-    chosen = min(tied, key=lambda lr: (abs(math.log(lr / registry)), lr))
-    rates = sorted(best_val)
-    edge = "low" if chosen == rates[0] and len(rates) > 1 else "high" if chosen == rates[-1] and len(rates) > 1 else ""
-    return chosen, edge
-
-
-def next_rate(best_val: dict[float, float], edge: str) -> float:
-    """The ladder rate one beyond the edge the pick sits at."""
-    end = min(best_val) if edge == "low" else max(best_val)
-    return ladder_rate(_nearest(end) + (-1 if edge == "low" else 1))
-
-
-def plateau(curve: list[tuple[int, float]], tol: float = 0.01) -> dict[str, Any]:
-    """Where a validation curve ``[(step, value), ...]`` levels off.
-
-    ``step``: the first validation within ``tol`` of the curve's best; ``rising``: whether the last quarter of
-    the steps still beat everything before it by more than ``tol`` (then the budget did not reach a plateau).
-
-    >>> plateau([(10, .5), (20, .7), (30, .705), (40, .70)])
-    {'step': 20, 'best': 0.705, 'rising': False}
-    """
-    if not curve:
-        return {"step": 0, "best": math.nan, "rising": False}
-    best = max(v for _, v in curve)
-    first = next(s for s, v in curve if v >= best - tol)
-    last_step = curve[-1][0]
-    cut = last_step - last_step / 4
-    before = [v for s, v in curve if s <= cut]
-    after = [v for s, v in curve if s > cut]
-    rising = bool(before and after and max(after) > max(before) + tol)
-    return {"step": first, "best": best, "rising": rising}
-
-
-# --- the raw file ----------------------------------------------------------------------------------------------
-
-class Store:
-    """The raw JSON, rewritten atomically after every finished run; each write rereads it under a lock, so
-    processes running different ``--tasks`` side by side keep each other's rows."""
+class Store(ResultsStore):
+    """docs/converged-raw.json: the protocol, the tasks as defined when the file began, and one row per run
+    (``graytune.recipes.store``: rewritten atomically after every run, under a lock: ``--tasks`` may split the
+    study across processes)."""
 
     def __init__(self, path: Path, protocol: Protocol) -> None:
-        self.path, self.protocol = path, protocol
-        self.data = self._read()
-        wanted = asdict(protocol)
-        if self.data["protocol"] != wanted:
-            diff = {k: (self.data["protocol"].get(k), v) for k, v in wanted.items()
-                    if self.data["protocol"].get(k) != v}
-            raise SystemExit(f"{path} holds runs of another protocol ("
-                             + ", ".join(f"{k} {a} there, {b} now" for k, (a, b) in diff.items())
-                             + "); pass the same flags to resume it, or --out another file")
-
-    def _read(self) -> dict[str, Any]:
-        if self.path.is_file():
-            return json.loads(self.path.read_text())
-        return {"protocol": asdict(self.protocol), "tasks": {k: asdict(v) for k, v in TASKS.items()}, "runs": []}
-
-    def find(self, **key: Any) -> dict[str, Any] | None:
-        return next((r for r in self.data["runs"] if all(r.get(k) == v for k, v in key.items())), None)
-
-    def add(self, row: dict[str, Any]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_suffix(".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            self.data = self._read()
-            self.data["runs"].append(row)
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.data, indent=1))
-            tmp.replace(self.path)
+        blank = {"protocol": asdict(protocol), "tasks": {k: asdict(v) for k, v in TASKS.items()}, "runs": []}
+        try:
+            super().__init__(path, blank, hint="pass the same flags to resume it, or --out another file")
+        except ProtocolMismatch as err:
+            raise SystemExit(str(err)) from None
+        self.protocol = protocol
 
 
 # --- runs ------------------------------------------------------------------------------------------------------
@@ -194,8 +85,8 @@ class TaskRunner:
         self.name, self.defn, self.protocol, self.device = name, TASKS[name], protocol, device
         splits = load_splits(self.defn.data, train_size=protocol.train_size)
         if protocol.eval_size:  # smoke: the first items of each (already shuffled) split
-            splits = replace(splits, val=_head(splits.val, protocol.eval_size),
-                             test=_head(splits.test, protocol.eval_size))
+            splits = replace(splits, val=first_items(splits.val, protocol.eval_size),
+                             test=first_items(splits.test, protocol.eval_size))
         self.splits, self.task, self.handles = splits, None, {}
 
     def handle(self, method: str) -> Any:
@@ -213,35 +104,33 @@ class TaskRunner:
     def run(self, method: str, lr: float | None, seed: int) -> dict[str, Any]:
         """Train ``method`` at ``lr`` with ``seed`` (or score it untrained), test the best validated state."""
         from graytune.methods import get_method
-        from graytune.model import AdaptedModel
-        from graytune.recipes.run import place_model
-        from graytune.train.trainer import TrainConfig, fit, seed_everything
+        from graytune.recipes.run import Opened, run_once
+        from graytune.train.config import TrainConfig
 
-        spec, handle, p = get_method(method), self.handle(method), self.protocol
+        handle, p = self.handle(method), self.protocol
+        config = TrainConfig(lr=lr, max_steps=p.steps, batch_size=p.batch_size, seed=seed,
+                             eval_every=p.eval_every, patience=p.patience, warmup=p.warmup)
         started = time.perf_counter()
-        seed_everything(seed)
-        model = place_model(AdaptedModel.build(handle, method), self.device)
-        row: dict[str, Any] = {"task": self.name, "method": method, "lr": lr, "seed": seed,
-                               "access": spec.min_access.label, "primary": self.task.primary}
-        if spec.slots:
-            config = TrainConfig(lr=lr, max_steps=p.steps, batch_size=p.batch_size, seed=seed,
-                                 eval_every=p.eval_every, patience=p.patience, warmup=p.warmup)
-            result = fit(model, self.task, self.splits.val, config, progress=False)
-            key = f"val_{self.task.primary}"
-            row.update(steps=result.steps, stopped=result.stopped, best_val=result.best_metric,
-                       best_step=result.best_step, step_seconds=result.step_seconds,
-                       trainable_parameters=model.trainable_parameters(),
-                       curve=[[h["step"], h[key], h["loss"]] for h in result.history])
-        else:
-            row.update(steps=0, best_val=self.task.evaluate(model, self.splits.val)[self.task.primary],
-                       best_step=0, trainable_parameters=0, curve=[])
-        row["test"] = self.task.evaluate(model, self.splits.test)
+        run, _ = run_once(Opened(handle, self.task, self.splits.val, self.splits.test), method, config,
+                          device=self.device, score_val=True)
+        row = study_row(run, self.name, lr, self.task.primary, trained=bool(get_method(method).slots))
         row["seconds"] = round(time.perf_counter() - started, 1)
         return row
 
 
-def _head(data: Any, n: int) -> Any:
-    return data.subset(range(min(n, len(data))))
+def study_row(run: dict[str, Any], task: str, lr: float | None, primary: str, trained: bool) -> dict[str, Any]:
+    """``run_once``'s row as the raw file has always held it (its keys, in their order, ``seconds`` to add):
+    ``lr`` as asked (None for zero-shot), ``curve`` ``[[step, val primary, loss], ...]``."""
+    row: dict[str, Any] = {"task": task, "method": run["method"], "lr": lr, "seed": run["seed"],
+                           "access": run["access"], "primary": primary, "steps": run["steps"]}
+    if trained:
+        row.update(stopped=run["stopped"], best_val=run["best_val"], best_step=run["best_step"],
+                   step_seconds=run["step_seconds"], trainable_parameters=run["trainable_parameters"],
+                   curve=[[h["step"], h[f"val_{primary}"], h["loss"]] for h in run["history"]])
+    else:
+        row.update(best_val=run["best_val"], best_step=0, trainable_parameters=0, curve=[])
+    row["test"] = run["test"]
+    return row
 
 
 def study(store: Store, tasks: list[str], methods: list[str] | None, seeds: list[int], extend: int,
@@ -321,8 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     study(store, tasks, methods, seeds, args.extend, args.device)
     log.info("study done in %.0f s: %s", time.perf_counter() - started, out)
     if args.smoke:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        import converged_table
+        import converged_table  # the renderer beside this script (it does not import this one)
 
         converged_table.main(["--raw", str(out), "--figures", str(out.parent)])
         log.info("smoke done in %.0f s (raw file, tables and figures in %s)", time.perf_counter() - started,

@@ -5,7 +5,7 @@ Run: .venv/bin/python scripts/converged_table.py [--raw docs/converged-raw.json]
      [--figures docs/figures] > docs/converged-tables.md
 
 Markdown goes to stdout; figures are written as ``converged-<task>.png``. Reads only the JSON files; seconds.
-The chosen rate is recomputed from the raw runs with the same rule as the study (``converged.pick_lr``).
+The chosen rate is recomputed from the raw runs with the same rule as the study (``study_kit.pick_lr``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from converged import BRIDGE, TASKS, pick_lr, plateau  # noqa: E402  (a script beside this one)
+from study_kit import BRIDGE, TASKS, pick_lr, plateau  # noqa: E402  (the kit beside this script)
 
 COLUMNS = {  # task -> (test metric key, column) ; the first is the primary
     "text": [("accuracy", "accuracy %")],

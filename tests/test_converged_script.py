@@ -1,5 +1,5 @@
-"""scripts/converged.py's own logic (the rate grid and pick, plateau detection, the resumable study loop) and
-scripts/converged_table.py's rendering, on made-up runs: no backbone, seconds."""
+"""scripts/converged.py's own logic (the rate grid and pick, plateau detection in scripts/study_kit.py; the
+resumable study loop) and scripts/converged_table.py's rendering, on made-up runs: no backbone, seconds."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 
 from tests.scripts import load_script
 
+kit = load_script("study_kit")
 converged = load_script("converged")
 converged_table = load_script("converged_table")
 
@@ -20,25 +21,25 @@ converged_table = load_script("converged_table")
     (1e-3, [3e-4, 1e-3, 3e-3]), (3e-3, [1e-3, 3e-3, 1e-2]), (3e-5, [1e-5, 3e-5, 1e-4]), (2.5e-3, [1e-3, 3e-3, 1e-2]),
 ])
 def test_lr_grid_is_the_ladder_around_the_registry_rate(registry: float, grid: list[float]) -> None:
-    assert converged.lr_grid(registry) == pytest.approx(grid)
+    assert kit.lr_grid(registry) == pytest.approx(grid)
 
 
 def test_pick_lr_takes_the_best_validation_and_names_an_edge() -> None:
-    assert converged.pick_lr({3e-4: .6, 1e-3: .7, 3e-3: .65}, 1e-3) == (1e-3, "")
-    assert converged.pick_lr({3e-4: .6, 1e-3: .7, 3e-3: .75}, 1e-3) == (3e-3, "high")
-    assert converged.pick_lr({3e-4: .8, 1e-3: .7, 3e-3: .75}, 1e-3) == (3e-4, "low")
-    assert converged.pick_lr({3e-4: .7, 1e-3: .7, 3e-3: .7}, 1e-3) == (1e-3, "")  # a tie: the registry's
-    assert converged.next_rate({3e-4: .6, 1e-3: .7, 3e-3: .75}, "high") == pytest.approx(1e-2)
-    assert converged.next_rate({3e-4: .8, 1e-3: .7, 3e-3: .75}, "low") == pytest.approx(1e-4)
+    assert kit.pick_lr({3e-4: .6, 1e-3: .7, 3e-3: .65}, 1e-3) == (1e-3, "")
+    assert kit.pick_lr({3e-4: .6, 1e-3: .7, 3e-3: .75}, 1e-3) == (3e-3, "high")
+    assert kit.pick_lr({3e-4: .8, 1e-3: .7, 3e-3: .75}, 1e-3) == (3e-4, "low")
+    assert kit.pick_lr({3e-4: .7, 1e-3: .7, 3e-3: .7}, 1e-3) == (1e-3, "")  # a tie: the registry's
+    assert kit.next_rate({3e-4: .6, 1e-3: .7, 3e-3: .75}, "high") == pytest.approx(1e-2)
+    assert kit.next_rate({3e-4: .8, 1e-3: .7, 3e-3: .75}, "low") == pytest.approx(1e-4)
 
 
 def test_plateau_finds_the_level_and_a_curve_still_rising() -> None:
     flat = [(s, min(0.8, s / 250)) for s in range(50, 1001, 50)]
-    assert converged.plateau(flat) == {"step": 200, "best": 0.8, "rising": False}
+    assert kit.plateau(flat) == {"step": 200, "best": 0.8, "rising": False}
     rising = [(s, s / 2000) for s in range(50, 1001, 50)]
-    result = converged.plateau(rising)
+    result = kit.plateau(rising)
     assert result["rising"] and result["step"] == 1000
-    assert converged.plateau([])["step"] == 0 and math.isnan(converged.plateau([])["best"])
+    assert kit.plateau([])["step"] == 0 and math.isnan(kit.plateau([])["best"])
 
 
 class FakeRunner:
