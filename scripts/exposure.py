@@ -24,8 +24,6 @@ Protocol:
 from __future__ import annotations
 
 import argparse
-import fcntl
-import json
 import logging
 import time
 from pathlib import Path
@@ -34,9 +32,9 @@ from typing import Any
 from graytune.audit import AuditConfig, run_audit
 from graytune.data.catalog import load_splits
 from graytune.methods import get_method
-from graytune.model import AdaptedModel
-from graytune.recipes.run import make_task, open_for
-from graytune.train.trainer import TrainConfig, fit, seed_everything
+from graytune.recipes.run import Opened, make_task, open_for, run_once
+from graytune.recipes.store import ProtocolMismatch, ResultsStore
+from graytune.train.config import TrainConfig
 
 #: (name, backbone, data set, image size): the two real tasks the issue names
 TASKS = [
@@ -49,6 +47,7 @@ ZO_METHODS = ("dga-zo", "prompt-zo")
 CURVE_ESTIMATORS = ("spsa", "zip")  # spsa-gc: the ladder's dga-zo runs
 STEPS, BATCH, EVAL_EVERY, ZO_FACTOR, ZO_Q = 60, 32, 10, 20, 5
 LEVELS = ("black-box", "dark-gray", "light-gray")
+PARTS = ("ladder", "curves", "audits", "controls")
 
 log = logging.getLogger("exposure")
 
@@ -60,61 +59,54 @@ def run_method(backbone: str, data: str, size: int | None, method: str, seed: in
     spec = get_method(method)
     handle = open_for(backbone, None, method)
     task = make_task(splits, handle, size)
-    seed_everything(seed)
-    model = AdaptedModel.build(handle, method)
-    row: dict[str, Any] = {"method": method, "access": spec.min_access.label, "seed": seed, "estimator": estimator}
+    zo = method in ZO_METHODS
+    # a zeroth-order step is 2q loss evaluations, each the calls of one DGA step: the schedule (warm-up,
+    # cosine decay) spans exactly the steps the budget pays for, and max_calls guards it
+    steps = max_calls // (2 * ZO_Q * calls_per_loss) if zo else steps
+    config = TrainConfig(lr=spec.lr, max_steps=steps, batch_size=BATCH, seed=seed, eval_every=EVAL_EVERY,
+                         max_calls=max_calls, zo=estimator if zo else None, zo_q=ZO_Q if zo else None)
     started = time.perf_counter()
+    run, _ = run_once(Opened(handle, task, splits.val, splits.test), method, config, score_val=True)
+    row: dict[str, Any] = {"method": method, "access": run["access"], "seed": seed, "estimator": estimator}
     if spec.slots:
-        zo = method in ZO_METHODS
-        # a zeroth-order step is 2q loss evaluations, each the calls of one DGA step: the schedule (warm-up,
-        # cosine decay) spans exactly the steps the budget pays for, and max_calls guards it
-        steps = max_calls // (2 * ZO_Q * calls_per_loss) if zo else steps
-        config = TrainConfig(lr=spec.lr, max_steps=steps, batch_size=BATCH, seed=seed, eval_every=EVAL_EVERY,
-                             max_calls=max_calls, zo=estimator if zo else None, zo_q=ZO_Q if zo else None)
-        result = fit(model, task, splits.val, config, progress=False)
-        row.update(steps=result.steps, stopped=result.stopped, lr=config.lr, calls=result.calls,
-                   best_val=result.best_metric, best_step=result.best_step,
-                   trainable_parameters=model.trainable_parameters(),
-                   curve=[(h["train_calls"], h[f"val_{task.primary}"]) for h in result.history])
+        row.update(steps=run["steps"], stopped=run["stopped"], lr=run["lr"], calls=fit_calls(run),
+                   best_val=run["best_val"], best_step=run["best_step"],
+                   trainable_parameters=run["trainable_parameters"],
+                   curve=[(h["train_calls"], h[f"val_{task.primary}"]) for h in run["history"]])
     else:
-        row.update(steps=0, trainable_parameters=0, best_val=task.evaluate(model, splits.val)[task.primary])
-    row["test"] = task.evaluate(model, splits.test)
+        row.update(steps=0, trainable_parameters=0, best_val=run["best_val"])
+    row["test"] = run["test"]
     row["primary"] = task.primary
     row["seconds"] = round(time.perf_counter() - started, 1)
     row["exposure"] = handle.exposure.to_dict()  # validation and test calls included; ``calls`` has them apart
     return row
 
 
-class Store:
-    """The raw JSON, rewritten atomically after every finished unit of work.
+def fit_calls(run: dict[str, Any]) -> dict[str, int]:
+    """The training and validation calls as ``fit`` counts them (the raw file's ``calls``): ``run_once``'s
+    without the test's, and ``step``, the calls of one training step. ``run_once`` leaves ``step`` out; every
+    step of this protocol costs the same (one DGA step's calls, or 2q times them for a zeroth-order step, whose
+    budget pays for whole steps), so it is the training calls over the steps."""
+    calls = {k: v for k, v in run["calls"].items() if not k.startswith("test")}
+    return {**calls, "step": calls["train"] // run["steps"] if run["steps"] else 0}
+
+
+class Store(ResultsStore):
+    """docs/exposure-raw.json: a list of rows per part (``PARTS``) and the protocol
+    (``graytune.recipes.store``: rewritten atomically after every finished unit of work).
 
     Parts may run in separate processes at once (``--parts audits`` beside ``--parts ladder``): each write
     rereads the file under a lock and adds its row, so neither process drops the other's rows.
     """
 
     def __init__(self, path: Path) -> None:
-        self.path = path
-        self.data = self._read()
-
-    def _read(self) -> dict[str, Any]:
-        data = json.loads(self.path.read_text()) if self.path.is_file() else {}
-        for part in ("ladder", "curves", "audits", "controls"):
-            data.setdefault(part, [])
-        data.update(protocol={"steps": STEPS, "batch_size": BATCH, "eval_every": EVAL_EVERY,
-                              "zo_factor": ZO_FACTOR, "zo_estimator": "spsa-gc", "tasks": TASKS})
-        return data
-
-    def find(self, part: str, **key: Any) -> dict[str, Any] | None:
-        return next((r for r in self.data[part] if all(r.get(k) == v for k, v in key.items())), None)
-
-    def add(self, part: str, row: dict[str, Any]) -> None:
-        with open(self.path.with_suffix(".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            self.data = self._read()
-            self.data[part].append(row)
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.data, indent=1))
-            tmp.replace(self.path)
+        protocol = {"steps": STEPS, "batch_size": BATCH, "eval_every": EVAL_EVERY, "zo_factor": ZO_FACTOR,
+                    "zo_estimator": "spsa-gc", "tasks": TASKS}
+        try:
+            super().__init__(path, {**{part: [] for part in PARTS}, "protocol": protocol},
+                             hint="the protocol is this script's constants: restore them, or --out another file")
+        except ProtocolMismatch as err:
+            raise SystemExit(str(err)) from None
 
 
 def zo_budget(store: Store, task: str, seed: int) -> tuple[int, int]:
@@ -134,7 +126,7 @@ def ladder(store: Store, seeds: list[int], methods: list[str] = LADDER) -> None:
                 row = run_method(backbone, data, size, method, seed, budget,
                                  "spsa-gc" if method in ZO_METHODS else None, per_loss)
                 log.info("%s seed %d %s: %s in %.0f s", name, seed, method, row["test"], row["seconds"])
-                store.add("ladder", {**row, "task": name, "backbone": backbone, "data": data, "image_size": size})
+                store.add({**row, "task": name, "backbone": backbone, "data": data, "image_size": size}, "ladder")
 
 
 def controls(store: Store, seeds: list[int]) -> None:
@@ -150,7 +142,7 @@ def controls(store: Store, seeds: list[int]) -> None:
                 continue
             row = run_method(backbone, data, size, "output", seed, steps=zo["steps"])
             log.info("%s seed %d output for %d steps: %s", name, seed, zo["steps"], row["test"])
-            store.add("controls", {**row, "task": name, "backbone": backbone, "data": data, "image_size": size})
+            store.add({**row, "task": name, "backbone": backbone, "data": data, "image_size": size}, "controls")
 
 
 def curves(store: Store, seeds: list[int], estimators: list[str]) -> None:
@@ -162,7 +154,7 @@ def curves(store: Store, seeds: list[int], estimators: list[str]) -> None:
             budget, per_loss = zo_budget(store, name, seed)
             row = run_method(backbone, data, size, "dga-zo", seed, budget, estimator, per_loss)
             log.info("%s seed %d dga-zo/%s: %s in %.0f s", name, seed, estimator, row["test"], row["seconds"])
-            store.add("curves", {**row, "task": name, "backbone": backbone, "data": data})
+            store.add({**row, "task": name, "backbone": backbone, "data": data}, "curves")
 
 
 def audits(store: Store, budgets: list[int], tasks: list[str], levels: tuple[str, ...] = LEVELS) -> None:
@@ -174,7 +166,7 @@ def audits(store: Store, budgets: list[int], tasks: list[str], levels: tuple[str
                 continue
             report = run_audit(backbone, AuditConfig(levels=levels, budget=budget), progress=False)
             log.info("%s audit at %d calls: %.0f s", name, budget, report.data["seconds"])
-            store.add("audits", {"task": name, "backbone": backbone, "budget": budget, "report": report.data})
+            store.add({"task": name, "backbone": backbone, "budget": budget, "report": report.data}, "audits")
 
 
 def main() -> None:
