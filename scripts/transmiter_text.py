@@ -51,6 +51,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import install_mpnet  # noqa: E402  (a script beside this one)
+from study_kit import first_items  # noqa: E402
+
+from graytune.recipes.store import ProtocolMismatch, ResultsStore  # noqa: E402
 
 WEAK = "minilm"
 #: the text sets the study runs on, each with its raw file (the pair separates on both: zero-shot test accuracy
@@ -128,32 +131,26 @@ class CachedText:
         self.saved = len(self.cache)
 
 
-class Store:
-    """The raw JSON, rewritten atomically (temp file + rename) after every finished row."""
+class Store(ResultsStore):
+    """A raw file of this study (``graytune.recipes.store``: rewritten atomically after every finished row): the
+    protocol and what it ran with, then ``seeds``: seed -> row name -> row. One file holds one data set's rows."""
 
     def __init__(self, path: Path, head: dict[str, Any]) -> None:
-        self.path = path
-        self.data = json.loads(path.read_text()) if path.is_file() else {**head, "seeds": {}}
-        if self.data["protocol"] != head["protocol"]:
-            diff = [f"{k} {self.data['protocol'].get(k)} there, {v} now" for k, v in head["protocol"].items()
-                    if self.data["protocol"].get(k) != v]
-            raise SystemExit(f"{path} holds rows of another protocol ({'; '.join(diff)}); pass the same flags to "
-                             "resume it, or --out another file")
+        try:
+            super().__init__(path, {**head, "seeds": {}}, header={k: v for k, v in head.items() if k != "protocol"},
+                             hint="pass the same flags to resume it, or --out another file")
+        except ProtocolMismatch as err:
+            raise SystemExit(str(err)) from None
         if self.data.get("data", head["data"]) != head["data"]:
             raise SystemExit(f"{path} holds rows on {self.data['data']}, not {head['data']}; pass --data "
                              f"{self.data['data'].split(':')[0]} to resume it, or --out another file")
-        self.data.update({k: v for k, v in head.items() if k != "protocol"})
 
     def has(self, seed: int, *keys: str) -> bool:
         return all(k in self.data["seeds"].get(str(seed), {}) for k in keys)
 
     def put(self, seed: int, key: str, row: dict[str, Any]) -> None:
-        self.data["seeds"].setdefault(str(seed), {})[key] = row
         log.info("seed %d %s: %s", seed, key, {k: round(v, 4) for k, v in row.items() if isinstance(v, float)})
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1))
-        tmp.replace(self.path)
+        self.update(lambda data: data["seeds"].setdefault(str(seed), {}).update({key: row}))
 
 
 def metrics(scores: torch.Tensor, labels: torch.Tensor, splits: Any) -> dict[str, float]:
@@ -162,10 +159,6 @@ def metrics(scores: torch.Tensor, labels: torch.Tensor, splits: Any) -> dict[str
 
     out = base_novel_accuracy(scores, labels, splits.eval_splits["base"], splits.eval_splits["novel"])
     return {**out, "accuracy": float((scores.argmax(1) == labels).float().mean())}
-
-
-def _head(data: Any, n: int | None) -> Any:
-    return data if n is None else data.subset(range(min(n, len(data))))
 
 
 class Experiment:
@@ -181,7 +174,8 @@ class Experiment:
         self.p, self.strong_id, self.cache, self.store, self.progress = protocol, strong_id, cache, store, progress
         self.data = data
         b2n = load_splits(f"{data}:base-to-novel", train_size=protocol.train_size)
-        self.splits = replace(b2n, val=_head(b2n.val, protocol.val_size), test=_head(b2n.test, protocol.test_size))
+        self.splits = replace(b2n, val=first_items(b2n.val, protocol.val_size),
+                              test=first_items(b2n.test, protocol.test_size))
         whole = load_splits(data, train_size=protocol.train_size).train  # the same texts, novel classes kept
         self.names, self.prompt = list(self.splits.train.class_names), self.splits.prompt
         self.handles = {WEAK: open_for(WEAK, None, protocol.ft_method), strong_id: open_for(strong_id, None,
@@ -194,9 +188,9 @@ class Experiment:
         self.q = load_queries(self.splits, handle, unlabeled=whole, shots=protocol.shots, base_only=True)
         self.pool_all = load_queries(self.splits, handle, unlabeled=whole, progress=False).unlabeled
         self.test_labels = labels = self.q.test_labels
-        store.data["sizes"] = {"pool_base": len(self.q.unlabeled), "pool_all": len(self.pool_all),
-                               "few_shot": len(self.q.train), "val": len(self.q.val), "test": len(labels),
-                               "base_classes": list(self.splits.eval_splits["base"]), "classes": len(self.names)}
+        store.header["sizes"] = {"pool_base": len(self.q.unlabeled), "pool_all": len(self.pool_all),
+                                 "few_shot": len(self.q.train), "val": len(self.q.val), "test": len(labels),
+                                 "base_classes": list(self.splits.eval_splits["base"]), "classes": len(self.names)}
 
     def scores(self, encoder: Any, texts: Sequence[str]) -> torch.Tensor:
         from graytune.transfer.transmiter import class_scores
@@ -207,9 +201,8 @@ class Experiment:
         """The backbone with a ``ft_method`` adapter trained on the base classes (kept in the cache, reloaded)."""
         from graytune.artifacts import load_adapter, read_config, save_adapter
         from graytune.methods import get_method
-        from graytune.model import AdaptedModel
-        from graytune.recipes.run import make_task
-        from graytune.train.trainer import TrainConfig, fit, seed_everything
+        from graytune.recipes.run import Opened, make_task, run_once
+        from graytune.train.config import TrainConfig
 
         handle, memo, p = self.handles[backbone], self.memos[backbone], self.p
         what = [backbone, handle.spec.fingerprint, self.data, p.ft_method, p.ft_steps, p.ft_batch, p.train_size,
@@ -218,14 +211,13 @@ class Experiment:
         folder = self.cache / "adapters" / f"{'mpnet' if backbone != WEAK else WEAK}-{p.ft_method}-{key[:12]}"
         if (folder / "adapter_config.json").is_file():
             return load_adapter(folder, memo).eval(), read_config(folder)["fit"]
-        seed_everything(seed)
         misses, hits = memo.misses, memo.hits
-        model = AdaptedModel.build(memo, p.ft_method)
         config = TrainConfig(lr=get_method(p.ft_method).lr, max_steps=p.ft_steps, batch_size=p.ft_batch, seed=seed)
-        result = fit(model, make_task(self.splits, handle, None), self.splits.val, config, progress=self.progress)
-        info = {"lr": config.lr, "steps": result.steps, "best_step": result.best_step,
-                "best_val": result.best_metric, "train_s": round(result.seconds, 1),
-                "backbone_rows": memo.misses - misses, "remembered_rows": memo.hits - hits}
+        opened = Opened(memo, make_task(self.splits, handle, None), self.splits.val, None)  # test: scored apart
+        run, model = run_once(opened, p.ft_method, config, progress=self.progress)
+        info = {"lr": run["lr"], "steps": run["steps"], "best_step": run["best_step"], "best_val": run["best_val"],
+                "train_s": round(run["train_seconds"], 1), "backbone_rows": memo.misses - misses,
+                "remembered_rows": memo.hits - hits}
         save_adapter(model, folder, extra={"fit": info, "seed": seed, "data": self.data})
         return model.eval(), info
 
