@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from graytune.errors import AccessDeniedError, InvalidInputError, UnknownNameError
-from graytune.types import AccessLevel, BackboneSpec, Exposure, Op, PortKind, PortSpec, required_level
+from graytune.types import AccessLevel, BackboneSpec, Exposure, Op, PortKind, PortSpec, is_prompts_port, required_level
 
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor
@@ -112,6 +112,54 @@ def check_token_inputs(spec: BackboneSpec, inputs: dict[str, Tensor], prefix: st
                                 "use the handle's tokenize()")
     if not bool(((mask == 0) | (mask == 1)).all()) or bool((mask.sum(1) == 0).any()):
         raise InvalidInputError(f"{mask_key}: must be 0/1 with at least one real token per row")
+    if f"{prefix}.target_ids" in inputs:
+        check_targets(inputs[f"{prefix}.target_ids"], ids, vocab, prefix)
+
+
+def check_targets(targets: Tensor, ids: Tensor, vocab: int | None, prefix: str) -> None:
+    """``<prefix>.target_ids`` ``[B, L]`` (a causal LM's): one per input position, each in the vocabulary or -100.
+
+    Raises:
+        InvalidInputError: another shape than the ids' (e.g. targets longer than the input), or an id outside
+            ``[0, vocab)`` that is not -100; the message names what was received and what is allowed.
+    """
+    key, ids_key = f"{prefix}.target_ids", f"{prefix}.input_ids"
+    if targets.shape != ids.shape:
+        longer = " (targets longer than the input)" if targets.dim() == 2 and targets.shape[1] > ids.shape[1] else ""
+        raise InvalidInputError(f"{key} has shape {list(targets.shape)} but {ids_key} has {list(ids.shape)}{longer}; "
+                                f"send one target per input position: the id to predict after reading tokens 0..t, "
+                                "-100 where there is none (a completion's ids shifted left by one, -100 over the "
+                                "prompt)")
+    bad = (targets != -100) & ((targets < 0) | (targets >= (vocab if vocab is not None else 1 << 62)))
+    if bool(bad.any()):
+        got = sorted({int(t) for t in targets[bad][:5]})
+        raise InvalidInputError(f"{key}: ids must lie in [0, {vocab}) or be -100 (no target); got {got}; "
+                                "build them from the handle's tokenize() ids")
+
+
+def check_context(spec: BackboneSpec, inputs: Mapping[str, Tensor], insert: Mapping[str, Tensor],
+                  prefix: str) -> None:
+    """For a backbone whose positions line up with targets (its spec has ``<prefix>.target_ids``: a causal
+    LM), nothing may be cut: each row's real tokens plus every token inserted at its ports (a prompts
+    block counted once) must fit ``preprocess[prefix]["max_positions"]``.
+
+    Raises:
+        InvalidInputError: a row over that limit; the message names its length, the inserted tokens and the limit.
+    """
+    limit = spec.preprocess.get(prefix, {}).get("max_positions")
+    if f"{prefix}.target_ids" not in spec.port_names() or not isinstance(limit, int):
+        return
+    mask = inputs[f"{prefix}.attention_mask"]
+    longest = int(mask.sum(1).max())
+    sizes = [(name, int(t.shape[1])) for name, t in insert.items() if name.startswith(f"{prefix}.") and t.dim() == 3]
+    inserted = sum(k for name, k in sizes if not is_prompts_port(name))
+    inserted += max([k for name, k in sizes if is_prompts_port(name)], default=0)
+    if longest + inserted > limit:
+        raise InvalidInputError(
+            f"{prefix}.input_ids: a row of {longest} tokens plus {inserted} inserted tokens needs "
+            f"{longest + inserted} positions; this model's context is {limit} positions and nothing is cut (the "
+            f"positions line up with {prefix}.target_ids); send at most {max(limit - inserted, 0)} tokens per row"
+            + (" or insert fewer tokens" if inserted else ""))
 
 
 def reserve_for_inserts(spec: BackboneSpec, inputs: dict[str, Tensor], add: Mapping[str, Tensor],
@@ -250,6 +298,8 @@ def plan_call(spec: BackboneSpec, level: AccessLevel, grants: Collection[str], e
             if value.requires_grad and grad_mode:
                 slots.append(("add" if op is Op.ADD else "insert", name))
     for prefix in spec.modalities:
+        if f"{prefix}.input_ids" in inputs:
+            check_context(spec, inputs, insert, prefix)
         if f"{prefix}.input_ids" in inputs and f"{prefix}.token_embeds" in insert:
             reserve_for_inserts(spec, inputs, add, prefix, int(insert[f"{prefix}.token_embeds"].shape[1]))
     for name in reads:
@@ -266,14 +316,19 @@ def _outputs(spec: BackboneSpec, level: AccessLevel, inputs: Mapping[str, Tensor
              asked: Sequence[str] | None) -> list[str]:
     modalities = {name.split(".")[0] for name in inputs}
     available = [p.name for p in spec.ports if p.kind is PortKind.OUTPUT and (p.modality in modalities)]
-    if asked is None:
-        return available
-    for name in asked:
+    chosen = available if asked is None else list(asked)
+    for name in [] if asked is None else asked:
         port_for(spec, name, Op.READ, level, False)
         if name not in available:
             raise InvalidInputError(f"output {name} needs {spec.port(name).modality} "
                                     f"inputs; this call sent {sorted(inputs)}")
-    return list(asked)
+    for name in chosen:  # a causal LM's log-probabilities of targets need the targets
+        targets = f"{spec.port(name).modality}.target_ids"
+        if name.endswith(".target_logprobs") and targets not in inputs:
+            raise InvalidInputError(f"output {name} needs {targets} (one target id per input position, -100 where "
+                                    f"none); this call sent {sorted(inputs)}; send them, or ask other outputs "
+                                    "(outputs=[] with reads=[...] for values read alone)")
+    return chosen
 
 
 def texts_of(texts: object) -> list[str]:

@@ -15,6 +15,7 @@ from graytune.backbones import (  # noqa: F401  (importing a provider registers 
     arch,
     bridge,
     efficientnet,
+    hf_causal,
     hf_clip,
     hf_siglip,
     hf_text,

@@ -1,7 +1,8 @@
-"""Standard architectures with random weights: ``arch:clip-vit-b-16``, ``arch:clip-vit-l-14``, ``arch:clip-tiny``.
+"""Standard architectures with random weights: ``arch:clip-vit-b-16``, ``arch:clip-vit-l-14``, ``arch:clip-tiny``,
+and the causal LMs ``arch:llama-1b`` (Llama-3.2-1B's shape) and ``arch:llama-tiny``.
 
 Memory and time do not depend on the weights' values, so these give the real
-figures of CLIP-size backbones on machines that cannot hold the real checkpoints
+figures of CLIP- and 1B-LM-size backbones on machines that cannot hold the real checkpoints
 (benchmarks; nothing is downloaded). They have no tokenizer: send
 ``text.input_ids``. The weights are drawn from a fixed seed, so the fingerprint
 names the architecture and the seed.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from graytune.backbones.hf_causal import HFCausal
 from graytune.backbones.hf_clip import OPENAI_MEAN, OPENAI_STD, HFClip
 from graytune.backbones.loading import quiet_loading
 from graytune.backbones.registry import BACKBONES
@@ -42,11 +44,49 @@ def clip_config(name: str):  # type: ignore[no-untyped-def]
     )
 
 
+#: name → (width, layers, heads, key-value heads, MLP width, vocabulary, context); tied input and output embeddings
+LLAMA_ARCHS: dict[str, tuple[int, int, int, int, int, int, int]] = {
+    "llama-1b": (2048, 16, 32, 8, 8192, 128256, 131072),  # Llama-3.2-1B's shape: 1.24 B parameters
+    "llama-tiny": (32, 3, 4, 2, 64, 128, 64),
+}
+
+
+def llama_config(name: str):  # type: ignore[no-untyped-def]
+    """The transformers ``LlamaConfig`` of the architecture ``name`` (rotary base 500000, as Llama 3's)."""
+    from transformers import LlamaConfig
+
+    width, layers, heads, kv_heads, mlp, vocab, context = LLAMA_ARCHS[name]
+    return LlamaConfig(hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads,
+                       num_key_value_heads=kv_heads, intermediate_size=mlp, vocab_size=vocab,
+                       max_position_embeddings=context, tie_word_embeddings=True, rms_norm_eps=1e-5,
+                       rope_theta=500000.0, bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=None)
+
+
+def build_llama_arch(name: str) -> HFCausal:
+    """A Llama causal LM of the shape ``name`` with random weights (seed 0); no tokenizer: send ids."""
+    from transformers import LlamaForCausalLM
+
+    with torch.random.fork_rng(devices=[]), quiet_loading():  # the caller's random state is left as it was
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(llama_config(name))
+    return HFCausal(model, None, f"arch:{name}", f"random:{name}:seed0",
+                    f"Llama {name} architecture with random weights (seed 0), for memory and time benchmarks; "
+                    "no tokenizer: send text.input_ids (and text.target_ids).")
+
+
+def build_arch(name: str) -> HFClip | HFCausal:
+    """The random-weight architecture ``name`` (one of ``CLIP_ARCHS`` or ``LLAMA_ARCHS``)."""
+    if name in LLAMA_ARCHS:
+        return build_llama_arch(name)
+    return build_clip_arch(name)
+
+
 def build_clip_arch(name: str) -> HFClip:
     if name not in CLIP_ARCHS:
         from graytune.errors import UnknownNameError
 
-        raise UnknownNameError("architecture", name, CLIP_ARCHS, "arch: backbones are random-weight CLIPs")
+        raise UnknownNameError("architecture", name, [*CLIP_ARCHS, *LLAMA_ARCHS],
+                               "arch: backbones are random-weight CLIPs and Llama causal LMs")
     try:
         from transformers import CLIPModel
     except ImportError as err:
@@ -60,4 +100,4 @@ def build_clip_arch(name: str) -> HFClip:
                   "no tokenizer: send text.input_ids.")
 
 
-BACKBONES.register("arch:", family_help=f"{'|'.join(CLIP_ARCHS)}")(build_clip_arch)
+BACKBONES.register("arch:", family_help=f"{'|'.join([*CLIP_ARCHS, *LLAMA_ARCHS])}")(build_arch)
