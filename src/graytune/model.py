@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from enum import Enum
 from pathlib import Path
@@ -27,11 +27,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from graytune.access import Handle
+from graytune.access.generation import Generated
 from graytune.adapters import Adapter, TowerRequest, apply_whitebox, build_adapter, config_from_dict, zo_parameters
 from graytune.adapters.lora import LoRAConfig, peft_config
 from graytune.artifact_files import WEIGHTS_NAME, check_fingerprint, read_config, read_weights, write_artifact
 from graytune.errors import ArtifactError, InvalidInputError
 from graytune.methods import METHODS, Method, MethodKind, artifact_method, get_method
+from graytune.types import GenerationSettings
 
 Tensor = torch.Tensor
 
@@ -214,12 +216,15 @@ class AdaptedModel(nn.Module):
             plain = request.mix(plain, embeds(request.all_inserts()))
         return self.finish_tower(modality, plain)
 
-    def prepare_tower(self, modality: str, inputs: Mapping[str, Tensor]) -> TowerRequest:
+    def prepare_tower(self, modality: str, inputs: Mapping[str, Tensor], generating: bool = False) -> TowerRequest:
         """The request this model's adapters make for one tower (before the boundary is crossed).
 
         A server batching several adapters through one backbone call uses this and ``finish_tower``.
+        ``generating``: adapters with a ``token_map`` leave their edit to the owner (``maps``), which
+        applies it to generated tokens too; the rest edit the request as in training.
         """
-        adapters = self.image_adapters if modality == "image" else self.text_adapters
+        adapters = [a for a in (self.image_adapters if modality == "image" else self.text_adapters)
+                    if not (generating and a.token_map() is not None)]
         request = TowerRequest(modality, dict(inputs))
         reads = sorted({port for a in adapters for port in a.reads})
         if reads:
@@ -227,6 +232,38 @@ class AdaptedModel(nn.Module):
         for adapter in adapters:
             adapter.before(request)
         return request
+
+    # -- language models ---------------------------------------------------------------------
+
+    def target_logprobs(self, tokens: Mapping[str, Tensor]) -> Tensor:
+        """``[B, L]`` adapted log p(target_t | prefix) of a language model (0 where the target is -100).
+
+        Args:
+            tokens: ``text.input_ids``, ``text.attention_mask`` and ``text.target_ids`` ``[B, L]`` each.
+        """
+        here = self.device
+        request = self.prepare_tower("text", {k: v.to(here) for k, v in tokens.items()})
+        port = "text.target_logprobs"
+        out = self.handle.forward(request.inputs, add=request.add, insert=request.insert, outputs=[port])
+        return out[port].to(here)
+
+    def generate(self, prompts: Sequence[str] | Mapping[str, Tensor],
+                 settings: GenerationSettings | Mapping[str, Any] | None = None,
+                 stream: Callable[[list[str]], None] | None = None) -> Generated:
+        """What the adapted language model writes after each prompt (the owner decodes with a key-value cache).
+
+        Shifts and inserted tokens act as in training; AdaLink's map reaches every generated token too.
+        ``stream`` gets each row's text so far after every generated token.
+
+        Example:
+            >>> model.generate(["Definition: a domesticated feline\nWord:"], {"max_new_tokens": 4}).texts
+        """
+        tokens = dict(prompts) if isinstance(prompts, Mapping) else self.handle.tokenize(list(prompts))
+        with torch.no_grad():
+            request = self.prepare_tower("text", {k: v.to(self.device) for k, v in tokens.items()}, generating=True)
+            maps = dict(a.token_map() for a in self.text_adapters if a.token_map() is not None)
+            return self.handle.generate(request.inputs, add=request.add, insert=request.insert, maps=maps,
+                                        settings=settings, stream=stream)
 
     def finish_tower(self, modality: str, embeds: Tensor) -> Tensor:
         """``[B, E]`` tower embeddings mapped by this model's output adapters."""

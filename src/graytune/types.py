@@ -272,6 +272,7 @@ class Exposure:
         gradient_queries: number of vector–Jacobian products taken.
         gradient_samples: rows whose VJP came back (the batch of each differentiated call), what a server's
             ``--quota-grad-rows`` bounds.
+        generated_tokens: tokens a language model generated for the client (each one a forward of one position).
     """
 
     access: AccessLevel
@@ -281,6 +282,7 @@ class Exposure:
     forward_samples: int = 0
     gradient_queries: int = 0
     gradient_samples: int = 0
+    generated_tokens: int = 0
 
     def note(self, port: PortSpec, op: Op) -> None:
         self.ports.setdefault(port.name, set()).add(op.value)
@@ -291,3 +293,40 @@ class Exposure:
         data["access"] = self.access.label
         data["ports"] = {k: sorted(v) for k, v in sorted(self.ports.items())}
         return data
+
+
+#: The most tokens one generation request may ask for (per row).
+MAX_NEW_TOKENS = 1024
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How a language model behind the boundary decodes (the owner decodes; the client gets token ids).
+
+    Attributes:
+        max_new_tokens: tokens to generate per row at most (1..``MAX_NEW_TOKENS``).
+        temperature: 0 decodes greedily; above 0 samples from the distribution at that temperature.
+        top_p: sampling keeps the smallest set of tokens whose probability reaches ``top_p`` (1: all).
+        seed: the sampling draws' seed (the same request gives the same tokens).
+        stop_at_eos: a row stops at the model's end-of-sequence token (which is kept).
+    """
+
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    stop_at_eos: bool = True
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not isinstance(self.max_new_tokens, int) or not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
+            problems.append(f"max_new_tokens must be a whole number from 1 to {MAX_NEW_TOKENS}; got "
+                            f"{self.max_new_tokens!r}")
+        if not isinstance(self.temperature, int | float) or not 0 <= self.temperature <= 100:
+            problems.append(f"temperature must be from 0 (greedy) to 100; got {self.temperature!r}")
+        if not isinstance(self.top_p, int | float) or not 0 < self.top_p <= 1:
+            problems.append(f"top_p must be above 0 and at most 1; got {self.top_p!r}")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            problems.append(f"seed must be a whole number >= 0; got {self.seed!r}")
+        if problems:
+            raise InvalidInputError("generation settings refused: " + "; ".join(problems))

@@ -7,14 +7,15 @@ so the same adapter trains on a ``LocalHandle`` and on a ``RemoteHandle``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 import torch
 from torch import nn
 
 from graytune.access.checks import CallPlan
-from graytune.types import AccessLevel, BackboneSpec, Exposure
+from graytune.access.generation import Generated
+from graytune.types import AccessLevel, BackboneSpec, Exposure, GenerationSettings
 
 Tensor = torch.Tensor
 
@@ -38,6 +39,11 @@ class Handle(Protocol):
     def forward(self, inputs: Mapping[str, Tensor | Sequence[str]], *, add: Mapping[str, Tensor] | None = None,
                 insert: Mapping[str, Tensor] | None = None, outputs: Sequence[str] | None = None,
                 reads: Sequence[str] = ()) -> dict[str, Tensor]: ...
+
+    def generate(self, inputs: Mapping[str, Tensor | Sequence[str]], *, add: Mapping[str, Tensor] | None = None,
+                 insert: Mapping[str, Tensor] | None = None, maps: Mapping[str, Mapping[str, Tensor]] | None = None,
+                 settings: GenerationSettings | Mapping[str, object] | None = None,
+                 stream: Callable[[list[str]], None] | None = None) -> Generated: ...
 
     def encode_image(self, pixels: Tensor, **edits: Mapping[str, Tensor]) -> Tensor: ...
 

@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import copy
 import threading
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from graytune.access.checks import CallPlan, plan_call, port_for, texts_of
+from graytune.access.generation import (
+    Generated, check_generation_plan, check_maps, count_generated, settings_of,
+)
 from graytune.access.handle import client_device, cross, encode_image, encode_text
 from graytune.access.owner import BoundaryCall, weight_storages
 from graytune.backbones.base import Backbone, module_placement, recomputing
 from graytune.devices import dtype_name
 from graytune.errors import AccessDeniedError
-from graytune.types import AccessLevel, BackboneSpec, Exposure, Op, required_level
+from graytune.types import AccessLevel, BackboneSpec, Exposure, GenerationSettings, Op, required_level
 
 Tensor = torch.Tensor
 #: fast tokenizers must not run on two threads at once ("Already borrowed"); a server tokenizes on many
@@ -108,6 +111,44 @@ class LocalHandle:
             home = client_device(plan, self.device)
             return {name: result[name].to(home, torch.float32) for name in [*plan.outputs, *plan.reads]}
         return cross(self.open_call(plan), self.device)
+
+    def generate(self, inputs: Mapping[str, Tensor | Sequence[str]], *, add: Mapping[str, Tensor] | None = None,
+                 insert: Mapping[str, Tensor] | None = None, maps: Mapping[str, Mapping[str, Tensor]] | None = None,
+                 settings: GenerationSettings | Mapping[str, object] | None = None,
+                 stream: Callable[[list[str]], None] | None = None) -> Generated:
+        """Tokens a language model generates after each prompt, the owner decoding (see ``graytune.access.generation``).
+
+        Args:
+            inputs: ``{"text": [...]}`` or ``text.input_ids`` ``[B, L]`` (+ ``text.attention_mask``).
+            add, insert: the edits a forward takes; a ``[B or 1, 1, D]`` add reaches generated tokens too.
+            maps: per port, a token map ``{"down": [r, D], "up": [D, r]}`` applied to every token (needs the read
+                grant there).
+            settings: ``GenerationSettings`` (or its fields as a mapping): length, temperature, top-p, seed.
+            stream: called after every generated token with each row's text so far.
+        """
+        chosen = settings_of(settings)
+        with torch.no_grad():
+            plan = self.plan(inputs, add or {}, insert or {}, [], [])
+            check_generation_plan(self._full_spec, plan)
+            checked = check_maps(self._full_spec, self.access, self._grants, maps or {}, self.exposure)
+            call = self.open_call(plan)
+            moved = [{port: call.inward(t) for port, t in group.items()} for group in (plan.inputs, plan.add,
+                                                                                      plan.insert)]
+            on_token = None
+            if stream is not None:
+                steps: list[Tensor] = []
+
+                def on_token(step: Tensor) -> None:  # [B] the tokens just generated
+                    steps.append(step.reshape(-1, 1).cpu())
+                    done = torch.cat(steps, dim=1)
+                    stream(self._backbone.detokenize(done, torch.full((len(done),), done.shape[1])))
+
+            ids, lengths = self._backbone.generate(*moved, {port: {k: call.inward(v) for k, v in parts.items()}
+                                                            for port, parts in checked.items()}, chosen,
+                                                   on_token=on_token)
+        count_generated(self.exposure, lengths)
+        home = client_device(plan, self.device)
+        return Generated(ids.to(home), lengths.to(home), self._backbone.detokenize(ids, lengths))
 
     def plan(self, inputs: Mapping[str, Tensor | Sequence[str]], add: Mapping[str, Tensor],
              insert: Mapping[str, Tensor], outputs: Sequence[str] | None, reads: Sequence[str]) -> CallPlan:

@@ -18,6 +18,7 @@ import math
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -172,6 +173,10 @@ class MemoHandle:
         while self.bytes > self.max_bytes:
             _, (_, dropped) = self._memory.popitem(last=False)
             self.bytes -= dropped
+
+    def generate(self, inputs: Mapping[str, Tensor | Sequence[str]], **kwargs: Any) -> Any:
+        """As the handle's: generations are never answered from memory (sampling, and every token a forward)."""
+        return self.handle.generate(inputs, **kwargs)
 
     def encode_image(self, pixels: Tensor, **edits: Mapping[str, Tensor]) -> Tensor:
         """``[B, E]`` image embeddings, remembered when ``edits`` is empty."""

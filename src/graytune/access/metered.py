@@ -74,6 +74,10 @@ class MeteredHandle:
         self._spend()
         return self._handle.forward(inputs, **kwargs)
 
+    def generate(self, inputs: Mapping[str, Any], **kwargs: Any) -> Any:
+        self._spend()
+        return self._handle.generate(inputs, **kwargs)
+
     def encode_image(self, pixels: Tensor, **edits: Mapping[str, Tensor]) -> Tensor:
         self._spend()
         return self._handle.encode_image(pixels, **edits)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from graytune.adapters.base import ADAPTERS, Adapter, TowerRequest, port_dim
@@ -21,6 +22,7 @@ from graytune.errors import InvalidInputError
 from graytune.types import AccessLevel, BackboneSpec
 
 PORT = "{m}.{tokens}"
+Tensor = torch.Tensor
 
 
 @dataclass
@@ -54,3 +56,7 @@ class AdaLink(Adapter):
 
     def before(self, request: TowerRequest) -> None:
         request.add_at(self.port, self.up(self.down(request.read[self.port])))  # [B, L or N, D]
+
+    def token_map(self) -> tuple[str, dict[str, Tensor]]:
+        """The owner applies ``x + up(down(x))`` to every token while it generates (``down`` [r, D], ``up`` [D, r])."""
+        return self.port, {"down": self.down.weight.detach(), "up": self.up.weight.detach()}

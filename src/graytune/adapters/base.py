@@ -124,6 +124,12 @@ class Adapter(nn.Module, Declared):
         """Map the tower's ``[B, E]`` embeddings (before normalisation)."""
         return embeds
 
+    def token_map(self) -> tuple[str, dict[str, Tensor]] | None:
+        """For generation: ``(port, {"down": [r, D], "up": [D, r]})`` when this adapter maps every token's
+        embedding x to ``x + up(down(x))``, so the owner applies it to generated tokens too (its ``before`` is
+        then skipped); None for adapters whose edits are plain adds and inserts."""
+        return None
+
     @property
     def zeroth_order(self) -> bool:
         """Whether it trains from forward calls alone (its tensors then never ask for a gradient)."""

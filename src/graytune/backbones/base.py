@@ -66,6 +66,28 @@ class Backbone(Protocol):
         ...
 
 
+@runtime_checkable
+class LanguageModel(Backbone, Protocol):
+    """A backbone that also decodes (causal language models): what ``handle.generate`` calls, owner side."""
+
+    def generate(self, inputs: Mapping[str, Tensor], add: Mapping[str, Tensor], insert: Mapping[str, Tensor],
+                 maps: Mapping[str, Mapping[str, Tensor]], settings: Any,
+                 on_token: Callable[[Tensor], None] | None = None) -> tuple[Tensor, Tensor]:
+        """``([B, N] new token ids, padded after each row's end; [B] tokens per row)`` after each prompt.
+
+        ``on_token`` is called with the ``[B]`` tokens of each step as they are chosen (for streaming).
+
+        ``add`` of shape ``[B or 1, 1, D]`` reaches every generated token too; inserts are a prefix placed once;
+        ``maps`` (``{"down": [r, D], "up": [D, r]}`` at ``text.token_embeds``) turn every token's embedding x
+        into ``x + up(down(x))``; ``settings`` is a ``GenerationSettings``. Decodes with a key–value cache.
+        """
+        ...
+
+    def detokenize(self, ids: Tensor, lengths: Tensor) -> list[str]:
+        """Each row's first ``lengths[b]`` ids as text (the tokenizer's decode)."""
+        ...
+
+
 _recompute = threading.local()  # on this thread: the inputs checkpointed layers keep, or None when not recomputing
 
 

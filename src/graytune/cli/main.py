@@ -10,7 +10,8 @@ from collections.abc import Sequence
 
 from graytune.errors import GraytuneError
 
-SUBCOMMANDS = ("info", "methods", "train", "eval", "plot", "transfer", "serve", "audit", "demo", "bench")  # transfer.py adds extract + transfer
+SUBCOMMANDS = ("info", "methods", "train", "eval", "generate", "plot", "transfer", "serve", "audit", "demo",
+               "bench")  # transfer.py adds extract + transfer
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from graytune.assets import wordnet_nouns
+from graytune.data.completions import from_labels, read_completions, reverse_dictionary
 from graytune.data.emoji import load_emoji
 from graytune.data.files import Record, is_coco, read_coco, read_rows, read_shards, to_classification, to_retrieval
 from graytune.data.fortunes import load_fortunes
@@ -50,7 +52,11 @@ class Splits:
 
 
 BUILTIN = {"tuxpaint": "retrieval", "emoji": "retrieval", "tuxpaint-sketch": "sketch",
-           "fashion-mnist": "classification", "wordnet-supersense": "classification", "fortunes": "classification"}
+           "fashion-mnist": "classification", "wordnet-supersense": "classification", "fortunes": "classification",
+           "wordnet-category": "generation", "fortunes-topic": "generation", "wordnet-reverse": "generation"}
+#: the prompts of the built-in language-model sets (classification as generation names the classes)
+CATEGORY_PROMPT = "Which of these categories does the definition belong to: {classes}?\nDefinition: {text}\nCategory:"
+TOPIC_PROMPT = "Which of these topics is the quote about: {classes}?\nQuote: {text}\nTopic:"
 
 
 def _perm(n: int, seed: int) -> list[int]:
@@ -151,6 +157,8 @@ def _records(name: str, task: str | None) -> tuple[list[Record] | None, str, dic
         if is_coco(path):
             return read_coco(path), _check_task(name, "retrieval", task), {}
         return None, _check_task(name, "retrieval", task), {"karpathy": load_karpathy_json(path)}
+    if path.suffix == ".jsonl" and _is_completions(path):
+        return None, _check_task(name, "generation", task), {"data": read_completions(path)}
     records = read_rows(path)
     return records, _kind_of(name, records, task), _prompt(records)
 
@@ -164,7 +172,25 @@ def _prompt(records: list[Record]) -> dict[str, Any]:
     return {"prompt": "a picture of a {}"} if records and records[0].caption is None else {}
 
 
+def _generation(name: str, seed: int, train_size: int | None) -> Splits:
+    """The built-in language-model sets: (train, val, test) of 2000/200/500 (category), 3000/200/500 (reverse),
+    500/100/300 (fortunes topic) prompts, drawn with ``seed``."""
+    if name == "wordnet-category":
+        data, sizes = from_labels(load_wordnet_supersenses(per_class=550, seed=seed), CATEGORY_PROMPT, name), \
+            (2000, 200, 500)
+    elif name == "fortunes-topic":
+        data, sizes = from_labels(load_fortunes(seed=seed), TOPIC_PROMPT, name), (500, 100, 300)
+    else:
+        data, sizes = reverse_dictionary(wordnet_nouns(), seed), (3000, 200, 500)
+    p = _perm(len(data), seed)
+    n_train, n_val, n_test = train_size or sizes[0], sizes[1], sizes[2]
+    return Splits(name, "generation", data.subset(p[:n_train]), data.subset(p[n_train:n_train + n_val]),
+                  data.subset(p[len(p) - n_test:]))
+
+
 def _builtin(name: str, kind: str, seed: int, train_size: int | None) -> Splits:
+    if kind == "generation":
+        return _generation(name, seed, train_size)
     if name == "tuxpaint":
         data = load_tuxpaint()
         p = _perm(len(data), seed)
@@ -221,13 +247,30 @@ def _from_path(name: str, task: str | None, seed: int) -> Splits:
         return Splits(label, kind, parts["train"], parts["val"], parts["test"])
     if records is not None and any(r.split for r in records):
         return _split_column(name, label, kind, records, extra)
+    if kind == "generation" and any(extra["data"].splits):
+        return _completion_splits(name, label, extra["data"])
     data = extra.pop("data") if records is None else (
         to_retrieval(label, records) if kind == "retrieval" else to_classification(label, records))
     if len(data) < 10:
-        raise InvalidInputError(f"{name}: needs at least 10 images to split into train/val/test; got {len(data)}")
+        raise InvalidInputError(f"{name}: needs at least 10 items to split into train/val/test; got {len(data)}")
     note = (f"{name} has no splits: re-split 70/10/20 (train/val/test) with seed {seed}; give a split column "
             "or --train/--val/--test to use your own")
     return _split(label, kind, data, _perm(len(data), seed), note=note, **extra)
+
+
+def _completion_splits(name: str, label: str, data: Any) -> Splits:
+    """A prompt/completion file's own ``split`` field: every row must carry one, each split must be there."""
+    if not all(data.splits):
+        row = data.splits.index(None) + 1
+        raise InvalidInputError(f"{name}: row {row} has no split but others do; give every row a split (train, "
+                                "val or test)")
+    parts = {}
+    for split in ("train", "val", "test"):
+        chosen = [i for i, s in enumerate(data.splits) if s == split]
+        if not chosen:
+            raise InvalidInputError(f"{name}: no row has split {split!r}; give train, val and test rows")
+        parts[split] = data.subset(chosen)
+    return Splits(label, "generation", parts["train"], parts["val"], parts["test"])
 
 
 def _split_column(name: str, label: str, kind: str, records: list[Record], extra: dict[str, Any]) -> Splits:
@@ -245,6 +288,17 @@ def _split_column(name: str, label: str, kind: str, records: list[Record], extra
         parts[split] = to_retrieval(label, chosen) if kind == "retrieval" else to_classification(label, chosen,
                                                                                                   names)
     return Splits(label, kind, parts["train"], parts["val"], parts["test"], **extra)
+
+
+def _is_completions(path: Path) -> bool:
+    """A JSONL whose first row holds ``prompt`` or ``messages``: a language model's data."""
+    try:
+        with open(path, encoding="utf-8-sig", errors="replace") as fh:
+            first = next((line for line in fh if line.strip()), "")
+        row = json.loads(first)
+    except (OSError, json.JSONDecodeError):
+        return False
+    return isinstance(row, dict) and ("prompt" in row or "messages" in row)
 
 
 def _is_msrvtt(path: Path) -> bool:

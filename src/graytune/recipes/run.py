@@ -25,10 +25,11 @@ from graytune.data.images import ImagePreprocess
 from graytune.data.labeled import LabeledImageFiles, LabeledImages
 from graytune.devices import parse_device
 from graytune.errors import ArtifactError, InvalidInputError
-from graytune.methods import MethodKind, artifact_method, get_method
+from graytune.methods import MethodKind, artifact_method, backbone_kind, get_method
 from graytune.model import AdaptedModel
 from graytune.runs import checkpoint_path, prepare_out
 from graytune.train.budget import counted
+from graytune.train.completions import CompletionTask
 from graytune.train.config import TrainConfig
 from graytune.train.distributed import world_position
 from graytune.train.gradients import zeroth_order_for
@@ -103,6 +104,22 @@ def place_model(model: AdaptedModel, device: str | None) -> AdaptedModel:
 
 def make_task(splits: Splits, handle: Handle, image_size: int | None, fit: str | None = None,
               loader: LoaderConfig | None = None) -> Task:
+    """The task the data asks for, on ``handle``'s kind of backbone (a language model learns completions).
+
+    Raises:
+        InvalidInputError: prompt/completion data on an encoder, or other data on a language model.
+    """
+    language_model = backbone_kind(handle.spec) == "causal-lm"
+    if (splits.task == "generation") != language_model:
+        raise InvalidInputError(
+            f"{splits.name} is {splits.task} data and {handle.spec.id} is "
+            f"{'a language model' if language_model else 'an encoder'}: language models train on prompt/completion "
+            "data (a JSONL of prompt and completion fields or chat messages, or the built-in wordnet-category, "
+            "wordnet-reverse, fortunes-topic); encoders on retrieval and classification sets")
+    if language_model:
+        if image_size is not None:
+            raise InvalidInputError(f"--image-size is for image data; {splits.name} holds prompts and completions")
+        return CompletionTask(splits.train, handle)
     needs_images = splits.task in ("retrieval", "sketch") or isinstance(splits.train, LabeledImages | LabeledImageFiles)
     pre = ImagePreprocess.from_spec(handle.spec, image_size, fit=fit or splits.fit) if needs_images else None
     if splits.task == "retrieval":
