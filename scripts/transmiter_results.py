@@ -22,7 +22,7 @@ from graytune.artifacts import load_adapter
 from graytune.data.catalog import load_splits
 from graytune.data.labeled import load_fashion_mnist
 from graytune.recipes.run import RunSpec, train_and_save
-from graytune.train.trainer import TrainConfig
+from graytune.train.config import TrainConfig
 from graytune.recipes.transmiter import base_novel_accuracy, load_pixels, plus
 from graytune.transfer.transmiter import ExtractConfig, TransMiter, class_scores
 
