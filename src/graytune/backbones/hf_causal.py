@@ -151,10 +151,18 @@ class HFCausal(OneModule):
             out[LOGPROBS] = self.target_logprobs(hidden[:, -ids.shape[1]:], mask, inputs[TARGETS])
         return out
 
-    def hidden_states(self, ids: Tensor, mask: Tensor, edits: PortEdits) -> tuple[Tensor, Tensor]:
+    def hidden_states(self, ids: Tensor, mask: Tensor, edits: PortEdits,
+                      cache: Any | None = None) -> tuple[Tensor, Tensor]:
         """The last layer's output ``[B, K+L, D]`` (before the final norm) and its mask ``[B, K+L]``, for ids
-        and mask ``[B, L]`` with ``edits`` applied port by port; the K inserted tokens come first."""
+        and mask ``[B, L]`` with ``edits`` applied port by port; the K inserted tokens come first.
+
+        Args:
+            cache: an empty transformers ``Cache`` (``DynamicCache(config=model.config)``) that every layer
+                fills with its keys and values as it runs: the prefill of owner-side decoding (``decoding.py``).
+                Layer k's cache then holds the tokens that layer saw (inserts at ``text.layer.j``, j <= k, included).
+        """
         decoder = decoder_for(self.model)
+        cached = {} if cache is None else {"cache": cache, "use_cache": True}
         hidden = edits.read_and_add("text.token_embeds", decoder.embed(ids), mask)  # [B, L, D]
         hidden, mask = edits.place("text.token_embeds", hidden, mask, at=0)  # a prefix
         positions = self._positions(mask)
@@ -168,7 +176,7 @@ class HFCausal(OneModule):
                 if hidden.shape[1] != length:  # tokens were inserted: positions and masks change
                     positions = self._positions(mask)
                     layer_inputs = decoder.layer_inputs(hidden, mask, positions)
-            hidden = run_layer(layer, hidden, **layer_inputs[k])
+            hidden = run_layer(layer, hidden, **layer_inputs[k], **cached)
         return hidden, mask
 
     def _positions(self, mask: Tensor) -> Tensor:
