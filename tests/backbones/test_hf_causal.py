@@ -16,7 +16,15 @@ import torch
 
 import graytune
 from graytune import InvalidInputError, MissingDependencyError, PortKind
-from tests.backbones.tiny_causal import CONTEXT, DIM, FAMILIES, LAYERS, build_tiny_causal, write_tiny_gguf
+from tests.backbones.tiny_causal import (
+    CONTEXT,
+    DIM,
+    FAMILIES,
+    LAYERS,
+    build_tiny_causal,
+    build_tiny_gemma3_multimodal,
+    write_tiny_gguf,
+)
 from tests.backbones.tiny_text_vision import build_tiny_bert
 
 TEXTS = ["the cat sat on the dog", "a cat", "the dog sat"]
@@ -249,9 +257,23 @@ def test_texts_over_the_context_are_refused_not_cut(folders) -> None:  # type: i
     with pytest.raises(InvalidInputError, match=r"60 tokens plus 6 inserted tokens needs 66 positions.*send at "
                                                 r"most 58 tokens per row or insert fewer tokens"):
         h.forward(fits, insert={"text.token_embeds": torch.zeros(1, 4, DIM), "text.layer.1": torch.zeros(1, 2, DIM)})
+    padded = {name: torch.cat([t, t[:, -1:].expand(-1, 10)], dim=1) for name, t in fits.items()}  # 70 columns
+    padded["text.attention_mask"][:, 60:] = 0
+    wide = h.forward(padded, insert={"text.token_embeds": torch.zeros(1, 4, DIM)})["text.target_logprobs"]
+    assert wide.shape == (1, 70)  # padding takes no position: nothing is cut
     with pytest.raises(InvalidInputError, match="65 positions"):  # prompts ports share one block: counted once
         h.forward(fits, insert={"text.token_embeds": torch.zeros(1, 3, DIM), "text.prompts.1": torch.zeros(1, 2, DIM),
                                 "text.prompts.2": torch.zeros(1, 2, DIM)})
+
+
+def test_a_multimodal_gemma3_runs_its_language_model_alone(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    folder = build_tiny_gemma3_multimodal(tmp_path / "gemma3")
+    h = _open(folder)
+    assert "Gemma3ForCausalLM" in h.spec.description  # the vision tower is dropped
+    batch = _batch(h)
+    with torch.no_grad():
+        logits = _plain(folder)(input_ids=batch["text.input_ids"], attention_mask=batch["text.attention_mask"]).logits
+    torch.testing.assert_close(h.forward(batch)["text.target_logprobs"], _picked(logits, batch["text.target_ids"]))
 
 
 def test_fingerprint_follows_the_weights_not_the_folder(tmp_path, folders) -> None:  # type: ignore[no-untyped-def]
@@ -346,3 +368,20 @@ def test_a_prefill_fills_a_cache_transformers_decodes_from(folders, family) -> N
         step = backbone.model(input_ids=ids[:, -1:], cache=cache, use_cache=True).logits[:, -1]  # the plain model
         whole = _plain(folders[family])(input_ids=ids).logits[:, -1]
     torch.testing.assert_close(step, whole)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cpu_client_of_a_bf16_gpu_owner_gets_what_fp32_on_cpu_gives(folders) -> None:  # type: ignore[no-untyped-def]
+    results = []
+    for placement in ({"device": "cpu"}, {"device": "cuda", "dtype": "bf16"}):
+        h = _open(folders["llama"], "light-gray", **placement)
+        batch = _batch(h)
+        shift = torch.full((1, 1, DIM), 0.05, requires_grad=True)
+        prompt = torch.full((1, 2, DIM), 0.1, requires_grad=True)
+        out = h.forward(batch, add={"text.token_embeds": shift}, insert={"text.layer.1": prompt})
+        (out["text.target_logprobs"] * _weights(batch)).sum().backward()
+        results.append((out["text.target_logprobs"], shift.grad, prompt.grad))
+    for ref, got in zip(*results):
+        assert got.device.type == "cpu" and got.dtype == torch.float32
+        assert float(torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0)) > 0.98

@@ -76,6 +76,26 @@ def build_tiny_causal(folder: Path, family: str, seed: int = 0) -> Path:
     return folder
 
 
+def build_tiny_gemma3_multimodal(folder: Path) -> Path:
+    """A tiny random ``Gemma3ForConditionalGeneration`` (model type ``gemma3``: a 16 px SigLIP tower beside the
+    Gemma 3 text model of ``tiny_config``, no logit soft-capping, as real Gemma 3 configs) and its tokenizer."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    tokenizer = tiny_tokenizer()
+    text = tiny_config("gemma3_text", len(tokenizer)).to_dict()
+    text["final_logit_softcapping"] = None
+    image = 255  # a byte symbol no ASCII text tokenizes to
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16,
+                  patch_size=8)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=image,
+                          boi_token_index=image, eoi_token_index=image)
+    torch.manual_seed(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    Gemma3ForConditionalGeneration(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def _unpermute_rope(weight: torch.Tensor, heads: int) -> torch.Tensor:
     """llama.cpp's layout of a q or k projection ``[heads * head_dim, D]`` (rotary halves interleaved);
     transformers undoes it when it reads a llama GGUF."""

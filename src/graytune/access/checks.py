@@ -138,17 +138,20 @@ def check_targets(targets: Tensor, ids: Tensor, vocab: int | None, prefix: str) 
 
 
 def check_context(spec: BackboneSpec, inputs: Mapping[str, Tensor], insert: Mapping[str, Tensor],
-                  prefix: str) -> None:
+                  prefix: str) -> bool:
     """For a backbone whose positions line up with targets (its spec has ``<prefix>.target_ids``: a causal
     LM), nothing may be cut: each row's real tokens plus every token inserted at its ports (a prompts
-    block counted once) must fit ``preprocess[prefix]["max_positions"]``.
+    block counted once) must fit ``preprocess[prefix]["max_positions"]``. Padding takes no position there.
+
+    Returns:
+        Whether ``prefix`` is such a modality (then ``reserve_for_inserts`` must leave its ids alone).
 
     Raises:
         InvalidInputError: a row over that limit; the message names its length, the inserted tokens and the limit.
     """
     limit = spec.preprocess.get(prefix, {}).get("max_positions")
     if f"{prefix}.target_ids" not in spec.port_names() or not isinstance(limit, int):
-        return
+        return False
     mask = inputs[f"{prefix}.attention_mask"]
     longest = int(mask.sum(1).max())
     sizes = [(name, int(t.shape[1])) for name, t in insert.items() if name.startswith(f"{prefix}.") and t.dim() == 3]
@@ -160,6 +163,7 @@ def check_context(spec: BackboneSpec, inputs: Mapping[str, Tensor], insert: Mapp
             f"{longest + inserted} positions; this model's context is {limit} positions and nothing is cut (the "
             f"positions line up with {prefix}.target_ids); send at most {max(limit - inserted, 0)} tokens per row"
             + (" or insert fewer tokens" if inserted else ""))
+    return True
 
 
 def reserve_for_inserts(spec: BackboneSpec, inputs: dict[str, Tensor], add: Mapping[str, Tensor],
@@ -298,9 +302,9 @@ def plan_call(spec: BackboneSpec, level: AccessLevel, grants: Collection[str], e
             if value.requires_grad and grad_mode:
                 slots.append(("add" if op is Op.ADD else "insert", name))
     for prefix in spec.modalities:
-        if f"{prefix}.input_ids" in inputs:
-            check_context(spec, inputs, insert, prefix)
-        if f"{prefix}.input_ids" in inputs and f"{prefix}.token_embeds" in insert:
+        if f"{prefix}.input_ids" not in inputs or check_context(spec, inputs, insert, prefix):
+            continue
+        if f"{prefix}.token_embeds" in insert:
             reserve_for_inserts(spec, inputs, add, prefix, int(insert[f"{prefix}.token_embeds"].shape[1]))
     for name in reads:
         exposure.note(port_for(spec, name, Op.READ, level, False, grants), Op.READ)
