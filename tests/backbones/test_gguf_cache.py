@@ -87,6 +87,12 @@ def test_a_packaged_file_of_another_size_is_refused(cache) -> None:  # type: ign
         gguf_cache.packaged_gguf(gguf_cache.QWEN)
 
 
+def test_install_qwen_installs_what_the_backbone_loads(cache) -> None:  # type: ignore[no-untyped-def]
+    assert (install_qwen.FILE_NAME, install_qwen.SHA256, install_qwen.SIZE) == \
+        (gguf_cache.QWEN.file_name, gguf_cache.QWEN.sha256, gguf_cache.QWEN.size)
+    assert install_qwen.default_target() == cache / "models" / gguf_cache.QWEN.file_name
+
+
 def _fake_parts(folder: Path, data: bytes, parts: int = 6) -> list[Path]:
     step = -(-len(data) // parts)
     folder.mkdir(parents=True, exist_ok=True)
