@@ -90,19 +90,16 @@ def check_maps(spec: BackboneSpec, level: AccessLevel, grants: Collection[str],
 
 
 def check_generation_plan(spec: BackboneSpec, plan: CallPlan) -> None:
-    """A generation needs a language model's text input and asks for no gradient.
+    """A generation needs a language model's text input (it is planned under ``no_grad``: no VJP is ever asked).
 
     Raises:
-        InvalidInputError: the backbone does not generate, no text was sent, or a tensor wants a gradient.
+        InvalidInputError: the backbone does not generate, or no text was sent.
     """
     if "text.target_logprobs" not in spec.port_names():
         raise InvalidInputError(f"{spec.id} is not a language model, so it cannot generate; generation needs a "
                                 "causal LM backbone (smollm2-135m, qwen2.5-0.5b, hf-causal:DIR)")
     if "text.input_ids" not in plan.inputs:
         raise InvalidInputError("generation needs a prompt: send {'text': [...]} or text.input_ids")
-    if plan.slots:
-        raise InvalidInputError("generation returns tokens, never a gradient: send tensors that do not require "
-                                "gradients (or generate under torch.no_grad())")
 
 
 def settings_of(settings: GenerationSettings | Mapping[str, object] | None) -> GenerationSettings:

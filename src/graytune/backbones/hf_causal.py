@@ -27,7 +27,7 @@ Nothing is downloaded: a hub id loads only where the hub is reachable and allowe
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from graytune.backbones import decoding
 from graytune.backbones.base import OneModule, freeze, run_layer
 from graytune.backbones.decoders import FAMILIES, decoder_for, text_only
 from graytune.backbones.dual_encoder import require_tokenizer
@@ -94,7 +95,9 @@ class HFCausal(OneModule):
             "pad_token_id": tok.pad_token_id if tok is not None else None,
             "bos_token_id": tok.bos_token_id if tok is not None else cfg.bos_token_id,
             "eos_token_ids": sorted({int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None}),
-            "chat_template": bool(getattr(tok, "chat_template", None)),
+            "chat_template": getattr(tok, "chat_template", None) if isinstance(getattr(tok, "chat_template", None),
+                                                                               str) else None,
+            "bos_token": getattr(tok, "bos_token", None) or "", "eos_token": getattr(tok, "eos_token", None) or "",
             "padding_side": "right",
             "insert_position": "before the first token",
             "targets": f"{TARGETS}[b, t] is the token to predict after tokens 0..t, {IGNORE} where there is none; "
@@ -140,6 +143,17 @@ class HFCausal(OneModule):
         tokenizer = require_tokenizer(self.tokenizer, self.spec.id, " (random weights for benchmarks)")
         batch = tokenizer(list(texts), padding=True, return_tensors="pt")
         return {"text.input_ids": batch["input_ids"], "text.attention_mask": batch["attention_mask"]}
+
+    def generate(self, inputs: Mapping[str, Tensor], add: Mapping[str, Tensor], insert: Mapping[str, Tensor],
+                 maps: Mapping[str, Mapping[str, Tensor]], settings: Any,
+                 on_token: Callable[[Tensor], None] | None = None) -> tuple[Tensor, Tensor]:
+        """New tokens after each prompt, decoded with a key–value cache (``graytune.backbones.decoding``)."""
+        return decoding.generate(self, inputs, add, insert, maps, settings, on_token)
+
+    def detokenize(self, ids: Tensor, lengths: Tensor) -> list[str]:
+        """Each row's first ``lengths[b]`` ids as text, special tokens (the end token) left out."""
+        tokenizer = require_tokenizer(self.tokenizer, self.spec.id, " (random weights for benchmarks)")
+        return [tokenizer.decode(row[:int(n)].tolist(), skip_special_tokens=True) for row, n in zip(ids, lengths)]
 
     def run(self, inputs, add, insert, outputs, reads):  # type: ignore[no-untyped-def]
         ids, mask = inputs["text.input_ids"], inputs["text.attention_mask"]

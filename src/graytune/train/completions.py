@@ -45,8 +45,10 @@ class CompletionTask:
     def __init__(self, data: Completions, handle: Handle, eval_batch: int = 16) -> None:
         self.data, self.handle, self.eval_batch = data, handle, eval_batch
         text = handle.spec.preprocess.get("text", {})
-        self.pad_id, self.eos_id = int(text.get("pad_id", 0)), text.get("eos_id")
-        self.template = text.get("chat_template")
+        ends = text.get("eos_token_ids") or []
+        self.pad_id = int(text.get("pad_token_id") if text.get("pad_token_id") is not None else (ends or [0])[0])
+        self.eos_id = ends[0] if ends else None  # appended to every completion: the model learns to stop
+        self.template = text.get("chat_template") if isinstance(text.get("chat_template"), str) else None
         self.rows = self.encode(data)
 
     def __len__(self) -> int:
