@@ -21,7 +21,16 @@ import torch
 from graytune.assets import wordnet_nouns
 from graytune.data.completions import from_labels, read_completions, reverse_dictionary
 from graytune.data.emoji import load_emoji
-from graytune.data.files import Record, is_coco, read_coco, read_rows, read_shards, to_classification, to_retrieval
+from graytune.data.files import (
+    Record,
+    is_coco,
+    read_coco,
+    read_rows,
+    read_shards,
+    read_utf8,
+    to_classification,
+    to_retrieval,
+)
 from graytune.data.fortunes import load_fortunes
 from graytune.data.labeled import (
     load_fashion_mnist,
@@ -49,6 +58,7 @@ class Splits:
     classes: tuple[int, ...] | None = None  # classification: the classes trained on (base-to-novel: the base)
     eval_splits: dict[str, tuple[int, ...]] | None = None  # classification: class groups scored apart
     note: str = ""  # how the splits were made when the user did not say (a re-split), shown to the user
+    whole: bool = False  # train, val and test are each the whole file (scored whole, never split)
 
 
 BUILTIN = {"tuxpaint": "retrieval", "emoji": "retrieval", "tuxpaint-sketch": "sketch",
@@ -65,7 +75,7 @@ def _perm(n: int, seed: int) -> list[int]:
 
 def load_splits(name: str | None, task: str | None = None, seed: int = 0, train_size: int | None = None,
                 base_to_novel: bool = False, *, train: str | None = None, val: str | None = None,
-                test: str | None = None) -> Splits:
+                test: str | None = None, whole_if_unsplit: bool = False) -> Splits:
     """The splits of a built-in set (see ``BUILTIN``), of a path, or of explicit split files.
 
     With ``base_to_novel`` (classification), the first half of the classes is the base: train and
@@ -76,7 +86,9 @@ def load_splits(name: str | None, task: str | None = None, seed: int = 0, train_
     Karpathy-split ``.json`` or an MSR-VTT ``.json``; WebDataset ``.tar`` shards (brace patterns such
     as ``shards/{000..009}.tar``); a folder of class folders; a folder with ``sketch/`` and
     ``photo/``. A file without splits is re-split 70/10/20 with ``seed`` (and ``note`` says so).
-    ``train``/``val``/``test`` give the splits as separate files instead of ``name``.
+    ``train``/``val``/``test`` give the splits as separate files instead of ``name``. With
+    ``whole_if_unsplit`` (what ``graytune eval`` scores), a file without splits is kept whole instead
+    (``whole``: every split is the whole file).
     """
     if train is not None:
         if name is not None:
@@ -91,7 +103,7 @@ def load_splits(name: str | None, task: str | None = None, seed: int = 0, train_
     elif name.endswith(":base-to-novel"):
         return load_splits(name.rsplit(":", 1)[0], task, seed, train_size, base_to_novel=True)
     else:
-        splits = _from_path(name, task, seed)
+        splits = _from_path(name, task, seed, whole_if_unsplit)
     return _base_to_novel(splits) if base_to_novel else splits
 
 
@@ -152,6 +164,7 @@ def _records(name: str, task: str | None) -> tuple[list[Record] | None, str, dic
         return None, _check_task(name, "classification", task), {"data": load_image_folder(path),
                                                                    "prompt": "a picture of a {}"}
     if path.suffix == ".json":
+        read_utf8(path)  # text that is not UTF-8 is named (file, line, bytes) before a reader parses it
         if _is_msrvtt(path):
             return None, _check_task(name, "retrieval", task), {"data": load_msrvtt_json(path)}
         if is_coco(path):
@@ -238,7 +251,7 @@ def _base_to_novel(splits: Splits) -> Splits:
                    classes=base, eval_splits={"base": base, "novel": novel})
 
 
-def _from_path(name: str, task: str | None, seed: int) -> Splits:
+def _from_path(name: str, task: str | None, seed: int, whole_if_unsplit: bool = False) -> Splits:
     """Splits of one file or folder: its own (a split column, Karpathy's) or 70/10/20 with ``seed``."""
     records, kind, extra = _records(name, task)
     label = Path(name).name if Path(name).is_dir() else Path(name).stem
@@ -251,6 +264,9 @@ def _from_path(name: str, task: str | None, seed: int) -> Splits:
         return _completion_splits(name, label, extra["data"])
     data = extra.pop("data") if records is None else (
         to_retrieval(label, records) if kind == "retrieval" else to_classification(label, records))
+    if whole_if_unsplit:
+        return _whole(label, kind, data, extra, f"{name} has no splits: scored whole ({len(data)} items); "
+                      f"--split test scores the 20 % that graytune train --data {name} holds out for testing")
     if len(data) < 10:
         raise InvalidInputError(f"{name}: needs at least 10 items to split into train/val/test; got {len(data)}")
     note = (f"{name} has no splits: re-split 70/10/20 (train/val/test) with seed {seed}; give a split column "
@@ -303,7 +319,7 @@ def _is_completions(path: Path) -> bool:
 
 def _is_msrvtt(path: Path) -> bool:
     try:
-        return "videos" in json.loads(path.read_text())
+        return "videos" in json.loads(path.read_bytes().decode("utf-8-sig"))
     except (OSError, json.JSONDecodeError, TypeError):
         return False
 
@@ -327,5 +343,9 @@ def load_whole(name: str, task: str | None = None) -> Splits:
         raise InvalidInputError(f"--split all scores a file of yours whole; {name!r} is a built-in set with fixed "
                                 "splits: use --split test or --split val")
     kind, data, extra = _one_source(name, task)
-    return Splits(Path(name).stem, kind, data, data, data, note=f"{name} scored whole ({len(data)} items)",
-                  **extra)
+    return _whole(Path(name).stem, kind, data, extra, f"{name} scored whole ({len(data)} items)")
+
+
+def _whole(label: str, kind: str, data: Any, extra: dict[str, Any], note: str) -> Splits:
+    """``data`` as every split: a file scored whole."""
+    return Splits(label, kind, data, data, data, note=note, whole=True, **extra)

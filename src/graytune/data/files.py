@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import tarfile
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from graytune.artifact_files import file_sha256
 from graytune.data.labeled import IMAGE_SUFFIXES, LabeledImageFiles
 from graytune.data.tuxpaint import ImageCaptionSet
 from graytune.errors import InvalidInputError, MissingDependencyError
@@ -64,7 +66,7 @@ def read_rows(path: Path) -> list[Record]:
         raise InvalidInputError(f"no such file: {path}")
     rows: list[tuple[dict, str]] = []
     if path.suffix == ".jsonl":
-        for n, line in enumerate(path.read_text().splitlines(), 1):
+        for n, line in enumerate(read_utf8(path).splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -77,10 +79,9 @@ def read_rows(path: Path) -> list[Record]:
                 raise InvalidInputError(f"{path} line {n}: expected a JSON object, got {type(item).__name__}")
             rows.append((item, f"{path.name} line {n}"))
     elif path.suffix == ".csv":
-        with open(path, newline="") as fh:
-            reader = csv.DictReader(fh)
-            rows = [(r, f"{path.name} row {n}") for n, r in enumerate(reader, 2)]  # row 1 is the header
-            fields = reader.fieldnames or []
+        reader = csv.DictReader(io.StringIO(read_utf8(path, "row"), newline=""))
+        rows = [(r, f"{path.name} row {n}") for n, r in enumerate(reader, 2)]  # row 1 is the header
+        fields = reader.fieldnames or []
         if "image" not in fields or not {"caption", "label"} & set(fields):
             raise InvalidInputError(f"{path}: needs a header with 'image' and 'caption' (retrieval) or 'label' "
                                     f"(classification), optionally 'split'; got {fields}")
@@ -88,6 +89,36 @@ def read_rows(path: Path) -> list[Record]:
         raise InvalidInputError(f"{path}: expected a .csv or .jsonl of image,caption or image,label rows, a COCO "
                                 "or Karpathy caption .json, or WebDataset .tar shards")
     return [_record(path, item, origin) for item, origin in rows]
+
+
+def read_utf8(path: Path, unit: str = "line") -> str:
+    """``path``'s text, read as UTF-8 with or without a byte-order mark (Excel's "CSV UTF-8" writes one).
+
+    Raises:
+        InvalidInputError: bytes that are not UTF-8, naming the file, the line (``unit="row"``: the CSV row)
+            and the bytes around them.
+    """
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        start = err.start
+        prefix = raw[:start].decode("utf-8-sig")
+        if unit == "row":  # a CSV row may span lines inside quotes: count the rows csv reads before the byte
+            number = len(list(csv.reader(io.StringIO(prefix, newline=""))))
+            number += 1 if not prefix or prefix.endswith(("\n", "\r")) else 0
+        else:
+            number = prefix.count("\n") + 1
+        raise InvalidInputError(f"{path} {unit} {number} is not UTF-8 ({_bad_byte(raw, start)}); graytune reads "
+                                "UTF-8 text (a byte-order mark is fine): save the file as UTF-8, e.g. Excel's "
+                                "'CSV UTF-8' or iconv -f latin1 -t utf-8") from None
+
+
+def _bad_byte(raw: bytes, start: int) -> str:
+    """``byte 0xe9 near 'a caf?'``: the first byte that is not UTF-8 and its line's text around it."""
+    begin = max(raw.rfind(b"\n", 0, start) + 1, start - 24)
+    end = min(len(raw) if (stop := raw.find(b"\n", start)) < 0 else stop, start + 8)
+    return f"byte {raw[start]:#x} near {raw[begin:end].decode('utf-8', 'replace')!r}"
 
 
 def _record(path: Path, item: dict, origin: str) -> Record:
@@ -115,8 +146,8 @@ def split_name(value: object, origin: str) -> str | None:
 def is_coco(path: Path) -> bool:
     """A COCO caption file: ``images`` and ``annotations`` lists (the official layout)."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        data = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except (OSError, ValueError):  # a UnicodeDecodeError too: read_coco names the line
         return False
     return isinstance(data, dict) and isinstance(data.get("images"), list) and isinstance(
         data.get("annotations"), list)
@@ -125,7 +156,7 @@ def is_coco(path: Path) -> bool:
 def read_coco(path: Path) -> list[Record]:
     """Caption records of a COCO ``captions_*.json``; images are looked for beside the file and in the
     folder named after it (``captions_val2017.json`` → ``val2017/``, also one level up)."""
-    data = json.loads(path.read_text())
+    data = json.loads(read_utf8(path))
     images = {img["id"]: img["file_name"] for img in data["images"]}
     stem = path.stem.split("_", 1)[-1]  # captions_val2017 -> val2017
     roots = [path.parent, path.parent / stem, path.parent.parent / stem, path.parent.parent]
@@ -182,7 +213,14 @@ def _shard_record(shard: str, key: str, parts: dict[str, tarfile.TarInfo], tar: 
         if info is None:
             return None
         handle = tar.extractfile(info)
-        return handle.read().decode("utf-8").strip() if handle else None
+        if handle is None:
+            return None
+        raw = handle.read()
+        try:
+            return raw.decode("utf-8-sig").strip()
+        except UnicodeDecodeError as err:
+            raise InvalidInputError(f"{shard} member {info.name} is not UTF-8 ({_bad_byte(raw, err.start)}); "
+                                    "graytune reads UTF-8 text: write the shard's text files as UTF-8") from None
 
     meta = json.loads(text("json") or "{}")
     caption = text("txt") or text("caption") or meta.get("caption")
@@ -222,6 +260,10 @@ def to_classification(name: str, records: Sequence[Record], class_names: Sequenc
         raise InvalidInputError(f"{missing[0].origin}: no label; classification needs a label on every row")
     _check_files(records)
     names = tuple(class_names) if class_names is not None else tuple(sorted({str(r.label) for r in records}))
+    if len(names) == 1:
+        raise InvalidInputError(f"{name}: every row has the label {names[0]!r}; classification needs at least 2 "
+                                "classes (with one, every answer is right and accuracy is 100 % whatever the "
+                                "model learns): add rows of other classes, or give captions for retrieval")
     position = {c: i for i, c in enumerate(names)}
     unknown = sorted({str(r.label) for r in records} - set(names))
     if unknown:
@@ -236,6 +278,25 @@ def _check_files(records: Sequence[Record]) -> None:
     if missing:
         raise MissingDependencyError(f"{len(missing)} image files are missing, e.g. {missing[0].image} "
                                      f"({missing[0].origin})")
+
+
+def content_sha256(source: str) -> str:
+    """SHA-256 of what a run reads from ``source`` (what a resume checks): a file's bytes, each shard's bytes in
+    order for a shard pattern, or for a folder its listing (relative names and sizes; images are not read)."""
+    digest, path = hashlib.sha256(), Path(source)
+    if path.is_dir():
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest.update(f"{file.relative_to(path)}\t{file.stat().st_size}\n".encode())
+        return digest.hexdigest()
+    if ".tar" in source:
+        from webdataset.shardlists import expand_urls
+
+        parts = [Path(p) for p in expand_urls(source)]
+    else:
+        parts = [path]
+    for part in parts:
+        digest.update(file_sha256(part).encode())
+    return digest.hexdigest()
 
 
 def open_image_source(item: Path | str | TarMember) -> Path | str | io.BytesIO:
