@@ -50,7 +50,7 @@ def test_lora_with_options_then_eval_needs_no_flag(tiny_clip_dir, tmp_path, caps
     assert config["options"]["lora"]["rank"] == 4 and config["r"] == 4 and config["lora_alpha"] == 8
     assert all(t.shape[0] == 4 or t.shape[1] == 4 for k, t in load_file(str(out / "adapter_model.safetensors")).items()
                if "lora_" in k)
-    assert main(["eval", *base, "--adapter", str(out)]) == 0
+    assert main(["eval", *base, "--adapter", str(out), "--split", "test"]) == 0  # the fifth train held out
     assert json.loads(capsys.readouterr().out)["test"] == trained["test"]
 
     assert main(["train", *base, "--method", "lora", "--option", "rnk=4", "--out", str(tmp_path / "x")]) == 2

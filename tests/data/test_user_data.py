@@ -74,7 +74,7 @@ def test_webdataset_shards_and_coco_json_train_and_eval(tiny_clip_dir, drawings,
                      "4"]) == 0
         trained = json.loads(capsys.readouterr().out)
         assert "re-split 70/10/20" in trained["data_note"]
-        assert main(["eval", *base, "--adapter", str(out)]) == 0
+        assert main(["eval", *base, "--adapter", str(out), "--split", "test"]) == 0  # the fifth train held out
         assert json.loads(capsys.readouterr().out)["test"] == trained["test"]
 
 

@@ -300,7 +300,7 @@ def test_graytune_train_records_calls_and_refuses_misplaced_flags(tiny_clip_dir,
     assert config["trainable_parameters"] == summary["trainable_parameters"] > 0
     assert [c for c, _ in calls_curve(out)] == [16, 24]
     assert main(["eval", "--backbone", f"hf-clip:{tiny_clip_dir}", "--data", str(tmp_path / "d" / "pairs.csv"),
-                 "--adapter", str(out), "--json"]) == 0  # read back at black-box, no flag needed
+                 "--adapter", str(out), "--json", "--split", "test"]) == 0  # read back at black-box, no flag needed
     assert json.loads(capsys.readouterr().out)["test"] == summary["test"]
 
     assert main([*base, "--method", "dga", "--zo", "spsa", "--out", str(tmp_path / "x")]) == 2

@@ -7,7 +7,7 @@ import json
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from graytune.recipes.arguments import add_data_arguments, add_placement_arguments, positive_int
+    from graytune.recipes.arguments import TASKS, add_data_arguments, add_placement_arguments, positive_int
 
     p = sub.add_parser("eval", help="evaluate a saved adapter on a data set's test split")
     p.add_argument("--backbone", required=True,
@@ -15,11 +15,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "(key in $GRAYTUNE_API_KEY)")
     p.add_argument("--adapter", default=None, help="folder written by graytune train or transfer (omit for "
                                                    "zero-shot); its config says everything else")
-    p.add_argument("--task", choices=["retrieval", "classification", "sketch"], help="default: the data set's own")
+    p.add_argument("--task", choices=TASKS, help="default: the data set's own")
     add_data_arguments(p, required=True)
-    p.add_argument("--split", choices=["test", "val", "all"], default="test",
-                   help="which split to score: test (default), val, or all (a file of yours scored whole, never "
-                        "re-split)")
+    p.add_argument("--split", choices=["test", "val", "all"], default=None,
+                   help="which split to score: test, val, or all (a file of yours scored whole). Default: the test "
+                        "split of a built-in set or of a file that carries splits (a split column, Karpathy's); a "
+                        "file without splits scored whole. test or val on such a file scores the part that "
+                        "graytune train --data FILE holds out (re-split 70/10/20 with seed 0)")
     p.add_argument("--image-size", type=positive_int, default=None,
                    help="default: the size the adapter was trained at")
     add_placement_arguments(p, recompute=False)
@@ -39,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
 
         loader_flags = args.workers is not None or args.cache_mb is not None
         placed = args.device is not None or args.dtype is not None
-        if args.task not in (None, "classification") or args.split != "test" or loader_flags or placed:
+        if args.task not in (None, "classification") or args.split not in (None, "test") or loader_flags or placed:
             raise InvalidInputError(f"{args.adapter} is a {method.name} logit adapter: it is scored on the test "
                                     "split of a classification set; --task, --split, --workers, --cache-mb, "
                                     "--device and --dtype do not apply")
@@ -55,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         if result.get("data_note"):
             print(f"note: {result['data_note']}")
-        print(f"{result['method']} on {result['backbone']}, {result['data']} {result.get('split', 'test')} split:")
+        scored = "whole" if result["split"] == "all" else f"{result['split']} split"
+        print(f"{result['method']} on {result['backbone']}, {result['data']} {scored} ({result['items']} items):")
         from graytune.eval.scale import as_percent, label
 
         for key, value in as_percent(result["test"]).items():

@@ -26,6 +26,8 @@ from graytune.train.config import LIMITS, TrainConfig, checkpoint_cadence, limit
 from graytune.train.zeroth import ZO_FIELDS, settings_problems
 from graytune.types import AccessLevel
 
+#: What ``--task`` may name (the data set's own task by default).
+TASKS = ["retrieval", "classification", "sketch", "generation"]
 #: Methods ``graytune train`` makes (TransMiter itself is made by ``graytune extract`` + ``transfer``).
 TRAINABLE = [name for name, m in METHODS.items() if m.made_by.by_train]
 
@@ -163,7 +165,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                         "for any other method, an artifact of that method on the same backbone (warm start)")
     p.add_argument("--shots", type=positive_int, default=None,
                    help="transmiter+ only: labelled images or texts per class (default: 16)")
-    p.add_argument("--task", choices=["retrieval", "classification", "sketch"], help="default: the data set's own")
+    p.add_argument("--task", choices=TASKS, help="default: the data set's own")
     add_data_arguments(p)
     p.add_argument("--train", default=None, metavar="FILE", help="the training split as its own file or folder "
                    "(instead of --data; same formats)")
@@ -227,11 +229,16 @@ def run_spec(args: argparse.Namespace) -> RunSpec:
         raise InvalidInputError(f"--retry-s is for a served backbone (http://HOST:PORT); {args.backbone!r} runs in "
                                 "this process")
     files = {"train": args.train, "val": args.val, "test": args.test}
+    given = [f"--{k} {v}" for k, v in files.items() if v]
+    if args.data is not None and given:
+        raise InvalidInputError(f"--data {args.data} and {', '.join(given)} both name the data; give --data "
+                                "(its own splits, or a 70/10/20 re-split) or --train FILE [--val FILE] [--test FILE], "
+                                "not both")
     return RunSpec(args.backbone, args.access, args.method, args.data, args.task, args.out, args.image_size,
                    config, options, args.adapter, files=files, loader=loader_config(args),
                    retry_s=args.retry_s, tensorboard=args.log == "tensorboard", overwrite=args.overwrite,
                    **placement(args))
 
 
-__all__ = ["LIMITS", "TRAINABLE", "add_placement_arguments", "add_train_arguments", "placement", "given_train_fields", "non_negative_float",
+__all__ = ["LIMITS", "TASKS", "TRAINABLE", "add_placement_arguments", "add_train_arguments", "placement", "given_train_fields", "non_negative_float",
            "non_negative_int", "option_pair", "positive_int", "run_spec"]
