@@ -2,7 +2,9 @@
 
 A run folder holds the artifact (``adapter_config.json`` + ``adapter_model.safetensors``) once
 the run ends, and while it runs: ``checkpoint.pt`` (``CHECKPOINT_NAME``), ``history.jsonl``
-(``HISTORY_NAME``, one JSON object per step and per validation), TensorBoard events in
+(``HISTORY_NAME``, one JSON object per step and per validation, after a first line recording the run:
+``{"event": "run", "graytune": VERSION, ...}``, by which graytune knows the file as its own; a new run
+starts it afresh, a resumed one cuts it back to the checkpoint's step), TensorBoard events in
 ``tensorboard/`` when asked, and ``rank<r>.safetensors`` from data-parallel runs. Every other
 module asks this one for those names, writes history through a ``RunLogger`` and reads it with
 ``read_history_lines`` (curves: ``graytune.eval.plots.read_history``; accuracy against calls:
@@ -21,10 +23,11 @@ import fnmatch
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any, Protocol
 
-from graytune.artifact_files import CONFIG_NAME, WEIGHTS_NAME
+from graytune.artifact_files import CONFIG_NAME, WEIGHTS_NAME, library_version, replace_atomically
 from graytune.errors import ArtifactError, InvalidInputError, MissingDependencyError
 
 log = logging.getLogger(__name__)
@@ -62,6 +65,7 @@ def prepare_out(folder: str | os.PathLike[str], overwrite: bool = False) -> str:
     path = Path(folder)
     if path.exists() and not path.is_dir():
         raise InvalidInputError(f"--out {folder} is a file; give a folder for the adapter")
+    check_history(path / HISTORY_NAME)
     entries = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
     ours = [n for n in entries if any(fnmatch.fnmatch(n, pat) for pat in RUN_FILES) or n.startswith(".")]
     others = [n for n in entries if n not in ours]
@@ -98,15 +102,87 @@ class RunLogger(Protocol):
     def close(self) -> None: ...
 
 
-class JsonlLogger:
-    """``history.jsonl``: one JSON object per record, appended (a resumed run continues it)."""
+#: The first line's event: the record of the run that wrote the history (how graytune knows its own file).
+RUN_EVENT = "run"
+#: The events of histories written before the first line was (graytune 0.1 without it): theirs only.
+OLD_EVENTS = ("step", "val")
 
-    def __init__(self, path: Path) -> None:
+
+def history_writer(path: Path) -> str | None:
+    """Who wrote the history at ``path``: ``graytune`` (its first line records the run), ``earlier graytune``
+    (no such line, but every line is a step or validation record), None: not graytune (or no file).
+
+    An unfinished last line (a run stopped mid-write) is not held against the file.
+    """
+    try:
+        lines = [line for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
+    except (OSError, UnicodeDecodeError):
+        return None
+    records = _records(lines)
+    if not records:
+        return None
+    if records[0].get("event") == RUN_EVENT and "graytune" in records[0]:
+        return "graytune"
+    complete = records if len(records) >= len(lines) - 1 else []
+    if complete and all(r.get("event") in OLD_EVENTS and isinstance(r.get("step"), int) for r in complete):
+        return "earlier graytune"
+    return None
+
+
+def _records(lines: list[str]) -> list[dict[str, Any]]:
+    """The JSON objects of ``lines``, stopping at the first line that is not one."""
+    out = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        if not isinstance(record, dict):
+            break
+        out.append(record)
+    return out
+
+
+def check_history(path: Path) -> None:
+    """Refuse a ``history.jsonl`` graytune did not write: it is never touched, with ``--overwrite`` either.
+
+    Raises:
+        InvalidInputError: the file is there and is not graytune's.
+    """
+    if path.exists() and history_writer(path) is None:
+        raise InvalidInputError(f"{path} was not written by graytune (its first line is no graytune run record); "
+                                f"graytune never touches it, with --overwrite either: move it away or choose another "
+                                "--out")
+
+
+class JsonlLogger:
+    """``history.jsonl``: a first line recording the run, then one JSON object per record, appended.
+
+    A new run (``resume_step`` None) starts the file afresh; a resumed one keeps its lines up to the
+    checkpoint's step (the steps after it are trained again) and notes the resume. Both rewrite the file
+    atomically, and refuse one that graytune did not write (``check_history``). A history written by an
+    earlier graytune (no first line) is kept the same way, the run record put first.
+    """
+
+    def __init__(self, path: Path, resume_step: int | None = None, about: dict[str, Any] | None = None) -> None:
         self.path = path
+        check_history(path)
+        now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        head = {"event": RUN_EVENT, "graytune": library_version(), "started": now, **(about or {})}
+        kept: list[dict[str, Any]] = []
+        if resume_step is not None and path.exists():
+            old = _records([line for line in path.read_text(encoding="utf-8").split("\n") if line.strip()])
+            if old and old[0].get("event") == RUN_EVENT:
+                head, old = old[0], old[1:]
+            kept = [r for r in old if not isinstance(r.get("step"), int) or r["step"] <= resume_step]
+            kept.append({"event": "resume", "step": resume_step, "time": now})
+        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in (head, *kept))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        replace_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
     def log(self, record: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as fh:
+        with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record, sort_keys=True) + "\n")
 
     def close(self) -> None:
@@ -154,12 +230,18 @@ class Loggers:
             logger.close()
 
 
-def open_logger(folder: str | os.PathLike[str] | None, tensorboard: bool = False) -> RunLogger:
-    """The run's history in ``folder`` (``history.jsonl``, and TensorBoard events when asked); None: nowhere."""
+def open_logger(folder: str | os.PathLike[str] | None, tensorboard: bool = False, resume_step: int | None = None,
+                about: dict[str, Any] | None = None) -> RunLogger:
+    """The run's history in ``folder`` (``history.jsonl``, and TensorBoard events when asked); None: nowhere.
+
+    ``resume_step``: the step a resumed run continues from (its history is cut back to it; None: a new run,
+    whose history starts afresh); ``about``: what the history's first line records of the run.
+    """
     if folder is None:
         return Loggers()
     path = Path(folder)
-    return Loggers(JsonlLogger(path / HISTORY_NAME), *([TensorBoardLogger(path)] if tensorboard else []))
+    return Loggers(JsonlLogger(path / HISTORY_NAME, resume_step, about),
+                   *([TensorBoardLogger(path)] if tensorboard else []))
 
 
 # ---- reading history ---------------------------------------------------------------------------------

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
+import sys
 
 from graytune.eval.scale import as_percent, label
 from graytune.methods import METHODS
@@ -26,16 +28,21 @@ def run(args: argparse.Namespace) -> int:
     if not METHODS[args.method].made_by.fits:  # TransMiter+: from a transferred artifact, not the loop
         return _transmiter_plus(args)
     from graytune.recipes.run import train_and_save
+    from graytune.train.loop import Terminated
 
-    summary = train_and_save(run_, progress=True)  # the bar and validation lines go to stderr, --json or not
+    try:
+        summary = train_and_save(run_, progress=True)  # the bar and validation lines go to stderr, --json or not
+    except Terminated:  # the checkpoint is written and said; exit as a process ended by SIGTERM does
+        print("graytune train: stopped by SIGTERM", file=sys.stderr)
+        return 128 + signal.SIGTERM
     if args.json:  # the validation history and best step included
         print(json.dumps(summary, sort_keys=True))
     else:
         if summary.get("data_note"):
             print(f"note: {summary['data_note']}")
-        print(f"{summary['method']} on {summary['backbone']} ({summary['access']}), {summary['data']}: "
-              f"{summary['steps']} steps at lr {summary['lr']:g}, {summary['trainable_parameters']} trainable "
-              "parameters")
+        print(f"{summary['method']} on {summary['backbone']} ({summary['access']}), {summary['data']} "
+              f"({sizes(summary['split_sizes'])}): {summary['steps']} steps at lr {summary['lr']:g}, "
+              f"{summary['trainable_parameters']} trainable parameters")
         for key, value in as_percent(summary["test"]).items():
             print(f"  test {label(key):<34} {value:8.2f}")
         calls = summary["calls"]
@@ -45,6 +52,11 @@ def run(args: argparse.Namespace) -> int:
                                                          else ""))
         print(f"saved to {args.out}")
     return 0
+
+
+def sizes(split_sizes: dict[str, int | None]) -> str:
+    """``train 200 / val 40 / test 60 items`` (a split the run has not: left out)."""
+    return " / ".join(f"{k} {v}" for k, v in split_sizes.items() if v is not None) + " items"
 
 
 def _transmiter_plus(args: argparse.Namespace) -> int:

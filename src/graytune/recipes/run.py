@@ -19,7 +19,8 @@ from typing import Any
 
 from graytune.access import Handle, open_backbone
 from graytune.artifacts import load_adapter, read_config, save_adapter
-from graytune.data.catalog import Splits, load_splits
+from graytune.data.catalog import BUILTIN, Splits, load_splits
+from graytune.data.files import content_sha256
 from graytune.data.stream import LoaderConfig
 from graytune.data.images import ImagePreprocess
 from graytune.data.labeled import LabeledImageFiles, LabeledImages
@@ -130,14 +131,38 @@ def make_task(splits: Splits, handle: Handle, image_size: int | None, fit: str |
 
 
 def splits_for(run: RunSpec) -> Splits:
-    """The run's data: ``run.data``, or its explicit split files."""
-    files = {k: v for k, v in run.files.items() if v}
-    return load_splits(None if files else run.data, run.task, **files)
+    """The run's data: ``run.data``, or its explicit split files (both: refused)."""
+    return load_splits(run.data, run.task, **data_files(run))
+
+
+def data_files(run: RunSpec) -> dict[str, str]:
+    """The split files the run was given (``--train``/``--val``/``--test``), by split; empty with ``--data``."""
+    return {k: v for k, v in run.files.items() if v}
+
+
+def data_label(run: RunSpec) -> str:
+    """The run's data as its summary and artifact name it: ``--data``'s value, or ``train FILE, val FILE``."""
+    files = data_files(run)
+    return ", ".join(f"{k} {v}" for k, v in files.items()) if files else run.data or ""
+
+
+def data_settings(run: RunSpec, splits: Splits) -> dict[str, Any]:
+    """What a resumed run must share of its data: the name or split files, each file's content hash
+    (``graytune.data.files.content_sha256``; a built-in set is its name), the task, the warm start."""
+    sources = [source.removesuffix(":base-to-novel") for source in list(data_files(run).values()) or [run.data]]
+    hashes = {source: content_sha256(source) for source in sources if source not in BUILTIN}
+    return {"data": data_label(run), "data_sha256": hashes, "task": splits.task, "warm_start": run.adapter}
+
+
+def split_sizes(splits: Splits) -> dict[str, int | None]:
+    """Items in each split (``test`` None: no test split)."""
+    return {name: None if part is None else len(part)
+            for name, part in (("train", splits.train), ("val", splits.val), ("test", splits.test))}
 
 
 def describe(splits: Splits, task: Task, run_data: str) -> dict[str, Any]:
-    """What an artifact records of its data: task, class list and prompt, preprocessing."""
-    out: dict[str, Any] = {"data": run_data, "task": splits.task}
+    """What an artifact records of its data: task, split sizes, class list and prompt, preprocessing."""
+    out: dict[str, Any] = {"data": run_data, "task": splits.task, "split_sizes": split_sizes(splits)}
     pre = getattr(task, "preprocess", None)
     out["preprocess"] = ({"image_size": pre.image_size, "fit": pre.fit, "mean": list(pre.mean), "std": list(pre.std)}
                          if pre is not None else None)
@@ -195,8 +220,11 @@ class Opened:
 def run_once(opened: Opened, method: str, train: TrainConfig, options: dict[str, Any] | None = None,
              adapter: str | None = None, device: str | None = None, checkpoint: Path | None = None,
              progress: bool = False, tensorboard: bool = False, score_val: bool = False,
-             ) -> tuple[dict[str, Any], AdaptedModel]:
+             settings: dict[str, Any] | None = None) -> tuple[dict[str, Any], AdaptedModel]:
     """One run: seed, build (or warm-start from ``adapter``), fit and select on val, test once; a row.
+
+    ``settings``: what a resume from ``checkpoint`` must share besides the training settings and options
+    (``data_settings``).
 
     Every program that trains calls this: ``graytune train`` (``train_model``), ``compare`` (the demo's
     table) and the study scripts. The adapters are built right after seeding, so one seed gives the same
@@ -216,7 +244,7 @@ def run_once(opened: Opened, method: str, train: TrainConfig, options: dict[str,
     model = place_model(model, device)
     config = resolved(train, spec.lr, model)
     result = fit(model, opened.task, opened.val, config, checkpoint=checkpoint, progress=progress,
-                 tensorboard=tensorboard) if spec.slots else None
+                 tensorboard=tensorboard, settings=settings) if spec.slots else None
     best_val = result.best_metric if result else None
     if result is None and score_val:
         best_val = opened.task.evaluate(model, opened.val)[opened.task.primary]
@@ -261,13 +289,17 @@ def train_model(run: RunSpec, progress: bool = True) -> tuple[dict[str, Any], Ad
     seed_everything(run.train.seed)
     splits, opened = open_run(run)
     ckpt = checkpoint_path(run.out)
+    settings = data_settings(run, splits) if ckpt is not None else None
     row, model = run_once(opened, run.method, run.train, run.options, run.adapter, run.device, ckpt, progress,
-                          run.tensorboard)
-    summary = {"backbone": opened.handle.spec.id, "data": run.data, "task": splits.task, **row,
-               "data_note": splits.note, "world_size": world}
+                          run.tensorboard, settings=settings)
+    label = data_label(run)
+    summary = {"backbone": opened.handle.spec.id, "data": label, "data_files": data_files(run) or None,
+               "task": splits.task, "split_sizes": split_sizes(splits), **row, "data_note": splits.note,
+               "world_size": world}
     del summary["seed"]
     if run.out and rank == 0:
-        save_adapter(model, run.out, extra={"train": row["train"], **describe(splits, opened.task, run.data),
+        save_adapter(model, run.out, extra={"train": row["train"], **describe(splits, opened.task, label),
+                                            "data_files": summary["data_files"],
                                             "warm_start": run.adapter, "best_step": summary["best_step"],
                                             "metrics": {"test": row["test"]}, "calls": row["calls"],
                                             "trainable_parameters": model.trainable_parameters()})

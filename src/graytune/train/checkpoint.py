@@ -2,12 +2,14 @@
 
 One ``torch.save`` file (read back with ``weights_only=True``: plain data and tensors, never
 pickled objects) under the keys named below; the run folder names the file
-(``graytune.runs.CHECKPOINT_NAME``). A resume refuses a checkpoint of another method or backbone,
-or one written with other training settings, naming what differs.
+(``graytune.runs.CHECKPOINT_NAME``). A resume refuses, before any training, a checkpoint of another
+method or backbone, or one written with other training settings, adapter options or data (the run's
+``settings``: the data's name or files and their content hashes, the task), naming what differs.
+A checkpoint written before a setting was recorded resumes: what it did not record is not checked.
 
 Example:
-    >>> save_checkpoint(path, tensors, opt, sched, state, config, source)
-    >>> state = load_checkpoint(path, model_tensors, opt, sched, config, source)
+    >>> save_checkpoint(path, tensors, opt, sched, state, config, source, settings={"data": "fortunes"})
+    >>> state = load_checkpoint(path, model_tensors, opt, sched, config, source, settings={"data": "fortunes"})
 """
 
 from __future__ import annotations
@@ -34,11 +36,17 @@ RNG = "rng"
 STATE = "state"
 """``FitState.to_dict()``."""
 CONFIG = "config"
-"""The settings a resume must share (``graytune.train.config.resumable``)."""
+"""The training settings a resume must share (``graytune.train.config.resumable``)."""
+RUN = "run"
+"""The rest a resume must share: the adapters' options, the data and task (plain data, by name); absent in
+checkpoints written before it was recorded."""
+#: How a differing nested setting is named in the refusal (``options`` -> ``option dga-text.extra_tokens``).
+NESTED = {"options": "option ", "data_sha256": "sha256 of "}
 
 
 def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], opt: Any, sched: Any, state: FitState,
-                    config: TrainConfig, source: GradientSource, rng: torch.Tensor | None = None) -> None:
+                    config: TrainConfig, source: GradientSource, rng: torch.Tensor | None = None,
+                    settings: dict[str, Any] | None = None) -> None:
     """Write the checkpoint atomically: a reader sees the old one or the new one, never half."""
     payload = {
         TRAINABLE: {k: v.detach().clone() for k, v in tensors.items()},
@@ -48,17 +56,19 @@ def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], opt: Any, sche
         RNG: torch.get_rng_state() if rng is None else rng,
         STATE: state.to_dict(),
         CONFIG: resumable(config),
+        RUN: dict(settings or {}),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     replace_atomically(path, lambda tmp: torch.save(payload, tmp))
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, tensors: dict[str, torch.Tensor], opt: Any, sched: Any,
-                    config: TrainConfig, source: GradientSource) -> FitState:
+                    config: TrainConfig, source: GradientSource, settings: dict[str, Any] | None = None,
+                    ) -> FitState:
     """Put the checkpoint's tensors, optimizer, schedule, RNG and source state in place; the run's state.
 
     Raises:
-        InvalidInputError: a damaged file, another method or backbone, or other settings.
+        InvalidInputError: a damaged file, another method or backbone, or other settings, options or data.
     """
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
@@ -66,15 +76,20 @@ def load_checkpoint(path: Path, model: torch.nn.Module, tensors: dict[str, torch
         raise InvalidInputError(f"checkpoint {path} is damaged or truncated ({type(err).__name__}: "
                                 f"{str(err)[:120]}); delete it to start the run over (the adapter of a finished "
                                 "run is not in it)") from None
+    differ = differences(payload.get(CONFIG) or {}, resumable(config))
+    differ += differences(payload.get(RUN) or {}, settings or {})
+    if differ:
+        raise InvalidInputError(f"checkpoint {path} was written with other settings: " + ", ".join(differ)
+                                + "; run with the same flags to resume, or delete the checkpoint to start over")
     if set(payload[TRAINABLE]) != set(tensors):
         raise InvalidInputError(f"checkpoint {path} belongs to another method or backbone; delete it or use "
                                 "another --out")
-    saved = payload.get(CONFIG)
-    if saved is not None and saved != resumable(config):
-        diff = {k: (saved.get(k), v) for k, v in resumable(config).items() if saved.get(k) != v}
-        raise InvalidInputError(f"checkpoint {path} was written with other settings: "
-                                + ", ".join(f"{k} {a} then, {b} now" for k, (a, b) in diff.items())
-                                + "; run with the same flags to resume, or delete the checkpoint to start over")
+    shapes = [f"{k} {list(v.shape)} then, {list(tensors[k].shape)} now" for k, v in payload[TRAINABLE].items()
+              if v.shape != tensors[k].shape]
+    if shapes:  # a checkpoint from before options were recorded, written with other --option values
+        raise InvalidInputError(f"checkpoint {path} holds adapters of other shapes ({', '.join(shapes[:3])}): it was "
+                                "written with other --option values; run with the same flags to resume, or delete "
+                                "the checkpoint to start over")
     state = FitState.from_dict(payload[STATE], f"checkpoint {path}")
     model.load_state_dict(payload[TRAINABLE], strict=False)
     opt.load_state_dict(payload[OPTIMIZER])
@@ -83,3 +98,38 @@ def load_checkpoint(path: Path, model: torch.nn.Module, tensors: dict[str, torch
     if payload.get(GRADIENT_SOURCE) is not None:
         source.load_state_dict(payload[GRADIENT_SOURCE])
     return state
+
+
+def differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """``"KEY THEN then, NOW now"`` for each setting recorded in ``saved`` that ``now`` changes (nested
+    settings by their inner key); a setting ``saved`` does not hold was not recorded, and is not checked."""
+    out = []
+    for key, value in now.items():
+        if key not in saved or saved[key] == value:
+            continue
+        then = saved[key]
+        inner: list[str] = []
+        if key in NESTED and isinstance(then, dict) and isinstance(value, dict):
+            was, now_flat = _flat(then), _flat(value)
+            inner = [f"{NESTED[key]}{k} {_shown(was[k])} then, {_shown(v)} now" for k, v in now_flat.items()
+                     if k in was and was[k] != v]
+        if inner or key != "data_sha256":  # hashes of other files: the data's names say what differs
+            out += inner or [f"{key} {_shown(then)} then, {_shown(value)} now"]
+    return out
+
+
+def _flat(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` as ``{"a.b": 1}``."""
+    out: dict[str, Any] = {}
+    for key, value in nested.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _shown(value: Any) -> str:
+    """A setting as the refusal shows it (a content hash shortened)."""
+    text = str(value)
+    return text[:12] + "…" if isinstance(value, str) and len(text) == 64 and text.isalnum() else text

@@ -22,9 +22,12 @@ from __future__ import annotations
 import logging
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from graytune.access import BudgetSpent
-from graytune.errors import InvalidInputError
+from graytune.errors import InvalidInputError, RemoteError
 from graytune.model import AdaptedModel
 from graytune.runs import RunLogger, open_logger
 from graytune.schedules import adamw_warmup_cosine
@@ -54,35 +57,74 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``timeout``, SLURM, Kubernetes) while ``fit`` ran with a checkpoint: handled as Ctrl-C
+    is (the last whole step checkpointed), then raised on."""
+
+
 def fit(model: AdaptedModel, task: Task, val_data: Any, config: TrainConfig,
         checkpoint: str | os.PathLike[str] | None = None, progress: bool = True, tensorboard: bool = False,
-        ) -> FitResult:
+        settings: dict[str, Any] | None = None) -> FitResult:
     """Train ``model``'s trainable tensors on ``task``; returns with the best validated state loaded.
 
     With ``checkpoint`` (a path), an atomic checkpoint is written at every validation, every
-    ``config.checkpoint_every`` and on Ctrl-C, and a run that finds one resumes from it exactly;
-    every step and validation is appended to ``history.jsonl`` beside it (and, with ``tensorboard``,
-    written as TensorBoard events in ``tensorboard/`` there too).
+    ``config.checkpoint_every``, on Ctrl-C, on SIGTERM (``Terminated``) and on a fatal error of a backbone
+    server (``RemoteError``: a quota spent, the server gone), each keeping the last whole step; a run that
+    finds one resumes from it exactly, after checking it was written with the same settings: ``config``'s,
+    the adapters' options and ``settings`` (plain data, e.g. the data's name and content hashes).
+    Every step and validation goes to ``history.jsonl`` beside it (and, with ``tensorboard``, TensorBoard
+    events in ``tensorboard/`` there too).
 
     Raises:
         InvalidInputError: no learning rate, nothing to train, zeroth-order settings for a model without
-            zeroth-order adapters, or ``max_calls`` below the calls of one training step.
+            zeroth-order adapters, ``max_calls`` below the calls of one training step, or a checkpoint written
+            with other settings.
+        Terminated: SIGTERM arrived (after the checkpoint was written).
     """
-    run = _Run(model, task, val_data, config, Path(checkpoint) if checkpoint else None, progress, tensorboard)
-    try:
-        while run.state.step < config.max_steps and not run.stop:
-            for group in epoch_groups(task, config, run.state):
-                if run.step(group):
-                    break
-            else:  # the epoch ran out of batches
-                run.state.epoch += 1
-                run.state.batch_in_epoch = 0
-    except KeyboardInterrupt:
-        run.interrupted()
-        raise
-    finally:
-        run.close()
+    ckpt = Path(checkpoint) if checkpoint else None
+    run = _Run(model, task, val_data, config, ckpt, progress, tensorboard, settings)
+    with _sigterm_raises(ckpt is not None):
+        try:
+            while run.state.step < config.max_steps and not run.stop:
+                for group in epoch_groups(task, config, run.state):
+                    if run.step(group):
+                        break
+                else:  # the epoch ran out of batches
+                    run.state.epoch += 1
+                    run.state.batch_in_epoch = 0
+        except Terminated:
+            run.interrupted("stopped by SIGTERM")
+            raise
+        except KeyboardInterrupt:
+            run.interrupted("interrupted")
+            raise
+        except RemoteError:
+            run.interrupted("stopped by the backbone server's error below")
+            raise
+        finally:
+            run.close()
     return run.result()
+
+
+@contextmanager
+def _sigterm_raises(active: bool) -> Iterator[None]:
+    """While the block runs (``active``, in the main thread): SIGTERM raises ``Terminated`` once (a second one
+    while the checkpoint is written is ignored); the handler there before is put back after."""
+    if not active or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    seen: list[int] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if not seen:
+            seen.append(signum)
+            raise Terminated(f"signal {signum} (SIGTERM)")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def epoch_groups(task: Task, config: TrainConfig, state: FitState) -> Iterator[list[Any]]:
@@ -102,7 +144,7 @@ class _Run:
     """One ``fit``: its optimizer, gradient source, state, logger and checkpoint; ``step`` runs one step."""
 
     def __init__(self, model: AdaptedModel, task: Task, val_data: Any, config: TrainConfig, ckpt: Path | None,
-                 progress: bool, tensorboard: bool) -> None:
+                 progress: bool, tensorboard: bool, settings: dict[str, Any] | None = None) -> None:
         if config.lr is None:
             raise InvalidInputError("TrainConfig.lr is None: give a learning rate (graytune methods lists each "
                                     "method's default)")
@@ -125,13 +167,16 @@ class _Run:
                                     f"{self.samples}; lower --batch-size or add data")
         self.eval_every = config.eval_every or per_epoch
         self.state = FitState()
-        self.ckpt = ckpt
-        if ckpt is not None and ckpt.is_file():
-            self.state = load_checkpoint(ckpt, model, self.tensors(), self.opt, self.sched, config, self.source)
+        self.ckpt, self.settings = ckpt, {"options": model.adapter_options(), **(settings or {})}
+        resumed = ckpt is not None and ckpt.is_file()
+        if resumed:
+            self.state = load_checkpoint(ckpt, model, self.tensors(), self.opt, self.sched, config, self.source,
+                                         self.settings)
             log.info("resumed from %s at step %d", ckpt, self.state.step)
         writer = rank == 0  # rank 0 writes the run's files; every rank resumes from them
+        about = {"method": model.method, **{k: self.settings[k] for k in ("data", "task") if k in self.settings}}
         self.logger: RunLogger = open_logger(ckpt.parent if ckpt is not None and writer else None,
-                                             tensorboard and writer)
+                                             tensorboard and writer, self.state.step if resumed else None, about)
         self.ckpt_write = ckpt if writer else None
         self.every_steps, self.every_seconds = checkpoint_cadence(config.checkpoint_every)
         self.start, self.step_times, self.last_save = time.perf_counter(), [], time.monotonic()
@@ -165,6 +210,7 @@ class _Run:
         self.step_times.append(time.perf_counter() - t0)
         state.step += 1
         state.batch_in_epoch += 1
+        self.rng = torch.get_rng_state()  # the step is whole: an interrupt from here on keeps it
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{loss:.3f}", calls=state.calls["train"])
         self.log_step(loss, lr)
@@ -250,13 +296,14 @@ class _Run:
     def save(self, rng: torch.Tensor | None = None) -> None:
         if self.ckpt_write is not None:
             save_checkpoint(self.ckpt_write, self.tensors(), self.opt, self.sched, self.state, self.config,
-                            self.source, rng)
+                            self.source, rng, self.settings)
 
-    def interrupted(self) -> None:
-        """Ctrl-C: the last whole step is kept; the same command resumes from it."""
+    def interrupted(self, why: str) -> None:
+        """Ctrl-C, SIGTERM or a fatal server error (``why``): the last whole step is kept; the same command
+        resumes from it."""
         if self.ckpt_write is not None:
             self.save(rng=self.rng)
-            self.bar.write(f"interrupted at step {self.state.step}; checkpoint saved to {self.ckpt}: run the same "
+            self.bar.write(f"{why} at step {self.state.step}; checkpoint saved to {self.ckpt}: run the same "
                            "command again to resume", file=sys.stderr)
 
     def close(self) -> None:

@@ -1,0 +1,82 @@
+"""Work is kept when a run is stopped from outside (issue 28 item 6): SIGTERM (kill, timeout, SLURM,
+Kubernetes) and a fatal error of a backbone server checkpoint the last whole step, as Ctrl-C does."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from graytune.cli.main import main
+from graytune.errors import RemoteError
+from graytune.train.loop import _Run
+from graytune.train.tasks import RetrievalTask
+from tests.data.test_catalog import write_pairs
+
+
+class Killed(Exception):
+    """What the process's own SIGTERM handler raises (the one in place before training)."""
+
+
+@pytest.fixture
+def flags(tiny_clip_dir, tmp_path) -> list[str]:  # type: ignore[no-untyped-def]
+    pairs = str(write_pairs(tmp_path / "d", n=30))
+    return ["train", "--backbone", f"hf-clip:{tiny_clip_dir}", "--method", "dga", "--data", pairs, "--max-steps",
+            "6", "--batch-size", "4", "--lr", "0.01"]
+
+
+@pytest.fixture
+def own_handler():  # type: ignore[no-untyped-def]
+    def handler(signum, frame):  # type: ignore[no-untyped-def]
+        raise Killed
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    yield handler
+    signal.signal(signal.SIGTERM, previous)
+
+
+def test_sigterm_checkpoints_the_last_whole_step_and_resumes_exactly(monkeypatch, flags, own_handler, tmp_path,
+                                                                      capsys) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "run"
+    original = _Run.log_step
+
+    def log_step(self, loss, lr):  # type: ignore[no-untyped-def]
+        original(self, loss, lr)
+        if self.state.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with monkeypatch.context() as m:
+        m.setattr(_Run, "log_step", log_step)
+        assert main([*flags, "--out", str(out)]) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert f"stopped by SIGTERM at step 3; checkpoint saved to {out / 'checkpoint.pt'}" in err
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["state"]["step"] == 3
+    assert signal.getsignal(signal.SIGTERM) is own_handler  # put back after fit
+    assert main([*flags, "--out", str(out)]) == 0  # the same command resumes
+    assert main([*flags, "--out", str(tmp_path / "whole")]) == 0  # never interrupted
+    capsys.readouterr()
+    resumed, whole = load_file(out / "adapter_model.safetensors"), load_file(tmp_path / "whole" /
+                                                                             "adapter_model.safetensors")
+    assert all(torch.equal(resumed[k], whole[k]) for k in whole)
+    assert signal.getsignal(signal.SIGTERM) is own_handler
+
+
+def test_a_fatal_server_error_checkpoints_the_last_whole_step(monkeypatch, flags, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "run"
+    original, calls = RetrievalTask.loss, []
+
+    def loss(self, model, batch):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == 4:  # step 4's forward: the server's quota is spent
+            raise RemoteError(429, "quota", "this key's quota of samples is spent (used 96, asked 4)")
+        return original(self, model, batch)
+
+    monkeypatch.setattr(RetrievalTask, "loss", loss)
+    assert main([*flags, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"stopped by the backbone server's error below at step 3; checkpoint saved to {out}" in err
+    assert "answered 429 (quota)" in err
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["state"]["step"] == 3
