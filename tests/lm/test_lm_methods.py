@@ -104,3 +104,29 @@ def test_data_and_backbone_kinds_must_agree(llama: str) -> None:
     with pytest.raises(InvalidInputError, match="wordnet-supersense is classification data and .* is a language "
                                                 "model: language models train on prompt/completion data"):
         make_task(load_splits("wordnet-supersense"), handle, None)
+
+
+def test_inserted_tokens_start_random_on_a_language_model_and_zero_on_an_encoder(llama: str, tiny_clip_dir) -> None:
+    """A zero token stays zero through a pre-norm decoder and each RMSNorm scales its gradient by 1/sqrt(eps):
+    on SmolLM2's 30 layers that overflows to NaN, so LM tokens start at N(0, 0.02²); encoders keep zeros."""
+    lm = AdaptedModel.build(open_for(llama, None, "prompt"), "prompt")
+    encoder = AdaptedModel.build(open_for(f"hf-clip:{tiny_clip_dir}", None, "prompt"), "prompt")
+    assert lm.text_adapters[0].extra.abs().sum() > 0 and 0.005 < float(lm.text_adapters[0].extra.std()) < 0.05
+    assert encoder.text_adapters[0].extra.abs().sum() == 0
+    zeros = AdaptedModel.build(open_for(llama, None, "prompt"), "prompt", {"init": "zeros"})
+    assert zeros.text_adapters[0].extra.abs().sum() == 0
+
+
+@pytest.mark.slow
+def test_a_soft_prompt_trains_on_smollm2_with_finite_gradients() -> None:
+    from graytune.data.catalog import load_splits
+    from graytune.recipes.run import make_task
+
+    splits = load_splits("wordnet-category", train_size=8)
+    handle = open_for("smollm2-135m", None, "prompt")
+    model = AdaptedModel.build(handle, "prompt")
+    task = make_task(splits, handle, None)
+    loss = task.loss(model, next(task.batches(4, torch.Generator().manual_seed(0))))
+    loss.backward()
+    grad = model.text_adapters[0].extra.grad
+    assert grad is not None and bool(torch.isfinite(grad).all()) and grad.abs().sum() > 0

@@ -175,6 +175,27 @@ def build_adapter(name: str, spec: BackboneSpec, modality: str, **options: Any) 
     return adapter_class(config_from_dict(adapter_class.config_class, options, name), spec, modality)
 
 
+#: how inserted tokens start: ``auto`` (zeros on encoders, small random values on language models), ``zeros``,
+#: ``normal`` (N(0, 0.02²))
+TOKEN_INITS = ("auto", "zeros", "normal")
+TOKEN_STD = 0.02
+
+
+def inserted_tokens(shape: tuple[int, ...] | list[int], spec: BackboneSpec, how: str, adapter: str) -> nn.Parameter:
+    """New tokens to insert, ``[1, K, D]``: zeros, or N(0, 0.02²) (drawn from torch's global generator).
+
+    ``auto`` gives zeros on encoders (what graytune always did) and random values on a causal language model:
+    there a zero token stays exactly zero through every pre-norm decoder layer, and each RMSNorm multiplies
+    its gradient by 1/sqrt(eps) (about 316), which overflows to NaN within SmolLM2's 30 layers.
+    """
+    if how not in TOKEN_INITS:
+        raise InvalidInputError(f"{adapter}: init must be one of {', '.join(TOKEN_INITS)}; got {how!r}")
+    language_model = "text.target_logprobs" in spec.port_names()
+    if how == "normal" or (how == "auto" and language_model):
+        return nn.Parameter(TOKEN_STD * torch.randn(*shape))
+    return nn.Parameter(torch.zeros(*shape))
+
+
 GATES = ("none", "scalar", "channel")
 
 

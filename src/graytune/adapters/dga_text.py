@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from graytune.adapters.base import ADAPTERS, Adapter, TowerRequest, build_gate, port_dim
+from graytune.adapters.base import ADAPTERS, Adapter, TowerRequest, build_gate, inserted_tokens, port_dim
 from graytune.errors import InvalidInputError
 from graytune.types import AccessLevel, BackboneSpec
 
@@ -40,6 +40,9 @@ class DGATextConfig:
     """``none``: the extra tokens act from the start (as before); ``scalar`` or ``channel``: their effect on
     the embedding is scaled by a zero-initialised gate (one number, or one per embedding channel), so the
     adapter is the identity at init, for a second backbone call per batch (the method dga-id)."""
+    init: str = "auto"
+    """How the extra tokens start: ``auto`` (zeros on encoders, N(0, 0.02²) on language models, where zero
+    tokens give NaN gradients through deep pre-norm decoders), ``zeros`` or ``normal``."""
 
 
 @ADAPTERS.register("dga-text")
@@ -57,7 +60,8 @@ class DGAText(Adapter):
                                     f"{config.extra_tokens}")
         dim = port_dim(spec, PORT)
         self.shift = nn.Parameter(torch.zeros(1, 1, dim)) if config.shift else None
-        self.extra = nn.Parameter(torch.zeros(1, config.extra_tokens, dim)) if config.extra_tokens else None
+        self.extra = inserted_tokens((1, config.extra_tokens, dim), spec, config.init, self.name) \
+            if config.extra_tokens else None
         gate = build_gate(config.gate, spec, modality, self.name)  # checks the option even where unused
         self.gate = gate if self.extra is not None else None
         if self.gate is not None and config.zeroth_order:

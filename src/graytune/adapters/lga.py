@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from graytune.adapters.base import ADAPTERS, Adapter, TowerRequest, build_gate, port_dim
+from graytune.adapters.base import ADAPTERS, Adapter, TowerRequest, build_gate, inserted_tokens, port_dim
 from graytune.errors import InvalidInputError
 from graytune.types import AccessLevel, BackboneSpec, Op, PortKind, prompts_port
 
@@ -52,6 +52,10 @@ class LGAConfig:
     """``none``: inserted tokens act from the start (as before); ``scalar`` or ``channel``: their effect on the
     embedding is scaled by a zero-initialised gate (one number, or one per embedding channel), so the
     adapter is the identity at init, for a second backbone call per batch (the method lga-id)."""
+    init: str = "auto"
+    """How inserted tokens start: ``auto`` (zeros on encoders, N(0, 0.02²) on language models, where zero
+    tokens give NaN gradients through deep pre-norm decoders), ``zeros`` or ``normal``; added offsets start
+    at zero."""
 
 
 @ADAPTERS.register("lga")
@@ -88,7 +92,8 @@ class LGA(Adapter):
                 shape[0] = 1
             target = _prompts_port(spec, port.name) if op is Op.INSERT and config.stacking == "replace" else port.name
             self.plan[target] = op
-            params[target.replace(".", "_")] = nn.Parameter(torch.zeros(*shape))
+            params[target.replace(".", "_")] = inserted_tokens(shape, spec, config.init, self.name) \
+                if op is Op.INSERT else nn.Parameter(torch.zeros(*shape))
         self.tokens = nn.ParameterDict(params)
         inserts = Op.INSERT in self.plan.values()  # added offsets start at zero: no gate needed there
         gate = build_gate(config.gate, spec, modality, self.name)  # checks the option even where unused
