@@ -1,4 +1,5 @@
-"""``graytune bench``: boundary overhead and memory, measured side by side in one run.
+"""``graytune bench``: boundary overhead and memory, measured side by side in one run (language models too:
+``graytune.bench.lm``; ``--no-lm`` skips them).
 
 With ``--arch`` it measures the CLIP-scale table instead (``graytune.bench.clip_scale``).
 """
@@ -14,8 +15,8 @@ CLIP_SCALE_FLAGS = ("batch", "dtype", "device", "methods", "recompute", "steps",
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="boundary vs plain autograd, memory vs full fine-tuning, remote vs in-process; "
-                                     "--arch: every method at CLIP scale")
+    p = sub.add_parser("bench", help="boundary vs plain autograd, memory vs full fine-tuning, remote vs in-process, "
+                                     "language models; --arch: every method at CLIP scale")
     p.add_argument("--rounds", type=int, default=12, help="timed steps per path, interleaved (default: 12)")
     p.add_argument("--cases", default="minilm,efficientnet-lite0", help="comma-separated boundary cases")
     p.add_argument("--transmiter", action=argparse.BooleanOptionalAction, default=True,
@@ -25,6 +26,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--serve", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the served boundary: remote vs in-process, transport, mixed adapters "
                         "(default: on)")
+    p.add_argument("--lm", action=argparse.BooleanOptionalAction, default=True,
+                   help="also measure language models: DGA's step through the boundary vs plain autograd on "
+                        "SmolLM2-135M, and each LM method's memory vs full fine-tuning on SmolLM2-135M and "
+                        "arch:llama-1b (about 20 GB for full fine-tuning at 1B; default: on)")
     clip = p.add_argument_group("CLIP scale (with --arch, only this table runs)")
     clip.add_argument("--arch", action="append",
                       help="a random-weight CLIP architecture: clip-vit-b-16, clip-vit-l-14 or clip-tiny; repeat or "
@@ -68,6 +73,10 @@ def run(args: argparse.Namespace) -> int:
         from graytune.bench import serve
 
         results["serve"] = serve.run(rounds=args.rounds)
+    if args.lm:
+        from graytune.bench import lm
+
+        results["lm"] = lm.run(rounds=args.rounds)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
@@ -78,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
             print("\n" + memo.format_report(results["memo"]))
         if args.serve:
             print("\n" + serve.format_report(results["serve"]))
+        if args.lm:
+            print("\n" + lm.format_report(results["lm"]))
     return 0
 
 
