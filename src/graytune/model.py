@@ -53,6 +53,8 @@ class AdaptedModel(nn.Module):
         self.backbone_module = module  # white-box baselines only: the client's own copy
         self.whitebox: tuple[str, Any] | None = None  # white-box baselines: (adapter name, its config)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
+        if "text.target_logprobs" in handle.spec.port_names():  # a language model compares no embeddings
+            self.logit_scale.requires_grad_(False)
         self.to(getattr(handle, "device", torch.device("cpu")))  # in process: the backbone's device, no copies
 
     @property
