@@ -36,7 +36,7 @@ from graytune.artifact_files import read_config, read_weights, write_artifact
 from graytune.errors import ArtifactError, InvalidInputError
 from graytune.methods import METHODS, MethodKind, get_method
 from graytune.schedules import adamw_warmup_cosine
-from graytune.transfer.classes import expand_classes
+from graytune.transfer.classes import DEFAULT_DRAW, expand_classes
 from graytune.transfer.procrustes import orthogonal_procrustes
 
 Tensor = torch.Tensor
@@ -149,13 +149,15 @@ class TransMiter:
 
     @classmethod
     def create(cls, task_classes: Sequence[str], total: int = 1024, dim: int | None = None, seed: int = 0,
-               prompt: str = "a picture of a {}", generator: torch.Generator | None = None) -> TransMiter:
+               prompt: str = "a picture of a {}", generator: torch.Generator | None = None,
+               aux_draw: str = DEFAULT_DRAW) -> TransMiter:
         """A fresh (identity) adapter over ``task_classes`` + auxiliary names drawn with ``seed``.
 
-        ``generator`` draws the adapter's initial weights (default: one seeded with ``seed``);
-        torch's global random state is left untouched.
+        ``aux_draw`` is how the auxiliary names are drawn (``graytune.transfer.classes``: ``balanced``, or
+        ``concrete``, graytune's earlier draw). ``generator`` draws the adapter's initial weights (default:
+        one seeded with ``seed``); torch's global random state is left untouched.
         """
-        classes = expand_classes(task_classes, total, seed)
+        classes = expand_classes(task_classes, total, seed, draw=aux_draw)
         generator = generator or torch.Generator().manual_seed(seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
