@@ -6,7 +6,6 @@ Run: .venv/bin/python scripts/transmiter_text.py [--data wordnet-supersense] [--
 then .venv/bin/python scripts/transmiter_text_table.py [--raw RAW] > table.md   (and its figure in docs/figures)
      .venv/bin/python scripts/transmiter_text.py --smoke   # every row on a tiny subset, into a temp folder
 RAW defaults to docs/transmiter-text-raw.json for WordNet and docs/transmiter-text-fortunes-raw.json for fortunes.
-
 It first runs ``scripts/install_mpnet.py`` (idempotent: an installed folder is only re-verified by SHA-256).
 
 Rows, per seed (test: every test text of all classes, 3,000 glosses for WordNet; base items scored among the
@@ -16,9 +15,10 @@ base classes, novel items among the novel ones, and their harmonic mean):
   same budget (``--ft-steps`` of batch 32, the method's registry rate, best validated state kept): the
   teacher and the upper bound;
 - ``eft``: strong zero-shot + (weak fine-tuned − weak zero-shot) scores (``graytune.transfer.eft``);
-- ``tm``: TransMiter extracted from ``weak_ft`` on the base-only unlabeled pool (the base-to-novel training
-  texts, labels unused: no novel-class text before test), noise one coin per batch (the authors'), β = 500,
-  moved to MPNet;
+- ``tm``: TransMiter (auxiliary names drawn as ``--aux-draw`` says: ``balanced`` by default, ``concrete`` the
+  first tables' draw; ``graytune.transfer.classes``) extracted from ``weak_ft`` on the base-only unlabeled pool
+  (the base-to-novel training texts, labels unused: no novel-class text before test), noise one coin per batch
+  (the authors'), β = 500, moved to MPNet;
 - ``tm_plus``: ``tm`` fine-tuned with ``--shots`` labels per base class for ``--plus-steps`` optimizer steps
   (batch 128; validation on the base val split after each pass, best kept);
 - ``tm_all_pool``: extraction and transfer on the training texts of all classes (transductive: novel texts
@@ -26,6 +26,9 @@ base classes, novel items among the novel ones, and their harmonic mean):
 - ablations of ``tm``: ``no_basis_change`` (the weak adapter on MPNet's scores), ``no_aux`` (M = the task
   classes only), ``noise_per_sample``, ``beta_per_sample`` (β = c·N at the pool's N), and the transfer on the
   first ``--small-pool`` of the pool with β fixed (``beta_fixed_small``) and with β = c·N (``beta_per_sample_small``).
+
+``--reuse OLD_RAW`` copies the rows that see no auxiliary name (``DRAW_FREE``) from a raw file drawn otherwise;
+the teacher is trained again all the same, and its gap to the copied ``weak_ft`` row is recorded.
 
 Frozen backbones' embeddings depend only on their weights, so each text is embedded once per backbone and kept
 in ``--cache`` (keyed by the spec fingerprint); fine-tuned adapters are kept there too. Every finished row is
@@ -78,6 +81,7 @@ class Protocol:
     small_pool: float = 0.25
     shots: int = 16
     plus_steps: int = 300
+    aux_draw: str = "balanced"  # how the auxiliary names are drawn (graytune.transfer.classes.DRAWS)
     train_size: int | None = None  # None: the standard splits (2,000 train of which 992 base, 500 val, 3,000 test)
     val_size: int | None = None
     test_size: int | None = None
@@ -86,6 +90,8 @@ class Protocol:
 #: every row of a seed, in the renderer's order
 ROWS = ("weak_zs", "strong_zs", "weak_ft", "strong_ft", "eft", "tm", "tm_plus", "tm_all_pool", "no_basis_change",
         "no_aux", "noise_per_sample", "beta_per_sample", "beta_fixed_small", "beta_per_sample_small")
+#: the rows that never score an auxiliary name: the same whatever the draw (``--reuse`` copies them)
+DRAW_FREE = ("weak_zs", "strong_zs", "weak_ft", "strong_ft", "eft", "no_aux")
 SMOKE = Protocol(ft_steps=4, ft_batch=16, classes=64, extract_epochs=2, shots=4, plus_steps=5, train_size=200,
                  val_size=50, test_size=100)
 
@@ -235,8 +241,10 @@ class Experiment:
                                 "seconds": round(time.perf_counter() - start, 1)})
         weak_ft, info = self.fine_tuned(WEAK, seed)
         weak_ft_test = self.scores(weak_ft, test)
+        teacher = {**metrics(weak_ft_test, self.test_labels, self.splits), **info}
         if not has(seed, "weak_ft"):
-            put(seed, "weak_ft", {**metrics(weak_ft_test, self.test_labels, self.splits), **info})
+            put(seed, "weak_ft", teacher)
+        self.check_reused_teacher(seed, teacher)
         if not has(seed, "strong_ft"):
             strong_ft, info = self.fine_tuned(self.strong_id, seed)
             put(seed, "strong_ft", {**metrics(self.scores(strong_ft, test), self.test_labels, self.splits), **info})
@@ -256,13 +264,24 @@ class Experiment:
         self.weak.save()
         self.strong.save()
 
+    def check_reused_teacher(self, seed: int, teacher: dict[str, Any]) -> None:
+        """A reused ``weak_ft`` row must be the teacher trained again here: the largest metric gap is recorded."""
+        reused = self.store.data.get("reused", {}).get("rows", {}).get(str(seed), [])
+        if "weak_ft" not in reused:
+            return
+        row = self.store.data["seeds"][str(seed)]["weak_ft"]
+        gap = max(abs(row[k] - teacher[k]) for k in ("base_accuracy", "novel_accuracy", "harmonic_mean"))
+        if gap > 1e-6:
+            log.warning("seed %d: the teacher trained again differs from the reused weak_ft row by %.4f", seed, gap)
+        self.store.update(lambda data: data["reused"].setdefault("teacher_gap", {}).update({str(seed): gap}))
+
     def transmiter(self, seed: int, keys: Sequence[str], pool: Sequence[str], m: int, noise: str, weak_ft: Any
                    ) -> None:
         """Extract from ``weak_ft`` on ``pool``, transfer to MPNet, and write the rows ``keys`` asks for."""
         from graytune.transfer.transmiter import ExtractConfig, PlusConfig, TransMiter, procrustes_beta
 
         p, labels = self.p, self.test_labels
-        tm = TransMiter.create(self.names, total=m, seed=seed, prompt=self.prompt)
+        tm = TransMiter.create(self.names, total=m, seed=seed, prompt=self.prompt, aux_draw=p.aux_draw)
         teacher = self.scores(weak_ft, pool)  # [N, task classes]
         weak_u, strong_u = tm.scores(self.weak, pool), tm.scores(self.strong, pool)
         strong_test = tm.scores(self.strong, self.q.test)  # [test, M]
@@ -304,6 +323,27 @@ class Experiment:
             self.store.put(seed, key, out[key])
 
 
+def reuse(store: Store, old: Path, seeds: Sequence[int]) -> None:
+    """Copy the ``DRAW_FREE`` rows of ``seeds`` from ``old`` (same protocol but the draw; none: ``concrete``)."""
+    then, now = json.loads(old.read_text()), store.data
+    differ = [k for k in set(then["protocol"]) | set(now["protocol"])
+              if k != "aux_draw" and then["protocol"].get(k) != now["protocol"].get(k)]
+    differ += [k for k in ("weak", "strong", "data", "strong_sha256") if then.get(k) != now.get(k)]
+    if differ:
+        raise SystemExit(f"--reuse {old}: its {', '.join(sorted(differ))} differ from this run's; use another file")
+    copied: dict[str, list[str]] = {}
+    for seed in map(str, seeds):
+        rows = {k: v for k, v in then["seeds"].get(seed, {}).items()
+                if k in DRAW_FREE and k not in now["seeds"].get(seed, {})}
+        if rows:
+            copied[seed] = sorted(rows)
+            store.update(lambda data, seed=seed, rows=rows: data["seeds"].setdefault(seed, {}).update(rows))
+    draw = then["protocol"].get("aux_draw", "concrete")
+    store.update(lambda data: data.setdefault("reused", {"from": str(old), "aux_draw": draw, "rows": {}})["rows"]
+                 .update(copied))
+    log.info("reused from %s (drawn %s): %s", old, draw, copied or "nothing new")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     defaults = Protocol()
@@ -319,6 +359,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--beta-per-sample", type=float, default=defaults.beta_per_sample)
     parser.add_argument("--plus-steps", type=int, default=defaults.plus_steps, help="TransMiter+ optimizer steps")
     parser.add_argument("--shots", type=int, default=defaults.shots, help="TransMiter+ labels per base class")
+    parser.add_argument("--aux-draw", default=defaults.aux_draw, choices=("balanced", "concrete"))
+    parser.add_argument("--reuse", type=Path, metavar="OLD_RAW", help="copy DRAW_FREE rows from a raw file")
     parser.add_argument("--smoke", action="store_true", help="a tiny subset, seed 0, a few steps, into a temp folder")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
@@ -328,7 +370,8 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     mpnet = install_mpnet.install(args.mpnet, say=log.info)  # idempotent; checks model.safetensors' SHA-256
     protocol = replace(defaults, ft_method=args.ft_method, ft_steps=args.ft_steps, classes=args.classes,
-                       beta_per_sample=args.beta_per_sample, plus_steps=args.plus_steps, shots=args.shots)
+                       beta_per_sample=args.beta_per_sample, plus_steps=args.plus_steps, shots=args.shots,
+                       aux_draw=args.aux_draw)
     seeds = [int(s) for s in args.seeds.split(",")]
     out, cache = Path(args.out or RAW[args.data]), args.cache
     if args.smoke:  # a fresh folder outside the repository, kept for a look (never docs/)
@@ -338,6 +381,8 @@ def main(argv: list[str] | None = None) -> None:
             "data": f"{args.data}:base-to-novel", "strong_sha256": install_mpnet.SHA256,
             "torch_threads": torch.get_num_threads()}
     store = Store(out, head)
+    if args.reuse:
+        reuse(store, args.reuse, seeds)
     experiment = Experiment(protocol, f"hf-text:{mpnet}", cache, store, progress=not args.quiet, data=args.data)
     for seed in seeds:
         seed_start = time.perf_counter()

@@ -19,6 +19,9 @@ from typing import Any
 
 SIZE, DPI = (7.2, 4.6), 100
 KEYS = ("base_accuracy", "novel_accuracy", "harmonic_mean")
+#: the auxiliary-name draws (``graytune.transfer.classes``), as the header names them; a raw file without one: concrete
+DRAWN = {"balanced": "drawn equally from WordNet's noun categories, the task's own categories left out",
+         "concrete": "drawn from five concrete categories, on WordNet mostly the base classes' own"}
 #: data set -> (what it is, what one test item is); the study's text sets
 DATA = {"wordnet-supersense": ("WordNet supersenses", "glosses"), "fortunes": ("Debian fortunes by topic", "quotes")}
 
@@ -169,7 +172,9 @@ def main(argv: list[str] | None = None) -> None:
     _, _, items = data_of(raw)
     print(f"Weak {raw['weak']} → strong all-mpnet-base-v2 (model.safetensors SHA-256 {raw['strong_sha256'][:12]}…), "
           f"{raw['data']}: {sizes.get('test', '?')} test {items}; unlabeled pool: the training {items}, labels "
-          f"unused; M = {p['classes']} classes (task + WordNet auxiliary nouns); extraction {p['extract_epochs']} "
+          f"unused; M = {p['classes']} classes (task + WordNet auxiliary nouns, "
+          f"{DRAWN[p.get('aux_draw', 'concrete')]}); "
+          f"extraction {p['extract_epochs']} "
           f"epochs of batch 128, logit noise one coin per {p['noise_per']}; seeds {', '.join(raw['seeds'])}.\n")
     print("\n".join(hypothesis(raw)) + "\n")
     print("\n".join(table(raw)) + "\n")
