@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
@@ -49,7 +48,7 @@ def assert_matches(estimate: torch.Tensor, truth: torch.Tensor, tolerance: float
     assert error < tolerance, f"relative error {error:.3f} (estimate {estimate[:4]}, truth {truth[:4]})"
 
 
-@pytest.mark.parametrize("estimator", ["spsa", "spsa-gc", "mezo", "zip"])
+@pytest.mark.parametrize("estimator", ["spsa", "spsa-gc", "mezo"])  # zip: tests/train/test_zip.py
 def test_expectation_is_the_gradient_of_a_quadratic(estimator: str, one_thread) -> None:  # type: ignore[no-untyped-def]
     g = torch.Generator().manual_seed(0)
     d = 12
@@ -61,13 +60,10 @@ def test_expectation_is_the_gradient_of_a_quadratic(estimator: str, one_thread) 
         return 0.5 * theta @ a @ theta + b @ theta
 
     truth = a @ theta.detach() + b  # the exact gradient
-    zo = ZerothOrder({"theta": theta}, ZOSettings.resolve(estimator, q=20, dim=6 if estimator == "zip" else None),
-                     seed=1)
+    zo = ZerothOrder({"theta": theta}, ZOSettings.resolve(estimator, q=20), seed=1)
     before = theta.detach().clone()
     estimate = average_estimate(zo, loss, draws=300)
     assert torch.equal(theta.detach(), before), "θ must be restored exactly after the perturbed evaluations"
-    if estimator == "zip":  # the estimate is of the gradient with respect to the intrinsic vector z
-        truth = zo.projection.T @ truth
     assert_matches(estimate, truth, tolerance=0.12)
 
 
@@ -88,7 +84,7 @@ def test_expectation_is_the_gradient_of_a_tiny_network(estimator: str, one_threa
     assert F.cosine_similarity(estimate, truth, dim=0) > 0.99
 
 
-def test_gradient_correction_and_clipping_follow_blackvip_and_zip() -> None:
+def test_gradient_correction_follows_blackvip() -> None:
     theta = torch.nn.Parameter(torch.zeros(3), requires_grad=False)
     gc = ZerothOrder({"theta": theta}, ZOSettings.resolve("spsa-gc", momentum=0.5))
     first, second = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([-1.0, 0.0, 1.0])
@@ -102,16 +98,6 @@ def test_gradient_correction_and_clipping_follow_blackvip_and_zip() -> None:
     gc.pending = second.clone()
     gc.write_grads()
     torch.testing.assert_close(theta.grad, second + 0.5 * (0.5 * first + second))
-
-    wide = torch.nn.Parameter(torch.zeros(40), requires_grad=False)
-    zip_ = ZerothOrder({"wide": wide}, ZOSettings.resolve("zip", dim=4))
-    zip_.pending = torch.full((4,), 10.0)
-    zip_.write_grads()
-    assert zip_.z is not None and zip_.z.grad is not None
-    assert math.isclose(float(zip_.z.grad.norm()), 2.0, rel_tol=1e-6)  # clipped to √k
-    zip_.z.data.fill_(0.3)
-    zip_.after_step()
-    torch.testing.assert_close(wide.detach(), zip_.projection @ zip_.z)  # θ = θ₀ + P z, θ₀ = 0
 
 
 def test_bad_settings_are_refused_with_what_is_allowed() -> None:

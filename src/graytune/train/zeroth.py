@@ -3,22 +3,35 @@
 At black-box the boundary answers forward calls and never a gradient. Adapters whose
 edits cross it (the DGA pixel conv, text shift and extra tokens, prompt tokens) are
 then trained from the losses of perturbed copies of their tensors θ (``d`` numbers),
-each loss one batched forward per tower, as the black-box prompt-tuning papers do:
+each loss one model evaluation (one batched forward per tower the task uses):
 
 - ``spsa``: Rademacher directions Δ ∈ {±1}^d, q per step,
   ĝ = mean_i (L(θ + εΔ_i) − L(θ − εΔ_i)) / 2ε · Δ_i;
 - ``spsa-gc``: BlackVIP's SPSA with gradient correction, a Nesterov-style look-ahead
   momentum: m ← βm + ĝ (m = ĝ at the first step), and ĝ + βm is stepped;
-- ``zip``: ZIP's clipped SPSA in a low-rank intrinsic space: θ = θ₀ + P z with a fixed
-  random P ``[d, k]`` (entries N(0, 1/k), drawn from the run's seed), the directions
-  perturb z ∈ R^k, and the estimate's norm is clipped to √k (ZIP's threshold);
+- ``zip``: ZIP (Park et al., ICLR 2025; ``trainers/zip.py``): SPSA on the variables w of a low-rank,
+  feature-shared reparametrisation (``IntrinsicSpace``): θ's rows are θ₀'s plus Fastfood projections of the
+  rows of U·diag(s)·Vᵀ + 1·shared_vᵀ (intrinsic dimension k = ``dim``, rank r = 5), so n = R·r + r + (k/R)·r + k/R
+  variables train for R rows (ZIP's 8 context tokens, k = 500: 417); directions are ZIP's segmented uniform
+  (each coordinate ±U[0.5, 1]), ĝ_j = (L₊ − L₋) / (2ε_t Δ_j), the scale decays as ε_t = ε / t^0.1 (t = step + 1),
+  and the estimate's norm is clipped to √n;
 - ``mezo``: MeZO's two-point estimator with Gaussian directions u ~ N(0, I).
 
-A step costs 2q loss evaluations per batch; a loss evaluation sends the task's batched
-forwards (classification: the class prompts and the queries, two calls). The estimate is
-written into ``.grad`` of the tensors stepped (θ, or z for ``zip``), so the trainer's AdamW,
-schedule, checkpoints and best-state selection step it as they step a gradient (the papers
-step plain SGD with a decaying gain). Client-side tensors after the boundary (output adapters,
+Where they differ from their papers (``graytune methods`` and docs/results.md say the same):
+
+- every estimator's estimate goes into ``.grad`` and the trainer's AdamW with warm-up and cosine steps it;
+  BlackVIP and ZIP step plain SGD with the gain a_t = 0.01 / (t + 1)^0.4, MeZO plain SGD;
+- ``spsa``/``spsa-gc`` draw Rademacher directions at a fixed ε; BlackVIP draws segmented-uniform ones and
+  decays ε as ZIP does;
+- ``zip``'s rows: each token of a ``[1, K, D]`` tensor is one row, as ZIP's context tokens are; any other
+  tensor (the pixel conv's weight, its bias) is one row of its numbers; the Fastfood transform pads to
+  the power of two above both widths (ZIP's pads the intrinsic row, which must be the narrower);
+- calls: ZIP and BlackVIP count one call per model evaluation (both towers); the boundary counts one per
+  tower forward, twice as many on a two-tower task: ``graytune.train.budget`` keeps both.
+
+A step costs 2q loss evaluations per batch. The estimate is written into ``.grad`` of the
+tensors stepped (θ, or w for ``zip``), so the trainer's AdamW, schedule, checkpoints and best-state
+selection step it as they step a gradient. Client-side tensors after the boundary (output adapters,
 the temperature) get ordinary backprop gradients of the mean perturbed loss, at no extra call;
 the zeroth-order tensors never ask for a gradient, so the boundary is never asked for a VJP.
 
@@ -44,16 +57,19 @@ from graytune.errors import InvalidInputError
 
 Tensor = torch.Tensor
 
-#: The estimators, with their defaults (BlackVIP and ZIP: q = 5, ε = 0.01; MeZO: q = 1, ε = 1e-3).
+#: The estimators, with their defaults (BlackVIP and ZIP: q = 5, ε = 0.01; ZIP: k = 500, r = 5, ε_t = ε / t^0.1;
+#: MeZO: q = 1, ε = 1e-3).
 ESTIMATORS: dict[str, dict[str, Any]] = {
     "spsa": {"q": 5, "eps": 0.01},
     "spsa-gc": {"q": 5, "eps": 0.01, "momentum": 0.9},
-    "zip": {"q": 5, "eps": 0.01, "dim": 256},
+    "zip": {"q": 5, "eps": 0.01, "dim": 500, "rank": 5, "eps_decay": 0.1},
     "mezo": {"q": 1, "eps": 1e-3},
 }
 DEFAULT_ESTIMATOR = "spsa-gc"
 #: ``TrainConfig`` fields that set zeroth-order training, and the setting each fills.
 ZO_FIELDS = {"zo": "estimator", "zo_q": "q", "zo_eps": "eps", "zo_dim": "dim", "zo_momentum": "momentum"}
+#: What a ``zip`` checkpoint's source state holds (``ZerothOrder.state_dict``), and what the earlier one held.
+ZIP_STATE, OLD_ZIP_STATE = "zip-lowrank-1", ("z", "theta0")
 
 
 def settings_problems(estimator: str | None, dim: int | None, momentum: float | None) -> list[str]:
@@ -80,9 +96,11 @@ class ZOSettings:
     Attributes:
         estimator: ``spsa``, ``spsa-gc``, ``zip`` or ``mezo``.
         q: directions per step (each two loss evaluations).
-        eps: perturbation scale ε.
+        eps: perturbation scale ε (``zip``: at the first step).
         dim: ``zip``: the intrinsic dimension k.
         momentum: ``spsa-gc``: the correction's β.
+        rank: ``zip``: the rank r of U·diag(s)·Vᵀ (ZIP's 5; no flag sets it).
+        eps_decay: ε_t = ε / t^eps_decay at step t = step + 1 (``zip``: ZIP's 0.1; others 0, a fixed ε).
     """
 
     estimator: str
@@ -90,6 +108,8 @@ class ZOSettings:
     eps: float
     dim: int | None = None
     momentum: float | None = None
+    rank: int | None = None
+    eps_decay: float = 0.0
 
     @classmethod
     def resolve(cls, estimator: str | None = None, q: int | None = None, eps: float | None = None,
@@ -107,7 +127,78 @@ class ZOSettings:
         return {"zo": self.estimator, "zo_q": self.q, "zo_eps": self.eps, "zo_dim": self.dim,
                 "zo_momentum": self.momentum}
 
+    def eps_at(self, step: int) -> float:
+        """ε at optimizer step ``step`` (0-based): ε / (step + 1)^eps_decay."""
+        return self.eps / (step + 1) ** self.eps_decay
 
+
+class IntrinsicSpace:
+    """ZIP's low-rank, feature-shared reparametrisation of tensors θ: θ = θ₀ + offset(w).
+
+    θ is cut into R rows (each token of a ``[1, K, D]`` tensor, or a whole other tensor). With m = k // R,
+    the rows of U·diag(s)·Vᵀ + 1·shared_vᵀ (U ``[R, r]`` zeros, s ``[r]`` ones, V ``[m, r]`` ~ N(0, 1),
+    shared_v ``[m]`` zeros: the offset is 0 at the start) are the rows' intrinsic vectors, each mapped to its
+    row's width by its own Fastfood transform H·G·Π·H·B (Le et al. 2013), scaled to keep norms. w is
+    (U, s, V, shared_v) flattened: ``size`` = R·r + r + m·r + m numbers.
+
+    Args:
+        shapes: the tensors' shapes, in order.
+        dim: k. rank: r. seed: draws V and each row's Fastfood (B, Π, G).
+
+    Raises:
+        InvalidInputError: k below the number of rows.
+    """
+
+    def __init__(self, shapes: Sequence[torch.Size], dim: int, rank: int, seed: int = 0) -> None:
+        self.widths = _row_widths(shapes)
+        rows = len(self.widths)
+        if dim < rows:
+            raise InvalidInputError(f"zo_dim={dim} is below the {rows} rows zip reparametrises (one per token, one per "
+                                    f"other tensor); give --zo-dim {rows} or more (ZIP's: 500)")
+        self.rows, self.rank, self.per_row = rows, rank, dim // rows
+        g = torch.Generator().manual_seed(_mix(seed, 0x51F))
+        v = torch.randn(self.per_row, rank, generator=g)
+        self.initial = torch.cat([torch.zeros(rows * rank), torch.ones(rank), v.reshape(-1), torch.zeros(self.per_row)])
+        self.maps = [fastfood(width, self.per_row, _mix(seed, 0x51F, i)) for i, width in enumerate(self.widths)]
+
+    @property
+    def size(self) -> int:
+        """n, the number of variables: R·r + r + m·r + m (ZIP's count)."""
+        return self.rows * self.rank + self.rank + self.per_row * self.rank + self.per_row
+
+    def offset(self, w: Tensor) -> Tensor:
+        """``[d]`` θ − θ₀ for the variables ``w`` ``[n]`` (differentiable)."""
+        r, rows, m = self.rank, self.rows, self.per_row
+        u, s = w[:rows * r].view(rows, r), w[rows * r:rows * r + r]
+        v, shared = w[rows * r + r:rows * r + r + m * r].view(m, r), w[-m:]
+        intrinsic = (u * s) @ v.T + shared  # [R, m]
+        return torch.cat([p.to(w.device) @ z for p, z in zip(self.maps, intrinsic)])
+
+
+def _row_widths(shapes: Sequence[torch.Size]) -> list[int]:
+    """Each row's width: a ``[1, K, D]`` tensor gives K rows of D; any other tensor one row of its numbers."""
+    widths: list[int] = []
+    for shape in shapes:
+        tokens = len(shape) == 3 and shape[0] == 1
+        widths += [int(shape[2])] * int(shape[1]) if tokens else [int(torch.Size(shape).numel())]
+    return widths
+
+
+def fastfood(width: int, dim: int, seed: int) -> Tensor:
+    """``[width, dim]`` the Fastfood map H·G·Π·H·B of a ``dim`` vector, padded to L = 2^⌈log₂ max(width, dim)⌉, its
+    first ``width`` outputs, divided by √(L·ΣG²)·√(width / L) (ZIP's scale: norms kept on average); written out
+    as a matrix (the same linear map as the fast transform)."""
+    size = 1 << (max(width, dim) - 1).bit_length()
+    g = torch.Generator().manual_seed(seed)
+    signs = torch.randint(0, 2, (size,), generator=g).float() * 2 - 1  # B
+    order = torch.randperm(size, generator=g)  # Π
+    gauss = torch.randn(size, generator=g)  # G
+    hadamard = torch.ones(1, 1)
+    while hadamard.shape[0] < size:
+        hadamard = torch.cat([torch.cat([hadamard, hadamard], 1), torch.cat([hadamard, -hadamard], 1)])
+    x = signs[:, None] * torch.eye(size)[:, :dim]  # B, on the padded basis vectors: [L, dim]
+    x = (hadamard @ (gauss[:, None] * (hadamard @ x)[order]))[:width]
+    return x / (math.sqrt(size * float(gauss.pow(2).sum())) * math.sqrt(width / size))
 class ZerothOrder:
     """Gradient estimates for tensors that never ask the boundary for a gradient.
 
@@ -115,7 +206,7 @@ class ZerothOrder:
         params: the tensors θ (``requires_grad`` off), e.g. ``zo_parameters(model)``.
         settings: the estimator.
         seed: the directions of step ``t`` are drawn from ``(seed, t)`` alone, so a resumed run
-            draws the same ones (and ``zip``'s projection is drawn from ``seed``).
+            draws the same ones (and ``zip``'s reparametrisation is drawn from ``seed``).
     """
 
     def __init__(self, params: Mapping[str, Tensor], settings: ZOSettings, seed: int = 0) -> None:
@@ -132,17 +223,17 @@ class ZerothOrder:
         self.pending: Tensor | None = None  # [n] the step's estimate so far, in the space stepped
         self.momentum: Tensor | None = None  # spsa-gc's m, as of the last step taken
         self._next_momentum: Tensor | None = None  # m once the step being taken is taken
-        self.z: Tensor | None = None
+        self.space: IntrinsicSpace | None = None
+        self.w: Tensor | None = None
         if settings.estimator == "zip":
-            k = int(settings.dim or 1)
-            self.z = torch.zeros(k, device=self.device)  # [k]
+            self.space = IntrinsicSpace([p.shape for p in self.params], int(settings.dim or 1),
+                                        int(settings.rank or 1), seed)
+            self.w = self.space.initial.clone().to(self.device)  # [n]
             self.theta0 = self._flat().clone()  # [d]
-            g = torch.Generator().manual_seed(_mix(seed, 0x51F))
-            self.projection = (torch.randn(sum(self.sizes), k, generator=g) / math.sqrt(k)).to(self.device)  # [d, k]
 
     def variables(self) -> dict[str, Tensor]:
-        """The tensors the optimizer steps: θ by name, or ``zip``'s intrinsic vector z."""
-        return {"zeroth_order.z": self.z} if self.z is not None else dict(zip(self.names, self.params))
+        """The tensors the optimizer steps: θ by name, or ``zip``'s variables w (U, s, V, shared_v flattened)."""
+        return {"zeroth_order.w": self.w} if self.w is not None else dict(zip(self.names, self.params))
 
     def tensors(self) -> dict[str, Tensor]:
         """θ by name: what a checkpoint and the best state keep beside the model's trainable tensors."""
@@ -156,6 +247,10 @@ class ZerothOrder:
         return (f"{2 * self.settings.q * grad_accum} loss evaluations (2 × zo_q × grad_accum), each the task's "
                 "batched forwards")
 
+    def evaluations_per_batch(self) -> int:
+        """Loss evaluations (model evaluations) one batch of a step costs: 2q."""
+        return 2 * self.settings.q
+
     def accumulate(self, loss_of: Callable[[], Tensor], step: int, part: int = 0, parts: int = 1) -> float:
         """Add this batch's estimate / ``parts`` to the step's (2q calls of ``loss_of``); the mean loss / ``parts``.
 
@@ -164,22 +259,22 @@ class ZerothOrder:
         accumulate the gradient of the mean of the 2q losses / ``parts``. θ is restored exactly.
         """
         s = self.settings
-        weight = 1.0 / parts
+        weight, eps = 1.0 / parts, s.eps_at(step)
         base = [p.detach().clone() for p in self.params]
-        estimate = torch.zeros(self.z.numel() if self.z is not None else sum(self.sizes), device=self.device)
+        estimate = torch.zeros(self.w.numel() if self.w is not None else sum(self.sizes), device=self.device)
         total = 0.0
         try:
             for i in range(s.q):
                 v = self.direction(step, part, i)  # [n]
-                delta = self.projection @ v if self.z is not None else v  # [d]
                 values = []
                 for sign in (1.0, -1.0):
-                    self._put(base, sign * s.eps * delta)
+                    self._perturb(base, sign * eps * v)
                     loss = loss_of()
                     if loss.requires_grad:
                         (loss * (weight / (2 * s.q))).backward()
                     values.append(float(loss.detach()))
-                estimate += (values[0] - values[1]) / (2 * s.eps) * v
+                slope = (values[0] - values[1]) / (2 * eps)
+                estimate += slope / v if self.w is not None else slope * v  # ZIP divides by Δ (Spall's form)
                 total += values[0] + values[1]
         finally:
             self._put(base, None)
@@ -188,15 +283,19 @@ class ZerothOrder:
         return weight * total / (2 * s.q)
 
     def direction(self, step: int, part: int, i: int) -> Tensor:
-        """``[n]`` the ``i``-th direction of batch ``part`` of step ``step`` (Rademacher, or Gaussian for mezo)."""
+        """``[n]`` the ``i``-th direction of batch ``part`` of step ``step``: Rademacher, Gaussian (mezo) or
+        ZIP's segmented uniform (zip: each coordinate's size uniform in [0.5, 1], its sign ±1)."""
         g = torch.Generator().manual_seed(_mix(self.seed, step, part, i))
-        n = self.z.numel() if self.z is not None else sum(self.sizes)
+        n = self.w.numel() if self.w is not None else sum(self.sizes)
         if self.settings.estimator == "mezo":
             return torch.randn(n, generator=g).to(self.device)
-        return (torch.randint(0, 2, (n,), generator=g) * 2 - 1).float().to(self.device)
+        signs = (torch.randint(0, 2, (n,), generator=g) * 2 - 1).float()
+        if self.w is not None:
+            return (signs * (0.5 + 0.5 * torch.rand(n, generator=g))).to(self.device)
+        return signs.to(self.device)
 
     def write_grads(self) -> None:
-        """Put the step's estimate, corrected (spsa-gc) or clipped (zip), into ``.grad`` of ``variables()``."""
+        """Put the step's estimate, corrected (spsa-gc) or clipped to √n (zip), into ``.grad`` of ``variables()``."""
         g, self.pending = self.pending, None
         if g is None:
             return
@@ -204,12 +303,12 @@ class ZerothOrder:
             beta = float(self.settings.momentum or 0.0)
             self._next_momentum = g.clone() if self.momentum is None else beta * self.momentum + g
             g = g + beta * self._next_momentum
-        if self.z is not None:
-            limit = math.sqrt(self.z.numel())
+        if self.w is not None:
+            limit = math.sqrt(self.w.numel())
             norm = float(g.norm())
-            if norm > limit:
+            if norm >= limit:
                 g = g * (limit / norm)
-            self.z.grad = g.clone()
+            self.w.grad = g.clone()
             return
         for p, piece in zip(self.params, g.split(self.sizes)):
             p.grad = piece.view_as(p).clone()
@@ -219,25 +318,45 @@ class ZerothOrder:
         self.pending = self._next_momentum = None
 
     def after_step(self) -> None:
-        """The step was taken: spsa-gc keeps its new momentum; ``zip`` sets θ = θ₀ + P z from the moved z."""
+        """The step was taken: spsa-gc keeps its new momentum; ``zip`` sets θ = θ₀ + offset(w) from the moved w."""
         if self._next_momentum is not None:
             self.momentum, self._next_momentum = self._next_momentum, None
-        if self.z is not None:
-            self._put([self.theta0], self.projection @ self.z, flat=True)
+        if self.w is not None:
+            self._perturb([], None)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"momentum": self.momentum, "z": self.z, "theta0": getattr(self, "theta0", None)}
+        if self.w is None:
+            return {"momentum": self.momentum}
+        return {"momentum": self.momentum, "space": ZIP_STATE, "w": self.w, "theta0": self.theta0}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """The state ``state_dict`` wrote; a ``zip`` checkpoint of graytune's earlier dense projection is refused."""
+        if self.w is not None and state.get("space") != ZIP_STATE:
+            found = sorted(k for k, v in state.items() if v is not None)
+            earlier = all(k in state for k in OLD_ZIP_STATE)
+            raise InvalidInputError(
+                f"this checkpoint's zip state holds {found}, not ZIP's low-rank variables ({ZIP_STATE}): "
+                + ("it was written by graytune's earlier zip (θ = θ₀ + P z with a dense random P), which cannot "
+                   "continue as ZIP's reparametrisation; " if earlier else "")
+                + "delete the checkpoint to start the run over (its finished adapters, if any, still load)")
         self.momentum = None if state.get("momentum") is None else state["momentum"].to(self.device)
-        if self.z is not None:
+        if self.w is not None:
             with torch.no_grad():
-                self.z.copy_(state["z"])
+                self.w.copy_(state["w"])
             self.theta0 = state["theta0"].to(self.device)
-            self._put([self.theta0], self.projection @ self.z, flat=True)  # θ follows z
+            self._perturb([], None)  # θ follows w
 
     def _flat(self) -> Tensor:
         return torch.cat([p.detach().reshape(-1) for p in self.params])
+
+    def _perturb(self, base: Sequence[Tensor], offset: Tensor | None) -> None:
+        """θ = base + offset (``[d]``); ``zip``: θ = θ₀ + offset_space(w + offset), ``offset`` ``[n]`` in w's space."""
+        if self.space is None or self.w is None:
+            self._put(base, offset)
+            return
+        with torch.no_grad():
+            w = self.w if offset is None else self.w + offset
+            self._put([self.theta0], self.space.offset(w), flat=True)
 
     @torch.no_grad()
     def _put(self, base: Sequence[Tensor], offset: Tensor | None, flat: bool = False) -> None:
