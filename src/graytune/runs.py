@@ -204,12 +204,14 @@ class TensorBoardLogger:
     def log(self, record: dict[str, Any]) -> None:
         step = record["step"]
         if record["event"] == "step":
-            for key in ("loss", "lr", "samples_per_s", "forward_queries", "gradient_queries", "train_calls"):
+            for key in ("loss", "lr", "samples_per_s", "forward_queries", "gradient_queries", "train_calls",
+                        "train_evaluations"):
                 self.board.add_scalar(f"train/{key}", record[key], step)
         else:
             for key, value in record["metrics"].items():
                 self.board.add_scalar(f"val/{key}", value, step)
                 self.board.add_scalar(f"val_by_train_calls/{key}", value, record["train_calls"])
+                self.board.add_scalar(f"val_by_train_evaluations/{key}", value, record["train_evaluations"])
 
     def close(self) -> None:
         self.board.close()
@@ -285,17 +287,29 @@ def read_history_lines(run: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return records
 
 
+#: What ``calls_curve`` may count training calls in: per tower forward (what the boundary meters), or per model
+#: evaluation (ZIP's and BlackVIP's API calls), by the history field each reads.
+CALL_COUNTS = {"tower": "train_calls", "evaluation": "train_evaluations"}
+
+
 def calls_curve(history: str | os.PathLike[str] | list[dict[str, Any]], metric: str | None = None,
-                ) -> list[tuple[int, float]]:
+                per: str = "tower") -> list[tuple[int, float]]:
     """``(training calls, validation metric)`` at each validation of a run: an accuracy-vs-calls curve.
 
     Args:
         history: a run's ``history.jsonl`` (in its ``--out``), its folder, or the lines already read.
         metric: a validation metric (default: the task's primary one, e.g. ``accuracy``).
+        per: ``tower``: calls as the boundary counts them (one per batched forward of one tower);
+            ``evaluation``: as ZIP and BlackVIP count them (one per model evaluation, every tower included;
+            histories written before graytune counted them have none, and give an empty curve).
 
     Example:
-        >>> calls_curve("runs/dga-zo")   # [(120, 0.62), (240, 0.66), ...]
+        >>> calls_curve("runs/dga-zo")                     # [(120, 0.62), (240, 0.66), ...]
+        >>> calls_curve("runs/dga-zo", per="evaluation")   # [(60, 0.62), (120, 0.66), ...]
     """
+    if per not in CALL_COUNTS:
+        raise InvalidInputError(f"per must be one of {', '.join(CALL_COUNTS)}; got {per!r}")
+    key = CALL_COUNTS[per]
     records = history if isinstance(history, list) else read_history_lines(history)
     rows = [r for r in records if isinstance(r, dict) and r.get("event") == "val"]
-    return [(int(r["train_calls"]), float(r["metrics"][metric or r["primary"]])) for r in rows if "train_calls" in r]
+    return [(int(r[key]), float(r["metrics"][metric or r["primary"]])) for r in rows if key in r]

@@ -47,9 +47,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"  test {label(key):<34} {value:8.2f}")
         calls = summary["calls"]
         if calls.get("train"):
-            print(f"  forward calls: {calls['train']} training ({calls['train_samples']} samples), {calls['val']} "
-                  f"validation, {calls['test']} test" + ("; stopped at --max-calls" if summary["stopped"] == "max_calls"
-                                                         else ""))
+            evaluations = calls.get("train_evaluations")
+            print(f"  forward calls, one per tower forward: {calls['train']} training ({calls['train_samples']} "
+                  f"samples), {calls['val']} validation, {calls['test']} test"
+                  + (f"; training model evaluations (ZIP's and BlackVIP's calls): {evaluations}"
+                     if evaluations is not None and evaluations >= 0 else "")
+                  + ("; stopped at --max-calls" if summary["stopped"] == "max_calls" else ""))
         print(f"saved to {args.out}")
     return 0
 

@@ -40,7 +40,8 @@ from graytune.errors import InvalidInputError, RemoteError
 from graytune.model import AdaptedModel
 from graytune.runs import RunLogger, open_logger
 from graytune.schedules import adamw_warmup_cosine
-from graytune.train.budget import affordable, allowance, call_fields, counted
+from graytune.train.budget import (CALL_UNITS, affordable, allowance, call_fields, counted, evaluated,
+                                   restore_evaluations)
 from graytune.train.checkpoint import load_checkpoint, save_checkpoint
 from graytune.train.config import TrainConfig, checkpoint_cadence
 from graytune.train.distributed import average_gradients, global_batch, rank_batches, world_position
@@ -172,9 +173,11 @@ class _Run:
         if resumed:
             self.state = load_checkpoint(ckpt, model, self.tensors(), self.opt, self.sched, config, self.source,
                                          self.settings)
+            restore_evaluations(self.state.calls, self.state.step, config.grad_accum, self.source)
             log.info("resumed from %s at step %d", ckpt, self.state.step)
         writer = rank == 0  # rank 0 writes the run's files; every rank resumes from them
-        about = {"method": model.method, **{k: self.settings[k] for k in ("data", "task") if k in self.settings}}
+        about = {"method": model.method, **{k: self.settings[k] for k in ("data", "task") if k in self.settings},
+                 "calls_counted": CALL_UNITS}
         self.logger: RunLogger = open_logger(ckpt.parent if ckpt is not None and writer else None,
                                              tensorboard and writer, self.state.step if resumed else None, about)
         self.ckpt_write = ckpt if writer else None
@@ -222,8 +225,9 @@ class _Run:
             due = True
         if spent:
             state.stopped, self.stop = "max_calls", True
-            log.info("the next step would pass max_calls=%d (%d training calls spent, %d a step); stopping",
-                     config.max_calls, state.calls["train"], state.calls["step"])
+            log.info("the next step would pass max_calls=%d (%d training tower calls spent, %d a step; %d model "
+                     "evaluations); stopping", config.max_calls, state.calls["train"], state.calls["step"],
+                     state.calls["train_evaluations"])
         if self.ckpt_write is not None and due:
             self.save()
             self.last_save = time.monotonic()
@@ -235,8 +239,8 @@ class _Run:
         before, loss = calls["train"], 0.0
         with counted(self.model, calls, "train", allowance(self.config, calls)):
             for part, batch in enumerate(group):
-                loss += self.source.accumulate(lambda b=batch: self.task.loss(self.model, b), self.state.step, part,
-                                               self.config.grad_accum)
+                loss_of = evaluated(lambda b=batch: self.task.loss(self.model, b), calls, "train")
+                loss += self.source.accumulate(loss_of, self.state.step, part, self.config.grad_accum)
         calls["step"] = calls["train"] - before
         self.source.write_grads()
         return loss
@@ -268,7 +272,7 @@ class _Run:
         value = metrics[task.primary]
         calls = call_fields(state.calls)
         state.history.append({"step": state.step, "loss": loss, **{f"val_{k}": v for k, v in metrics.items()},
-                              "train_calls": calls["train_calls"], "val_calls": calls["val_calls"]})
+                              **{k: calls[k] for k in ("train_calls", "train_evaluations", "val_calls")}})
         best = value > state.best
         self.logger.log({"event": "val", "step": state.step, "metrics": metrics, "primary": task.primary,
                          "best": best, **calls})

@@ -18,9 +18,14 @@ import torch
 
 from graytune.errors import InvalidInputError
 
-#: What ``FitResult.calls`` and ``history.jsonl`` count: forward calls and samples, training and validation apart;
-#: ``step`` is the calls of the last training step (what the next one will cost).
-CALL_KEYS = ("train", "train_samples", "val", "val_samples", "step")
+#: What ``FitResult.calls`` and ``history.jsonl`` count (``graytune.train.budget``): forward calls through the
+#: boundary, one per batched forward of one tower (``train``, ``val``), and samples, training and validation apart;
+#: ``train_evaluations``: training model evaluations, one per loss on one batch with all its towers (ZIP's and
+#: BlackVIP's count: half of ``train`` on a two-tower task); ``step`` is the tower calls of the last training step
+#: (what the next one will cost).
+CALL_KEYS = ("train", "train_evaluations", "train_samples", "val", "val_samples", "step")
+#: ``calls["train_evaluations"]`` of a checkpoint written before evaluations were counted (the loop fills it in).
+UNCOUNTED = -1
 #: Why a run ended.
 STOPPED = ("max_steps", "patience", "max_calls")
 
@@ -82,7 +87,10 @@ class FitState:
         if problems:
             raise InvalidInputError(f"{where} holds a training state graytune cannot continue: "
                                     + "; ".join(problems) + "; delete it to start the run over")
-        return cls(**{**saved, "calls": {**no_calls(), **(saved.get("calls") or {})}})
+        calls = {**no_calls(), **(saved.get("calls") or {})}
+        if "train_evaluations" not in (saved.get("calls") or {}) and calls["train"]:
+            calls["train_evaluations"] = UNCOUNTED
+        return cls(**{**saved, "calls": calls})
 
 
 @dataclass
@@ -90,8 +98,10 @@ class FitResult:
     """What ``fit`` did.
 
     Attributes:
-        calls: forward calls through the boundary and samples sent: ``train``, ``train_samples``, ``val``,
-            ``val_samples``, and ``step`` (the calls of the last training step).
+        calls: forward calls through the boundary, one per batched forward of one tower, and samples sent:
+            ``train``, ``train_samples``, ``val``, ``val_samples``, and ``step`` (the calls of the last training
+            step); ``train_evaluations``: training model evaluations, as ZIP and BlackVIP count calls (one
+            loss on one batch, every tower included: ``train`` / 2 on a two-tower task).
         stopped: why training ended: ``max_steps``, ``patience`` or ``max_calls``.
     """
 
