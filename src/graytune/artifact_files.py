@@ -20,7 +20,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import secrets
+import stat
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -75,16 +76,33 @@ def _plain(value: Any) -> Any:
 
 
 def replace_atomically(path: Path, write: Callable[[Path], object]) -> Path:
-    """Write ``path`` through ``write(temporary path)`` and rename it into place: readers see old or new."""
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
+    """Write ``path`` through ``write(temporary path)`` and rename it into place: readers see old or new.
+
+    The file gets the permissions any new file gets under the process's umask (0644 under the usual 022),
+    as ``open`` would give it; ``tempfile.mkstemp``'s 0600 would hide a shared run from its team.
+    """
+    tmp = _new_file(path.parent, f".{path.name}.", ".tmp")
     try:
+        mode = stat.S_IMODE(os.stat(tmp).st_mode)  # 0666 less the umask, as the system created it
         write(Path(tmp))
+        os.chmod(tmp, mode)  # a writer that replaces the file itself (safetensors does) made it 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _new_file(folder: Path, prefix: str, suffix: str) -> str:
+    """An empty file of a new unique name in ``folder``, created with mode 0666 less the umask."""
+    for _ in range(100):
+        name = os.path.join(folder, f"{prefix}{secrets.token_hex(6)}{suffix}")
+        try:
+            os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return name
+    raise FileExistsError(f"no free temporary file name in {folder}")
 
 
 def file_sha256(path: Path) -> str:
