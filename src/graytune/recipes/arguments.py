@@ -28,6 +28,22 @@ from graytune.types import AccessLevel
 
 #: What ``--task`` may name (the data set's own task by default).
 TASKS = ["retrieval", "classification", "sketch", "generation"]
+#: Help that says more than ``TrainConfig``'s field docs: the call budget's unit, and each estimator as implemented.
+HELP = {
+    "max_calls": "stop before a training step would take the forward calls through the boundary past this many, "
+                 "counted one per batched forward of one tower (what a server meters; a two-tower loss evaluation "
+                 "is 2 calls). ZIP and BlackVIP count one call per model evaluation (both towers): for their budget "
+                 "of N give 2N on a two-tower task; graytune reports both counts (train_calls, train_evaluations). "
+                 "Validation calls are counted apart; 0: no limit",
+    "zo": "zeroth-order estimator, for methods whose input adapters train from forward calls alone (dga-zo, "
+          "prompt-zo): spsa (Rademacher, fixed eps), spsa-gc (BlackVIP's gradient correction, the default; "
+          "Rademacher directions and a fixed eps where BlackVIP's are segmented-uniform and decaying), zip (ZIP's "
+          "low-rank, feature-shared reparametrisation with Fastfood projections, rank 5, its segmented-uniform "
+          "directions, eps/t^0.1 and sqrt(n) clipping) or mezo (MeZO's two-point Gaussian); every estimate is "
+          "stepped by AdamW with warm-up and cosine, not the papers' SGD gains (graytune methods)",
+    "zo_dim": "--zo zip: ZIP's intrinsic dimension k, shared out over the rows of the zeroth-order tensors (one "
+              "per token, one per other tensor) (default 500, ZIP's)",
+}
 #: Methods ``graytune train`` makes (TransMiter itself is made by ``graytune extract`` + ``transfer``).
 TRAINABLE = [name for name, m in METHODS.items() if m.made_by.by_train]
 
@@ -181,7 +197,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         default = "the method's (graytune methods)" if f.name == "lr" else f.default
         shown = "" if f.name in ZO_FIELDS else f" (default: {default})"  # their docs say the estimator's defaults
         p.add_argument("--" + f.name.replace("_", "-"), type=_field_type(f.name), default=None,
-                       help=f"{docs.get(f.name, '')}{shown}")
+                       help=f"{HELP.get(f.name, docs.get(f.name, ''))}{shown}")
     add_placement_arguments(p)
     p.add_argument("--retry-s", type=non_negative_float, default=None,
                    help="with an http:// backbone: keep retrying a server that is down or restarting for this "
