@@ -47,3 +47,29 @@ def _mean_pooled(model, tokenizer) -> torch.Tensor:  # type: ignore[no-untyped-d
     hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     mask = batch["attention_mask"].unsqueeze(-1).float()
     return (hidden * mask).sum(1) / mask.sum(1)
+
+
+def test_lora_artifact_loads_with_auto_peft_model_for_feature_extraction(tmp_path) -> None:
+    """The artifact names its PEFT task, so the Auto class an HF user reaches for loads it without the base."""
+    import json
+
+    from peft import AutoPeftModelForFeatureExtraction
+
+    handle = open_for("minilm", None, "lora")
+    model = AdaptedModel.build(handle, "lora", {"rank": 4, "alpha": 8})
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+        ours = model.encode_text(TEXTS)
+    folder = model.save_pretrained(tmp_path / "lora")
+    assert json.loads((folder / "adapter_config.json").read_text())["task_type"] == "FEATURE_EXTRACTION"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT's note on graytune's own keys (README: PEFT interop)
+        peft_model = AutoPeftModelForFeatureExtraction.from_pretrained(str(folder)).eval()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(peft_model.peft_config["default"].base_model_name_or_path,
+                                              local_files_only=True)
+    with torch.no_grad():
+        torch.testing.assert_close(_mean_pooled(peft_model, tokenizer), ours, atol=1e-5, rtol=1e-4)

@@ -316,9 +316,10 @@ def _internal_name(key: str) -> str:
 
 
 def peft_fields(module: nn.Module | None, config: LoRAConfig, backbone: str) -> dict[str, Any]:
-    """PEFT's ``LoraConfig`` fields for a LoRA artifact, so ``PeftModel.from_pretrained`` reads it."""
+    """PEFT's ``LoraConfig`` fields for a LoRA artifact, so ``PeftModel.from_pretrained`` reads it, and
+    ``AutoPeftModelForFeatureExtraction.from_pretrained`` (its task: the encoder's hidden states, no head)."""
     assert module is not None  # a LoRA model always holds its module
     base = getattr(getattr(module, "config", None), "_name_or_path", "") or backbone
     fields = peft_config(module, config, backbone).to_dict()
-    fields.update(base_model_name_or_path=base, inference_mode=True)
+    fields.update(base_model_name_or_path=base, inference_mode=True, task_type="FEATURE_EXTRACTION")
     return {k: (v.value if isinstance(v, Enum) else v) for k, v in fields.items()}
