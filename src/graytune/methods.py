@@ -282,12 +282,12 @@ _ALL = BACKBONE_KINDS
 _GATED = {"gate": "scalar"}
 _ZO_TRAIN = ("graytune train (zeroth-order: --zo spsa|spsa-gc|zip|mezo, --zo-q, --zo-eps): spsa (Rademacher "
              "directions, fixed eps); spsa-gc (BlackVIP's gradient correction, the default; BlackVIP draws "
-             "segmented-uniform directions and decays eps, graytune does not); zip (ZIP's low-rank, feature-shared reparametrisation: rank 5, intrinsic "
-             "dimension --zo-dim 500, Fastfood projections, segmented-uniform directions, eps/t^0.1, sqrt(n) "
-             "clipping; every zeroth-order tensor is reparametrised, ZIP's only the prompt); mezo (MeZO's Gaussian "
-             "two-point). Every estimate is stepped by AdamW with warm-up and cosine, not the papers' SGD gains. "
-             "--max-calls caps the training forward calls, one per tower forward: twice ZIP's and BlackVIP's count, "
-             "one per model evaluation (both towers); runs report both")
+             "segmented-uniform directions and decays eps, graytune does not); zip (ZIP's low-rank, feature-shared "
+             "reparametrisation: rank 5, intrinsic dimension --zo-dim 500, Fastfood projections, segmented-uniform "
+             "directions, eps/t^0.1, sqrt(n) clipping; every zeroth-order tensor is reparametrised, ZIP's only the "
+             "prompt); mezo (MeZO's Gaussian two-point). Every estimate is stepped by AdamW with warm-up and cosine, "
+             "not the papers' SGD gains. --max-calls caps the training forward calls, one per tower forward: twice "
+             "ZIP's and BlackVIP's count, one per model evaluation (both towers); runs report both")
 
 #: Every method, by name. Adapters on towers a backbone lacks are skipped when a model is built.
 METHODS: dict[str, Method] = {m.name: m for m in [
