@@ -99,8 +99,9 @@ class ServeConfig:
     """What to do with a request that wants gradients and repeats one of its rows exactly (the same inputs and
     per-row edits): one such call over E copies of an input, with E one-hot output gradients, returns that input's
     whole E-row Jacobian. allow: serve it; count: serve it and count it on /v1/stats (duplicate_row_batches,
-    duplicate_rows) and in the log; refuse: answer 403 naming the repeated rows. Rows that differ by any value
-    are distinct: the gradient-row quota is what bounds near-duplicates."""
+    duplicate_rows) and in the log; refuse: answer 403 naming the repeated rows. Rows are compared as the
+    backbone sees them (token ids and edits under attention mask 0 are ignored); rows that differ by any value it
+    sees are distinct: the gradient-row quota is what bounds near-duplicates."""
     admins: tuple[str, ...] = ()
     """Client names (from the key file) that see every client's figures on /v1/stats."""
     adapters: tuple[str, ...] = ()
@@ -111,6 +112,12 @@ class ServeConfig:
     """Most samples in one batched backbone call for hosted adapters."""
     workers: int = 1
     """uvicorn worker processes (each keeps its own sessions, all share the quota ledger)."""
+    malloc_arenas: int = 2
+    """glibc malloc arenas for the server process (MALLOC_ARENA_MAX; 0: glibc's default of 8 per core, which
+    kept 7.5 GB after eight concurrent worst-case requests where 2 keep 0.55 GB; docs/reliability.md)."""
+    malloc_mmap_kb: int = 1024
+    """Blocks of this many KiB and more are mapped on their own and returned to the system when freed
+    (glibc's M_MMAP_THRESHOLD; 0: glibc's own threshold, which rises to 32 MiB and then keeps freed tensors)."""
 
 
 class ApiKeys:

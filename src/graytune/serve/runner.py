@@ -21,6 +21,7 @@ from graytune.errors import InvalidInputError, RemoteError
 from graytune.serve.app import create_app
 from graytune.serve.config import ApiKeys, ServeConfig
 from graytune.serve.guard import configure, uvicorn_options
+from graytune.serve.memory import tame_allocator
 
 
 class BackgroundServer:
@@ -32,7 +33,7 @@ class BackgroundServer:
     def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, **options: Any) -> None:
         service = getattr(getattr(app, "state", None), "service", None)
         if service is not None:
-            options = {**uvicorn_options(service.config), **options}
+            options = {**uvicorn_options(service.config, verify=service.keys.client), **options}
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on", **options)
         self.server = uvicorn.Server(config)
         self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # not the main thread
@@ -81,15 +82,21 @@ def app_from_env() -> Any:
     """uvicorn's factory for worker processes: the app described by ``$GRAYTUNE_SERVE`` (JSON)."""
     settings = json.loads(os.environ[ENV_VAR])
     config = ServeConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings["config"].items()})
-    configure(config.header_timeout_s, config.connections_per_address)
-    return build_app(settings["backbone"], config, ApiKeys.load(settings["keys"]))
+    tame_allocator(config.malloc_arenas, config.malloc_mmap_kb)
+    keys = ApiKeys.load(settings["keys"])
+    configure(config, keys.client)
+    return build_app(settings["backbone"], config, keys)
 
 
 def serve_forever(backbone_id: str, config: ServeConfig, keys_file: str) -> None:
-    """Run the service in the foreground (``graytune serve``); workers share the quota ledger, not sessions."""
+    """Run the service in the foreground (``graytune serve``); workers share the quota ledger, not sessions.
+
+    The allocator is bounded first (``graytune.serve.memory``), before the backbone loads and threads start.
+    """
+    tame_allocator(config.malloc_arenas, config.malloc_mmap_kb)
     keys = ApiKeys.load(keys_file)
     options = dict(host=config.host, port=config.port, log_level="info",
-                   **uvicorn_options(config, importable=config.workers > 1))
+                   **uvicorn_options(config, importable=config.workers > 1, verify=keys.client))
     if config.workers > 1:
         os.environ[ENV_VAR] = json.dumps({"backbone": backbone_id, "config": asdict(config),
                                           "keys": str(Path(keys_file).resolve())})
