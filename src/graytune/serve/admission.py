@@ -10,7 +10,8 @@ the limit, the flag and what to do.
 
 A request that wants gradients is also checked for rows it repeats (``repeated_rows``): one
 call over E identical rows with E one-hot output gradients returns a whole E-row Jacobian,
-so the owner may count or refuse such batches (``--duplicate-rows``).
+so the owner may count or refuse such batches (``--duplicate-rows``). Rows are compared as the
+backbone sees them (``seen_rows``): values under attention mask 0 do not make a row distinct.
 
 Example:
     >>> check_texts(["a cat"] * 5000, ServeConfig())
@@ -21,11 +22,13 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
+from graytune.access.wire import CALL_GROUPS, Message
 from graytune.serve.config import ServeConfig
 from graytune.types import is_prompts_port
 
@@ -148,6 +151,61 @@ def repeated_rows(rows: int, tensors: Iterable[torch.Tensor]) -> dict[int, int]:
         else:
             first[key] = row
     return repeats
+
+
+def seen_rows(rows: int, inputs: Mapping[str, torch.Tensor], add: Mapping[str, torch.Tensor],
+              insert: Mapping[str, torch.Tensor], ranks: Mapping[str, int]) -> list[torch.Tensor]:
+    """The per-row tensors of a checked call as the backbone sees them, for ``repeated_rows``.
+
+    Positions under attention mask 0 (and, for a causal LM, with no target) change no output, so token ids
+    there, and ``add`` values there at ``<m>.token_embeds`` (and at ``<m>.layer.k`` when nothing is inserted in
+    that modality, so that positions line up), are set to 0: rows that differ only in such columns are the
+    same row. Tensors shared by all rows (a ``[1, ...]`` or broadcast edit) are left out.
+
+    Args:
+        rows: the batch size.
+        inputs, add, insert: a ``CallPlan``'s groups.
+        ranks: each port's rank in the spec (an ``add`` of full rank holds one slice per row).
+    """
+    ignored: dict[str, torch.Tensor] = {}  # modality → [B, L] True where a position changes nothing
+    for name, mask in inputs.items():
+        if name.endswith(".attention_mask"):
+            prefix = name.rsplit(".", 1)[0]
+            free = mask == 0
+            targets = inputs.get(f"{prefix}.target_ids")
+            ignored[prefix] = free if targets is None else free & (targets == -100)
+    seen = []
+    for name, tensor in inputs.items():
+        prefix = name.rsplit(".", 1)[0]
+        if name.endswith(".input_ids") and prefix in ignored and tensor.shape == ignored[prefix].shape:
+            tensor = tensor.masked_fill(ignored[prefix], 0)
+        seen.append(tensor)
+    inserted = {name.split(".")[0] for name in insert}
+    for name, delta in add.items():
+        if delta.dim() != ranks[name] or delta.shape[0] != rows:
+            continue
+        prefix, port = name.split(".")[0], name.split(".", 1)[1]
+        free = ignored.get(prefix)
+        aligned = port == "token_embeds" or (port.startswith("layer.") and prefix not in inserted)
+        if free is not None and aligned and delta.dim() == 3 and delta.shape[1] == free.shape[1]:
+            delta = delta.masked_fill(free.unsqueeze(-1), 0.0)
+        seen.append(delta)
+    seen.extend(t for t in insert.values() if t.shape[0] == rows)
+    return seen
+
+
+def forward_digest(message: Message) -> str:
+    """A digest of what a forward sends through the backbone (its ``inputs``/``add``/``insert`` tensors and
+    texts): its recompute, which resends the same, has the same one (the quota's receipt, ``QuotaLedger``)."""
+    tensors, meta = message
+    digest = hashlib.blake2b(digest_size=16)
+    for name in sorted(tensors):
+        if name.partition("/")[0] in CALL_GROUPS:
+            tensor = tensors[name].detach().contiguous().cpu()
+            digest.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}|".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    digest.update(json.dumps(meta.get("texts"), ensure_ascii=False).encode("utf-8", "surrogatepass"))
+    return digest.hexdigest()
 
 
 def duplicate_problem(rows: int, repeats: Mapping[int, int]) -> HTTPProblem:

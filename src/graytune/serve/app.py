@@ -4,7 +4,7 @@ Endpoints (all but ``/v1/health`` need ``Authorization: Bearer KEY``):
 
 - ``GET /v1/spec?access=LEVEL`` the spec visible at ``LEVEL`` (at most the granted one);
 - ``GET /v1/stats`` the caller's own sessions and quota use (every client's for an admin);
-- ``POST /v1/tokenize`` ``{"texts": [...]}`` → the owner's token ids;
+- ``POST /v1/tokenize`` ``{"texts": [...]}`` (JSON bounded by size and structure) → the owner's token ids;
 - ``POST /v1/forward`` a safetensors request → outputs, and a session id when gradients are wanted;
 - ``POST /v1/vjp`` the outputs' gradients and a session id (or, after 410, the whole forward again)
   → the gradients at the client's tensors;
@@ -72,6 +72,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         while True:
             await asyncio.sleep(every)
             service.store.sweep()
+            await service.return_memory()
 
     sweeper = asyncio.get_running_loop().create_task(sweep())
     try:

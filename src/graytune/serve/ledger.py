@@ -8,7 +8,11 @@ runs; if it then fails (a deadline, a server error) ``refund`` gives the reserva
 so only served work is charged.
 
 Two budgets per client: ``samples`` (rows sent through the backbone, forward) and
-``grad_rows`` (rows whose gradient is returned: a VJP of a batch of 32 uses 32). Beside them, a
+``grad_rows`` (rows whose gradient is returned: a VJP of a batch of 32 uses 32). A forward that wants
+gradients leaves a *receipt* (a digest of what it sent, ``charge(receipt=...)``): if its session is
+lost, the recompute that resends it pays its gradient rows only, and uses the receipt up; a recompute
+with no receipt pays its samples too (``charge_recompute``), so recomputes sent without forwards skip
+no quota. The newest ``RECEIPTS_PER_CLIENT`` receipts per client are kept. Beside the budgets, a
 record that is no budget: the gradient requests each client sent with repeated rows
 (``note_duplicates``, ``--duplicate-rows count``).
 
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 from graytune.errors import GraytuneError
@@ -37,8 +42,27 @@ _DUPLICATES = """CREATE TABLE IF NOT EXISTS duplicates (
     batches INTEGER NOT NULL DEFAULT 0,
     rows INTEGER NOT NULL DEFAULT 0
 )"""
+_RECEIPTS = """CREATE TABLE IF NOT EXISTS receipts (
+    client TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    rows INTEGER NOT NULL,
+    at INTEGER NOT NULL,
+    PRIMARY KEY (client, digest)
+)"""
+#: receipts kept per client (the newest): forwards whose recompute may come later without paying again
+RECEIPTS_PER_CLIENT = 1024
 _FLAGS = {"samples": "--quota-samples", "grad_rows": "--quota-grad-rows"}
 _WHAT = {"samples": "sample", "grad_rows": "gradient-row"}
+
+
+@dataclass
+class Charge:
+    """What one request was charged, so that a refund gives back exactly that (``QuotaLedger.refund``)."""
+
+    samples: int = 0
+    grad_rows: int = 0
+    receipt: str | None = None  # the receipt a forward left, or the one a recompute used up
+    restore: int = 0  # the rows of the receipt a recompute used up (its refund keeps the receipt again)
 
 
 class QuotaExceeded(GraytuneError):
@@ -66,36 +90,67 @@ class QuotaLedger:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute(_SCHEMA)
             self._db.execute(_DUPLICATES)
+            self._db.execute(_RECEIPTS)
         # reads go through their own connection: in WAL mode they never wait for a writer
         self._reader = sqlite3.connect(self.path, timeout=timeout_s, isolation_level=None, check_same_thread=False)
         self._read_lock = threading.Lock()
 
-    def charge(self, client: str, samples: int = 0, grad_rows: int = 0) -> None:
-        """Add to ``client``'s usage, or raise ``QuotaExceeded`` (and add nothing) past a budget."""
-        asked = {"samples": samples, "grad_rows": grad_rows}
+    def charge(self, client: str, samples: int = 0, grad_rows: int = 0, receipt: str | None = None) -> None:
+        """Add to ``client``'s usage, or raise ``QuotaExceeded`` (and add nothing) past a budget.
+
+        ``receipt`` (a digest of a forward that wants gradients) is kept with the samples it paid, so that
+        its recompute, if the session is lost, does not pay them again (``charge_recompute``).
+        """
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                used = self._used(client)
-                for name, amount in asked.items():
-                    limit = self.limits[name]
-                    if amount and limit and used[name] + amount > limit:
-                        raise QuotaExceeded(
-                            f"{_WHAT[name]} quota of {limit} reached for client {client!r} ({used[name]} used, "
-                            f"{amount} asked); send smaller batches or ask the owner to raise {_FLAGS[name]}")
-                self._db.execute("INSERT INTO usage (client, samples, grad_rows) VALUES (?, ?, ?) ON CONFLICT(client) "
-                                 "DO UPDATE SET samples = samples + excluded.samples, "
-                                 "grad_rows = grad_rows + excluded.grad_rows", (client, samples, grad_rows))
+                self._add(client, samples, grad_rows)
+                if receipt is not None:
+                    self._keep_receipt(client, receipt, samples)
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
 
-    def refund(self, client: str, samples: int = 0, grad_rows: int = 0) -> None:
-        """Give back a reservation whose work was not served."""
+    def charge_recompute(self, client: str, receipt: str, rows: int, grad_rows: int) -> int:
+        """Charge a recompute (a VJP that carries its forward again): its gradient rows, and its ``rows`` samples
+        unless ``client`` paid for that very forward (``receipt``, used up here). Returns the samples charged.
+
+        A recompute sent without its forward pays like a forward: sending only recomputes skips no quota.
+        """
         with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                paid = self._db.execute("SELECT rows FROM receipts WHERE client = ? AND digest = ?",
+                                        (client, receipt)).fetchone()
+                samples = 0 if paid is not None and paid[0] == rows else rows
+                self._add(client, samples, grad_rows)
+                if samples == 0:
+                    self._db.execute("DELETE FROM receipts WHERE client = ? AND digest = ?", (client, receipt))
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        return samples
+
+    def refund(self, client: str, samples: int = 0, grad_rows: int = 0, receipt: str | None = None,
+               restore: int = 0) -> None:
+        """Give back a reservation whose work was not served: a forward's ``receipt`` goes with it, and a
+        recompute that used one up gets it back (``restore``: the rows it paid for)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
             self._db.execute("UPDATE usage SET samples = max(0, samples - ?), grad_rows = max(0, grad_rows - ?) "
                              "WHERE client = ?", (samples, grad_rows, client))
+            if receipt is not None and restore:
+                self._keep_receipt(client, receipt, restore)
+            elif receipt is not None:
+                self._db.execute("DELETE FROM receipts WHERE client = ? AND digest = ?", (client, receipt))
+            self._db.execute("COMMIT")
+
+    def receipts(self, client: str) -> int:
+        """How many paid forwards of ``client`` a recompute could still use."""
+        with self._read_lock:
+            return int(self._reader.execute("SELECT count(*) FROM receipts WHERE client = ?", (client,)).fetchone()[0])
 
     def used(self, client: str) -> dict[str, int]:
         """``{"samples", "grad_rows"}`` charged to ``client`` so far (never waits for a writer)."""
@@ -130,6 +185,27 @@ class QuotaLedger:
         with self._lock, self._read_lock:
             self._db.close()
             self._reader.close()
+
+    def _add(self, client: str, samples: int, grad_rows: int) -> None:
+        """Inside a transaction: add to ``client``'s usage, or ``QuotaExceeded`` past a budget."""
+        used = self._used(client)
+        for name, amount in {"samples": samples, "grad_rows": grad_rows}.items():
+            limit = self.limits[name]
+            if amount and limit and used[name] + amount > limit:
+                raise QuotaExceeded(
+                    f"{_WHAT[name]} quota of {limit} reached for client {client!r} ({used[name]} used, "
+                    f"{amount} asked); send smaller batches or ask the owner to raise {_FLAGS[name]}")
+        self._db.execute("INSERT INTO usage (client, samples, grad_rows) VALUES (?, ?, ?) ON CONFLICT(client) "
+                         "DO UPDATE SET samples = samples + excluded.samples, "
+                         "grad_rows = grad_rows + excluded.grad_rows", (client, samples, grad_rows))
+
+    def _keep_receipt(self, client: str, receipt: str, rows: int) -> None:
+        """Inside a transaction: keep ``receipt``, and only the newest ``RECEIPTS_PER_CLIENT`` of ``client``'s."""
+        newest = self._db.execute("SELECT coalesce(max(at), 0) FROM receipts WHERE client = ?", (client,)).fetchone()[0]
+        self._db.execute("INSERT OR REPLACE INTO receipts (client, digest, rows, at) VALUES (?, ?, ?, ?)",
+                         (client, receipt, rows, newest + 1))  # a counter per client orders them, across processes
+        self._db.execute("DELETE FROM receipts WHERE client = ? AND at <= (SELECT at FROM receipts WHERE client = ? "
+                         "ORDER BY at DESC LIMIT 1 OFFSET ?)", (client, client, RECEIPTS_PER_CLIENT))
 
     def _used(self, client: str, db: sqlite3.Connection | None = None) -> dict[str, int]:
         row = (db or self._db).execute("SELECT samples, grad_rows FROM usage WHERE client = ?", (client,)).fetchone()

@@ -22,7 +22,8 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, TypeVar
@@ -36,9 +37,13 @@ from graytune.access.owner import BoundaryCall, DeadlineExceeded, deadline
 from graytune.access.wire import Message, VjpRequest, unpack_call, unpack_grads
 from graytune.devices import dtype_name
 from graytune.errors import AccessDeniedError, InvalidInputError
-from graytune.serve.admission import HTTPProblem, busy, check_texts, check_work, duplicate_problem, repeated_rows
+from graytune.serve.admission import (
+    HTTPProblem, busy, check_texts, check_work, duplicate_problem, forward_digest, repeated_rows, seen_rows,
+)
+from graytune.serve.bodies import RequestBody, json_limit, parse_json
 from graytune.serve.config import DUPLICATE_ROWS, ApiKeys, ServeConfig
-from graytune.serve.ledger import QuotaLedger
+from graytune.serve.ledger import Charge, QuotaLedger
+from graytune.serve.memory import trim
 from graytune.serve.sessions import SessionGone, SessionStore
 from graytune.types import AccessLevel
 
@@ -77,8 +82,9 @@ class Service:
         self.inflight = 0  # bytes reserved by requests being read or waiting (event loop only)
         self.queued = 0  # requests waiting for or using the backbone (event loop only)
         self.compute_s = 1.0  # a moving average of one backbone call, for Retry-After
+        self.served, self._trimmed = 0, 0  # backbone calls made, and how many had been when memory was returned
         self._limiters: dict[str, anyio.CapacityLimiter] = {}
-        self._specs: dict[str | None, dict[str, Any]] = {}
+        self._specs: dict[AccessLevel, dict[str, Any]] = {}  # one per level (``spec``)
 
     def close(self) -> None:
         self.ledger.close()
@@ -104,33 +110,36 @@ class Service:
         return self._levels[level]
 
     def spec(self, label: str | None) -> dict[str, Any]:
-        """``/v1/spec``'s answer at a level (computed once per level)."""
-        if label not in self._specs:
-            level = self.level_handle(label)
-            self._specs[label] = {"spec": level.spec.to_dict(), "access": level.access.label,
-                                  "granted": self.granted.label, "reads": sorted(level.grants),
-                                  "placement": {"device": level.device.type, "dtype": dtype_name(level.dtype),
-                                                "recompute": level.recompute},
-                                  "max_body_bytes": self.max_body}
-        return self._specs[label]
+        """``/v1/spec``'s answer at a level, computed once per level: every spelling of a level shares one
+        entry, so the cache holds at most one per level however many spellings clients send."""
+        level = self.level_handle(label)
+        if level.access not in self._specs:
+            self._specs[level.access] = {"spec": level.spec.to_dict(), "access": level.access.label,
+                                         "granted": self.granted.label, "reads": sorted(level.grants),
+                                         "placement": {"device": level.device.type, "dtype": dtype_name(level.dtype),
+                                                       "recompute": level.recompute},
+                                         "max_body_bytes": self.max_body}
+        return self._specs[level.access]
 
     # ---- what they send ------------------------------------------------------------------------------
 
     def deadline(self) -> float:
         return time.monotonic() + self.config.request_timeout_s
 
-    def body(self, request: Request) -> RequestBody:
-        """The request body, read within ``--body-timeout-s`` (408 after; 413 past ``--max-body-mb``).
+    def body(self, request: Request, limit: int | None = None) -> RequestBody:
+        """The request body, read within ``--body-timeout-s`` (408 after; 413 past ``limit`` bytes, by default
+        ``--max-body-mb``; see ``graytune.serve.bodies``).
 
         ``async with service.body(request) as body:`` counts its memory against ``--inflight-body-mb``
-        until the block ends (503 with ``Retry-After`` past it); ``await service.body(request)`` only
-        while it is read.
+        as it arrives, until the block ends (503 with ``Retry-After`` past it); ``await service.body(request)``
+        only while it is read.
         """
-        return RequestBody(self, request)
+        return RequestBody(self, request, limit)
 
-    def _body_too_large(self, size: str) -> HTTPProblem:
-        return HTTPProblem(413, "too_large", f"request bodies are limited to {self.max_body} bytes (--max-body-mb); "
-                           f"this one has {size}: send smaller batches")
+    async def json(self, request: Request) -> Any:
+        """The request's JSON body, its size and structure bounded before it is parsed (``bodies.parse_json``)."""
+        async with self.body(request, json_limit(self.config)) as body:
+            return await self.checked(parse_json, body, self.config)
 
     async def checked(self, work: Callable[..., T], *args: Any) -> T:
         """Run ``work(*args)`` (decoding, checks, tokenizing, quota charges) off the event loop."""
@@ -162,10 +171,7 @@ class Service:
         if rows < 2:
             return
         ranks = {port.name: len(port.shape) for port in handle.spec.ports}
-        per_row = [*plan.inputs.values(),
-                   *(t for name, t in plan.add.items() if t.dim() == ranks[name] and t.shape[0] == rows),
-                   *(t for t in plan.insert.values() if t.shape[0] == rows)]
-        repeats = repeated_rows(rows, per_row)
+        repeats = repeated_rows(rows, seen_rows(rows, plan.inputs, plan.add, plan.insert, ranks))
         if not repeats:
             return
         if self.config.duplicate_rows == "refuse":
@@ -175,11 +181,18 @@ class Service:
             log.warning("client %s sent a gradient request in which %d of %d rows repeat an earlier row "
                         "(counted: --duplicate-rows count)", client, len(repeats), rows)
 
-    def vjp_call(self, client: str, message: Message) -> tuple[BoundaryCall, list[Tensor | None], int]:
-        """The call a VJP request differentiates, the outputs' gradients, and the gradient rows charged for it
-        (after every check).
+    def charge_forward(self, client: str, message: Message, plan: CallPlan) -> Charge:
+        """Charge a checked forward its rows; one that wants gradients leaves a receipt for its recompute."""
+        receipt = forward_digest(message) if plan.slots else None
+        self.ledger.charge(client, rows_of(plan), receipt=receipt)
+        return Charge(samples=rows_of(plan), receipt=receipt)
 
-        A recompute (after a 410) is charged its gradient rows only: its forward was charged when first run.
+    def vjp_call(self, client: str, message: Message) -> tuple[BoundaryCall, list[Tensor | None], Charge]:
+        """The call a VJP request differentiates, the outputs' gradients, and what it was charged (after every
+        check).
+
+        A recompute (after a 410) pays its gradient rows, and its samples too unless this client paid for
+        that very forward (its receipt, used up here): recomputes sent without forwards skip no quota.
         """
         asked: VjpRequest = unpack_grads(message)
         if asked.recompute:
@@ -193,19 +206,25 @@ class Service:
         grads = asked.aligned(call.plan.outputs)
         call.check_grads(grads)  # before the session is used up; a recompute's shapes once its forward ran
         rows = rows_of(call.plan) if call.plan.slots else 0
+        if asked.recompute:
+            receipt, batch = forward_digest(message), rows_of(call.plan)
+            samples = self.ledger.charge_recompute(client, receipt, batch, rows)
+            return call, grads, Charge(samples, rows, receipt, restore=0 if samples else batch)
         self.ledger.charge(client, grad_rows=rows)
-        if not asked.recompute:
-            try:
-                self.store.take(client, str(asked.session))
-            except SessionGone:  # expired or evicted since the peek
-                self.ledger.refund(client, grad_rows=rows)
-                raise HTTPProblem(410, *GONE) from None
-        return call, grads, rows
+        try:
+            self.store.take(client, str(asked.session))
+        except SessionGone:  # expired or evicted since the peek
+            self.ledger.refund(client, grad_rows=rows)
+            raise HTTPProblem(410, *GONE) from None
+        return call, grads, Charge(grad_rows=rows)
 
-    async def refund(self, client: str, samples: int = 0, grad_rows: int = 0) -> None:
-        """Give back what a request reserved when its work was not served (even while it is being cancelled)."""
+    async def refund(self, client: str, samples: int = 0, grad_rows: int = 0, charge: Charge | None = None) -> None:
+        """Give back what a request reserved when its work was not served (even while it is being cancelled):
+        ``samples`` and ``grad_rows``, or a whole ``charge`` with its receipt."""
+        charge = charge or Charge(samples, grad_rows)
         with anyio.CancelScope(shield=True):
-            await self.checked(self.ledger.refund, client, samples, grad_rows)
+            await self.checked(partial(self.ledger.refund, client, charge.samples, charge.grad_rows, charge.receipt,
+                                       charge.restore))
 
     # ---- one backbone at a time ----------------------------------------------------------------------
 
@@ -234,6 +253,14 @@ class Service:
         finally:
             self.compute_lock.release()
             self.compute_s = 0.8 * self.compute_s + 0.2 * (time.monotonic() - start)
+            self.served += 1
+
+    async def return_memory(self) -> None:
+        """Once the backbone is idle after some work, return what the allocator keeps to the system
+        (``graytune.serve.memory.trim``; on the sweep timer, off the event loop)."""
+        if self.queued == 0 and self.served != self._trimmed:
+            self._trimmed = self.served
+            await self.checked(trim)
 
     def _limiter(self, name: str, size: int) -> anyio.CapacityLimiter:
         if name not in self._limiters:  # made on the event loop, where anyio can find it
@@ -278,66 +305,3 @@ def quota_path(config: ServeConfig, keys: ApiKeys, scratch: str | None) -> Path:
         return keys.source.with_name(keys.source.name + ".quota.sqlite3")
     assert scratch is not None
     return Path(scratch) / "quota.sqlite3"
-
-
-class RequestBody:
-    """One request's body and the in-flight memory it holds (see ``Service.body``)."""
-
-    def __init__(self, service: Service, request: Request) -> None:
-        self.service, self.request, self.reserved = service, request, 0
-
-    def __await__(self) -> Generator[Any, None, bytes]:
-        return self._read_and_release().__await__()
-
-    async def __aenter__(self) -> bytes:
-        try:
-            return await self._read()
-        except BaseException:
-            self._release()
-            raise
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._release()
-
-    async def _read_and_release(self) -> bytes:
-        try:
-            return await self._read()
-        finally:
-            self._release()
-
-    def _reserve(self, nbytes: int) -> None:
-        service = self.service
-        if service.inflight + 2 * nbytes > service.inflight_budget:
-            raise busy(service.compute_s * (service.queued + 1), "the server holds as many request bodies as it "
-                       "may (--inflight-body-mb)")
-        service.inflight += 2 * nbytes  # the bytes, and the tensors decoded from them
-        self.reserved += 2 * nbytes
-
-    def _release(self) -> None:
-        self.service.inflight -= self.reserved
-        self.reserved = 0
-
-    async def _read(self) -> bytes:
-        service, config = self.service, self.service.config
-        declared = self.request.headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > service.max_body):
-            raise service._body_too_large(declared)
-        if declared is not None:
-            self._reserve(int(declared))
-        chunks, size = [], 0
-        try:
-            with anyio.fail_after(config.body_timeout_s):
-                async for chunk in self.request.stream():
-                    size += len(chunk)
-                    if size > service.max_body:
-                        raise service._body_too_large(f"over {service.max_body}")
-                    if declared is None:
-                        self._reserve(len(chunk))
-                    chunks.append(chunk)
-        except TimeoutError:
-            raise HTTPProblem(408, "body_timeout", f"the body did not arrive within {config.body_timeout_s} s "
-                              "(--body-timeout-s); check the connection and send it again") from None
-        body = b"".join(chunks)
-        if declared is not None and len(body) != int(declared):
-            raise HTTPProblem(400, "truncated", f"the body has {len(body)} bytes, Content-Length said {declared}")
-        return body

@@ -17,7 +17,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 from functools import partial
 from typing import Any
 
@@ -31,7 +30,6 @@ from graytune.serve.admission import check_texts
 from graytune.serve.config import ServeConfig
 from graytune.serve.responses import wire_response
 from graytune.serve.routes.dependencies import ClientDep, ServiceDep, get_client
-from graytune.serve.service import rows_of
 
 __all__ = ["router"]
 Tensor = torch.Tensor
@@ -40,9 +38,9 @@ router = APIRouter()
 
 @router.post("/v1/tokenize", dependencies=[Depends(get_client)])
 async def tokenize(request: Request, service: ServiceDep) -> Response:
-    async with service.body(request) as body:
-        texts = await service.checked(_tokenize_texts, body, service.config)
-        ids = await service.checked(service.handle.tokenize, texts)
+    payload = await service.json(request)
+    texts = await service.checked(_tokenize_texts, payload, service.config)
+    ids = await service.checked(service.handle.tokenize, texts)
     return wire_response(encode(ids))
 
 
@@ -52,12 +50,11 @@ async def forward(request: Request, service: ServiceDep, client: ClientDep) -> R
     async with service.body(request) as body:
         message = await service.checked(read_request, body)
         handle, plan = await service.checked(service.plan, client, message)
-        rows = rows_of(plan)
-        await service.checked(service.ledger.charge, client, rows)
+        charge = await service.checked(service.charge_forward, client, message, plan)
         try:
             values, call = await service.compute(partial(_run_forward, handle, plan), until)
         except BaseException:
-            await service.refund(client, samples=rows)
+            await service.refund(client, charge=charge)
             raise
     session = service.store.put(client, call, call.nbytes, request_key(message)) if call.differentiable else None
     return wire_response(pack_result(plan, values, call.values_read, session))
@@ -68,19 +65,18 @@ async def vjp(request: Request, service: ServiceDep, client: ClientDep) -> Respo
     until = service.deadline()
     async with service.body(request) as body:
         message = await service.checked(read_request, body)
-        call, grads, rows = await service.checked(service.vjp_call, client, message)
+        call, grads, charge = await service.checked(service.vjp_call, client, message)
         try:
             result = await service.compute(partial(_run_vjp, call, grads), until)
         except BaseException:
-            await service.refund(client, grad_rows=rows)
+            await service.refund(client, charge=charge)
             raise
     return wire_response(pack_vjp(call.plan, result))
 
 
 @router.post("/v1/sessions/release")
 async def release(request: Request, service: ServiceDep, client: ClientDep) -> dict[str, bool]:
-    async with service.body(request) as body:
-        payload = await service.checked(_json, body)
+    payload = await service.json(request)
     session = payload.get("session") if isinstance(payload, dict) else None
     if not isinstance(session, str):
         raise InvalidInputError('send {"session": "<the id the forward answered with>"}')
@@ -106,20 +102,10 @@ def _run_vjp(call: BoundaryCall, grads: list[Tensor | None]) -> tuple[Tensor | N
     return call.vjp(grads)
 
 
-def _tokenize_texts(body: bytes, config: ServeConfig) -> list[str]:
-    payload = _json(body)
+def _tokenize_texts(payload: Any, config: ServeConfig) -> list[str]:
     if isinstance(payload, dict):
         check_request_protocol(payload)
     texts = payload.get("texts") if isinstance(payload, dict) else None
     if isinstance(texts, list):
         check_texts([t for t in texts if isinstance(t, str)], config)
     return texts_of(texts)
-
-
-def _json(body: bytes) -> Any:
-    try:
-        return json.loads(body or b"null")
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise InvalidInputError("the body must be JSON, e.g. {\"texts\": [\"a cat\"]}") from None
-    except RecursionError:
-        raise InvalidInputError("the body nests JSON too deeply; send e.g. {\"texts\": [\"a cat\"]}") from None

@@ -4,7 +4,8 @@
 - ``POST /v1/adapters/{name}/embed`` pixels as ``inputs/image.pixels``, or ``texts`` in the metadata
   → ``embeds`` ``[B, E]``;
 - ``POST /v1/adapters/{name}/classify`` pixels and ``classes`` (and optionally a ``template``)
-  → ``logits`` ``[B, C]``, the classes in the metadata.
+  → ``logits`` ``[B, C]``, the classes in the metadata. Charged one sample per row and one per class
+  (each prompt goes through the backbone).
 
 A request is checked, admitted and charged on a checks thread, then queued on the ``AdapterHost``
 (``graytune.serve.adapters``), which batches requests for different adapters into one backbone call.
@@ -78,9 +79,13 @@ async def embed(name: str, request: Request, service: ServiceDep, host: HostDep,
 async def classify(name: str, request: Request, service: ServiceDep, host: HostDep, client: ClientDep) -> Response:
     until = service.deadline()
     embeds, meta = await _embeds(service, host, client, name, request, until, classify=True)
-    prompts = meta["prompts"]  # admitted with the request
-    queued = await service.checked(partial(host.submit, name, "text", texts=prompts, until=until))
-    text = await _wait(queued, until, service.config.request_timeout_s)
+    prompts = meta["prompts"]  # admitted (and charged) with the request
+    try:
+        queued = await service.checked(partial(host.submit, name, "text", texts=prompts, until=until))
+        text = await _wait(queued, until, service.config.request_timeout_s)
+    except BaseException:
+        await service.refund(client, samples=len(prompts))
+        raise
     logits = host.model(name).similarity(embeds, text)
     return wire_response(encode({"logits": logits}, {"classes": meta["classes"]}))
 
@@ -93,13 +98,16 @@ async def _embeds(service: Service, host: AdapterHost, client: str, name: str, r
         try:
             return await _wait(queued, until, service.config.request_timeout_s), meta
         except BaseException:
-            await service.refund(client, samples=rows)
+            await service.refund(client, samples=rows + len(meta.get("prompts", ())))
             raise
 
 
 def _admit(service: Service, host: AdapterHost, client: str, name: str, body: bytes, until: float,
            classify: bool) -> tuple[Future[Tensor], int, dict[str, Any]]:
-    """Checks, admission and the quota charge of one request (on a checks thread), then its job queued."""
+    """Checks, admission and the quota charge of one request (on a checks thread), then its job queued.
+
+    The charge is every sample the backbone will see: the rows, and for ``classify`` one prompt per class.
+    """
     config = service.config
     message = read_request(body)
     meta = message[1]
@@ -122,11 +130,12 @@ def _admit(service: Service, host: AdapterHost, client: str, name: str, body: by
             raise InvalidInputError(f"send {tensor_name(INPUTS, 'image.pixels')}, or texts in the metadata")
         check_work(pixels, {}, config, grad=False)
         rows, modality = int(pixels["image.pixels"].shape[0]), "image"
-    service.ledger.charge(client, rows)
+    charged = rows + len(meta.get("prompts", ()))
+    service.ledger.charge(client, charged)
     try:
         return host.submit(name, modality, pixels, texts=texts, until=until), rows, meta
     except BaseException:
-        service.ledger.refund(client, rows)
+        service.ledger.refund(client, charged)
         raise
 
 
