@@ -42,10 +42,15 @@ class UnknownNameError(GraytuneError, KeyError):
 class AccessDeniedError(GraytuneError, PermissionError):
     """An operation above the access level a backbone handle was granted."""
 
-    def __init__(self, what: str, needed: str, granted: str, hint: str = "") -> None:
+    def __init__(self, what: str, needed: str, granted: str, hint: str = "", *, message: str | None = None) -> None:
+        """``what`` needs the level ``needed``; the handle holds ``granted``; ``hint`` says what to do.
+
+        ``message`` replaces the sentence built from them where it would not read well (an explicit read grant,
+        a server's level), keeping the attributes.
+        """
         self.what, self.needed, self.granted = what, needed, granted
-        msg = f"{what} needs access level {needed}; this handle was granted {granted}"
-        if hint:
+        msg = message or f"{what} needs access level {needed}; this handle was granted {granted}"
+        if hint and message is None:
             msg += f"; {hint}"
         super().__init__(msg)
 
@@ -77,3 +82,13 @@ class RemoteError(GraytuneError):
     def __init__(self, status: int, kind: str, detail: str) -> None:
         self.status, self.kind = status, kind
         super().__init__(f"backbone server answered {status} ({kind}): {detail}" if status else detail)
+
+
+class RemoteAccessDeniedError(AccessDeniedError, RemoteError):
+    """A backbone server's 403 (``access_denied``): the ``AccessDeniedError`` the same request raises in process,
+    with the ``status`` and ``kind`` of a ``RemoteError``. Its message is the server's, naming the level needed."""
+
+    def __init__(self, detail: str, needed: str = "", granted: str = "") -> None:
+        self.what, self.needed, self.granted = "", needed, granted
+        self.status, self.kind = 403, "access_denied"
+        Exception.__init__(self, detail)  # AccessDeniedError's and RemoteError's own sentences would wrap it

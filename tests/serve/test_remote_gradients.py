@@ -65,8 +65,10 @@ def test_remote_handle_refuses_white_box_and_unknown_ports(serve) -> None:
     remote = graytune.open_backbone(url, "dark-gray", api_key=ALICE)
     with pytest.raises(graytune.AccessDeniedError, match="never crosses the network"):
         remote.module()
-    with pytest.raises(graytune.UnknownNameError, match="text.layer.2"):  # entry ports are hidden at dark-gray
-        remote.forward({"text": ["a"]}, add={"text.layer.2": torch.zeros(1, 1, 384)})
+    with pytest.raises(graytune.AccessDeniedError, match="add at text.layer.2 needs access level light-gray"):
+        remote.forward({"text": ["a"]}, add={"text.layer.2": torch.zeros(1, 1, 384)})  # as in process (issue 28)
+    with pytest.raises(graytune.UnknownNameError, match="text.layer.50"):  # hidden ports are never suggested
+        remote.forward({"text": ["a"]}, add={"text.layer.50": torch.zeros(1, 1, 384)})
 
 
 def test_train_against_a_server_gives_the_same_adapter_as_in_process(serve, tmp_path, monkeypatch) -> None:

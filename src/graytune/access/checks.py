@@ -41,10 +41,13 @@ def port_for(spec: BackboneSpec, name: str, op: Op, level: AccessLevel, with_gra
         raise AccessDeniedError(what, needed.label, level.label,
                                 "ask the owner for a handle at that level, or adapt only the outputs")
     if op is Op.READ and port.kind is not PortKind.OUTPUT and name not in grants:
+        held = ", ".join(sorted(grants)) or "no port"
         raise AccessDeniedError(
             f"read at {name}", f"an explicit grant (reads=[{name!r}])", f"{level.label} without that grant",
-            "reading input or inner values reveals weights, so the owner grants it port by port",
-        )
+            message=(f"read at {name} needs an explicit grant by the owner (values read at input and inner ports "
+                     f"reveal weights, so they are granted port by port); this handle at {level.label} holds reads "
+                     f"at {held}; open the backbone with reads=[{name!r}] where the owner grants it (graytune serve "
+                     f"--reads {name})"))
     return port
 
 

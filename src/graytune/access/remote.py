@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import secrets
 import time
 from collections.abc import Collection, Mapping, Sequence
@@ -45,7 +46,10 @@ from graytune.access.wire import (
     PROTOCOL_VERSION, check_server_protocol, decode, pack_call, pack_grads, pack_recompute, unpack_result,
     unpack_vjp,
 )
-from graytune.errors import AccessDeniedError, InvalidInputError, NumericalError, RemoteError
+from graytune.errors import (
+    AccessDeniedError, GraytuneError, InvalidInputError, NumericalError, RemoteAccessDeniedError, RemoteError,
+    UnknownNameError,
+)
 from graytune.types import AccessLevel, BackboneSpec, Exposure
 
 log = logging.getLogger(__name__)
@@ -76,7 +80,10 @@ class RemoteHandle:
                  timeout_s: float | None = None, retries: int | None = None, *, retry_s: float | None = None) -> None:
         key = api_key or os.environ.get(API_KEY_ENV)
         if not key:
-            raise InvalidInputError(f"{url} needs an API key: pass api_key=... or set {API_KEY_ENV}")
+            raise InvalidInputError(f"{url} needs an API key: set ${API_KEY_ENV} to the key the server's owner gave "
+                                    "you (in Python, api_key=... works too)")
+        #: where the key came from, for the message when the server refuses it
+        self.key_source = "api_key=" if api_key else f"${API_KEY_ENV}"
         self.retry_s = DEFAULT_RETRY_S if retry_s is None else float(retry_s)
         self.timeout_s = DEFAULT_TIMEOUT_S if timeout_s is None else float(timeout_s)
         if self.retry_s < 0 or self.timeout_s <= 0:
@@ -96,8 +103,13 @@ class RemoteHandle:
         self.exposure = Exposure(access=self.access)
         missing = sorted(set(reads) - set(info["reads"]))
         if missing:
-            raise AccessDeniedError(f"read at {', '.join(missing)}", "an explicit grant by the owner",
-                                    f"grants {info['reads']}", "ask the owner to serve with --reads")
+            granted = ", ".join(info["reads"]) or "no port"
+            raise AccessDeniedError(
+                f"read at {', '.join(missing)}", "an explicit grant by the owner", f"reads at {granted}", message=(
+                    f"reading {', '.join(missing)} needs an explicit grant by the server's owner (values read at "
+                    f"input and inner ports reveal weights, so they are granted port by port); {self.url} grants "
+                    f"reads at {granted}; ask the owner to run graytune serve --reads {' '.join(missing)}, or "
+                    "train a method that reads nothing (graytune methods shows the reads each needs)"))
         self._grants = frozenset(reads)
 
     def __repr__(self) -> str:
@@ -130,9 +142,39 @@ class RemoteHandle:
         reads: Sequence[str] = (),
     ) -> dict[str, Tensor]:
         """As ``LocalHandle.forward``; the backbone runs on the server."""
-        plan = plan_call(self.spec, self.access, self._grants, self.exposure, self.tokenize,
-                         inputs, add or {}, insert or {}, outputs, reads)
+        try:
+            plan = plan_call(self.spec, self.access, self._grants, self.exposure, self.tokenize,
+                             inputs, add or {}, insert or {}, outputs, reads)
+        except UnknownNameError as err:
+            self._above_level(err.name, add or {}, insert or {}, [*reads, *(outputs or [])])
+            raise
         return cross(_RemoteCall(self, plan))
+
+    def _above_level(self, name: str, add: Mapping[str, Tensor], insert: Mapping[str, Tensor],
+                     read: Sequence[str]) -> None:
+        """Raise the server's ``AccessDeniedError`` if ``name``, unknown in this level's spec, is a port above it.
+
+        The spec a client gets shows only its level's ports; the in-process handle, holding the whole spec,
+        refuses a port above the level with the level it needs. The server answers the same (``/v1/check-port``).
+        """
+        if name in self.spec.port_names() or self.access >= AccessLevel.LIGHT_GRAY:
+            return
+        edits = {"add": add, "insert": insert}
+        op = next((o for o, group in edits.items() if name in group), "read" if name in read else None)
+        if op is None:
+            return
+        value = edits.get(op, {}).get(name)
+        grad = bool(isinstance(value, Tensor) and value.requires_grad and torch.is_grad_enabled())
+        try:
+            self._request("GET", "/v1/check-port", params={"name": name, "op": op, "grad": grad,
+                                                             "access": self.access.label})
+        except InvalidInputError as err:  # the server's reason, e.g. an op the port does not take
+            if getattr(err, "kind", "") != "unknown_name":
+                raise
+        except AccessDeniedError:
+            raise
+        except GraytuneError:  # an older server, or another failure: the local error stands
+            return
 
     def encode_image(self, pixels: Tensor, **edits: Mapping[str, Tensor]) -> Tensor:
         """``[B, E]`` image embeddings (not normalised)."""
@@ -177,6 +219,10 @@ class RemoteHandle:
             else:
                 if response.status_code < 400:
                     return response
+                if response.status_code == 401:
+                    raise RemoteError(401, "unauthorized", f"the API key from {self.key_source} was refused by "
+                                      f"{self.url}; check it with the server's owner (a key is one line of their "
+                                      "--api-keys file)") from None
                 if response.status_code not in (502, 503):
                     raise _error(response)
                 problem, wait = f"is busy ({response.status_code})", _retry_after(response)
@@ -253,7 +299,14 @@ def _error(response: httpx.Response) -> Exception:
     except (ValueError, KeyError, TypeError):
         kind, detail = "http", response.text[:200]
     if response.status_code == 400:
-        return InvalidInputError(f"the backbone server refused the request: {detail}")
+        refused = InvalidInputError(f"the backbone server refused the request: {detail}")
+        refused.kind = kind  # type: ignore[attr-defined]  # e.g. unknown_name, protocol
+        return refused
+    if response.status_code == 403 and kind == "access_denied":  # what the same request raises in process
+        needed = re.search(r"needs access level ([a-z-]+)|^([a-z-]+) access was asked for", detail)
+        granted = re.search(r"was granted ([a-z-]+)|this server lends \S+ at ([a-z-]+)", detail)
+        return RemoteAccessDeniedError(detail, next((g for g in needed.groups() if g), "") if needed else "",
+                                       next((g for g in granted.groups() if g), "") if granted else "")
     if kind == "numerical":
         return NumericalError(f"on the backbone server: {detail}")
     return RemoteError(response.status_code, kind, detail)

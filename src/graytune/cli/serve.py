@@ -13,7 +13,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("serve", help="serve a backbone behind the boundary (FastAPI + uvicorn)",
                        description="Clients open it with graytune.open_backbone('http://HOST:PORT', api_key=...) "
-                                   "or --backbone http://HOST:PORT (key in $GRAYTUNE_API_KEY).")
+                                   "or --backbone http://HOST:PORT (key in $GRAYTUNE_API_KEY). Other clients: the "
+                                   "routes are described at http://HOST:PORT/docs (OpenAPI) and in "
+                                   "docs/http-api.md.")
     p.add_argument("backbone", help="backbone id, e.g. minilm or bridge:efficientnet-lite0+minilm")
     p.add_argument("--api-keys", required=True, metavar="FILE",
                    help="lines of 'client-name secret-key' (keys of at least 16 characters)")

@@ -1,9 +1,11 @@
 """The HTTP service: one hidden backbone lent to many clients at once (FastAPI).
 
-Endpoints (all but ``/v1/health`` need ``Authorization: Bearer KEY``):
+Endpoints (all but ``/v1/health``, ``/docs`` and ``/openapi.json`` need ``Authorization: Bearer KEY``;
+docs/http-api.md is the reference, ``/docs`` the OpenAPI page):
 
 - ``GET /v1/spec?access=LEVEL`` the spec visible at ``LEVEL`` (at most the granted one);
 - ``GET /v1/stats`` the caller's own sessions and quota use (every client's for an admin);
+- ``GET /v1/check-port?name=PORT&op=add&grad=true`` whether an edit at a port is allowed at the caller's level;
 - ``POST /v1/tokenize`` ``{"texts": [...]}`` (JSON bounded by size and structure) → the owner's token ids;
 - ``POST /v1/forward`` a safetensors request → outputs, and a session id when gradients are wanted;
 - ``POST /v1/vjp`` the outputs' gradients and a session id (or, after 410, the whole forward again)
@@ -52,7 +54,8 @@ def create_app(handle: LocalHandle, config: ServeConfig, keys: ApiKeys, extra: C
                | None = None) -> FastAPI:
     """The FastAPI app lending ``handle``'s backbone at ``config.access``; ``extra`` adds routes (adapters)."""
     service = Service(handle, config, keys)
-    app = FastAPI(title="graytune", docs_url=None, redoc_url=None, openapi_url=None, lifespan=_lifespan)
+    app = FastAPI(title="graytune backbone server", version=graytune_version(), description=_DESCRIPTION,
+                  docs_url="/docs", redoc_url=None, openapi_url="/openapi.json", lifespan=_lifespan)
     app.state.service = service
     app.state.on_close = [service.close]  # what to stop when the app shuts down (e.g. the adapter batcher)
     install_error_handlers(app)
@@ -61,6 +64,21 @@ def create_app(handle: LocalHandle, config: ServeConfig, keys: ApiKeys, extra: C
     if extra is not None:
         extra(app, service)
     return app
+
+
+_DESCRIPTION = ("A hidden backbone lent at a level (black-box, dark-gray, light-gray): forward, VJP, tokenize, "
+                "hosted adapters. Every route but /v1/health, /docs and /openapi.json needs Authorization: Bearer "
+                "KEY. Tensors travel as graytune safetensors messages (graytune.access.wire); docs/http-api.md is "
+                "the full reference, with every request, answer and error.")
+
+
+def graytune_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("graytune")
+    except PackageNotFoundError:
+        return "0"
 
 
 @contextlib.asynccontextmanager

@@ -2,8 +2,9 @@
 
 Every failure a request can meet is turned into a JSON body here and never into a stack trace:
 ``HTTPProblem`` carries its own status and headers, the library's errors map to 4xx by kind (403 for a
-level above the grant, 400 otherwise, 500 for the owner's own precision), a quota to 429, a deadline
-to 504, and anything unexpected to a 500 that points at the owner's log.
+level above the grant, the detail naming the level needed and what this server allows;
+400 otherwise; 500 for the owner's own precision), a quota to 429, a deadline to 504, and anything
+unexpected to a 500 that points at the owner's log.
 
 Example:
     >>> install_error_handlers(app)
@@ -71,9 +72,10 @@ async def _deadline(request: Request, _: DeadlineExceeded) -> JSONResponse:
     return answer(timed_out(service.config.request_timeout_s))
 
 
-async def _graytune_error(_: Request, err: GraytuneError) -> JSONResponse:
+async def _graytune_error(request: Request, err: GraytuneError) -> JSONResponse:
     if isinstance(err, AccessDeniedError):
-        return _plain(403, "access_denied", str(err))
+        service: Service = request.app.state.service
+        return _plain(403, "access_denied", service.refusal(err))
     if isinstance(err, NumericalError):  # the owner's precision, not the client's input
         return _plain(500, "numerical", str(err))
     kind = "unknown_name" if isinstance(err, UnknownNameError) else "invalid_input"

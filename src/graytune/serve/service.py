@@ -44,6 +44,7 @@ from graytune.serve.bodies import RequestBody, json_limit, parse_json
 from graytune.serve.config import DUPLICATE_ROWS, ApiKeys, ServeConfig
 from graytune.serve.ledger import Charge, QuotaLedger
 from graytune.serve.memory import trim
+from graytune.serve.refusals import UNAUTHORIZED, level_refused, server_hint
 from graytune.serve.sessions import SessionGone, SessionStore
 from graytune.types import AccessLevel
 
@@ -96,17 +97,18 @@ class Service:
     def client(self, request: Request) -> str:
         name = self.keys.client(request.headers.get("authorization"))
         if name is None:
-            raise HTTPProblem(401, "unauthorized", "a valid API key is needed: send 'Authorization: Bearer KEY'")
+            raise HTTPProblem(401, "unauthorized", UNAUTHORIZED)
         return name
 
     def is_admin(self, client: str) -> bool:
         return client in self.config.admins
 
     def level_handle(self, label: object) -> LocalHandle:
+        """The handle at the level ``label`` names (the granted one when empty); 403 above the grant, naming the
+        methods this level allows and the owner's flag (``graytune.serve.refusals``)."""
         level = AccessLevel.parse(str(label)) if label else self.granted
         if level > self.granted:
-            raise AccessDeniedError(f"a handle at {level.label}", level.label, self.granted.label,
-                                    "this server lends the backbone at most at that level")
+            raise level_refused(level, self.handle)
         return self._levels[level]
 
     def spec(self, label: str | None) -> dict[str, Any]:
@@ -120,6 +122,11 @@ class Service:
                                                        "recompute": level.recompute},
                                          "max_body_bytes": self.max_body}
         return self._specs[level.access]
+
+    def refusal(self, err: AccessDeniedError) -> str:
+        """The 403 detail for ``err``: its own words, then what this server allows and the owner's flag for more."""
+        detail = str(err)
+        return detail if "this server lends" in detail else f"{detail}; {server_hint(self.handle, err.needed)}"
 
     # ---- what they send ------------------------------------------------------------------------------
 

@@ -30,22 +30,25 @@ from graytune.serve.admission import check_texts
 from graytune.serve.config import ServeConfig
 from graytune.serve.responses import wire_response
 from graytune.serve.routes.dependencies import ClientDep, ServiceDep, get_client
+from graytune.serve.routes.openapi import FORWARD_DOC, RELEASE_DOC, TOKENIZE_DOC, VJP_DOC
 
 __all__ = ["router"]
 Tensor = torch.Tensor
 router = APIRouter()
 
 
-@router.post("/v1/tokenize", dependencies=[Depends(get_client)])
+@router.post("/v1/tokenize", dependencies=[Depends(get_client)], openapi_extra=TOKENIZE_DOC)
 async def tokenize(request: Request, service: ServiceDep) -> Response:
+    """The owner's token ids and attention mask for texts."""
     payload = await service.json(request)
     texts = await service.checked(_tokenize_texts, payload, service.config)
     ids = await service.checked(service.handle.tokenize, texts)
     return wire_response(encode(ids))
 
 
-@router.post("/v1/forward")
+@router.post("/v1/forward", openapi_extra=FORWARD_DOC)
 async def forward(request: Request, service: ServiceDep, client: ClientDep) -> Response:
+    """Run the backbone on the client's inputs and edits; a session id when gradients are wanted."""
     until = service.deadline()
     async with service.body(request) as body:
         message = await service.checked(read_request, body)
@@ -60,8 +63,9 @@ async def forward(request: Request, service: ServiceDep, client: ClientDep) -> R
     return wire_response(pack_result(plan, values, call.values_read, session))
 
 
-@router.post("/v1/vjp")
+@router.post("/v1/vjp", openapi_extra=VJP_DOC)
 async def vjp(request: Request, service: ServiceDep, client: ClientDep) -> Response:
+    """The gradients at the client's tensors, from the outputs' gradients (session, or the forward resent)."""
     until = service.deadline()
     async with service.body(request) as body:
         message = await service.checked(read_request, body)
@@ -74,8 +78,9 @@ async def vjp(request: Request, service: ServiceDep, client: ClientDep) -> Respo
     return wire_response(pack_vjp(call.plan, result))
 
 
-@router.post("/v1/sessions/release")
+@router.post("/v1/sessions/release", openapi_extra=RELEASE_DOC)
 async def release(request: Request, service: ServiceDep, client: ClientDep) -> dict[str, bool]:
+    """Free a session that will not be differentiated: ``{"released": true}`` if it was there."""
     payload = await service.json(request)
     session = payload.get("session") if isinstance(payload, dict) else None
     if not isinstance(session, str):
@@ -83,8 +88,9 @@ async def release(request: Request, service: ServiceDep, client: ClientDep) -> d
     return {"released": service.store.release(client, session)}
 
 
-@router.delete("/v1/sessions/{session}")
+@router.delete("/v1/sessions/{session}", deprecated=True)
 async def release_by_url(session: str, service: ServiceDep, client: ClientDep) -> dict[str, bool]:
+    """As ``POST /v1/sessions/release``, for older clients (the id ends up in URLs and logs)."""
     return {"released": service.store.release(client, session)}
 
 

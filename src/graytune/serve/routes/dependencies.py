@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from graytune.serve.service import Service
 
@@ -29,7 +30,12 @@ async def get_service(request: Request) -> Service:
 ServiceDep = Annotated[Service, Depends(get_service)]
 
 
-async def get_client(request: Request, service: ServiceDep) -> str:
+#: declares the key scheme on the OpenAPI page; the key itself is checked by ``Service.client``
+_BEARER = HTTPBearer(auto_error=False, description="the API key the server's owner gave you")
+
+
+async def get_client(request: Request, service: ServiceDep,
+                     _: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)] = None) -> str:
     """The client named by the request's ``Authorization: Bearer KEY`` (401 without a valid key)."""
     return service.client(request)
 

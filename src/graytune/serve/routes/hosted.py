@@ -2,10 +2,10 @@
 
 - ``GET /v1/adapters`` each hosted adapter's method and backbone;
 - ``POST /v1/adapters/{name}/embed`` pixels as ``inputs/image.pixels``, or ``texts`` in the metadata
-  → ``embeds`` ``[B, E]``;
-- ``POST /v1/adapters/{name}/classify`` pixels and ``classes`` (and optionally a ``template``)
-  → ``logits`` ``[B, C]``, the classes in the metadata. Charged one sample per row and one per class
-  (each prompt goes through the backbone).
+  → ``embeds`` ``[B, E]``; or JSON ``{"texts": [...]}`` → JSON ``{"embeds": [[...]]}``;
+- ``POST /v1/adapters/{name}/classify`` pixels or texts and ``classes`` (and optionally a ``template``)
+  → ``logits`` ``[B, C]``, the classes in the metadata; JSON in, JSON out as for ``embed``. Charged one
+  sample per row and one per class (each prompt goes through the backbone).
 
 A request is checked, admitted and charged on a checks thread, then queued on the ``AdapterHost``
 (``graytune.serve.adapters``), which batches requests for different adapters into one backbone call.
@@ -28,12 +28,13 @@ from fastapi.responses import JSONResponse
 
 from graytune.access import texts_of
 from graytune.access.owner import DeadlineExceeded
-from graytune.access.wire import INPUTS, encode, read_request, tensor_name, unpack_inputs
+from graytune.access.wire import INPUTS, Message, encode, read_request, tensor_name, unpack_inputs
 from graytune.errors import InvalidInputError
 from graytune.serve.adapters import AdapterHost, HostBusy, HostClosed
 from graytune.serve.admission import HTTPProblem, busy, check_prompts, check_texts, check_work
 from graytune.serve.responses import answer, wire_response
 from graytune.serve.routes.dependencies import ClientDep, ServiceDep, get_client
+from graytune.serve.routes.openapi import CLASSIFY_DOC, EMBED_DOC
 from graytune.serve.service import Service, timed_out
 
 __all__ = ["TEMPLATE", "HostDep", "install_adapters", "router"]
@@ -66,18 +67,25 @@ router = APIRouter()
 
 @router.get("/v1/adapters", dependencies=[Depends(get_client)])
 async def listing(service: ServiceDep, host: HostDep) -> dict[str, dict[str, str]]:
+    """Each hosted adapter's method and backbone, by name."""
     return {name: {"method": m.method, "backbone": service.handle.spec.id} for name, m in host.models.items()}
 
 
-@router.post("/v1/adapters/{name}/embed")
+@router.post("/v1/adapters/{name}/embed", openapi_extra=EMBED_DOC)
 async def embed(name: str, request: Request, service: ServiceDep, host: HostDep, client: ClientDep) -> Response:
+    """Adapted embeddings ``[B, E]`` (not normalised) of texts or images, through the hosted adapter ``name``."""
+    as_json = _is_json(request)
     embeds, _ = await _embeds(service, host, client, name, request, service.deadline())
-    return wire_response(encode({"embeds": embeds}))
+    return JSONResponse({"embeds": embeds.tolist()}) if as_json else wire_response(encode({"embeds": embeds}))
 
 
-@router.post("/v1/adapters/{name}/classify")
+@router.post("/v1/adapters/{name}/classify", openapi_extra=CLASSIFY_DOC)
 async def classify(name: str, request: Request, service: ServiceDep, host: HostDep, client: ClientDep) -> Response:
-    until = service.deadline()
+    """Scores ``[B, C]`` of texts or images against class names put into a template, through adapter ``name``.
+
+    Charged its rows and its classes: every prompt goes through the backbone as a sample.
+    """
+    until, as_json = service.deadline(), _is_json(request)
     embeds, meta = await _embeds(service, host, client, name, request, until, classify=True)
     prompts = meta["prompts"]  # admitted (and charged) with the request
     try:
@@ -87,30 +95,44 @@ async def classify(name: str, request: Request, service: ServiceDep, host: HostD
         await service.refund(client, samples=len(prompts))
         raise
     logits = host.model(name).similarity(embeds, text)
+    if as_json:
+        return JSONResponse({"logits": logits.tolist(), "classes": meta["classes"]})
     return wire_response(encode({"logits": logits}, {"classes": meta["classes"]}))
 
 
 async def _embeds(service: Service, host: AdapterHost, client: str, name: str, request: Request, until: float,
                   classify: bool = False) -> tuple[Tensor, dict[str, Any]]:
-    """The adapted embeddings a request asks ``name`` for, and its metadata (with ``prompts`` to classify)."""
+    """The adapted embeddings a request asks ``name`` for, and its metadata (with ``prompts`` to classify).
+
+    The body is a graytune safetensors message, or JSON (``Content-Type: application/json``) with texts.
+    """
+    if _is_json(request):
+        payload = await service.json(request)
+        if not isinstance(payload, dict):
+            raise InvalidInputError(f'send a JSON object, e.g. {{"texts": ["a cat"]}}; got {type(payload).__name__}')
+        return await _admitted(service, host, client, name, ({}, payload), until, classify)
     async with service.body(request) as body:
-        queued, rows, meta = await service.checked(_admit, service, host, client, name, body, until, classify)
-        try:
-            return await _wait(queued, until, service.config.request_timeout_s), meta
-        except BaseException:
-            await service.refund(client, samples=rows + len(meta.get("prompts", ())))
-            raise
+        message = await service.checked(read_request, body)
+        return await _admitted(service, host, client, name, message, until, classify)
 
 
-def _admit(service: Service, host: AdapterHost, client: str, name: str, body: bytes, until: float,
+async def _admitted(service: Service, host: AdapterHost, client: str, name: str, message: Message, until: float,
+                    classify: bool) -> tuple[Tensor, dict[str, Any]]:
+    queued, rows, meta = await service.checked(_admit, service, host, client, name, message, until, classify)
+    try:
+        return await _wait(queued, until, service.config.request_timeout_s), meta
+    except BaseException:
+        await service.refund(client, samples=rows + len(meta.get("prompts", ())))
+        raise
+
+
+def _admit(service: Service, host: AdapterHost, client: str, name: str, message: Message, until: float,
            classify: bool) -> tuple[Future[Tensor], int, dict[str, Any]]:
     """Checks, admission and the quota charge of one request (on a checks thread), then its job queued.
 
     The charge is every sample the backbone will see: the rows, and for ``classify`` one prompt per class.
     """
-    config = service.config
-    message = read_request(body)
-    meta = message[1]
+    config, meta = service.config, message[1]
     host.model(name)
     if classify:  # the prompts it will build: their characters before they are built, then their tokens
         classes = texts_of(meta.get("classes"))
@@ -127,7 +149,8 @@ def _admit(service: Service, host: AdapterHost, client: str, name: str, body: by
     else:
         texts, pixels = [], unpack_inputs(message)
         if set(pixels) != {"image.pixels"}:
-            raise InvalidInputError(f"send {tensor_name(INPUTS, 'image.pixels')}, or texts in the metadata")
+            raise InvalidInputError(f"send texts (JSON: {{\"texts\": [...]}}), or images as "
+                                    f"{tensor_name(INPUTS, 'image.pixels')} in a graytune safetensors message")
         check_work(pixels, {}, config, grad=False)
         rows, modality = int(pixels["image.pixels"].shape[0]), "image"
     charged = rows + len(meta.get("prompts", ()))
@@ -137,6 +160,12 @@ def _admit(service: Service, host: AdapterHost, client: str, name: str, body: by
     except BaseException:
         service.ledger.refund(client, charged)
         raise
+
+
+def _is_json(request: Request) -> bool:
+    """Whether the body is JSON: ``Content-Type: application/json``, or what ``curl -d`` sends (a form type)."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    return kind in ("application/json", "application/x-www-form-urlencoded") or kind.startswith("text/")
 
 
 async def _wait(queued: Future[Tensor], until: float, timeout_s: float) -> Tensor:
