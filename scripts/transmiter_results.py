@@ -1,6 +1,8 @@
 """TransMiter on real backbones: weak Lite0 bridge → strong Lite1 bridge, Fashion-MNIST base-to-novel 5/5.
 
-Run: .venv/bin/python scripts/transmiter_results.py [--seeds 0,1,2] [--out docs/transmiter-raw.json]
+Run: .venv/bin/python scripts/transmiter_results.py [--seeds 0,1,2] [--aux-draw D] [--out docs/transmiter-raw.json]
+The auxiliary names are drawn as ``--aux-draw`` says (``graytune.transfer.classes``: ``balanced``, the default, or
+``concrete``, the draw of the first table, kept in docs/transmiter-concrete-raw.json); a raw file holds one draw.
 Rows: weak zero-shot, weak fine-tuned (DGA, dark-gray, base classes), strong zero-shot, TransMiter on
 strong, TransMiter+ on strong (16 labels per base class, selected on val), strong fine-tuned (the
 upper bound), and the ablations without auxiliary classes and without the basis change.
@@ -38,7 +40,8 @@ def fine_tune(backbone: str, seed: int, folder: Path, steps: int) -> str:
     return str(out)
 
 
-def run_seed(seed: int, folder: Path, steps: int, total: int, unlabeled: int) -> dict[str, dict[str, float]]:
+def run_seed(seed: int, folder: Path, steps: int, total: int, unlabeled: int, aux_draw: str = "balanced",
+             ) -> dict[str, dict[str, float]]:
     splits = load_splits(DATA, seed=0)
     names = list(splits.train.class_names)
     weak, strong = open_backbone(WEAK, "black-box"), open_backbone(STRONG, "black-box")
@@ -63,7 +66,7 @@ def run_seed(seed: int, folder: Path, steps: int, total: int, unlabeled: int) ->
     score("strong fine-tuned (DGA, upper bound)", class_scores(strong_ft, px.test, names, PROMPT))
 
     for label, m in (("TransMiter", total), ("ablation: no auxiliary classes", len(names))):
-        tm = TransMiter.create(names, total=m, seed=seed, prompt=PROMPT)
+        tm = TransMiter.create(names, total=m, seed=seed, prompt=PROMPT, aux_draw=aux_draw)
         weak_u = tm.scores(weak, px.unlabeled)
         teacher = tm.scores(weak_ft, px.unlabeled)[:, :len(names)]
         start = time.perf_counter()
@@ -90,18 +93,23 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60, help="fine-tuning steps of the weak and strong DGA")
     parser.add_argument("--classes", type=int, default=1024, help="M: task plus auxiliary classes")
     parser.add_argument("--unlabeled", type=int, default=2000)
+    parser.add_argument("--aux-draw", default="balanced", choices=("balanced", "concrete"))
     parser.add_argument("--out", default="docs/transmiter-raw.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     out = Path(args.out)
-    done = json.loads(out.read_text()) if out.is_file() else {"seeds": {}}
+    done = json.loads(out.read_text()) if out.is_file() else {"seeds": {}, "aux_draw": args.aux_draw}
+    if done["seeds"] and done.get("aux_draw", "concrete") != args.aux_draw:
+        parser.error(f"{out} holds rows drawn {done.get('aux_draw', 'concrete')!r}, not {args.aux_draw!r}: pass that "
+                     "--aux-draw to resume it, or --out another file")
     done.update(steps=args.steps, classes=args.classes, unlabeled=args.unlabeled, weak=WEAK, strong=STRONG,
-                data=DATA, image_size=SIZE)
+                data=DATA, image_size=SIZE, aux_draw=args.aux_draw)
     with tempfile.TemporaryDirectory() as tmp:
         for seed in (int(s) for s in args.seeds.split(",")):
             if str(seed) in done["seeds"]:
                 continue
-            done["seeds"][str(seed)] = run_seed(seed, Path(tmp), args.steps, args.classes, args.unlabeled)
+            done["seeds"][str(seed)] = run_seed(seed, Path(tmp), args.steps, args.classes, args.unlabeled,
+                                                args.aux_draw)
             out.write_text(json.dumps(done, indent=1))
 
 
