@@ -14,12 +14,14 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from enum import Enum
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -52,10 +54,25 @@ class AdaptedModel(nn.Module):
         self.text_adapters = nn.ModuleList([a for a in adapters if a.modality == "text"])
         self.backbone_module = module  # white-box baselines only: the client's own copy
         self.whitebox: tuple[str, Any] | None = None  # white-box baselines: (adapter name, its config)
+        self._artifact: dict[str, Any] | None = None  # config of the artifact loaded from or saved to
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
         if "text.target_logprobs" in handle.spec.port_names():  # a language model compares no embeddings
             self.logit_scale.requires_grad_(False)
         self.to(getattr(handle, "device", torch.device("cpu")))  # in process: the backbone's device, no copies
+
+    @property
+    def config(self) -> Mapping[str, Any]:
+        """The artifact's config, read-only, as transformers models expose theirs: ``method``, ``options``,
+        ``backbone``, ``access``, and what training recorded (``image_size``, ``preprocess``, ``classes``,
+        ``prompt``, ``task``, ``train``, ``metrics``, ...).
+
+        A model not loaded from an artifact nor saved yet describes itself (method, options, access,
+        backbone) and nothing of training. Each read is a fresh copy: changing it changes nothing.
+
+        Example:
+            >>> AdaptedModel.from_pretrained("out/dga", h).config["image_size"]   # 128: what it was trained at
+        """
+        return MappingProxyType(copy.deepcopy(self._artifact if self._artifact is not None else self._describe()))
 
     @property
     def device(self) -> torch.device:
@@ -128,18 +145,24 @@ class AdaptedModel(nn.Module):
 
         ``extra`` (task, classes, preprocessing, metrics) goes into the config.
         """
+        config: dict[str, Any] = {**self._describe(), **(extra or {})}
+        if self.whitebox is not None and self.whitebox[0] == "lora":
+            config = {**peft_fields(self.backbone_module, self.whitebox[1], self.handle.spec.id), **config}
+        written = write_artifact(folder, config, self.adapter_state(peft_names=True))
+        self._artifact = read_config(written)
+        return written
+
+    def _describe(self) -> dict[str, Any]:
+        """What an artifact records of the model itself (``save_pretrained`` adds the training's ``extra``)."""
         spec = self.handle.spec
         entries = [{"name": a.name, "modality": a.modality, "ports": list(a.ports), "reads": list(a.reads)}
                    for a in [*self.image_adapters, *self.text_adapters]]
-        config: dict[str, Any] = {
+        return {
             "method": self.method, "kind": get_method(self.method).kind.value if self.method in METHODS else "custom",
             "options": self.adapter_options(), "access": self.handle.access.label,
             "reads": sorted(self.handle.grants), "backbone": spec.id, "fingerprint": spec.fingerprint,
             "adapters": entries, "trainable_parameters": self.trainable_parameters(),
-            "exposure": self.handle.exposure.to_dict(), **(extra or {})}
-        if self.whitebox is not None and self.whitebox[0] == "lora":
-            config = {**peft_fields(self.backbone_module, self.whitebox[1], spec.id), **config}
-        return write_artifact(folder, config, self.adapter_state(peft_names=True))
+            "exposure": self.handle.exposure.to_dict()}
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike[str], handle: Handle) -> AdaptedModel:
@@ -165,6 +188,7 @@ class AdaptedModel(nn.Module):
             raise ArtifactError(f"{folder}/{WEIGHTS_NAME} does not fit method {config['method']!r} with options "
                                 f"{config.get('options')}: missing {missing[:5]}, unexpected {unexpected[:5]}")
         model.load_state_dict({_internal_name(k): v for k, v in state.items()}, strict=False)
+        model._artifact = config
         return model
 
     def adapter_state(self, peft_names: bool = False) -> dict[str, Tensor]:
