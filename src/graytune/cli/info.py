@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"fingerprint  {spec.fingerprint}")
     print(f"about        {spec.description}")
     for modality, pre in spec.preprocess.items():
-        print(f"preprocess   {modality}: " + ", ".join(f"{k}={v}" for k, v in pre.items()))
+        print(f"preprocess   {modality}: " + ", ".join(f"{k}={_short(v)}" for k, v in pre.items()))
     rows = [("port", "kind", "shape", "dtype", "ops")]
     rows += [(p.name, p.kind.value, "[" + ", ".join(map(str, p.shape)) + "]", p.dtype,
               ",".join(o.value for o in p.ops)) for p in spec.ports]
@@ -42,3 +42,9 @@ def run(args: argparse.Namespace) -> int:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
     print("\nread at input and entry ports needs the owner's explicit grant (it reveals weights)")
     return 0
+
+
+def _short(value: object) -> str:
+    """A preprocessing value as one short line (a chat template is named, not printed: --json has it whole)."""
+    text = str(value)
+    return text if len(text) <= 120 and "\n" not in text else f"({len(text)} characters; --json prints it)"
