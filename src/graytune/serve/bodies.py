@@ -24,7 +24,7 @@ import json
 import logging
 import re
 from collections.abc import Generator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import anyio
 import torch
@@ -35,8 +35,17 @@ from graytune.errors import InvalidInputError
 from graytune.serve.admission import HTTPProblem, busy, too_large
 from graytune.serve.config import ServeConfig
 
-if TYPE_CHECKING:
-    from graytune.serve.service import Service
+
+
+class Service(Protocol):
+    """What reading a body needs of the service (``graytune.serve.service.Service``): its in-flight budget."""
+
+    config: ServeConfig
+    max_body: int
+    inflight: int
+    inflight_budget: int
+    compute_s: float
+    queued: int
 
 log = logging.getLogger(__name__)
 #: the deepest nesting a JSON body may have (graytune's own bodies nest 2 levels)
