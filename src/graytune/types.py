@@ -273,6 +273,11 @@ class Exposure:
         gradient_samples: rows whose VJP came back (the batch of each differentiated call), what a server's
             ``--quota-grad-rows`` bounds.
         generated_tokens: tokens a language model generated for the client (each one a forward of one position).
+        black_box_edits: forwards at black-box that sent ``add``/``insert`` at an input port with no gradient asked
+            (what zeroth-order input adapters send): ``{"calls", "rows", "ports": {port: rows}}``. Such edits are
+            not free of exposure: a batch of one text under ±ε edits gives Jacobian columns at that port by finite
+            differences (for pixels, continuous raw inputs, that is inherent; for token embeddings it is a
+            capability the owner grants: ``graytune serve --black-box-edits``).
     """
 
     access: AccessLevel
@@ -283,10 +288,19 @@ class Exposure:
     gradient_queries: int = 0
     gradient_samples: int = 0
     generated_tokens: int = 0
+    black_box_edits: dict[str, Any] = field(default_factory=lambda: {"calls": 0, "rows": 0, "ports": {}})
 
     def note(self, port: PortSpec, op: Op) -> None:
         self.ports.setdefault(port.name, set()).add(op.value)
         self.dims[port.name] = list(port.shape)
+
+    def note_black_box_edits(self, ports: Collection[str], rows: int) -> None:
+        """Record one black-box call of ``rows`` rows that edited ``ports`` (input ports, no gradient asked)."""
+        edits = self.black_box_edits
+        edits["calls"] += 1
+        edits["rows"] += rows
+        for name in ports:
+            edits["ports"][name] = edits["ports"].get(name, 0) + rows
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -295,6 +295,7 @@ def plan_call(spec: BackboneSpec, level: AccessLevel, grants: Collection[str], e
             check_token_inputs(spec, inputs, prefix)
     batch = batch_size(inputs)
     slots = [("inputs", n) for n, t in inputs.items() if t.requires_grad and grad_mode]
+    edited = []  # input ports edited at black-box (no gradient there): what finite differences need
     for op, group in ((Op.ADD, add), (Op.INSERT, insert)):
         for name, value in group.items():
             port = port_for(spec, name, op, level, isinstance(value, Tensor) and value.requires_grad and grad_mode)
@@ -304,6 +305,8 @@ def plan_call(spec: BackboneSpec, level: AccessLevel, grants: Collection[str], e
             exposure.note(port, op)
             if value.requires_grad and grad_mode:
                 slots.append(("add" if op is Op.ADD else "insert", name))
+            if level is AccessLevel.BLACK_BOX and port.kind is PortKind.INPUT and name not in edited:
+                edited.append(name)
     for prefix in spec.modalities:
         if f"{prefix}.input_ids" not in inputs or check_context(spec, inputs, insert, prefix):
             continue
@@ -316,6 +319,8 @@ def plan_call(spec: BackboneSpec, level: AccessLevel, grants: Collection[str], e
         exposure.note(spec.port(name), Op.READ if name in outputs else Op.REPLACE)
     exposure.forward_queries += 1
     exposure.forward_samples += batch
+    if edited:
+        exposure.note_black_box_edits(edited, batch)
     return CallPlan(inputs, dict(add), dict(insert), outputs, list(reads), slots, batch)
 
 
