@@ -42,6 +42,14 @@ class AuditConfig:
     """Labelled items the linear probes are fitted on (backbone's and surrogate's alike)."""
     probe_test: int = 1000
     """Held-out items the probes are scored on; the surrogate's agreement and cosine are measured on them too."""
+    cotangents: int = 4
+    """Dark-gray and up: copies of an item per call, each with its own per-token edit and output cotangent (a VJP
+    per copy), so each item comes back with this many per-token Jacobian products."""
+    fd_edits: int = 3
+    """Black-box: edited copies of an item per call beside it (an edit at text.token_embeds, no gradient asked),
+    each giving a finite-difference slope of the output along its edit."""
+    fd_epsilon: float = 1e-2
+    """Black-box: the finite-difference step, the length each token's embedding (or the pixels) moves."""
     steps_per_call: int = 2
     """Surrogate updates after each boundary call (and 25 times as many at each checkpoint)."""
     buffer_mb: float = 256.0
@@ -75,11 +83,20 @@ class AuditConfig:
                                        ("--probe-train", self.probe_train, 20, 50_000),
                                        ("--probe-test", self.probe_test, 20, 50_000),
                                        ("--steps-per-call", self.steps_per_call, 0, 100),
+                                       ("--cotangents", self.cotangents, 1, MAX_ROWS),
+                                       ("--fd-edits", self.fd_edits, 1, MAX_ROWS - 1),
                                        ("--geometry-tokens", self.geometry_tokens, 3, 128),
                                        ("--geometry-calls", self.geometry_calls, 3, MAX_BUDGET),
                                        ("--image-size", self.image_size, 16, 512)):
             if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
                 problems.append(f"{name} is {value!r}; give a whole number from {low:,} to {high:,}")
+        if not isinstance(self.fd_epsilon, float | int) or not 1e-5 <= self.fd_epsilon <= 1.0:
+            problems.append(f"--fd-epsilon is {self.fd_epsilon!r}; give a step from 1e-5 to 1 (float32 outputs: "
+                            "below about 1e-3 rounding dominates the differences)")
+        for name, per_item in (("--cotangents", self.cotangents), ("--fd-edits", self.fd_edits + 1)):
+            if isinstance(per_item, int) and isinstance(self.rows, int) and per_item > self.rows:
+                problems.append(f"{name} asks {per_item} rows per item but --rows is {self.rows}; raise --rows to at "
+                                f"least {per_item} or lower {name}")
         if not 1.0 <= self.buffer_mb <= 65536:
             problems.append(f"--buffer-mb is {self.buffer_mb!r}; give 1 to 65536 MiB")
         if self.modality not in ("auto", "text", "image"):

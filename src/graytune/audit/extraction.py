@@ -1,10 +1,17 @@
 """Functional extraction: distil a surrogate from the backbone's answers and measure how close it gets.
 
-At black-box the student learns from outputs alone. From dark-gray up each call also asks the VJP
-for a random output gradient, and the student matches that Jacobian product as well (Jacobian
-matching, Srinivas & Fleuret 2018): a forward and its VJP are two calls. The student trains online
-(``steps_per_call`` updates after each call) and, at log-spaced call counts (1, 2, 5, 10, 20, 50,
-...), a little longer before it is scored on held-out items it never sent:
+Three attacks, each within the budget of calls (``graytune.audit.towers`` says what each call sends):
+
+- ``outputs`` (black-box): the student learns the outputs alone.
+- ``differences`` (black-box): each item also goes out under ``k`` small edits at the input (per token at
+  ``text.token_embeds``), in the same forward and with no gradient asked; the student matches the output
+  slopes along those edits (its own secant at the same ``ε``) as well as the outputs.
+- ``vjp`` (dark-gray and up): each item goes out ``c`` times with per-token edits and comes back with ``c``
+  VJPs, one per output cotangent; the student matches those per-token Jacobian products (Jacobian
+  matching, Srinivas & Fleuret 2018) as well as the outputs. A forward and its VJP are two calls.
+
+The student trains online (``steps_per_call`` updates after each call) and, at log-spaced call counts
+(1, 2, 5, 10, 20, 50, ...), a little longer before it is scored on held-out items it never sent:
 
 - ``cosine``: mean cosine between the surrogate's and the backbone's embeddings;
 - ``explained_variance``: 1 − ‖surrogate − backbone‖² / ‖backbone − its mean‖² (0 for a constant);
@@ -13,7 +20,7 @@ matching, Srinivas & Fleuret 2018): a forward and its VJP are two calls. The stu
 - ``agreement``: the fraction of held-out items both probes put in the same class.
 
 Example:
-    >>> result = extract(handle, tower, data, reference, budget=1000, rows=32, grad=False, config=config)
+    >>> result = extract(handle, tower, data, reference, Probe("vjp", 4), config)
     >>> result["checkpoints"][-1]["probe_ratio"]
 """
 
@@ -35,17 +42,24 @@ from graytune.audit.config import AuditConfig
 from graytune.audit.data import AuditData, QueryStream
 from graytune.audit.meter import CallMeter
 from graytune.audit.probe import accuracy, linear_probe
-from graytune.audit.students import BagOfTokens, Replay, RowAdam, outputs_and_vjp, relative_mse
-from graytune.audit.towers import Tower
+from graytune.audit.students import AttentiveBag, Replay, RowAdam, relative_mse, secant, student_size, vjp
+from graytune.audit.towers import Probe, TextTower, Tower, query
 from graytune.errors import RemoteError
 
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor
-BATCH = 64  # the student's minibatch
-JACOBIAN_BATCH = 16  # of which the rows whose VJP is matched too (a double backward costs a few forwards)
+BATCH = 64  # the student's minibatch of outputs
+JACOBIAN_BATCH = 16  # its minibatch of derivative rows (a double backward costs a few forwards)
 POLISH = 25  # extra updates at a checkpoint, per update made after each call
+#: the share of the replay's memory that derivative rows get (they are larger than outputs)
+DERIVATIVE_SHARE = 0.75
 #: answers a server may give that end an attack early, and are themselves a finding (quota, refusal)
 STOPPING = (403, 429)
+ATTACKS = {"outputs": "outputs only (distillation)",
+           "differences": "outputs and finite-difference slopes along per-token edits at {port}, no gradient asked "
+                          "(distillation with secant matching)",
+           "vjp": "outputs and per-token VJPs at {port}, {per_item} cotangents per item (distillation with "
+                  "Jacobian matching)"}
 
 
 @dataclass
@@ -59,62 +73,97 @@ class Reference:
     calls: int  # boundary calls the owner spent to get these (not the attacker's)
 
 
+@dataclass
+class Learner:
+    """The student, its optimizers and the replays it learns from."""
+
+    student: torch.nn.Module
+    optimizers: list[Any]
+    outputs: Replay
+    derivatives: Replay | None
+    probe: Probe
+
+
 def log_checkpoints(budget: int) -> list[int]:
     """1, 2, 5, 10, 20, 50, ... up to ``budget``, and ``budget`` itself."""
     marks = sorted({m * 10**k for k in range(int(math.log10(budget)) + 1) for m in (1, 2, 5)} | {budget})
     return [m for m in marks if m <= budget]
 
 
-def extract(handle: Any, tower: Tower, data: AuditData, reference: Reference, grad: bool, config: AuditConfig,
+def extract(handle: Any, tower: Tower, data: AuditData, reference: Reference, probe: Probe, config: AuditConfig,
             progress: bool = True) -> dict[str, Any]:
     """Distil a surrogate through ``handle`` within ``config.budget`` calls; its scores at each checkpoint.
 
     Returns:
-        ``{"attack", "checkpoints": [{calls, forwards, vjps, samples, grad_rows, cosine, ...}], "spent",
-        "stopped"}``; ``stopped`` says why it ended before the budget (a server's quota or refusal), else None.
+        ``{"attack", "mode", "checkpoints": [{calls, forwards, vjps, samples, grad_rows, edit_rows, cosine,
+        ...}], "spent", "stopped"}``; ``stopped`` says why it ended before the budget (a server's quota or
+        refusal), else None.
     """
     torch.manual_seed(config.seed)
     meter = CallMeter(handle, config.budget)
     stream = QueryStream(data.pool, config.seed)
-    student = tower.student()
-    optimizers: list[Any] = [torch.optim.Adam(student.parameters(), lr=1e-3)]
-    if isinstance(student, BagOfTokens):
-        optimizers.append(RowAdam(student))
-    replay = Replay(max(BATCH, int(config.buffer_mb * 2**20) // tower.row_bytes(grad)), config.seed)
-    cost = 2 if grad else 1
+    generator = torch.Generator().manual_seed(config.seed + 1)
+    learner = _learner(tower, probe, config)
+    cost = 2 if probe.mode == "vjp" else 1
     marks = log_checkpoints(config.budget)
-    checkpoints = [_score(student, tower, data, reference, meter, 0.0)]
+    checkpoints = [_score(learner.student, tower, data, reference, meter, 0.0)]
     stopped, start = None, time.monotonic()
-    label = f"{handle.access.label} extraction"
+    label = f"{handle.access.label} extraction ({probe.mode})"
     with tqdm(total=config.budget, desc=label, unit="call", disable=not progress) as bar:
         while meter.afford(cost):
             try:
-                answer = tower.query(handle, stream.next(config.rows), grad)
+                answer = query(tower, handle, stream.next(probe.items(config.rows)), probe, generator)
             except RemoteError as err:
                 if err.status not in STOPPING:
                     raise
                 stopped = str(err)
                 log.warning("%s stopped after %d calls: %s", label, meter.calls, err)
                 break
-            if answer.vjp is not None:
-                meter.grad_rows += len(answer.outputs)
-            replay.add(*tower.rows(answer))
-            _train(student, optimizers, tower, replay, config.steps_per_call)
+            _count(meter, tower, probe, answer)
+            learner.outputs.add(*tower.rows(answer.batch, answer.outputs))
+            if learner.derivatives is not None and answer.derivative is not None:
+                learner.derivatives.add(*tower.rows(answer.probe_batch, answer.along, answer.derivative))
+            _train(learner, tower, config.steps_per_call)
             bar.update(meter.calls - bar.n)
             if marks and meter.calls >= marks[0]:
                 while marks and meter.calls >= marks[0]:
                     marks.pop(0)
-                _train(student, optimizers, tower, replay, POLISH * config.steps_per_call)
-                checkpoints.append(_score(student, tower, data, reference, meter, time.monotonic() - start))
+                _train(learner, tower, POLISH * config.steps_per_call)
+                checkpoints.append(_score(learner.student, tower, data, reference, meter, time.monotonic() - start))
                 bar.set_postfix(probe_ratio=f"{checkpoints[-1]['probe_ratio']:.2f}")
     if checkpoints[-1]["calls"] < meter.calls:
-        _train(student, optimizers, tower, replay, POLISH * config.steps_per_call)
-        checkpoints.append(_score(student, tower, data, reference, meter, time.monotonic() - start))
-    attack = ("outputs only (distillation)" if not grad else
-              f"outputs and VJPs at {tower.grad_port} (distillation with Jacobian matching)")
-    return {"attack": attack, "student": type(student).__name__,
-            "student_parameters": sum(p.numel() for p in student.parameters()),
+        _train(learner, tower, POLISH * config.steps_per_call)
+        checkpoints.append(_score(learner.student, tower, data, reference, meter, time.monotonic() - start))
+    attack = ATTACKS[probe.mode].format(port=tower.grad_port, per_item=probe.per_item)
+    return {"attack": attack, "mode": probe.mode, "per_item": probe.per_item,
+            "epsilon": probe.epsilon if probe.mode == "differences" else None,
+            "student": type(learner.student).__name__, "student_size": student_size(learner.student),
+            "student_parameters": student_size(learner.student)["total"],
             "checkpoints": checkpoints, "spent": meter.spent(), "stopped": stopped}
+
+
+def _learner(tower: Tower, probe: Probe, config: AuditConfig) -> Learner:
+    student = tower.student()
+    optimizers: list[Any] = [torch.optim.Adam(student.parameters(), lr=1e-3)]
+    if isinstance(student, AttentiveBag):
+        optimizers.append(RowAdam(student))
+    memory = int(config.buffer_mb * 2**20)
+    if probe.mode == "outputs":
+        return Learner(student, optimizers, Replay(max(BATCH, memory // tower.row_bytes("outputs")), config.seed),
+                       None, probe)
+    share = int(memory * DERIVATIVE_SHARE)
+    outputs = Replay(max(BATCH, (memory - share) // tower.row_bytes("outputs")), config.seed)
+    derivatives = Replay(max(JACOBIAN_BATCH, share // tower.row_bytes(probe.mode)), config.seed + 1)
+    return Learner(student, optimizers, outputs, derivatives, probe)
+
+
+def _count(meter: CallMeter, tower: Tower, probe: Probe, answer: Any) -> None:
+    """Rows whose gradient came back, and rows of a call that sent an edit at the input port with no gradient
+    asked (finite differences at ``text.token_embeds``; moved pixels are plain inputs, not edits)."""
+    if probe.mode == "vjp":
+        meter.grad_rows += len(answer.along)
+    elif probe.mode == "differences" and isinstance(tower, TextTower):
+        meter.edit_rows += len(answer.outputs) + len(answer.along)
 
 
 @contextlib.contextmanager
@@ -128,29 +177,33 @@ def student_threads() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _train(student: torch.nn.Module, optimizers: list[Any], tower: Tower, replay: Replay,
-           steps: int) -> None:
-    """``steps`` updates on minibatches from ``replay``: relative output error, plus relative VJP error."""
-    student.train()
+def _train(learner: Learner, tower: Tower, steps: int) -> None:
+    """``steps`` updates on minibatches from the replays: relative output error, plus relative derivative error."""
+    learner.student.train()
     with student_threads():
-        _steps(student, optimizers, tower, replay, steps)
+        for _ in range(steps):
+            if not len(learner.outputs):
+                return
+            _step(learner, tower)
 
 
-def _steps(student: torch.nn.Module, optimizers: list[Any], tower: Tower, replay: Replay, steps: int) -> None:
-    for _ in range(steps):
-        if not len(replay):
-            return
-        batch, targets = tower.collate(replay.sample(BATCH))
-        for opt in optimizers:
-            opt.zero_grad()
-        loss = relative_mse(student(batch), targets[0])
-        if len(targets) == 3:  # outputs, v, vjp: the Jacobian term on the first JACOBIAN_BATCH rows
-            part = tuple(t[:JACOBIAN_BATCH] for t in batch) if isinstance(batch, tuple) else batch[:JACOBIAN_BATCH]
-            _, vjp = outputs_and_vjp(student, part, targets[1][:JACOBIAN_BATCH], create_graph=True)
-            loss = loss + relative_mse(vjp, targets[2][:JACOBIAN_BATCH])
-        loss.backward()
-        for opt in optimizers:
-            opt.step()
+def _step(learner: Learner, tower: Tower) -> None:
+    student = learner.student
+    batch, (outputs,) = tower.collate(learner.outputs.sample(BATCH))
+    for opt in learner.optimizers:
+        opt.zero_grad()
+    loss = relative_mse(student(batch), outputs)
+    if learner.derivatives is not None and len(learner.derivatives):
+        rows, (along, target) = tower.collate(learner.derivatives.sample(JACOBIAN_BATCH))
+        if learner.probe.mode == "differences":
+            mine = secant(student, rows, along.float(), learner.probe.epsilon)
+        else:
+            width = target.shape[1] if isinstance(tower, TextTower) else 0
+            mine = vjp(student, rows, along, width, create_graph=True)
+        loss = loss + relative_mse(mine, target)
+    loss.backward()
+    for opt in learner.optimizers:
+        opt.step()
 
 
 @torch.no_grad()

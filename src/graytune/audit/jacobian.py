@@ -81,12 +81,22 @@ def duplicate_row_jacobian(handle: Any, tower: Tower, item: Items, owner: Any, b
     return result
 
 
+def exact_jacobian(owner: Any, tower: Tower, base: Any) -> Tensor:
+    """The owner's exact Jacobian ``[E, *input]`` at ``base`` (a prepared item), by duplicate-row VJPs within the
+    server's default gradient limits; evaluation calls of the owner's handle, never an attack's."""
+    text = isinstance(tower, TextTower)
+    width = int(base[0].shape[1]) if text else int(base.shape[-1]) ** 2
+    chunk = max(1, min(tower.out_dim, (GRAD_POSITIONS if text else GRAD_PIXELS) // width))
+    return torch.cat([_chunk(owner, tower, base, start, min(chunk, tower.out_dim - start))
+                      for start in range(0, tower.out_dim, chunk)])
+
+
 def _chunk(handle: Any, tower: Tower, base: Any, start: int, size: int) -> Tensor:
     """Rows ``start:start+size`` of the Jacobian, from ``size`` copies of the input in one call and its VJP."""
     out_port = tower.output
     if isinstance(tower, TextTower):
         ids, mask = base
-        edit = torch.zeros(size, ids.shape[1], tower.dim, requires_grad=True)  # one zero edit per copy
+        edit = torch.zeros(size, ids.shape[1], tower.dim, requires_grad=True)  # [E, L, D]: one zero edit per copy
         inputs = {"text.input_ids": ids.repeat(size, 1), "text.attention_mask": mask.repeat(size, 1)}
         out = handle.forward(inputs, add={tower.grad_port: edit}, outputs=[out_port])[out_port]
         at = edit

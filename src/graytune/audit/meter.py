@@ -4,7 +4,10 @@ One batched forward is one call, whatever its batch; a vector–Jacobian product
 call (it is a second request to a server). Calls are read from the handle's own exposure
 record, so they count what crossed the boundary, not what the attack meant to send. Samples
 (rows sent forward) and gradient rows (rows whose VJP came back) are counted beside them:
-they are what ``graytune serve --quota-samples`` and ``--quota-grad-rows`` bound.
+they are what ``graytune serve --quota-samples`` and ``--quota-grad-rows`` bound. Edit rows are rows
+of a call that sent an edit at an input port with no gradient asked (``add`` at ``text.token_embeds``,
+what finite differences need), what ``graytune serve --black-box-edits`` is about. Attacks add to
+``grad_rows`` and ``edit_rows`` themselves: the exposure record does not split them out.
 Tokenizing (``handle.tokenize``) is not counted: the tokenizer is public, and on a server it
 is a separate endpoint that never runs the backbone.
 
@@ -12,7 +15,7 @@ Example:
     >>> meter = CallMeter(handle, budget=100)
     >>> if meter.afford(2):            # a forward and its VJP
     ...     ...
-    >>> meter.calls, meter.samples, meter.grad_rows
+    >>> meter.calls, meter.samples, meter.grad_rows, meter.edit_rows
 """
 
 from __future__ import annotations
@@ -21,13 +24,15 @@ from typing import Any
 
 
 class CallMeter:
-    """The calls, samples and gradient rows one attack spent through ``handle`` since the meter was made."""
+    """The calls, samples, gradient rows and edit rows one attack spent through ``handle`` since the meter was
+    made."""
 
     def __init__(self, handle: Any, budget: int) -> None:
         self.handle, self.budget = handle, budget
         exposure = handle.exposure
         self._start = (exposure.forward_queries, exposure.gradient_queries, exposure.forward_samples)
         self.grad_rows = 0
+        self.edit_rows = 0
 
     @property
     def forwards(self) -> int:
@@ -52,6 +57,6 @@ class CallMeter:
         return self.calls + calls <= self.budget
 
     def spent(self) -> dict[str, int]:
-        """``{"calls", "forwards", "vjps", "samples", "grad_rows"}`` so far."""
+        """``{"calls", "forwards", "vjps", "samples", "grad_rows", "edit_rows"}`` so far."""
         return {"calls": self.calls, "forwards": self.forwards, "vjps": self.vjps, "samples": self.samples,
-                "grad_rows": self.grad_rows}
+                "grad_rows": self.grad_rows, "edit_rows": self.edit_rows}

@@ -1,24 +1,27 @@
 """The surrogates an audit distils: small students the attacker could train on its own machine.
 
-- ``BagOfTokens`` (text): an embedding row per token id of the backbone's own tokenizer, a masked
-  mean, and an MLP. Its pooled vector lives in the backbone's token-embedding coordinates, so a
-  shift added there (``shift``) means the same for student and backbone, and their Jacobians at
-  that shift can be matched.
+- ``AttentiveBag`` (text): an embedding row per token id of the backbone's own tokenizer, a position
+  row, one self-attention layer, a masked mean and an MLP. Its token rows live in the
+  backbone's token-embedding coordinates, so an edit added there (``edit``, ``[B, L, D]``) means the
+  same for student and backbone: their per-token Jacobians can be matched, and through the attention
+  layer they may differ by position and context, as a transformer's do.
 - ``ConvStudent`` (image): four strided convolutions, global pooling and an MLP, on the same
-  pixels the backbone receives; its Jacobian at the pixels is matched to the backbone's VJP.
+  pixels the backbone receives; its Jacobian at the pixels is matched to the backbone's.
 
-Both learn from a ``Replay`` of the backbone's answers (reservoir-sampled within a memory budget).
+Both learn from ``Replay``s of the backbone's answers (reservoir-sampled within a memory budget): the
+outputs, and the derivatives an attack collected: slopes along edits (``secant``, black-box finite
+differences) or vector–Jacobian products (``vjp``, dark-gray and up).
 
 Example:
-    >>> student = BagOfTokens(vocab=30522, dim=384, out=384)
-    >>> student((ids, mask)).shape                            # [B, 384]
-    >>> out, vjp = outputs_and_vjp(student, (ids, mask), v)     # vjp [B, 384]: vᵀ J at a shared shift
+    >>> student = AttentiveBag(vocab=30522, dim=384, out=384, positions=128)
+    >>> student((ids, mask)).shape                             # [B, 384]
+    >>> vjp(student, (ids, mask), v, width=48).shape            # [B, 48, 384]: vᵀ J per token
+    >>> student_size(student)["total"]                           # the token table included
 """
 
 from __future__ import annotations
 
 import random
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,41 +30,63 @@ Tensor = torch.Tensor
 Batch = tuple[Tensor, Tensor] | Tensor  # (ids [B, L], mask [B, L]) or pixels [B, 3, S, S]
 
 
-class BagOfTokens(nn.Module):
-    """``MLP(mean of token rows + shift) + linear skip``: a text student over the backbone's token ids.
+class AttentiveBag(nn.Module):
+    """``MLP(masked mean of (x + attention(x))) + linear skip``, ``x = token row + edit + position``.
 
     The token table (one row per id, ``[V, D]``) is a buffer updated by ``RowAdam``: a step touches
-    only the rows of the ids in its batch, so a 30k-token table costs what the batch costs.
+    only the rows of the ids in its batch, so a 30k-token table costs what the batch costs. Positions
+    and the attention's value projection start at zero, so an untrained student is the bag of token
+    rows the audit used before (``MLP(mean of token rows) + skip``), and it learns from there.
     """
 
-    def __init__(self, vocab: int, dim: int, out: int, hidden: int = 768) -> None:
+    def __init__(self, vocab: int, dim: int, out: int, positions: int = 128, hidden: int = 768,
+                 key: int = 64) -> None:
         super().__init__()
         self.register_buffer("table", 0.1 * torch.randn(vocab, dim))
+        self.position = nn.Parameter(torch.zeros(positions, dim))
+        self.query, self.key, self.value = nn.Linear(dim, key), nn.Linear(dim, key), nn.Linear(dim, dim)
+        nn.init.zeros_(self.value.weight)
+        nn.init.zeros_(self.value.bias)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, out))
         self.skip = nn.Linear(dim, out)
         self.touched: list[tuple[Tensor, Tensor]] = []  # (ids, their rows as a leaf) of the step in progress
 
-    def pooled(self, batch: Batch) -> Tensor:
-        ids, mask = batch  # type: ignore[misc]
-        weights = mask.float() / mask.sum(1, keepdim=True).clamp_min(1)  # [B, L]: the mean over real tokens
+    def rows(self, ids: Tensor) -> Tensor:
+        """The token rows ``[B, L, D]`` of ``ids``; while training, a leaf per step for ``RowAdam``."""
         if self.training and torch.is_grad_enabled():
             unique, local = torch.unique(ids, return_inverse=True)
             rows = self.table[unique].requires_grad_(True)  # [U, D]
             self.touched.append((unique, rows))
-            return F.embedding_bag(local, rows, per_sample_weights=weights, mode="sum")  # [B, D]
-        return F.embedding_bag(ids, self.table, per_sample_weights=weights, mode="sum")
+            return rows[local]
+        return self.table[ids]
 
-    def forward(self, batch: Batch, shift: Tensor | None = None) -> Tensor:
-        h = self.pooled(batch)
-        if shift is not None:  # [B, D], added to every real token as the backbone's add does
-            h = h + shift
-        return self.mlp(h) + self.skip(h)  # [B, E]
+    def forward(self, batch: Batch, edit: Tensor | None = None) -> Tensor:
+        """Outputs ``[B, E]``; ``edit`` ``[B, L_e, D]`` is added to the first ``L_e`` token rows (the rest: none)."""
+        ids, mask = batch  # type: ignore[misc]
+        x = self.rows(ids)  # [B, L, D]
+        if edit is not None:
+            x = x + _fit(edit, ids.shape[1])
+        x = x + self.position[:ids.shape[1]]
+        scores = self.query(x) @ self.key(x).transpose(1, 2) / self.query.out_features ** 0.5  # [B, L, L]
+        scores = scores.masked_fill(mask[:, None, :] == 0, -1e4)
+        h = x + scores.softmax(-1) @ self.value(x)
+        weights = mask.float() / mask.sum(1, keepdim=True).clamp_min(1)  # [B, L]: the mean over real tokens
+        pooled = (h * weights.unsqueeze(-1)).sum(1)  # [B, D]
+        return self.mlp(pooled) + self.skip(pooled)  # [B, E]
+
+
+def _fit(edit: Tensor, length: int) -> Tensor:
+    """``edit [B, L_e, D]`` cut or zero-padded to ``length`` positions (past a row's tokens the backbone's
+    derivative is zero, so a cut loses nothing)."""
+    if edit.shape[1] >= length:
+        return edit[:, :length]
+    return F.pad(edit, (0, 0, 0, length - edit.shape[1]))
 
 
 class RowAdam:
-    """Adam on the rows of a ``BagOfTokens`` table that a step touched (lazy Adam, as ``SparseAdam``)."""
+    """Adam on the rows of an ``AttentiveBag`` table that a step touched (lazy Adam, as ``SparseAdam``)."""
 
-    def __init__(self, student: BagOfTokens, lr: float = 1e-2, betas: tuple[float, float] = (0.9, 0.999),
+    def __init__(self, student: AttentiveBag, lr: float = 1e-2, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8) -> None:
         self.student, self.lr, self.betas, self.eps = student, lr, betas, eps
         self.m, self.v = torch.zeros_like(student.table), torch.zeros_like(student.table)
@@ -97,30 +122,46 @@ class ConvStudent(nn.Module):
             nn.Conv2d(2 * c, 4 * c, 3, 2, 1), nn.GELU(), nn.Conv2d(4 * c, 4 * c, 3, 2, 1), nn.GELU(),
             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * c, 512), nn.GELU(), nn.Linear(512, out))
 
-    def forward(self, batch: Batch, shift: Tensor | None = None) -> Tensor:
-        return self.net(batch)  # type: ignore[arg-type]
+    def forward(self, batch: Batch, edit: Tensor | None = None) -> Tensor:
+        pixels = batch if edit is None else batch + edit  # type: ignore[operator]
+        return self.net(pixels)
 
 
-def outputs_and_vjp(student: nn.Module, batch: Batch, v: Tensor, create_graph: bool = False
-                    ) -> tuple[Tensor, Tensor]:
-    """The student's outputs ``[B, E]`` and ``vᵀ J`` at its input, from one forward: at a shift of the pooled
-    tokens (``[B, D]``, text) or at the pixels (``[B, 3, S, S]``)."""
+def student_size(student: nn.Module) -> dict[str, int]:
+    """The numbers a student holds: ``total`` (parameters and buffers: a text student's token table is a buffer
+    that ``RowAdam`` trains), ``token_table`` and ``parameters`` (what ``torch.optim.Adam`` trains)."""
+    table = getattr(student, "table", None)
+    parameters = sum(p.numel() for p in student.parameters())
+    buffers = sum(b.numel() for b in student.buffers())
+    return {"total": parameters + buffers, "token_table": table.numel() if table is not None else 0,
+            "parameters": parameters}
+
+
+def vjp(student: nn.Module, batch: Batch, v: Tensor, width: int = 0, create_graph: bool = False) -> Tensor:
+    """The student's ``vᵀ J`` for cotangents ``v [B, E]`` at its input: per token ``[B, width, D]`` (text, the
+    first ``width`` positions) or per pixel ``[B, 3, S, S]`` (images), as the backbone's VJP comes back."""
     if isinstance(batch, tuple):
-        at = torch.zeros(batch[0].shape[0], student.skip.in_features, requires_grad=True)  # type: ignore[union-attr]
-        out = student(batch, shift=at)
+        at = torch.zeros(batch[0].shape[0], width, student.skip.in_features,  # type: ignore[union-attr]
+                         requires_grad=True)
     else:
-        at = batch.detach().requires_grad_(True)
-        out = student(at)
+        at = torch.zeros_like(batch, requires_grad=True)  # type: ignore[arg-type]
+    out = student(batch, edit=at)
     (grad,) = torch.autograd.grad((out * v).sum(), at, create_graph=create_graph)
-    return out, grad
+    return grad
+
+
+def secant(student: nn.Module, batch: Batch, direction: Tensor, epsilon: float) -> Tensor:
+    """``(f(x + ε u) − f(x)) / ε`` ``[B, E]``: the student's slope along the edits ``direction`` (``u``) that the
+    backbone's finite differences were taken along, at the same ``ε``."""
+    return (student(batch, edit=epsilon * direction) - student(batch)) / epsilon
 
 
 class Replay:
     """The backbone's answers an attack collected, at most ``capacity`` rows (reservoir sampling).
 
-    Stored column by column in tensors allocated on the first ``add``: each column holds one
-    row per sample (the input, the output and, when the call had a VJP, the output gradient sent
-    and the input gradient that came back), so a minibatch is one index per column.
+    Stored column by column in tensors allocated on the first ``add``: each column holds one row per
+    sample (the input, the output, or a derivative and what it was taken along), so a minibatch is one
+    index per column. Columns keep the dtype they arrive in (a large derivative may come half-precision).
     """
 
     def __init__(self, capacity: int, seed: int) -> None:
@@ -161,4 +202,5 @@ class Replay:
 
 def relative_mse(pred: Tensor, target: Tensor) -> Tensor:
     """``‖pred − target‖² / ‖target‖²`` over the batch (scale-free)."""
+    target = target.float()
     return F.mse_loss(pred, target, reduction="sum") / target.pow(2).sum().clamp_min(1e-12)
