@@ -259,7 +259,7 @@ def _from_path(name: str, task: str | None, seed: int, whole_if_unsplit: bool = 
         parts = extra["karpathy"]
         return Splits(label, kind, parts["train"], parts["val"], parts["test"])
     if records is not None and any(r.split for r in records):
-        return _split_column(name, label, kind, records, extra)
+        return _split_column(name, label, kind, records, extra, seed)
     if kind == "generation" and any(extra["data"].splits):
         return _completion_splits(name, label, extra["data"])
     data = extra.pop("data") if records is None else (
@@ -289,21 +289,32 @@ def _completion_splits(name: str, label: str, data: Any) -> Splits:
     return Splits(label, "generation", parts["train"], parts["val"], parts["test"])
 
 
-def _split_column(name: str, label: str, kind: str, records: list[Record], extra: dict[str, Any]) -> Splits:
-    """Splits as the file's ``split`` column says."""
+def _split_column(name: str, label: str, kind: str, records: list[Record], extra: dict[str, Any],
+                  seed: int = 0) -> Splits:
+    """Splits as the file's ``split`` column says; without val rows, 10 % of the train rows are held out for
+    validation (with ``seed``, as ``--train`` without ``--val``), and ``note`` says so."""
     blank = next((r for r in records if not r.split), None)
     if blank is not None:
         raise InvalidInputError(f"{blank.origin}: the split column is empty here but set elsewhere; give every "
                                 "row a split (train, val or test)")
+    rows = {split: [r for r in records if r.split == split] for split in ("train", "val", "test")}
+    missing = [split for split in ("train", "test") if not rows[split]]
+    if missing:
+        raise InvalidInputError(f"{name}: no row has split {missing[0]!r}; give train and test rows (and val "
+                                "rows, else 10 % of train is held out for validation)")
+    note = ""
+    if not rows["val"]:
+        order = _perm(len(rows["train"]), seed)
+        n_val = max(1, len(order) // 10)
+        train = rows["train"]
+        rows["val"], rows["train"] = [train[i] for i in order[:n_val]], [train[i] for i in order[n_val:]]
+        note = f"{name} has no val rows: 10 % of its train rows ({n_val} items, seed {seed}) held out for validation"
     parts: dict[str, Any] = {}
     for split in ("train", "val", "test"):
-        chosen = [r for r in records if r.split == split]
-        if not chosen:
-            raise InvalidInputError(f"{name}: no row has split {split!r}; give train, val and test rows")
         names = getattr(parts.get("train"), "class_names", None)
-        parts[split] = to_retrieval(label, chosen) if kind == "retrieval" else to_classification(label, chosen,
-                                                                                                  names)
-    return Splits(label, kind, parts["train"], parts["val"], parts["test"], **extra)
+        parts[split] = to_retrieval(label, rows[split]) if kind == "retrieval" else to_classification(
+            label, rows[split], names)
+    return Splits(label, kind, parts["train"], parts["val"], parts["test"], note=note, **extra)
 
 
 def _is_completions(path: Path) -> bool:
