@@ -193,12 +193,22 @@ def fastfood(width: int, dim: int, seed: int) -> Tensor:
     signs = torch.randint(0, 2, (size,), generator=g).float() * 2 - 1  # B
     order = torch.randperm(size, generator=g)  # Π
     gauss = torch.randn(size, generator=g)  # G
-    hadamard = torch.ones(1, 1)
-    while hadamard.shape[0] < size:
-        hadamard = torch.cat([torch.cat([hadamard, hadamard], 1), torch.cat([hadamard, -hadamard], 1)])
-    x = signs[:, None] * torch.eye(size)[:, :dim]  # B, on the padded basis vectors: [L, dim]
-    x = (hadamard @ (gauss[:, None] * (hadamard @ x)[order]))[:width]
+    x = signs[:, None] * torch.eye(size, dim)  # B, on the padded basis vectors: [L, dim]
+    x = walsh_hadamard(gauss[:, None] * walsh_hadamard(x)[order])[:width]
     return x / (math.sqrt(size * float(gauss.pow(2).sum())) * math.sqrt(width / size))
+
+
+def walsh_hadamard(x: Tensor) -> Tensor:
+    """``H x`` for ``x`` ``[L, c]``, H the unnormalised Walsh–Hadamard matrix of Sylvester's order (L a power of
+    two), by butterflies: L·log₂L·c additions, no L × L matrix."""
+    n, h = x.shape[0], 1
+    while h < n:
+        blocks = x.reshape(n // (2 * h), 2, h, -1)
+        x = torch.stack([blocks[:, 0] + blocks[:, 1], blocks[:, 0] - blocks[:, 1]], dim=1).reshape(n, -1)
+        h *= 2
+    return x
+
+
 class ZerothOrder:
     """Gradient estimates for tensors that never ask the boundary for a gradient.
 
@@ -228,6 +238,7 @@ class ZerothOrder:
         if settings.estimator == "zip":
             self.space = IntrinsicSpace([p.shape for p in self.params], int(settings.dim or 1),
                                         int(settings.rank or 1), seed)
+            self.space.maps = [m.to(self.device) for m in self.space.maps]
             self.w = self.space.initial.clone().to(self.device)  # [n]
             self.theta0 = self._flat().clone()  # [d]
 
