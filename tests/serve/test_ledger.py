@@ -3,6 +3,7 @@ work, gradients counted in rows."""
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -30,11 +31,32 @@ def test_charges_refunds_and_refusals(tmp_path) -> None:
         ledger.charge("alice", samples=5)
     with pytest.raises(QuotaExceeded, match="gradient-row quota of 4.*--quota-grad-rows"):
         ledger.charge("alice", grad_rows=1)
-    assert ledger.used("alice") == {"samples": 6, "grad_rows": 4}  # a refused charge adds nothing
+    assert ledger.used("alice") == {"samples": 6, "grad_rows": 4, "tokens": 0}  # a refused charge adds nothing
     ledger.refund("alice", samples=2)
     ledger.charge("bob", samples=10)
-    assert ledger.all_used() == {"alice": {"samples": 4, "grad_rows": 4}, "bob": {"samples": 10, "grad_rows": 0}}
+    assert ledger.all_used() == {"alice": {"samples": 4, "grad_rows": 4, "tokens": 0},
+                                 "bob": {"samples": 10, "grad_rows": 0, "tokens": 0}}
     assert ServeConfig().quota_grad_rows > 0  # gradients are never unlimited by default
+
+
+def test_tokens_are_a_budget_and_a_ledger_written_before_them_gains_them(tmp_path) -> None:
+    path = tmp_path / "old.sqlite3"
+    old = sqlite3.connect(path)  # the schema before tokens were counted
+    old.execute("CREATE TABLE usage (client TEXT PRIMARY KEY, samples INTEGER NOT NULL DEFAULT 0, "
+                "grad_rows INTEGER NOT NULL DEFAULT 0)")
+    old.execute("INSERT INTO usage VALUES ('alice', 5, 1)")
+    old.commit()
+    old.close()
+    ledger = QuotaLedger(path, tokens=10)
+    assert ledger.used("alice") == {"samples": 5, "grad_rows": 1, "tokens": 0}
+    ledger.charge("alice", samples=1, tokens=8)
+    with pytest.raises(QuotaExceeded, match=r"token quota of 10 reached for client 'alice' \(8 used, 3 asked\).*"
+                                            "--quota-tokens"):
+        ledger.charge("alice", samples=1, tokens=3)
+    assert ledger.used("alice") == {"samples": 6, "grad_rows": 1, "tokens": 8}
+    ledger.refund("alice", tokens=5)
+    assert ledger.charge_recompute("alice", "never-paid", 1, 1, tokens=2) == 1  # no receipt: samples and tokens
+    assert ledger.used("alice") == {"samples": 7, "grad_rows": 2, "tokens": 5}
 
 
 _WORKER = """

@@ -13,6 +13,14 @@ Edits then act on generated tokens as they did on the prompt when the adapter wa
 Nothing but token ids (and their text) comes back: no logits, no gradient. Each generation is one
 forward query of its rows in the exposure record, and its tokens are counted in ``generated_tokens``.
 
+Over the network (``POST /v1/generate``, ``RemoteHandle.generate``) a request is a forward's message
+(``graytune.access.wire``: ``inputs/``, ``add/``, ``insert/``) plus the token maps as ``maps/<port>/down`` and
+``maps/<port>/up`` and the settings as metadata (``settings``, ``stream``); ``pack_generate`` and
+``unpack_generate`` write and read it. The answer is a message of ``ids`` and ``lengths`` with ``texts`` in its
+metadata (``pack_generated``); with ``stream`` it is newline-delimited JSON instead, one ``{"texts": [...]}``
+per generated token, then ``{"ids", "lengths", "texts"}`` or ``{"error", "detail", "status"}``
+(``stream_line``, ``read_stream_line``).
+
 Example:
     >>> out = handle.generate({"text": ["The capital of France is"]}, settings=GenerationSettings(max_new_tokens=4))
     >>> out.texts
@@ -21,12 +29,15 @@ Example:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
 from graytune.access.checks import CallPlan, all_finite, port_for
+from graytune.access.wire import CallRequest, Message, call_parts, encode, tensor_name, unpack_call
 from graytune.errors import InvalidInputError
 from graytune.types import AccessLevel, BackboneSpec, Exposure, GenerationSettings, Op
 
@@ -36,6 +47,8 @@ Tensor = torch.Tensor
 MAX_MAP_RANK = 1024
 #: What a token map holds: ``x + up(down(x))`` per token (``down`` ``[r, D]``, ``up`` ``[D, r]``).
 MAP_KEYS = ("down", "up")
+#: the tensor group of token maps on the wire: ``maps/<port>/down``, ``maps/<port>/up``
+MAPS = "maps"
 
 
 @dataclass
@@ -106,6 +119,9 @@ def settings_of(settings: GenerationSettings | Mapping[str, object] | None) -> G
     """``settings`` as ``GenerationSettings`` (a mapping's keys checked; None: the defaults)."""
     if settings is None or isinstance(settings, GenerationSettings):
         return settings or GenerationSettings()
+    if not isinstance(settings, Mapping):
+        raise InvalidInputError(f"generation settings must be an object of named fields, e.g. "
+                                f'{{"max_new_tokens": 8}}; got {type(settings).__name__}')
     allowed = set(GenerationSettings.__dataclass_fields__)
     unknown = sorted(set(settings) - allowed)
     if unknown:
@@ -115,3 +131,91 @@ def settings_of(settings: GenerationSettings | Mapping[str, object] | None) -> G
 
 def count_generated(exposure: Exposure, lengths: Tensor) -> None:
     exposure.generated_tokens += int(lengths.sum())
+
+
+# ---- over the network ---------------------------------------------------------------------------------
+
+@dataclass
+class GenerateRequest:
+    """A generation request as the server reads it, before its checks against the spec."""
+
+    call: CallRequest  # the prompt and edits, as a forward's (``outputs`` empty)
+    maps: dict[str, dict[str, Tensor]]  # port → {"down": [r, D], "up": [D, r]}
+    settings: GenerationSettings
+    stream: bool  # answer newline-delimited JSON, one line per generated token
+
+
+def pack_generate(plan: CallPlan, access: str, maps: Mapping[str, Mapping[str, Tensor]],
+                  settings: GenerationSettings, stream: bool = False) -> bytes:
+    """A generation request for a checked ``plan`` (``pack_call``'s parts), its token maps and its settings."""
+    tensors, meta = call_parts(plan, access)
+    tensors.update({tensor_name(MAPS, f"{port}/{key}"): value for port, parts in maps.items()
+                    for key, value in parts.items()})
+    return encode(tensors, {**meta, "settings": asdict(settings), "stream": stream})
+
+
+def unpack_generate(message: Message) -> GenerateRequest:
+    """The generation request in ``message``; an ``InvalidInputError`` (400) naming what is wrong."""
+    tensors, meta = message
+    maps: dict[str, dict[str, Tensor]] = {}
+    rest = {}
+    for name, value in tensors.items():
+        group, _, tail = name.partition("/")
+        if group != MAPS:
+            rest[name] = value
+            continue
+        port, _, key = tail.rpartition("/")
+        if not port or key not in MAP_KEYS:
+            raise InvalidInputError(f"tensor {name!r}: token maps are named {MAPS}/<port>/down and {MAPS}/<port>/up")
+        maps.setdefault(port, {})[key] = value
+    if meta.get("grad"):
+        raise InvalidInputError("a generation returns token ids and no gradient; send 'grad': [] (or leave it out)")
+    stream = meta.get("stream", False)
+    if not isinstance(stream, bool):
+        raise InvalidInputError(f"'stream' must be true or false; got {stream!r}")
+    settings = meta.get("settings", {})
+    stop = settings.get("stop_at_eos", True) if isinstance(settings, Mapping) else True
+    if not isinstance(stop, bool):
+        raise InvalidInputError(f"generation settings refused: stop_at_eos must be true or false; got {stop!r}")
+    call = unpack_call((rest, {**meta, "outputs": [], "reads": []}))
+    return GenerateRequest(call, maps, settings_of(settings), stream)
+
+
+def pack_generated(generated: Generated) -> bytes:
+    """A generation's answer: ``ids`` ``[B, N]`` and ``lengths`` ``[B]`` int64, ``texts`` in the metadata."""
+    return encode({"ids": generated.ids, "lengths": generated.lengths}, {"texts": generated.texts})
+
+
+def unpack_generated(message: Message) -> Generated:
+    """The ``Generated`` in an answer of ``pack_generated``."""
+    tensors, meta = message
+    if "ids" not in tensors or "lengths" not in tensors or not isinstance(meta.get("texts"), list):
+        raise InvalidInputError(f"the server's answer lacks ids, lengths or texts (it holds {sorted(tensors)}); "
+                                "client and server may speak different protocol versions")
+    return Generated(tensors["ids"], tensors["lengths"], [str(t) for t in meta["texts"]])
+
+
+def stream_line(payload: Mapping[str, Any]) -> bytes:
+    """One line of a streamed answer: ``{"texts": [...]}``, a ``Generated`` as JSON, or an error."""
+    return (json.dumps(payload, ensure_ascii=False) + "\n").encode()
+
+
+def generated_line(generated: Generated) -> bytes:
+    """The last line of a streamed answer: the whole ``Generated``."""
+    return stream_line({"ids": generated.ids.tolist(), "lengths": generated.lengths.tolist(),
+                        "texts": generated.texts})
+
+
+def read_stream_line(line: str) -> dict[str, Any]:
+    """One streamed line as the client reads it: ``{"texts"}``, ``{"generated": Generated}`` or ``{"error", ...}``."""
+    try:
+        payload = json.loads(line)
+    except json.JSONDecodeError:
+        raise InvalidInputError(f"the server streamed a line that is not JSON: {line[:200]!r}") from None
+    if not isinstance(payload, dict):
+        raise InvalidInputError(f"the server streamed {type(payload).__name__}, not an object")
+    if "ids" in payload:
+        ids = torch.tensor(payload["ids"], dtype=torch.long).reshape(len(payload["ids"]), -1)
+        return {"generated": Generated(ids, torch.tensor(payload["lengths"], dtype=torch.long),
+                                       [str(t) for t in payload["texts"]])}
+    return payload

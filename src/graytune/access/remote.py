@@ -1,6 +1,6 @@
 """The remote boundary: a handle on a backbone that an owner serves over HTTP (``graytune serve``).
 
-It offers what the in-process handle offers (``spec``, ``forward``, ``encode_*``,
+It offers what the in-process handle offers (``spec``, ``forward``, ``generate``, ``encode_*``,
 ``tokenize``, ``exposure``), and its backbone is one autograd node too: the node's
 backward posts the outputs' gradients and gets back the VJP at the client's
 tensors. Requests are checked here first (the same checks as the server's), so
@@ -33,7 +33,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import httpx
@@ -41,7 +41,11 @@ import torch
 from torch import nn
 
 from graytune.access.checks import CallPlan, plan_call, texts_of
-from graytune.access.handle import cross, encode_image, encode_text
+from graytune.access.generation import (
+    Generated, check_generation_plan, check_maps, count_generated, pack_generate, read_stream_line, settings_of,
+    unpack_generated,
+)
+from graytune.access.handle import client_device, cross, encode_image, encode_text
 from graytune.access.wire import (
     PROTOCOL_VERSION, check_server_protocol, decode, pack_call, pack_grads, pack_recompute, unpack_result,
     unpack_vjp,
@@ -50,7 +54,7 @@ from graytune.errors import (
     AccessDeniedError, GraytuneError, InvalidInputError, NumericalError, RemoteAccessDeniedError, RemoteError,
     UnknownNameError,
 )
-from graytune.types import AccessLevel, BackboneSpec, Exposure
+from graytune.types import AccessLevel, BackboneSpec, Exposure, GenerationSettings
 
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor
@@ -150,6 +154,55 @@ class RemoteHandle:
             raise
         return cross(_RemoteCall(self, plan))
 
+    def generate(self, inputs: Mapping[str, Tensor | Sequence[str]], *, add: Mapping[str, Tensor] | None = None,
+                 insert: Mapping[str, Tensor] | None = None, maps: Mapping[str, Mapping[str, Tensor]] | None = None,
+                 settings: GenerationSettings | Mapping[str, object] | None = None,
+                 stream: Callable[[list[str]], None] | None = None) -> Generated:
+        """As ``LocalHandle.generate``; the owner decodes on the server (``POST /v1/generate``).
+
+        With ``stream`` the server sends each row's text so far after every generated token (one-row prompts,
+        as in process) and ``stream`` gets it as it arrives: the answer is read line by line, so a long
+        generation never waits past ``timeout_s`` for a token.
+        """
+        chosen = settings_of(settings)
+        with torch.no_grad():
+            try:
+                plan = plan_call(self.spec, self.access, self._grants, self.exposure, self.tokenize, inputs,
+                                 add or {}, insert or {}, [], [])
+            except UnknownNameError as err:
+                self._above_level(err.name, add or {}, insert or {}, [])
+                raise
+            check_generation_plan(self.spec, plan)
+            checked = check_maps(self.spec, self.access, self._grants, maps or {}, self.exposure)
+        body = pack_generate(plan, self.access.label, checked, chosen, stream=stream is not None)
+        if stream is None:
+            result = unpack_generated(decode(self._request("POST", "/v1/generate", content=body).content))
+        else:
+            result = self._streamed("/v1/generate", body, stream)
+        count_generated(self.exposure, result.lengths)
+        home = client_device(plan, self.device)
+        return Generated(result.ids.to(home), result.lengths.to(home), result.texts)
+
+    def _streamed(self, path: str, body: bytes, stream: Callable[[list[str]], None]) -> Generated:
+        """A streamed generation: each ``{"texts"}`` line to ``stream``, the last line's ``Generated`` returned."""
+        response = self._request("POST", path, content=body, stream=True)
+        try:
+            for line in response.iter_lines():
+                part = read_stream_line(line) if line.strip() else {}
+                if "generated" in part:
+                    return part["generated"]  # type: ignore[no-any-return]
+                if "error" in part:
+                    raise _error_of(int(part.get("status", 500)), str(part["error"]), str(part.get("detail", "")))
+                if "texts" in part:
+                    stream([str(t) for t in part["texts"]])
+        except httpx.ReadTimeout:
+            raise RemoteError(0, "timeout", f"POST {path} at {self.url} sent no line within {self.timeout_s:g} s "
+                              "(timeout_s); raise timeout_s or ask fewer tokens") from None
+        finally:
+            response.close()
+        raise RemoteError(0, "truncated", f"the stream of POST {path} at {self.url} ended before its last line "
+                          "(the server went away?); send the request again")
+
     def _above_level(self, name: str, add: Mapping[str, Tensor], insert: Mapping[str, Tensor],
                      read: Sequence[str]) -> None:
         """Raise the server's ``AccessDeniedError`` if ``name``, unknown in this level's spec, is a port above it.
@@ -200,16 +253,23 @@ class RemoteHandle:
         """Free a session on the server that will not be differentiated (the id travels in the body)."""
         return bool(self._request("POST", "/v1/sessions/release", json={"session": session}).json()["released"])
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    def _request(self, method: str, path: str, stream: bool = False, **kwargs: Any) -> httpx.Response:
         """One request, retried with back-off while the server cannot take it, for ``retry_s`` in all.
 
         Retried: connection failures and drops, 502 and 503 (after ``Retry-After`` when given).
         Not retried: an attempt that got no answer within ``timeout_s``, and every other 4xx/5xx.
+        With ``stream`` a successful answer comes back unread (the caller reads and closes it).
         """
         start, attempt = time.monotonic(), 0
         while True:
             try:
-                response = self._http.request(method, path, **kwargs)
+                if not stream:
+                    response = self._http.request(method, path, **kwargs)
+                else:
+                    response = self._http.send(self._http.build_request(method, path, **kwargs), stream=True)
+                    if response.status_code >= 400:
+                        response.read()
+                        response.close()
             except (httpx.ReadTimeout, httpx.WriteTimeout, httpx.PoolTimeout):
                 raise RemoteError(0, "timeout", f"{method} {path} at {self.url} got no answer within "
                                   f"{self.timeout_s:g} s (timeout_s); it was not retried, since the server may "
@@ -298,15 +358,20 @@ def _error(response: httpx.Response) -> Exception:
         kind, detail = str(payload["error"]), str(payload["detail"])
     except (ValueError, KeyError, TypeError):
         kind, detail = "http", response.text[:200]
-    if response.status_code == 400:
+    return _error_of(response.status_code, kind, detail)
+
+
+def _error_of(status: int, kind: str, detail: str) -> Exception:
+    """What a server's ``{"error": kind, "detail"}`` with ``status`` raises here (as the same request in process)."""
+    if status == 400:
         refused = InvalidInputError(f"the backbone server refused the request: {detail}")
         refused.kind = kind  # type: ignore[attr-defined]  # e.g. unknown_name, protocol
         return refused
-    if response.status_code == 403 and kind == "access_denied":  # what the same request raises in process
+    if status == 403 and kind == "access_denied":  # what the same request raises in process
         needed = re.search(r"needs access level ([a-z-]+)|^([a-z-]+) access was asked for", detail)
         granted = re.search(r"was granted ([a-z-]+)|this server lends \S+ at ([a-z-]+)", detail)
         return RemoteAccessDeniedError(detail, next((g for g in needed.groups() if g), "") if needed else "",
                                        next((g for g in granted.groups() if g), "") if granted else "")
     if kind == "numerical":
         return NumericalError(f"on the backbone server: {detail}")
-    return RemoteError(response.status_code, kind, detail)
+    return RemoteError(status, kind, detail)

@@ -17,7 +17,10 @@ This module is the one place that names the protocol's parts. Tensors are named
 - its answer: ``out/<port>`` per output, ``read/<port>`` per port read; metadata ``session``;
 - a VJP request (``POST /v1/vjp``): ``grad/<port>`` per output, and metadata ``session``,
   or (after a 410) the whole forward request again with ``recompute: true``;
-- its answer: ``<group>/<port>`` for each client tensor that wanted a gradient.
+- its answer: ``<group>/<port>`` for each client tensor that wanted a gradient;
+- a generation (``POST /v1/generate``): a forward request's tensors, token maps ``maps/<port>/down`` and
+  ``maps/<port>/up``, metadata ``settings`` and ``stream``; its answer ``ids`` and ``lengths`` with ``texts``
+  in the metadata (written and read by ``graytune.access.generation``).
 
 Every message's metadata carries ``protocol`` (``PROTOCOL_VERSION``); a message
 without it is read as version 1.
@@ -222,7 +225,7 @@ def pack_call(plan: CallPlan, access: str, request: str | None = None) -> bytes:
     Example:
         >>> request = unpack_call(decode(pack_call(plan, "dark-gray")))
     """
-    tensors, meta = _call_parts(plan, access)
+    tensors, meta = call_parts(plan, access)
     return encode(tensors, {**meta, "request": request} if request else meta)
 
 
@@ -317,7 +320,7 @@ def pack_grads(plan: CallPlan, grads: Sequence[Tensor | None], session: str) -> 
 def pack_recompute(plan: CallPlan, access: str, grads: Sequence[Tensor | None]) -> bytes:
     """A VJP request that carries its forward again (after a 410): ``pack_call``'s parts, the gradients,
     and ``recompute: true``."""
-    tensors, meta = _call_parts(plan, access)
+    tensors, meta = call_parts(plan, access)
     return encode({**tensors, **_grad_tensors(plan, grads)}, {**meta, "recompute": True})
 
 
@@ -347,7 +350,8 @@ def unpack_inputs(message: Message) -> dict[str, Tensor]:
     return {name.removeprefix(f"{INPUTS}/"): t for name, t in message[0].items()}
 
 
-def _call_parts(plan: CallPlan, access: str) -> Message:
+def call_parts(plan: CallPlan, access: str) -> Message:
+    """The tensors and metadata of a forward request for ``plan`` (``pack_call`` encodes them)."""
     tensors = {tensor_name(group, port): t for group in CALL_GROUPS for port, t in getattr(plan, group).items()}
     meta = {"access": access, "outputs": plan.outputs, "reads": plan.reads,
             "grad": [tensor_name(group, port) for group, port in plan.slots]}

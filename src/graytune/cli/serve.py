@@ -9,7 +9,7 @@ from graytune.config import field_docs
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from graytune.serve.config import DUPLICATE_ROWS, ServeConfig
+    from graytune.serve.config import BLACK_BOX_EDITS, DUPLICATE_ROWS, ServeConfig
 
     p = sub.add_parser("serve", help="serve a backbone behind the boundary (FastAPI + uvicorn)",
                        description="Clients open it with graytune.open_backbone('http://HOST:PORT', api_key=...) "
@@ -34,9 +34,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         elif f.name == "access":
             p.add_argument(flag, default=f.default, choices=["black-box", "dark-gray", "light-gray"],
                            help=f"{docs[f.name]} (default: {f.default})")
-        elif f.name == "duplicate_rows":
-            p.add_argument(flag, default=f.default, choices=DUPLICATE_ROWS,
-                           help=f"{docs[f.name]} (default: {f.default})")
+        elif f.name in ("duplicate_rows", "black_box_edits"):
+            p.add_argument(flag, default=f.default, choices=DUPLICATE_ROWS if f.name == "duplicate_rows"
+                           else BLACK_BOX_EDITS, help=f"{docs[f.name]} (default: {f.default})")
         else:
             p.add_argument(flag, type=type(f.default), default=f.default,
                            help=f"{docs.get(f.name, '')} (default: {f.default})")
@@ -58,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from graytune.serve.runner import serve_forever
 
+    edits = f"; black-box edits: {config.black_box_edits}" if config.access == "black-box" else ""
     print(f"graytune serve: {args.backbone} at {config.access} on http://{config.host}:{config.port}"
-          f" ({config.device}, {config.dtype}{', recompute' if config.recompute else ''})", flush=True)
+          f" ({config.device}, {config.dtype}{', recompute' if config.recompute else ''}{edits})", flush=True)
     serve_forever(args.backbone, config, args.api_keys)
     return 0

@@ -85,7 +85,7 @@ def check_prompts(classes: Sequence[str], template: str, config: ServeConfig) ->
 
 
 def check_work(inputs: Mapping[str, torch.Tensor], insert: Mapping[str, torch.Tensor], config: ServeConfig,
-               grad: bool) -> None:
+               grad: bool, new_tokens: int = 0) -> None:
     """Token positions and pixels a forward would run, from its tensors' shapes (before the backbone runs).
 
     A request that wants gradients keeps the graph for its backward, about five times the memory,
@@ -97,6 +97,7 @@ def check_work(inputs: Mapping[str, torch.Tensor], insert: Mapping[str, torch.Te
             that a modality's prompts ports (``<m>.prompts.k``, which write over each other's tokens) add
             theirs once.
         grad: whether the request wants gradients.
+        new_tokens: tokens a generation adds to each row (``max_new_tokens``), counted as positions too.
     """
     tokens, token_flag = (config.max_grad_tokens, "--max-grad-tokens") if grad else (config.max_tokens,
                                                                                        "--max-tokens")
@@ -111,15 +112,21 @@ def check_work(inputs: Mapping[str, torch.Tensor], insert: Mapping[str, torch.Te
                       if port.startswith(modality + ".") and t.dim() == 3]
             extra = sum(k for prompts, k in counts if not prompts) + max((k for prompts, k in counts if prompts),
                                                                           default=0)
-            positions = rows * (length + extra)
+            positions = rows * (length + extra + new_tokens)
             if positions > tokens:
+                more = f" with {new_tokens:,} new tokens each" if new_tokens else ""
                 raise too_large(f"this request holds {positions:,} token positions{kind} ({rows:,} rows x "
-                                f"{length + extra:,})", tokens, token_flag, "send smaller batches")
+                                f"{length + extra + new_tokens:,}{more})", tokens, token_flag, "send smaller batches")
         elif name.endswith(".pixels") and value.dim() == 4:
             rows, _, height, width = value.shape
             if rows * height * width > pixels:
                 raise too_large(f"this request holds {rows * height * width:,} pixels{kind} ({rows:,} images of "
                                 f"{height} x {width})", pixels, pixel_flag, "send fewer or smaller images per request")
+
+
+def tokens_of(inputs: Mapping[str, torch.Tensor]) -> int:
+    """The real tokens of a checked request's texts: the sum of its attention masks (``--quota-tokens``)."""
+    return sum(int(mask.sum()) for name, mask in inputs.items() if name.endswith(".attention_mask"))
 
 
 def repeated_rows(rows: int, tensors: Iterable[torch.Tensor]) -> dict[int, int]:

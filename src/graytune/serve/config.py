@@ -15,10 +15,12 @@ from pathlib import Path
 from graytune.errors import InvalidInputError
 from graytune.serve.ledger import QuotaExceeded
 
-__all__ = ["DUPLICATE_ROWS", "ApiKeys", "QuotaExceeded", "ServeConfig"]
+__all__ = ["BLACK_BOX_EDITS", "DUPLICATE_ROWS", "ApiKeys", "QuotaExceeded", "ServeConfig"]
 
 #: the values of ``ServeConfig.duplicate_rows`` (``--duplicate-rows``)
 DUPLICATE_ROWS = ("allow", "count", "refuse")
+#: the values of ``ServeConfig.black_box_edits`` (``--black-box-edits``)
+BLACK_BOX_EDITS = ("allow", "count", "refuse")
 
 
 @dataclass
@@ -64,6 +66,9 @@ class ServeConfig:
     max_grad_pixels: int = 1605632
     """Most pixels in one request that wants gradients (413 above; 32 images of 224 x 224; EfficientNet-Lite0
     peaks at about 1.7 KB per pixel)."""
+    max_new_tokens: int = 256
+    """Most tokens one generation request may ask per row (413 above); its positions, rows x (prompt + inserted
+    + new tokens), count against --max-tokens too."""
     request_timeout_s: float = 60.0
     """Deadline of one request: waiting for the backbone past it answers 503, computing past it stops the work
     at its next safe point and answers 504."""
@@ -92,6 +97,11 @@ class ServeConfig:
     quota_grad_rows: int = 200000
     """Rows each client may get gradients for, over the ledger's life (0: no limit); gradients are the strongest
     extraction channel, so the default is finite: raise it per deployment."""
+    quota_tokens: int = 0
+    """Tokens each client may send and have generated, over the ledger's life (0: no limit): the real tokens of
+    the texts it sends (attention-mask sums; padding and inserted vectors are not tokens) and every token a
+    language model generates for it (a generation reserves rows x max_new_tokens and gives back what it did not
+    generate)."""
     quota_db: str = ""
     """SQLite file of the quota ledger, shared by workers and restarts (default: KEYS_FILE.quota.sqlite3 beside
     the API key file)."""
@@ -102,6 +112,14 @@ class ServeConfig:
     duplicate_rows) and in the log; refuse: answer 403 naming the repeated rows. Rows are compared as the
     backbone sees them (token ids and edits under attention mask 0 are ignored); rows that differ by any value it
     sees are distinct: the gradient-row quota is what bounds near-duplicates."""
+    black_box_edits: str = "count"
+    """What to do, where the server lends black-box, with a request that adds or inserts at an input port
+    (text.token_embeds) with no gradient asked, what zeroth-order methods (dga-zo, prompt-zo) send: one forward over
+    copies of one text, each under a +-eps edit on one dimension, returns Jacobian columns there by finite
+    differences. allow: serve it; count: serve it and record it on /v1/stats (black_box_edit_calls and _rows, and
+    same_input_edit_batches and _rows for batches whose rows are one input under different edits, whatever the
+    edits' size) and in the log; refuse: answer 403 to any such edit (the zeroth-order methods cannot train). From
+    dark-gray up a client may ask the exact VJP, so edits without gradients are served there as they come."""
     admins: tuple[str, ...] = ()
     """Client names (from the key file) that see every client's figures on /v1/stats."""
     adapters: tuple[str, ...] = ()

@@ -25,7 +25,7 @@ from graytune.serve.admission import HTTPProblem
 from graytune.serve.ledger import QuotaExceeded
 from graytune.serve.service import Service, timed_out
 
-__all__ = ["WIRE_MEDIA", "answer", "install_error_handlers", "wire_response"]
+__all__ = ["WIRE_MEDIA", "answer", "install_error_handlers", "problem_of", "wire_response"]
 log = logging.getLogger(__name__)
 WIRE_MEDIA = "application/vnd.graytune.safetensors"
 
@@ -43,45 +43,30 @@ def answer(problem: HTTPProblem) -> JSONResponse:
 
 def install_error_handlers(app: FastAPI) -> None:
     """Answer every exception a route raises as ``{"error", "detail"}`` (see the module's docstring)."""
-    app.add_exception_handler(HTTPProblem, _problem)
-    app.add_exception_handler(ProtocolError, _protocol)
-    app.add_exception_handler(QuotaExceeded, _quota)
-    app.add_exception_handler(DeadlineExceeded, _deadline)
-    app.add_exception_handler(GraytuneError, _graytune_error)
-    app.add_exception_handler(Exception, _unexpected)
+    for kind in (HTTPProblem, ProtocolError, QuotaExceeded, DeadlineExceeded, GraytuneError, Exception):
+        app.add_exception_handler(kind, _handle)
 
 
-def _plain(status: int, kind: str, detail: str) -> JSONResponse:
-    return answer(HTTPProblem(status, kind, detail))
-
-
-async def _problem(_: Request, err: HTTPProblem) -> JSONResponse:
-    return answer(err)
-
-
-async def _protocol(_: Request, err: ProtocolError) -> JSONResponse:
-    return _plain(400, "protocol", str(err))
-
-
-async def _quota(_: Request, err: QuotaExceeded) -> JSONResponse:
-    return _plain(429, "quota", str(err))
-
-
-async def _deadline(request: Request, _: DeadlineExceeded) -> JSONResponse:
-    service: Service = request.app.state.service
-    return answer(timed_out(service.config.request_timeout_s))
-
-
-async def _graytune_error(request: Request, err: GraytuneError) -> JSONResponse:
+def problem_of(err: BaseException, service: Service) -> HTTPProblem:
+    """The answer to ``err`` (status, kind, detail): what a route's error handler sends, and what a streamed
+    answer sends as its last line once its status has gone out."""
+    if isinstance(err, HTTPProblem):
+        return err
+    if isinstance(err, ProtocolError):
+        return HTTPProblem(400, "protocol", str(err))
+    if isinstance(err, QuotaExceeded):
+        return HTTPProblem(429, "quota", str(err))
+    if isinstance(err, DeadlineExceeded):
+        return timed_out(service.config.request_timeout_s)
     if isinstance(err, AccessDeniedError):
-        service: Service = request.app.state.service
-        return _plain(403, "access_denied", service.refusal(err))
+        return HTTPProblem(403, "access_denied", service.refusal(err))
     if isinstance(err, NumericalError):  # the owner's precision, not the client's input
-        return _plain(500, "numerical", str(err))
-    kind = "unknown_name" if isinstance(err, UnknownNameError) else "invalid_input"
-    return _plain(400, kind, str(err))
-
-
-async def _unexpected(_: Request, err: Exception) -> JSONResponse:
+        return HTTPProblem(500, "numerical", str(err))
+    if isinstance(err, GraytuneError):
+        return HTTPProblem(400, "unknown_name" if isinstance(err, UnknownNameError) else "invalid_input", str(err))
     log.error("unexpected error while serving a request: %s", type(err).__name__, exc_info=err)
-    return _plain(500, "internal", "the server failed on this request; the owner can find it in the log")
+    return HTTPProblem(500, "internal", "the server failed on this request; the owner can find it in the log")
+
+
+async def _handle(request: Request, err: Exception) -> JSONResponse:
+    return answer(problem_of(err, request.app.state.service))

@@ -38,10 +38,11 @@ from graytune.access.wire import Message, VjpRequest, unpack_call, unpack_grads
 from graytune.devices import dtype_name
 from graytune.errors import AccessDeniedError, InvalidInputError
 from graytune.serve.admission import (
-    HTTPProblem, busy, check_texts, check_work, duplicate_problem, forward_digest, repeated_rows, seen_rows,
+    HTTPProblem, busy, check_texts, check_work, duplicate_problem, forward_digest, repeated_rows, seen_rows, tokens_of,
 )
 from graytune.serve.bodies import RequestBody, json_limit, parse_json
-from graytune.serve.config import DUPLICATE_ROWS, ApiKeys, ServeConfig
+from graytune.serve.config import BLACK_BOX_EDITS, DUPLICATE_ROWS, ApiKeys, ServeConfig
+from graytune.serve.edits import note_edits, refuse_edits
 from graytune.serve.ledger import Charge, QuotaLedger
 from graytune.serve.memory import trim
 from graytune.serve.refusals import UNAUTHORIZED, level_refused, server_hint
@@ -65,6 +66,9 @@ class Service:
         if config.duplicate_rows not in DUPLICATE_ROWS:
             raise InvalidInputError(f"--duplicate-rows is {config.duplicate_rows!r}; choose one of "
                                     f"{', '.join(DUPLICATE_ROWS)} (count serves such batches and records them)")
+        if config.black_box_edits not in BLACK_BOX_EDITS:
+            raise InvalidInputError(f"--black-box-edits is {config.black_box_edits!r}; choose one of "
+                                    f"{', '.join(BLACK_BOX_EDITS)} (count serves such edits and records them)")
         unknown = sorted(set(config.admins) - keys.names)
         if unknown:
             raise InvalidInputError(f"--admins names {unknown}, which the key file does not; "
@@ -76,7 +80,7 @@ class Service:
                                   config.client_sessions, int(config.client_session_mb * 2**20))
         self._scratch = None if config.quota_db or keys.source else tempfile.mkdtemp(prefix="graytune-quota-")
         self.ledger = QuotaLedger(quota_path(config, keys, self._scratch), config.quota_samples,
-                                  config.quota_grad_rows)
+                                  config.quota_grad_rows, tokens=config.quota_tokens)
         self.compute_lock = threading.Lock()
         self.max_body = int(config.max_body_mb * 2**20)
         self.inflight_budget = int(config.inflight_body_mb * 2**20)
@@ -120,8 +124,16 @@ class Service:
                                          "granted": self.granted.label, "reads": sorted(level.grants),
                                          "placement": {"device": level.device.type, "dtype": dtype_name(level.dtype),
                                                        "recompute": level.recompute},
-                                         "max_body_bytes": self.max_body}
+                                         "max_body_bytes": self.max_body,
+                                         "black_box_edits": self.config.black_box_edits,
+                                         "max_new_tokens": self.config.max_new_tokens}
         return self._specs[level.access]
+
+    @property
+    def edits_policy(self) -> str:
+        """What ``--black-box-edits`` asks of black-box edits here: the flag where the server lends black-box;
+        ``allow`` from dark-gray up, where a client may ask the exact VJP instead (``graytune.serve.edits``)."""
+        return self.config.black_box_edits if self.granted is AccessLevel.BLACK_BOX else "allow"
 
     def refusal(self, err: AccessDeniedError) -> str:
         """The 403 detail for ``err``: its own words, then what this server allows and the owner's flag for more."""
@@ -156,7 +168,8 @@ class Service:
         """The checked forward a request describes, its work within the limits (nothing charged).
 
         A request that wants gradients and repeats a row is counted or refused as ``--duplicate-rows`` says
-        (a ``recompute`` resends a forward already counted, so it is not counted again).
+        (a ``recompute`` resends a forward already counted, so it is not counted again); a black-box request that
+        edits an input port is refused here where ``--black-box-edits`` says so (``graytune.serve.edits``).
         """
         request = unpack_call(message)
         handle = self.level_handle(request.access)
@@ -168,6 +181,7 @@ class Service:
         check_work(inputs, request.insert, self.config, grad)  # ids and pixels, before texts are tokenized
         plan = handle.plan(inputs, request.add, request.insert, request.outputs, request.reads)
         check_work(plan.inputs, plan.insert, self.config, bool(plan.slots))
+        refuse_edits(self.edits_policy, handle, plan)
         if plan.slots and self.config.duplicate_rows != "allow":
             self._check_duplicates(client, handle, plan, count=not recompute)
         return handle, plan
@@ -188,11 +202,16 @@ class Service:
             log.warning("client %s sent a gradient request in which %d of %d rows repeat an earlier row "
                         "(counted: --duplicate-rows count)", client, len(repeats), rows)
 
-    def charge_forward(self, client: str, message: Message, plan: CallPlan) -> Charge:
-        """Charge a checked forward its rows; one that wants gradients leaves a receipt for its recompute."""
+    def charge_forward(self, client: str, message: Message, plan: CallPlan,
+                       handle: LocalHandle | None = None) -> Charge:
+        """Charge a checked forward its rows and tokens; one that wants gradients leaves a receipt for its
+        recompute. Once charged, a black-box edit of ``handle``'s is recorded as ``--black-box-edits count`` says."""
         receipt = forward_digest(message) if plan.slots else None
-        self.ledger.charge(client, rows_of(plan), receipt=receipt)
-        return Charge(samples=rows_of(plan), receipt=receipt)
+        rows, tokens = rows_of(plan), tokens_of(plan.inputs)
+        self.ledger.charge(client, rows, receipt=receipt, tokens=tokens)
+        if handle is not None:
+            note_edits(self.ledger, client, handle, plan, self.edits_policy)
+        return Charge(samples=rows, tokens=tokens, receipt=receipt)
 
     def vjp_call(self, client: str, message: Message) -> tuple[BoundaryCall, list[Tensor | None], Charge]:
         """The call a VJP request differentiates, the outputs' gradients, and what it was charged (after every
@@ -215,8 +234,10 @@ class Service:
         rows = rows_of(call.plan) if call.plan.slots else 0
         if asked.recompute:
             receipt, batch = forward_digest(message), rows_of(call.plan)
-            samples = self.ledger.charge_recompute(client, receipt, batch, rows)
-            return call, grads, Charge(samples, rows, receipt, restore=0 if samples else batch)
+            tokens = tokens_of(call.plan.inputs)
+            samples = self.ledger.charge_recompute(client, receipt, batch, rows, tokens)
+            return call, grads, Charge(samples, rows, tokens if samples else 0, receipt,
+                                       restore=0 if samples else batch)
         self.ledger.charge(client, grad_rows=rows)
         try:
             self.store.take(client, str(asked.session))
@@ -227,11 +248,11 @@ class Service:
 
     async def refund(self, client: str, samples: int = 0, grad_rows: int = 0, charge: Charge | None = None) -> None:
         """Give back what a request reserved when its work was not served (even while it is being cancelled):
-        ``samples`` and ``grad_rows``, or a whole ``charge`` with its receipt."""
+        ``samples`` and ``grad_rows``, or a whole ``charge`` with its tokens and receipt."""
         charge = charge or Charge(samples, grad_rows)
         with anyio.CancelScope(shield=True):
             await self.checked(partial(self.ledger.refund, client, charge.samples, charge.grad_rows, charge.receipt,
-                                       charge.restore))
+                                       charge.restore, charge.tokens))
 
     # ---- one backbone at a time ----------------------------------------------------------------------
 
@@ -279,19 +300,24 @@ class Service:
     @property
     def quotas(self) -> SimpleNamespace:
         """Usage as ``quotas.used[client] == [samples, grad_rows]``: a read-only view of the ledger kept for
-        code written before it (use ``ledger.used(client)``)."""
+        code written before it (use ``ledger.used(client)``, which has tokens too)."""
         return SimpleNamespace(used={c: [u["samples"], u["grad_rows"]] for c, u in self.ledger.all_used().items()})
 
     def stats(self, client: str) -> dict[str, Any]:
         """The caller's own figures; every client's for an admin."""
-        limits = {"quota_samples": self.config.quota_samples, "quota_grad_rows": self.config.quota_grad_rows}
+        config = self.config
+        limits = {"quota_samples": config.quota_samples, "quota_grad_rows": config.quota_grad_rows,
+                  "quota_tokens": config.quota_tokens, "duplicate_rows_policy": config.duplicate_rows,
+                  "black_box_edits_policy": config.black_box_edits}
         if self.is_admin(client):
             return {**self.store.stats(), "quota": self.ledger.all_used(), **limits, "queued": self.queued,
-                    "duplicates": self.ledger.all_duplicates(), "duplicate_rows_policy": self.config.duplicate_rows}
-        used, repeated = self.ledger.used(client), self.ledger.duplicates(client)
+                    "duplicates": self.ledger.all_duplicates(), "edits": self.ledger.all_edits()}
+        used, repeated, edits = self.ledger.used(client), self.ledger.duplicates(client), self.ledger.edits(client)
         return {**self.store.stats(client), "samples_used": used["samples"], "grad_rows_used": used["grad_rows"],
-                **limits, "duplicate_row_batches": repeated["batches"], "duplicate_rows": repeated["rows"],
-                "duplicate_rows_policy": self.config.duplicate_rows}
+                "tokens_used": used["tokens"], **limits, "duplicate_row_batches": repeated["batches"],
+                "duplicate_rows": repeated["rows"], "black_box_edit_calls": edits["calls"],
+                "black_box_edit_rows": edits["rows"], "same_input_edit_batches": edits["batches"],
+                "same_input_edit_rows": edits["same_rows"]}
 
 
 def timed_out(seconds: float) -> HTTPProblem:

@@ -4,6 +4,8 @@
 - ``POST /v1/forward`` a safetensors request → outputs, and a session id when gradients are wanted;
 - ``POST /v1/vjp`` the outputs' gradients and a session id (or, after 410, the whole forward again)
   → the gradients at the client's tensors;
+- ``POST /v1/generate`` a language model's prompt, edits, token maps and settings → the tokens it generates
+  (newline-delimited JSON, a line per token, with ``stream``; see ``graytune.serve.generation``);
 - ``POST /v1/sessions/release`` ``{"session": id}`` release a session the client will not differentiate
   (``DELETE /v1/sessions/{id}`` still works for older clients, but puts the id in URLs and logs).
 
@@ -17,20 +19,24 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 from typing import Any
 
 import torch
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import StreamingResponse
 
 from graytune.access import BoundaryCall, CallPlan, LocalHandle, texts_of
+from graytune.access.generation import pack_generated
 from graytune.access.wire import check_request_protocol, encode, pack_result, pack_vjp, read_request, request_key
 from graytune.errors import InvalidInputError
 from graytune.serve.admission import check_texts
 from graytune.serve.config import ServeConfig
+from graytune.serve.generation import charge_generation, check_queue, plan_generation, run_generation, streamed
 from graytune.serve.responses import wire_response
 from graytune.serve.routes.dependencies import ClientDep, ServiceDep, get_client
-from graytune.serve.routes.openapi import FORWARD_DOC, RELEASE_DOC, TOKENIZE_DOC, VJP_DOC
+from graytune.serve.routes.openapi import FORWARD_DOC, GENERATE_DOC, RELEASE_DOC, TOKENIZE_DOC, VJP_DOC
 
 __all__ = ["router"]
 Tensor = torch.Tensor
@@ -53,7 +59,7 @@ async def forward(request: Request, service: ServiceDep, client: ClientDep) -> R
     async with service.body(request) as body:
         message = await service.checked(read_request, body)
         handle, plan = await service.checked(service.plan, client, message)
-        charge = await service.checked(service.charge_forward, client, message, plan)
+        charge = await service.checked(service.charge_forward, client, message, plan, handle)
         try:
             values, call = await service.compute(partial(_run_forward, handle, plan), until)
         except BaseException:
@@ -76,6 +82,24 @@ async def vjp(request: Request, service: ServiceDep, client: ClientDep) -> Respo
             await service.refund(client, charge=charge)
             raise
     return wire_response(pack_vjp(call.plan, result))
+
+
+@router.post("/v1/generate", openapi_extra=GENERATE_DOC)
+async def generate(request: Request, service: ServiceDep, client: ClientDep) -> Response:
+    """Tokens a language model generates after each prompt, the owner decoding (streamed with ``stream``)."""
+    until = service.deadline()
+    async with contextlib.AsyncExitStack() as stack:
+        body = await stack.enter_async_context(service.body(request))
+        message = await service.checked(read_request, body)
+        job = await service.checked(plan_generation, service, client, message)
+        if job.stream:
+            check_queue(service)  # a busy backbone answers 503 before the stream's status goes out
+        charge = await service.checked(charge_generation, service, client, job)
+        if job.stream:  # the body's hold on the in-flight budget goes with the decoding, which releases it
+            lines = streamed(service, client, job, charge, until, stack.pop_all())
+            return StreamingResponse(lines, media_type="application/x-ndjson")
+        result = await run_generation(service, client, job, charge, until)
+    return wire_response(pack_generated(result))
 
 
 @router.post("/v1/sessions/release", openapi_extra=RELEASE_DOC)

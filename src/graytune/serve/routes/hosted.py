@@ -31,7 +31,8 @@ from graytune.access.owner import DeadlineExceeded
 from graytune.access.wire import INPUTS, Message, encode, read_request, tensor_name, unpack_inputs
 from graytune.errors import InvalidInputError
 from graytune.serve.adapters import AdapterHost, HostBusy, HostClosed
-from graytune.serve.admission import HTTPProblem, busy, check_prompts, check_texts, check_work
+from graytune.serve.admission import HTTPProblem, busy, check_prompts, check_texts, check_work, tokens_of
+from graytune.serve.ledger import Charge
 from graytune.serve.responses import answer, wire_response
 from graytune.serve.routes.dependencies import ClientDep, ServiceDep, get_client
 from graytune.serve.routes.openapi import CLASSIFY_DOC, EMBED_DOC
@@ -83,7 +84,7 @@ async def embed(name: str, request: Request, service: ServiceDep, host: HostDep,
 async def classify(name: str, request: Request, service: ServiceDep, host: HostDep, client: ClientDep) -> Response:
     """Scores ``[B, C]`` of texts or images against class names put into a template, through adapter ``name``.
 
-    Charged its rows and its classes: every prompt goes through the backbone as a sample.
+    Charged its rows and its classes: every prompt goes through the backbone as a sample (and its tokens).
     """
     until, as_json = service.deadline(), _is_json(request)
     embeds, meta = await _embeds(service, host, client, name, request, until, classify=True)
@@ -92,7 +93,7 @@ async def classify(name: str, request: Request, service: ServiceDep, host: HostD
         queued = await service.checked(partial(host.submit, name, "text", texts=prompts, until=until))
         text = await _wait(queued, until, service.config.request_timeout_s)
     except BaseException:
-        await service.refund(client, samples=len(prompts))
+        await service.refund(client, charge=Charge(len(prompts), tokens=meta["prompt_tokens"]))
         raise
     logits = host.model(name).similarity(embeds, text)
     if as_json:
@@ -118,33 +119,39 @@ async def _embeds(service: Service, host: AdapterHost, client: str, name: str, r
 
 async def _admitted(service: Service, host: AdapterHost, client: str, name: str, message: Message, until: float,
                     classify: bool) -> tuple[Tensor, dict[str, Any]]:
-    queued, rows, meta = await service.checked(_admit, service, host, client, name, message, until, classify)
+    queued, charge, meta = await service.checked(_admit, service, host, client, name, message, until, classify)
     try:
         return await _wait(queued, until, service.config.request_timeout_s), meta
     except BaseException:
-        await service.refund(client, samples=rows + len(meta.get("prompts", ())))
+        await service.refund(client, charge=charge)
         raise
 
 
 def _admit(service: Service, host: AdapterHost, client: str, name: str, message: Message, until: float,
-           classify: bool) -> tuple[Future[Tensor], int, dict[str, Any]]:
+           classify: bool) -> tuple[Future[Tensor], Charge, dict[str, Any]]:
     """Checks, admission and the quota charge of one request (on a checks thread), then its job queued.
 
-    The charge is every sample the backbone will see: the rows, and for ``classify`` one prompt per class.
+    The charge is every sample the backbone will see: the rows, and for ``classify`` one prompt per class; and
+    their tokens (``--quota-tokens``). The prompts' own part is ``meta["prompt_tokens"]``.
     """
     config, meta = service.config, message[1]
     host.model(name)
+    meta["prompt_tokens"] = tokens = 0
     if classify:  # the prompts it will build: their characters before they are built, then their tokens
         classes = texts_of(meta.get("classes"))
         check_texts(classes, config, "classes")
         template = str(meta.get("template", TEMPLATE))
         check_prompts(classes, template, config)
         meta["prompts"] = [template.replace("{}", c) for c in classes]
-        check_work(service.handle.tokenize(meta["prompts"]), {}, config, grad=False)
+        tokenized = service.handle.tokenize(meta["prompts"])
+        check_work(tokenized, {}, config, grad=False)
+        meta["prompt_tokens"] = tokens = tokens_of(tokenized)
     if meta.get("texts") is not None:
         texts = texts_of(meta["texts"])
         check_texts(texts, config)
-        check_work(service.handle.tokenize(texts), {}, config, grad=False)
+        tokenized = service.handle.tokenize(texts)
+        check_work(tokenized, {}, config, grad=False)
+        tokens += tokens_of(tokenized)
         rows, modality, pixels = len(texts), "text", None
     else:
         texts, pixels = [], unpack_inputs(message)
@@ -153,12 +160,12 @@ def _admit(service: Service, host: AdapterHost, client: str, name: str, message:
                                     f"{tensor_name(INPUTS, 'image.pixels')} in a graytune safetensors message")
         check_work(pixels, {}, config, grad=False)
         rows, modality = int(pixels["image.pixels"].shape[0]), "image"
-    charged = rows + len(meta.get("prompts", ()))
-    service.ledger.charge(client, charged)
+    charge = Charge(rows + len(meta.get("prompts", ())), tokens=tokens)
+    service.ledger.charge(client, charge.samples, tokens=tokens)
     try:
-        return host.submit(name, modality, pixels, texts=texts, until=until), rows, meta
+        return host.submit(name, modality, pixels, texts=texts, until=until), charge, meta
     except BaseException:
-        service.ledger.refund(client, charged)
+        service.ledger.refund(client, charge.samples, tokens=tokens)
         raise
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["CLASSIFY_DOC", "EMBED_DOC", "FORWARD_DOC", "RELEASE_DOC", "TOKENIZE_DOC", "VJP_DOC"]
+__all__ = ["CLASSIFY_DOC", "EMBED_DOC", "FORWARD_DOC", "GENERATE_DOC", "RELEASE_DOC", "TOKENIZE_DOC", "VJP_DOC"]
 WIRE = "application/vnd.graytune.safetensors"
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
 _TEXTS = {"type": "array", "items": {"type": "string"}, "example": ["a cat", "a dog"]}
@@ -21,10 +21,11 @@ _ERRORS = {
                            "what is allowed"},
     "401": {"description": "no valid API key (send Authorization: Bearer KEY)"},
     "403": {"description": "above this server's level or grants: {\"error\": \"access_denied\", \"detail\", "
-                           "\"needed\", \"granted\"}; the detail names the methods this level allows"},
+                           "\"needed\", \"granted\"}; the detail names the methods this level allows; "
+                           "duplicate_rows or black_box_edits where the owner refuses them"},
     "413": {"description": "past a limit (body size, strings, token positions, pixels, JSON values); the detail "
                            "names the flag"},
-    "429": {"description": "the client's quota (--quota-samples, --quota-grad-rows) is used up"},
+    "429": {"description": "the client's quota (--quota-samples, --quota-grad-rows, --quota-tokens) is used up"},
     "503": {"description": "busy: the queue or the in-flight memory is full (Retry-After)"},
     "504": {"description": "the work ran past --request-timeout-s and was stopped"},
 }
@@ -47,6 +48,13 @@ FORWARD_DOC = _body(
 VJP_DOC = _body(
     "A graytune safetensors message: grad/<port> per output and metadata session; or, after a 410, the whole "
     "forward again with recompute: true. Answer: <group>/<port> per client tensor that wanted a gradient.")
+GENERATE_DOC = _body(
+    "A graytune safetensors message: a forward's inputs/<port> (or texts), add/<port> and insert/<port>, token maps "
+    "maps/text.token_embeds/down [r, D] and maps/text.token_embeds/up [D, r]; metadata settings {max_new_tokens, "
+    "temperature, top_p, seed, stop_at_eos} and stream. Answer: ids [B, N] and lengths [B] (int64) with texts in "
+    "the metadata; with stream: true, application/x-ndjson lines {\"texts\": [...]} per token, then {\"ids\", "
+    "\"lengths\", \"texts\"} or {\"error\", \"detail\", \"status\"}. Charged one sample per row and tokens "
+    "(--quota-tokens): the prompt's, and those generated.")
 TOKENIZE_DOC = _body("JSON {\"texts\": [...]}; answer: a safetensors message of text.input_ids and "
                      "text.attention_mask [B, L] int64.",
                      {"type": "object", "properties": {"texts": _TEXTS}, "required": ["texts"]})
