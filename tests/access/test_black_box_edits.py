@@ -50,3 +50,24 @@ def test_an_artifact_trained_by_prompt_zo_says_it_used_black_box_edits(llama: st
     assert recorded["access"] == "black-box" and recorded["gradient_queries"] == 0
     edits = recorded["black_box_edits"]
     assert edits["calls"] >= 2 and edits["ports"] == {"text.token_embeds": edits["rows"]} and edits["rows"] >= 6
+
+
+def test_graytune_info_says_what_each_level_reveals(llama: str, capsys) -> None:
+    from graytune.cli.info import reveals
+    from graytune.cli.main import main
+
+    assert main(["info", llama, "--access", "black-box"]) == 0
+    out = capsys.readouterr().out
+    assert "what each operation reveals" in out and "--black-box-edits" in out and "sampled tokens" in out
+    rows = {(level, operation): (here, what) for level, here, operation, what in
+            reveals(graytune.open_backbone(llama, "dark-gray").spec, graytune.AccessLevel.DARK_GRAY)[1:]}
+    assert rows[("black-box", "add/insert at text.token_embeds")] == (
+        "yes", "Jacobian columns by finite differences; the owner's grant (graytune serve --black-box-edits)")
+    assert rows[("black-box", "text.target_logprobs")][1].startswith("log-probs of the targets sent")
+    assert rows[("dark-gray", "add/insert at input ports, gradients")] == ("yes", "exact VJPs at the input ports")
+    assert rows[("light-gray", "add/insert at entry ports, gradients")][0] == "no"
+    assert rows[("read", "read at text.token_embeds")][0] == "grant"
+    assert not any("pixels" in operation for _, operation in rows)  # a language model has no pixels
+    pixels = reveals(graytune.open_backbone("efficientnet-lite0", "black-box").spec, graytune.AccessLevel.BLACK_BOX)
+    assert [r for r in pixels if "pixels" in r[2]][0][3].endswith("inherent (pixels are continuous)")
+    assert not any("token_embeds" in r[2] or "generate" in r[2] for r in pixels)

@@ -1,4 +1,5 @@
-"""``graytune info BACKBONE``: the spec a client sees at one access level; never weights."""
+"""``graytune info BACKBONE``: the spec a client sees at one access level, and what each level's operations
+reveal; never weights."""
 
 from __future__ import annotations
 
@@ -6,7 +7,22 @@ import argparse
 import json
 
 from graytune.access import known_backbones, open_backbone
-from graytune.types import AccessLevel
+from graytune.types import AccessLevel, BackboneSpec
+
+#: (level, what the row needs of the backbone, operation, what it reveals); "read" rows need a grant, not a level
+REVEALS = (
+    ("black-box", "", "forward on raw inputs", "outputs (embeddings, logits)"),
+    ("black-box", "lm", "text.target_logprobs", "log-probs of the targets sent (a full distribution costs V rows "
+                                                "per position)"),
+    ("black-box", "lm", "generate", "sampled tokens"),
+    ("black-box", "text", "add/insert at text.token_embeds", "Jacobian columns by finite differences; the owner's "
+                                                            "grant (graytune serve --black-box-edits)"),
+    ("black-box", "image", "image.pixels moved by +-eps", "Jacobian columns by finite differences; inherent "
+                                                          "(pixels are continuous)"),
+    ("dark-gray", "", "add/insert at input ports, gradients", "exact VJPs at the input ports"),
+    ("light-gray", "", "add/insert at entry ports, gradients", "exact VJPs at the entry ports (<m>.layer.k)"),
+    ("read", "text", "read at text.token_embeds", "weights: the token-table rows of the tokens sent"),
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -36,12 +52,32 @@ def run(args: argparse.Namespace) -> int:
     rows = [("port", "kind", "shape", "dtype", "ops")]
     rows += [(p.name, p.kind.value, "[" + ", ".join(map(str, p.shape)) + "]", p.dtype,
               ",".join(o.value for o in p.ops)) for p in spec.ports]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     print()
+    _print_table(rows)
+    print("\nread at input and entry ports needs the owner's explicit grant (it reveals weights)")
+    print(f"\nwhat each operation reveals (here: allowed at {handle.access.label}; a level allows the rows of the "
+          "levels before it)")
+    _print_table(reveals(spec, handle.access))
+    return 0
+
+
+def reveals(spec: BackboneSpec, access: AccessLevel) -> list[tuple[str, str, str, str]]:
+    """Rows ``(level, allowed here, operation, what it reveals)`` of ``REVEALS`` that apply to ``spec``'s backbone;
+    ``allowed here`` says whether a handle at ``access`` may do it (``grant`` for reads)."""
+    kinds = set(spec.modalities) | ({"lm"} if "text.target_logprobs" in spec.port_names() else set())
+    rows = [("level", "here", "operation", "reveals")]
+    for level, needs, operation, what in REVEALS:
+        if needs and needs not in kinds:
+            continue
+        here = "grant" if level == "read" else ("yes" if AccessLevel.parse(level) <= access else "no")
+        rows.append((level, here, operation, what))
+    return rows
+
+
+def _print_table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-    print("\nread at input and entry ports needs the owner's explicit grant (it reveals weights)")
-    return 0
 
 
 def _short(value: object) -> str:
