@@ -21,11 +21,26 @@ def text_report(tiny_clip, text_data) -> dict:  # type: ignore[type-arg]
 def test_duplicate_rows_give_the_whole_jacobian_in_two_calls(text_report) -> None:
     found = text_report["levels"]["dark-gray"]["duplicate_rows"]
     assert found["status"] == "recovered" and found["spent"] == {"calls": 2, "forwards": 1, "vjps": 1, "samples": 16,
-                                                                  "grad_rows": 16}
+                                                                  "grad_rows": 16, "edit_rows": 0}
     assert found["jacobian_shape"][0] == 16 and found["jacobian_shape"][2] == 32  # [E, L, D]
     assert found["finite_difference_error"] < 1e-2  # the rows are the Jacobian's (checked by the owner)
     assert "one row per call would take 32 calls" in found["compression"]
     assert text_report["levels"]["black-box"]["duplicate_rows"]["status"] == "not applicable"
+
+
+def test_black_box_gets_the_jacobian_by_finite_differences_and_the_report_says_so(text_report) -> None:
+    black = text_report["levels"]["black-box"]
+    found = black["finite_differences"]
+    assert found["status"] == "recovered" and found["spent"]["vjps"] == 0 and found["relative_error"] < 1e-2
+    edits = black["recommended_quota"]["edits"]
+    assert black["recommended_quota"]["flags"]["--black-box-edits"] == "refuse"
+    assert edits["for_zeroth_order_keys"] == "count" and edits["full_jacobian"]["edit_rows"] == found["spent"][
+        "edit_rows"]
+    assert "finite differences" in black["recommended_quota"]["why"]
+    sizes = black["extraction"]["outputs"]["student_size"]
+    assert sizes["token_table"] == text_report["levels"]["dark-gray"]["extraction"]["vjp"]["student_size"][
+        "token_table"] > 0
+    assert black["extraction"]["outputs"]["student_parameters"] == sizes["total"] > sizes["token_table"]
 
 
 def test_a_read_grant_hands_over_the_rows(text_report) -> None:
@@ -52,7 +67,8 @@ def test_a_server_that_refuses_duplicate_rows_is_reported(serve_tiny, tiny_clip,
     found = run_audit(url, config, api_key=KEY, data=text_data, progress=False).data["levels"]["dark-gray"]
     dup = found["duplicate_rows"]
     assert dup["status"] == "refused" and "--duplicate-rows refuse" in dup["stopped"]
-    assert found["extraction"]["spent"]["calls"] == 4  # distinct rows are served as usual
+    # the attack's copies of a text differ by a tiny edit: distinct rows, served as usual
+    assert found["extraction"]["vjp"]["spent"]["calls"] == 4 and found["extraction"]["vjp"]["stopped"] is None
     assert "note" in found["embedding_geometry"]  # no read grant on the server: the geometry is left unscored
     assert "pairwise_cosine_correlation" not in found["embedding_geometry"]
 
@@ -68,7 +84,8 @@ def test_a_server_that_counts_duplicate_rows_is_reported(serve_tiny, text_data) 
     stats = graytune.open_backbone(url, "dark-gray", api_key=KEY).stats()
     assert stats["duplicate_row_batches"] == 1
     # the server's own ledger agrees with the audit's count of what crossed the boundary
-    attacks = [part["spent"] for part in report["levels"]["dark-gray"].values() if isinstance(part, dict)
+    level = report["levels"]["dark-gray"]
+    attacks = [part["spent"] for part in [*level.values(), *level["extraction"].values()] if isinstance(part, dict)
                and "spent" in part]
     assert stats["samples_used"] == sum(a["samples"] for a in attacks) + report["owner_evaluation_samples"]
     assert stats["grad_rows_used"] == sum(a["grad_rows"] for a in attacks)

@@ -16,14 +16,15 @@ def test_writes_json_and_png(tiny_clip, tmp_path, capsys) -> None:
     assert main([*args, "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["data"]["name"] == "fashion-mnist" and printed["modality"] == "image"
-    assert printed["levels"]["black-box"]["extraction"]["spent"]["calls"] == 2
+    assert printed["levels"]["black-box"]["extraction"]["outputs"]["spent"]["calls"] == 2
     assert json.loads((out / "audit.json").read_text())["budget"] == 2
     assert (out / "audit.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(args) == 2  # the files exist
     assert "--overwrite" in capsys.readouterr().err
     assert main([*args, "--overwrite"]) == 0
     text = capsys.readouterr().out
-    assert "black-box:" in text and "recommended quota" in text and "wrote" in text
+    assert "black-box:" in text and "recommended for a key at this level:" in text
+    assert "why: black-box sells outputs" in text and "finite differences:" in text and "wrote" in text
 
 
 @pytest.mark.parametrize(("extra", "message"), [

@@ -1,35 +1,62 @@
-"""The quota rule: 10x below the last checkpoint under 90 % of the backbone's probe accuracy."""
+"""The quota rule: 10x below the last checkpoint under 90 % of the backbone's probe accuracy, in the server's units."""
 
 from __future__ import annotations
 
-from graytune.audit import recommend
-from graytune.audit.report import combine
+from graytune.audit import combine, recommend
+from graytune.audit.students import AttentiveBag, ConvStudent, student_size
 
 
-def _curve(*points: tuple[int, float]) -> list[dict]:  # type: ignore[type-arg]
-    return [{"calls": c, "samples": 32 * c, "grad_rows": 0, "probe_ratio": r} for c, r in points]
+def _curve(*points: tuple[int, float], samples: int = 32, grad_rows: int = 0, edit_rows: int = 0) -> list[dict]:
+    return [{"calls": c, "samples": samples * c, "grad_rows": grad_rows * c, "edit_rows": edit_rows * c,
+             "probe_ratio": r} for c, r in points]
+
+
+def _level(**curves: list[dict]) -> dict:  # type: ignore[type-arg]
+    return {"extraction": {mode: {"checkpoints": curve} for mode, curve in curves.items()},
+            "extraction_quota": {mode: recommend(curve, curve[-1]["calls"]) for mode, curve in curves.items()}}
 
 
 def test_the_quota_stays_ten_times_below_the_crossing() -> None:
     found = recommend(_curve((0, 0.5), (100, 0.8), (200, 0.88), (500, 0.93), (1000, 0.95)), 1000)
     assert found["calls_to_90"] == {"more_than": 200, "at_most": 500}
-    assert found["quota"] == {"calls": 20, "samples": 640, "grad_rows": 0}
+    assert found["quota"] == {"calls": 20, "samples": 640, "grad_rows": 0, "edit_rows": 0}
 
 
-def test_not_reached_and_not_measurable_say_so() -> None:
+def test_not_reached_gives_a_safe_quota_and_not_measurable_none() -> None:
     found = recommend(_curve((0, 0.5), (10, 0.7)), 10)
-    assert found["quota"] == "not reached within the budget" and found["best_probe_ratio"] == 0.7
-    assert "at most a quota of 1 calls" in found["note"]
+    assert not found["reached"] and found["quota"]["calls"] == 1 and found["best_probe_ratio"] == 0.7
+    assert "stayed below 90%" in found["note"]
     assert recommend(_curve((0, 0.95), (10, 0.97)), 10)["quota"] == "not measurable"
-    early = recommend(_curve((0, 0.5), (2, 0.8), (5, 0.95)), 5)
-    assert early["quota"]["calls"] == 0 and "no quota in calls" in early["note"]
 
 
-def test_a_level_inherits_a_lower_levels_smaller_quota() -> None:
-    black = recommend(_curve((0, 0.5), (100, 0.8), (200, 0.95)), 200)
-    dark = recommend(_curve((0, 0.5), (100, 0.8), (200, 0.85)), 200)
-    levels = {"dark-gray": {"extraction_quota": dark}, "black-box": {"extraction_quota": black}}
+def test_the_dark_gray_recommendation_allows_gradients() -> None:
+    """Issue 32: combine copied black-box's quota, grad_rows 0 included, into dark-gray; graytune serve reads
+    --quota-grad-rows 0 as no limit, and read as 'none' it would forbid the level's own operation."""
+    levels = {"dark-gray": _level(vjp=_curve((0, 0.5), (100, 0.8), (200, 0.95), samples=16, grad_rows=16)),
+              "black-box": _level(outputs=_curve((0, 0.5), (100, 0.8), (200, 0.95)),
+                                  differences=_curve((0, 0.5), (50, 0.8), (100, 0.95), edit_rows=32)),
+              "light-gray": _level(vjp=_curve((0, 0.5), (100, 0.8), (200, 0.95), samples=16, grad_rows=16))}
     combine(levels)
-    assert levels["black-box"]["recommended_quota"]["quota"]["calls"] == 10
-    assert levels["dark-gray"]["recommended_quota"]["quota"]["calls"] == 10
-    assert levels["dark-gray"]["recommended_quota"]["from_level"] == "black-box"
+    black, dark, light = (levels[n]["recommended_quota"] for n in ("black-box", "dark-gray", "light-gray"))
+    assert black["flags"] == {"--quota-samples": 160, "--quota-grad-rows": None, "--black-box-edits": None}
+    assert "never set it to 0" in black["grad_rows"]["note"]
+    assert dark["flags"]["--quota-grad-rows"] == 160 > 0  # from the gradient attack, never black-box's 0
+    assert dark["flags"]["--quota-samples"] == 160 and dark["samples"]["from"] == "black-box differences"
+    assert light["flags"] == dark["flags"]
+    for quota in (black, dark, light):
+        assert all(value != 0 for value in quota["flags"].values())
+        assert quota["why"].startswith(("black-box sells", "dark-gray sells", "light-gray sells"))
+
+
+def test_a_crossing_in_the_first_checkpoint_recommends_one_not_zero() -> None:
+    levels = {"dark-gray": _level(vjp=_curve((0, 0.5), (5, 0.95), samples=1, grad_rows=1))}
+    combine(levels)
+    quota = levels["dark-gray"]["recommended_quota"]
+    assert quota["flags"]["--quota-grad-rows"] == 1 and "0 means no limit" in quota["grad_rows"]["note"]
+
+
+def test_a_students_size_counts_its_token_table() -> None:
+    """Issue 32: the text student's token table is a buffer, and the report left it out (738,816 for ~12.5 M)."""
+    size = student_size(AttentiveBag(vocab=1000, dim=32, out=16, positions=20))
+    assert size["token_table"] == 1000 * 32 and size["total"] == size["token_table"] + size["parameters"]
+    assert student_size(ConvStudent(out=16))["token_table"] == 0

@@ -42,12 +42,13 @@ class AuditConfig:
     """Labelled items the linear probes are fitted on (backbone's and surrogate's alike)."""
     probe_test: int = 1000
     """Held-out items the probes are scored on; the surrogate's agreement and cosine are measured on them too."""
-    cotangents: int = 4
+    cotangents: int = 1
     """Dark-gray and up: copies of an item per call, each with its own per-token edit and output cotangent (a VJP
-    per copy), so each item comes back with this many per-token Jacobian products."""
-    fd_edits: int = 3
+    per copy), so each item comes back with this many per-token Jacobian products (1: a distinct item per row,
+    which extracted most per call on MiniLM; docs/exposure.md)."""
+    fd_edits: int = 1
     """Black-box: edited copies of an item per call beside it (an edit at text.token_embeds, no gradient asked),
-    each giving a finite-difference slope of the output along its edit."""
+    each giving a finite-difference slope of the output along its edit (1 extracted most per call on MiniLM)."""
     fd_epsilon: float = 1e-2
     """Black-box: the finite-difference step, the length each token's embedding (or the pixels) moves."""
     steps_per_call: int = 2

@@ -70,7 +70,6 @@ def finite_difference_jacobian(handle: Any, tower: Tower, item: Items, owner: An
             stopped = str(err)
             log.warning("the finite-difference Jacobian stopped after %d calls: %s", meter.calls, err)
             break
-        meter.edit_rows += 2 * len(chunk) if text else 0
         done += len(chunk)
     result: dict[str, Any] = {
         "status": "recovered" if done == columns else ("refused" if stopped and "403" in stopped else "partial"),

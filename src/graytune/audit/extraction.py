@@ -119,7 +119,8 @@ def extract(handle: Any, tower: Tower, data: AuditData, reference: Reference, pr
                 stopped = str(err)
                 log.warning("%s stopped after %d calls: %s", label, meter.calls, err)
                 break
-            _count(meter, tower, probe, answer)
+            if probe.mode == "vjp":  # rows whose gradient came back (edit rows: the exposure record's)
+                meter.grad_rows += len(answer.along)
             learner.outputs.add(*tower.rows(answer.batch, answer.outputs))
             if learner.derivatives is not None and answer.derivative is not None:
                 learner.derivatives.add(*tower.rows(answer.probe_batch, answer.along, answer.derivative))
@@ -155,15 +156,6 @@ def _learner(tower: Tower, probe: Probe, config: AuditConfig) -> Learner:
     outputs = Replay(max(BATCH, (memory - share) // tower.row_bytes("outputs")), config.seed)
     derivatives = Replay(max(JACOBIAN_BATCH, share // tower.row_bytes(probe.mode)), config.seed + 1)
     return Learner(student, optimizers, outputs, derivatives, probe)
-
-
-def _count(meter: CallMeter, tower: Tower, probe: Probe, answer: Any) -> None:
-    """Rows whose gradient came back, and rows of a call that sent an edit at the input port with no gradient
-    asked (finite differences at ``text.token_embeds``; moved pixels are plain inputs, not edits)."""
-    if probe.mode == "vjp":
-        meter.grad_rows += len(answer.along)
-    elif probe.mode == "differences" and isinstance(tower, TextTower):
-        meter.edit_rows += len(answer.outputs) + len(answer.along)
 
 
 @contextlib.contextmanager

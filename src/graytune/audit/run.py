@@ -24,12 +24,14 @@ import torch
 from graytune.access import Handle, open_backbone
 from graytune.audit.config import DEFAULT_DATA, AuditConfig
 from graytune.audit.data import AuditData, load_audit_data
+from graytune.audit.differences import finite_difference_jacobian
 from graytune.audit.extraction import Reference, extract
 from graytune.audit.geometry import PORT, embedding_geometry, read_rows
 from graytune.audit.jacobian import duplicate_row_jacobian
 from graytune.audit.probe import accuracy, linear_probe
-from graytune.audit.report import AuditReport, combine, jsonable, recommend
-from graytune.audit.towers import TextTower, Tower, tower_for
+from graytune.audit.quota import combine, recommend
+from graytune.audit.report import AuditReport, jsonable
+from graytune.audit.towers import Probe, TextTower, Tower, tower_for
 from graytune.errors import AccessDeniedError, InvalidInputError
 from graytune.types import AccessLevel, Op, required_level
 
@@ -38,8 +40,9 @@ Tensor = torch.Tensor
 
 COUNTING = ("one batched forward is one call whatever its batch, and one VJP is one more call (a second request "
             "to a server); samples are rows sent forward, grad_rows rows whose VJP came back (what graytune serve's "
-            "--quota-samples and --quota-grad-rows bound); tokenizing is not counted (the tokenizer is public); the "
-            "owner's evaluation calls are counted apart and never charged to an attack")
+            "--quota-samples and --quota-grad-rows bound), edit_rows rows of a call that added at text.token_embeds "
+            "with no gradient asked (what --black-box-edits is about); tokenizing is not counted (the tokenizer is "
+            "public); the owner's evaluation calls are counted apart and never charged to an attack")
 
 
 def run_audit(backbone: str, config: AuditConfig, *, api_key: str | None = None, data: AuditData | None = None,
@@ -81,11 +84,14 @@ def _run(backbone: str, config: AuditConfig, api_key: str | None, data: AuditDat
     owner = _fresh(attacker_top, backbone, top, attacker_top.grants, extra)
     truth, truth_owner = _truth(backbone, attacker_top, tower, levels, extra)
     reference = _reference(owner, tower, data, config.rows)
+    scorer = _gradient_owner(owner, backbone, extra)
     findings: dict[str, dict[str, Any]] = {}
     for level in levels:
         handle = _fresh(attacker_top, backbone, level, _reads_at(config.reads, level, spec), extra)
-        findings[level.label] = _attack_level(handle, tower, data, reference, owner, truth, config, progress)
+        findings[level.label] = _attack_level(handle, tower, data, reference, scorer or owner, truth, config,
+                                              progress)
     combine(findings)
+    owners = [h for h in {id(h): h for h in (owner, truth_owner, scorer) if h is not None}.values()]
     return AuditReport(jsonable({
         "backbone": backbone, "fingerprint": spec.fingerprint, "served": served, "modality": tower.modality,
         "output": tower.output, "rows_per_call": config.rows, "budget": config.budget, "counting": COUNTING,
@@ -94,9 +100,8 @@ def _run(backbone: str, config: AuditConfig, api_key: str | None, data: AuditDat
                       "probe": "multinomial logistic regression on standardised features (L-BFGS, L2 1e-3)"},
         "levels": findings,
         "total_attack_calls": sum(_calls(f) for f in findings.values()),
-        "owner_evaluation_calls": sum(h.exposure.forward_queries + h.exposure.gradient_queries
-                                      for h in (owner, truth_owner) if h is not None),
-        "owner_evaluation_samples": sum(h.exposure.forward_samples for h in (owner, truth_owner) if h is not None),
+        "owner_evaluation_calls": sum(h.exposure.forward_queries + h.exposure.gradient_queries for h in owners),
+        "owner_evaluation_samples": sum(h.exposure.forward_samples for h in owners),
         "seconds": round(time.monotonic() - started, 1),
         "caveats": _caveats(tower, config),
     }))
@@ -115,9 +120,14 @@ def _attack_level(handle: Handle, tower: Tower, data: AuditData, reference: Refe
                   truth: Any, config: AuditConfig, progress: bool) -> dict[str, Any]:
     level = handle.access
     grad = tower.can_grad(level)
-    found: dict[str, Any] = {"reads": sorted(handle.grants)}
-    found["extraction"] = extract(handle, tower, data, reference, grad, config, progress)
-    found["extraction_quota"] = recommend(found["extraction"]["checkpoints"], config.budget)
+    found: dict[str, Any] = {"reads": sorted(handle.grants), "extraction": {}}
+    for probe in _probes(tower, level, config):
+        found["extraction"][probe.mode] = extract(handle, tower, data, reference, probe, config, progress)
+    found["extraction_quota"] = {mode: recommend(result["checkpoints"], config.budget)
+                                 for mode, result in found["extraction"].items()}
+    if level < AccessLevel.DARK_GRAY:
+        found["finite_differences"] = finite_difference_jacobian(handle, tower, data.test_items[:1], owner,
+                                                                 config.budget, config.fd_epsilon)
     if not grad:
         reason = "no gradient crosses a black-box boundary" if level < AccessLevel.DARK_GRAY else \
             f"{tower.grad_port} takes no add here"
@@ -139,6 +149,19 @@ def _attack_level(handle: Handle, tower: Tower, data: AuditData, reference: Refe
     return found
 
 
+def _probes(tower: Tower, level: AccessLevel, config: AuditConfig) -> list[Probe]:
+    """The extraction attacks a client at ``level`` runs: outputs alone and finite differences at black-box, the
+    per-token VJP attack from dark-gray up (the attacks below it are the lower levels' and are not rerun)."""
+    if level >= AccessLevel.DARK_GRAY and tower.can_grad(level):
+        return [Probe("vjp", config.cotangents)]
+    if level >= AccessLevel.DARK_GRAY:
+        return [Probe("outputs")]
+    probes = [Probe("outputs")]
+    if tower.can_edit(level):
+        probes.append(Probe("differences", config.fd_edits, config.fd_epsilon))
+    return probes
+
+
 def _reads_at(reads: tuple[str, ...], level: AccessLevel, spec: Any) -> list[str]:
     """The granted reads a handle at ``level`` may hold (all of them when the spec is not known yet)."""
     if spec is None:
@@ -153,6 +176,18 @@ def _fresh(top: Handle, backbone: str, level: AccessLevel, reads: Any, extra: di
     if at_level is not None:
         return at_level(level)
     return _open(backbone, level, reads, extra)
+
+
+def _gradient_owner(owner: Handle, backbone: str, extra: dict[str, Any]) -> Handle | None:
+    """The owner's handle for exact Jacobians (scoring the finite differences): ``owner`` from dark-gray up, else
+    one opened at dark-gray, or ``None`` where the server grants none."""
+    if owner.access >= AccessLevel.DARK_GRAY:
+        return owner
+    try:
+        return _open(backbone, AccessLevel.DARK_GRAY, [], extra)
+    except AccessDeniedError:
+        log.info("the server grants no dark-gray handle: the finite-difference Jacobian is left unscored")
+        return None
 
 
 def _truth(backbone: str, top: Handle, tower: Tower, levels: list[AccessLevel],
@@ -181,8 +216,7 @@ def _reference(owner: Handle, tower: Tower, data: AuditData, rows: int) -> Refer
         out = []
         with torch.no_grad():
             for start in range(0, len(items), max(rows, 64)):
-                answer = tower.query(owner, items[start:start + max(rows, 64)], grad=False)
-                out.append(answer.outputs)
+                out.append(tower.forward(owner, tower.prepare(items[start:start + max(rows, 64)])).float())
         return torch.cat(out)
 
     train, test = embed(data.train_items), embed(data.test_items)
@@ -197,13 +231,17 @@ def _read_width(handle: Handle) -> int:
 
 
 def _calls(found: dict[str, Any]) -> int:
-    return sum(part["spent"]["calls"] for part in found.values() if isinstance(part, dict) and "spent" in part)
+    """The calls every attack of one level spent (its extraction curves included)."""
+    parts = [*found.values(), *found.get("extraction", {}).values()]
+    return sum(part["spent"]["calls"] for part in parts if isinstance(part, dict) and "spent" in part)
 
 
 def _caveats(tower: Tower, config: AuditConfig) -> list[str]:
     notes = [
         "a lower bound: these are the attacks this audit runs, with a small student; a stronger student, better "
         "queries or more compute extract more from the same calls",
+        "a level's recommended quota is the lowest among the attacks up to it: a client at a level can run the "
+        "attacks below it (a dark-gray key can spend its samples on outputs alone)",
         f"calls depend on the batch: {config.rows} rows per call here; a server bounds rows per call only through "
         "--max-tokens/--max-pixels, so size quotas in samples and gradient rows as well as calls",
         "the VJP attacks use gradients at the input port only; light-gray entry-port gradients, and reads granted "
@@ -211,6 +249,7 @@ def _caveats(tower: Tower, config: AuditConfig) -> list[str]:
         "the probe measures one task: 90 % of the backbone's probe accuracy there is not 90 % of the backbone",
     ]
     if isinstance(tower, TextTower):
-        notes.append("the text student's Jacobian matching uses the gradient at a shift shared by a row's tokens "
-                     "(the DGA shift); per-token gradients, which the boundary also returns, are left unused")
+        notes.append(f"the text student is a bag of token rows with positions and one attention layer "
+                     f"(about half of MiniLM's size, its token table included), not a copy of the backbone; "
+                     f"per-token edits and VJPs are kept for the first {tower.grad_width} positions of a text")
     return notes

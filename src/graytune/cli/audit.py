@@ -18,10 +18,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "audit", help="run the extraction attacks a client at each access level could run, within a call budget",
         description="Attacks a backbone as a client at each level would, within --budget boundary calls per attack "
-                    "(a batched forward is one call, a VJP one more): a surrogate distilled from outputs (and VJPs "
-                    "from dark-gray up), the token-embedding geometry probe and exact rows under a read grant (text), "
-                    "and the duplicate-row Jacobian. Writes audit.json and audit.png (fidelity against calls per "
-                    "level) with a recommended quota per level. BACKBONE may be a graytune serve URL "
+                    "(a batched forward is one call, a VJP one more): surrogates distilled from outputs and from "
+                    "finite differences along edits without gradients (black-box) and from per-token VJPs (dark-gray "
+                    "up), the finite-difference Jacobian at black-box, the token-embedding geometry probe and exact "
+                    "rows under a read grant (text), and the duplicate-row Jacobian. Writes audit.json and audit.png "
+                    "(fidelity against calls per level) with a recommendation per level in graytune serve's units "
+                    "(--quota-samples, --quota-grad-rows, --black-box-edits). BACKBONE may be a graytune serve URL "
                     "(http://HOST:PORT, key in $GRAYTUNE_API_KEY).")
     p.add_argument("backbone", help="backbone id (minilm, hf-clip:DIR, ...) or http://HOST:PORT of graytune serve")
     docs = field_docs(AuditConfig)
@@ -77,33 +79,49 @@ def _summary(data: dict) -> None:
           f"{data['budget']:,} calls per attack); the backbone's linear probe on {data['data']['name']}: "
           f"{100 * ref['probe_accuracy']:.1f} %")
     for name, level in data["levels"].items():
-        last = level["extraction"]["checkpoints"][-1]
         print(f"{name}:")
-        print(f"  surrogate after {last['calls']:,} calls ({last['samples']:,} samples, {last['grad_rows']:,} gradient "
-              f"rows): probe {100 * last['probe_ratio']:.0f} % of the backbone's, agreement "
-              f"{100 * last['agreement']:.0f} %, held-out cosine {last['cosine']:.3f}, explained variance "
-              f"{last['explained_variance']:.3f}")
-        if level["extraction"].get("stopped"):
-            print(f"  stopped early: {level['extraction']['stopped']}")
-        quota = level["recommended_quota"]
-        if isinstance(quota.get("quota"), dict):
-            q = quota["quota"]
-            origin = f" (set by the {quota['from_level']} attack)" if quota.get("from_level") else ""
-            print(f"  recommended quota{origin}: {q['calls']:,} calls, {q['samples']:,} samples, {q['grad_rows']:,} "
-                  f"gradient rows; 90 % reached within {quota['calls_to_90']['at_most']:,} calls")
-        else:
-            print(f"  recommended quota: {quota['quota']} ({quota.get('note', '')})")
-        dup = level.get("duplicate_rows", {})
-        if dup.get("status") in ("recovered", "partial"):
-            print(f"  duplicate rows: {dup['compression']} (finite-difference error {dup['finite_difference_error']})")
-        elif dup:
-            print(f"  duplicate rows: {dup['status']} ({dup.get('reason') or dup.get('stopped')})")
-        geometry = level.get("embedding_geometry", {})
-        if "pairwise_cosine_correlation" in geometry:
-            print(f"  token-embedding geometry of {geometry['tokens']} tokens in {geometry['spent']['calls']} calls: "
-                  f"pairwise-cosine correlation {geometry['pairwise_cosine_correlation']:.2f}, row error "
-                  f"{geometry['row_error']:.2f}")
-        rows = level.get("exact_rows")
-        if rows:
-            print(f"  read grant: {rows['rows_read']:,} of {rows['vocab']:,} embedding rows in "
-                  f"{rows['spent']['calls']} calls (exact: the grant hands them over)")
+        for mode, extraction in level["extraction"].items():
+            last = extraction["checkpoints"][-1]
+            print(f"  surrogate from {mode} after {last['calls']:,} calls ({last['samples']:,} samples, "
+                  f"{last['grad_rows']:,} gradient rows, {last.get('edit_rows', 0):,} edit rows): probe "
+                  f"{100 * last['probe_ratio']:.0f} % of the backbone's, agreement {100 * last['agreement']:.0f} %, "
+                  f"held-out cosine {last['cosine']:.3f}, explained variance {last['explained_variance']:.3f}")
+            if extraction.get("stopped"):
+                print(f"    stopped early: {extraction['stopped']}")
+        _quota(level["recommended_quota"])
+        _jacobians(level)
+
+
+def _quota(quota: dict) -> None:
+    flags = " ".join(f"{flag} {value}" for flag, value in quota["flags"].items() if value is not None)
+    print(f"  recommended for a key at this level: {flags or 'nothing measurable (see audit.json)'}")
+    for key in ("samples", "grad_rows"):
+        if quota[key].get("note"):
+            print(f"    {key.replace('_', ' ')}: {quota[key]['note']}")
+    print(f"  why: {quota['why']}")
+
+
+def _jacobians(level: dict) -> None:
+    differences = level.get("finite_differences", {})
+    if differences.get("status") in ("recovered", "partial"):
+        error = f", relative error {differences['relative_error']:.1e} against the VJP" \
+            if "relative_error" in differences else ""
+        print(f"  finite differences: {differences['columns']:,} of {differences['columns_needed']:,} Jacobian "
+              f"columns in {differences['spent']['calls']} calls, {differences['spent']['samples']:,} samples, "
+              f"no gradient{error}")
+    elif differences:
+        print(f"  finite differences: {differences['status']} ({differences.get('reason') or differences.get('stopped')})")
+    dup = level.get("duplicate_rows", {})
+    if dup.get("status") in ("recovered", "partial"):
+        print(f"  duplicate rows: {dup['compression']} (finite-difference error {dup['finite_difference_error']})")
+    elif dup:
+        print(f"  duplicate rows: {dup['status']} ({dup.get('reason') or dup.get('stopped')})")
+    geometry = level.get("embedding_geometry", {})
+    if "pairwise_cosine_correlation" in geometry:
+        print(f"  token-embedding geometry of {geometry['tokens']} tokens in {geometry['spent']['calls']} calls: "
+              f"pairwise-cosine correlation {geometry['pairwise_cosine_correlation']:.2f}, row error "
+              f"{geometry['row_error']:.2f}")
+    rows = level.get("exact_rows")
+    if rows:
+        print(f"  read grant: {rows['rows_read']:,} of {rows['vocab']:,} embedding rows in "
+              f"{rows['spent']['calls']} calls (exact: the grant hands them over)")
