@@ -18,7 +18,10 @@ Protocol:
   zeroth-order step, twice ``output``'s 60), so that its gain over ``output`` is read fairly.
 - curves: dga-zo on the text task with SPSA, SPSA-GC and ZIP at the same call budget, validation every
   ``EVAL_EVERY`` steps: accuracy against training calls (SPSA-GC's curves are the ladder's runs).
-- audits: ``graytune audit`` at black-box, dark-gray and light-gray on each task's backbone, 16 rows a call.
+- audits: ``graytune audit`` at black-box, dark-gray and light-gray on each task's backbone, 16 rows a call,
+  with the attacks of issue 32 (``AUDIT_VERSION`` 2: finite differences at black-box, per-token VJPs with
+  several cotangents at dark-gray, quotas in the server's units). Rows of earlier audits stay in the raw
+  file as they were (no ``version``), for docs/exposure.md to say what changed; they are not rerun.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ import logging
 import time
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from graytune.audit import AuditConfig, run_audit
 from graytune.data.catalog import load_splits
@@ -47,6 +52,8 @@ ZO_METHODS = ("dga-zo", "prompt-zo")
 CURVE_ESTIMATORS = ("spsa", "zip")  # spsa-gc: the ladder's dga-zo runs
 STEPS, BATCH, EVAL_EVERY, ZO_FACTOR, ZO_Q = 60, 32, 10, 20, 5
 LEVELS = ("black-box", "dark-gray", "light-gray")
+#: the audit's attacks (issue 32); rows without a version are the earlier audits'
+AUDIT_VERSION = 2
 PARTS = ("ladder", "curves", "audits", "controls")
 
 log = logging.getLogger("exposure")
@@ -158,15 +165,14 @@ def curves(store: Store, seeds: list[int], estimators: list[str]) -> None:
 
 
 def audits(store: Store, budgets: list[int], tasks: list[str], levels: tuple[str, ...] = LEVELS) -> None:
-    for name, backbone, _data, _size in TASKS:
-        if name not in tasks:
-            continue
-        for budget in budgets:
-            if store.find("audits", task=name, budget=budget):
+    for budget in budgets:  # every task at the smaller budget first
+        for name, backbone, _data, _size in TASKS:
+            if name not in tasks or store.find("audits", task=name, budget=budget, version=AUDIT_VERSION):
                 continue
             report = run_audit(backbone, AuditConfig(levels=levels, budget=budget), progress=False)
             log.info("%s audit at %d calls: %.0f s", name, budget, report.data["seconds"])
-            store.add({"task": name, "backbone": backbone, "budget": budget, "report": report.data}, "audits")
+            store.add({"task": name, "backbone": backbone, "budget": budget, "version": AUDIT_VERSION,
+                       "threads": torch.get_num_threads(), "report": report.data}, "audits")
 
 
 def main() -> None:
@@ -180,7 +186,10 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(LADDER), help="ladder methods to run (default: all)")
     parser.add_argument("--estimators", default=",".join(CURVE_ESTIMATORS), help="curves: estimators beside spsa-gc")
     parser.add_argument("--out", default="docs/exposure-raw.json")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     store = Store(Path(args.out))
     seeds = [int(s) for s in args.seeds.split(",")]

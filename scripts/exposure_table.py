@@ -1,7 +1,6 @@
 """Render docs/exposure-raw.json (written by scripts/exposure.py) into docs/exposure.md and its figures.
 
-Run: .venv/bin/python scripts/exposure_table.py [--raw docs/exposure-raw.json] [--doc docs/exposure.md]
-     [--figures docs/figures]
+Run: .venv/bin/python scripts/exposure_table.py [--raw FILE] [--doc FILE] [--figures DIR] [--readme FILE]
 
 The tables replace what lies between ``<!-- generated:NAME -->`` and ``<!-- /generated:NAME -->`` in the
 document and README.md's short ladder (the prose around them is kept); the figures are
@@ -20,6 +19,8 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+AUDIT_VERSION = 2  # scripts/exposure.py's: the audits with issue 32's attacks
+
 SIZE, DPI = (6.4, 4.0), 100
 LEVELS = ("black-box", "dark-gray", "light-gray", "white-box")
 COLOURS = {"black-box": "#222222", "dark-gray": "#1f77b4", "light-gray": "#2ca02c", "white-box": "#d62728"}
@@ -31,9 +32,8 @@ HIDDEN_PORTS = ("input_ids", "attention_mask")  # what every call sends; not an 
 
 def pct(values: list[float]) -> str:
     values = [100.0 * v for v in values]
-    if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+    return f"{values[0]:.1f}" if len(values) == 1 else \
+        f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
 def seeds_word(n: int) -> str:
@@ -74,27 +74,42 @@ def ports(exposure: dict[str, Any]) -> str:
     return "; ".join(out) or "—"
 
 
+def current(raw: dict[str, Any]) -> list[dict[str, Any]]:
+    """The audits with issue 32's attacks (``version`` 2); earlier rows stay in the raw file, unrendered."""
+    return [a for a in raw["audits"] if a.get("version") == AUDIT_VERSION]
+
+
 def audit_at(audits: list[dict[str, Any]], task: str, level: str, calls: int) -> str:
-    """The audit's surrogate fidelity (probe accuracy as a share of the backbone's) at ``calls`` or just below."""
+    """The best surrogate fidelity (probe accuracy as a share of the backbone's) among the attacks a client at
+    ``level`` can run, at ``calls`` or just below, from the largest audit of the task."""
     if level == "white-box":
         return "1 (the module is handed over)"
     audit = largest_audit(audits, task, level)
     if audit is None:
-        return "not run"
-    report = audit["report"]
-    points = [c for c in report["levels"][level]["extraction"]["checkpoints"] if c["calls"] <= calls]
+        return "not audited"
+    points = [(c["probe_ratio"], c["calls"], mode) for name, found in audit["report"]["levels"].items()
+              if LEVELS.index(name) <= LEVELS.index(level) for mode, attack in found["extraction"].items()
+              for c in attack["checkpoints"] if 0 < c["calls"] <= calls]
     if not points:
         return "—"
-    best = points[-1]
-    beyond = " (the audit's whole budget; the run spent more)" if calls > report["budget"] else ""
-    return f"{best['probe_ratio']:.2f} at {best['calls']:,}{beyond}"
+    ratio, at, mode = max(points)
+    beyond = f" (audit budget {audit['budget']:,})" if calls > audit["budget"] else ""
+    return f"{ratio:.2f} at {at:,}, {mode}{beyond}"
 
 
 def largest_audit(audits: list[dict[str, Any]], task: str, level: str) -> dict[str, Any] | None:
-    """The audit of ``task`` with the largest budget that attacked at ``level`` (its checkpoints include the
-    smaller budgets': the same seed sends the same calls), or None."""
+    """The audit of ``task`` at ``level`` with the largest budget (it holds the smaller budgets' checkpoints)."""
     runs = [a for a in audits if a["task"] == task and level in a["report"]["levels"]]
     return max(runs, key=lambda a: a["budget"]) if runs else None
+
+
+def edit_rows(run: dict[str, Any], task: str) -> str:
+    """Rows a black-box run sent with edits at ``text.token_embeds`` and no gradient: its every text row (training,
+    validation, test); paired retrieval sends as many captions as images, so half its rows."""
+    edits = {"add", "insert"} & set(run["exposure"]["ports"].get("text.token_embeds", []))
+    if run["access"] != "black-box" or not edits:
+        return "0" if run["access"] == "black-box" else "—"
+    return f"{run['exposure']['forward_samples'] // (2 if task == 'image-text' else 1):,}"
 
 
 def ladder_table(raw: dict[str, Any], task: str) -> str:
@@ -103,27 +118,22 @@ def ladder_table(raw: dict[str, Any], task: str) -> str:
         return "_not run yet_\n"
     primary = rows[0]["primary"]
     lines = ["| method | access | ports used (ops, widths revealed) | training calls | all forward calls | "
-             f"VJP calls | VJP rows | test {primary} % | audit fidelity at these calls |",
-             "|---|---|---|---:|---:|---:|---:|---:|---|"]
+             f"VJP calls | VJP rows | black-box edit rows | test {primary} % | audit fidelity at these calls |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
     by_method = grouped(rows, "method")
     for method in raw_order(by_method):
         runs = by_method[(method,)]
-        first = runs[0]
-        exposure = first["exposure"]
-        forward = round(mean([r["exposure"]["forward_queries"] for r in runs]))
-        vjp = round(mean([r["exposure"]["gradient_queries"] for r in runs]))
-        vjp_rows = round(mean([r["exposure"].get("gradient_samples", 0) for r in runs]))
+        first, access = runs[0], runs[0]["access"]
+        forward, vjp, vjp_rows = (round(mean([r["exposure"].get(k, 0) for r in runs]))
+                                  for k in ("forward_queries", "gradient_queries", "gradient_samples"))
         train = round(mean([r.get("calls", {}).get("train", 0) for r in runs]))
-        seeds = len(runs)
-        access = first["access"]
-        counts = f"{train:,} | {forward:,} | {vjp:,} | {vjp_rows:,}"
+        used = ports(first["exposure"])
+        counts = f"{train:,} | {forward:,} | {vjp:,} | {vjp_rows:,} | {edit_rows(first, task)}"
         if access == "white-box":  # the client runs its own copy: nothing crosses a boundary
-            used, counts = "the module itself (its weights)", "— | — | — | —"
-        else:
-            used = ports(exposure)
-        seeds_note = "" if seeds == 3 else f" ({seeds_word(seeds)})"
+            used, counts = "the module itself (its weights)", "— | — | — | — | —"
+        seeds_note = "" if len(runs) == 3 else f" ({seeds_word(len(runs))})"
         lines.append(f"| {method} | {access} | {used} | {counts} | {pct([r['test'][primary] for r in runs])}"
-                     f"{seeds_note} | {audit_at(raw['audits'], task, access, forward + vjp)} |")
+                     f"{seeds_note} | {audit_at(current(raw), task, access, forward + vjp)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -132,8 +142,7 @@ def readme_table(raw: dict[str, Any]) -> str:
     by_task = {task: grouped([r for r in raw["ladder"] if r["task"] == task], "method") for task in TITLES}
     methods = raw_order({key: [] for rows in by_task.values() for key in rows})
     lines = ["| method | access | MiniLM WordNet accuracy % | bridge Tux Paint mean recall % | forward calls | "
-             "VJP rows |",
-             "|---|---|---:|---:|---:|---:|"]
+             "VJP rows |", "|---|---|---:|---:|---:|---:|"]
     for method in methods:
         cells, access, forward, rows = [], "", "", ""
         for task, by in by_task.items():
@@ -161,8 +170,7 @@ def raw_order(by_method: dict[tuple, list]) -> list[str]:
 def targets_table(raw: dict[str, Any]) -> str:
     lines = ["| task | output (black-box, 60 steps) | output at dga-zo's steps (control) | dga-zo (black-box) | "
              "DGA (dark-gray) | gap closed | dga-zo calls / DGA calls | beats output (both)? | closes half the gap? | "
-             "seeds |",
-             "|---|---:|---:|---:|---:|---:|---:|---|---|---:|"]
+             "seeds |", "|---|---:|---:|---:|---:|---:|---:|---|---|---:|"]
     for task in TITLES:
         rows = [r for r in raw["ladder"] if r["task"] == task]
         by = grouped(rows, "method")
@@ -224,26 +232,58 @@ def calls_to_table(raw: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def rendered(lines: list[str]) -> str:
+    return "\n".join(lines) + "\n" if len(lines) > 2 else "_not run yet_\n"
+
+
 def audit_table(raw: dict[str, Any]) -> str:
-    lines = ["| task (tower attacked) | budget | level | surrogate probe / backbone's | cosine | agreement | "
-             "recommended quota | duplicate-row Jacobian | geometry (row corr.) | seconds |",
-             "|---|---:|---|---:|---:|---:|---|---|---|---:|"]
-    for audit in sorted(raw["audits"], key=lambda a: (a["task"], a["budget"])):
-        report = audit["report"]
-        for level, found in report["levels"].items():
-            last = found["extraction"]["checkpoints"][-1]
-            quota = found.get("recommended_quota", found.get("extraction_quota", {})).get("quota")
-            quota = f"{quota['calls']:,} calls" if isinstance(quota, dict) else str(quota)
-            dup = found.get("duplicate_rows", {})
-            dup_cell = f"{dup['status']}: {dup.get('rows', 0)} rows in {dup['spent']['calls']} calls" \
-                if "spent" in dup else dup.get("status", "—")
-            geo = found.get("embedding_geometry", {})
-            geo_cell = f"{geo['pairwise_cosine_correlation']:.2f}" if "pairwise_cosine_correlation" in geo else \
-                geo.get("status", "—")
-            lines.append(f"| {audit['task']} ({report['modality']}) | {audit['budget']:,} | {level} | "
-                         f"{last['probe_ratio']:.2f} | {last['cosine']:.2f} | {last['agreement']:.2f} | {quota} | "
-                         f"{dup_cell} | {geo_cell} | {report['seconds']:.0f} |")
-    return "\n".join(lines) + "\n"
+    """Each attack of each audit at the end of its budget: fidelity, and what it spent in the server's units."""
+    lines = ["| task (tower) | budget | level | attack | probe / backbone's | cosine | agreement | samples | VJP rows | "
+             "edit rows | student (numbers) | seconds |", "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for audit, level, found in levels_of(raw):
+        for mode, extraction in found["extraction"].items():
+            last, report = extraction["checkpoints"][-1], audit["report"]
+            lines.append(f"| {audit['task']} ({report['modality']}) | {audit['budget']:,} | {level} | {mode} | "
+                         f"{last['probe_ratio']:.2f} | {last['cosine']:.2f} | {last['agreement']:.2f} | "
+                         f"{last['samples']:,} | {last['grad_rows']:,} | {last['edit_rows']:,} | "
+                         f"{extraction['student_parameters'] / 1e6:.1f} M | {report['seconds']:.0f} |")
+    return rendered(lines)
+
+
+def levels_of(raw: dict[str, Any]) -> list[tuple[dict[str, Any], str, dict[str, Any]]]:
+    return [(a, level, found) for a in sorted(current(raw), key=lambda a: (a["task"], a["budget"]))
+            for level, found in a["report"]["levels"].items()]
+
+
+def quota_table(raw: dict[str, Any]) -> str:
+    """Each level's recommendation in graytune serve's units, and the line saying why the levels differ."""
+    lines = ["| task | budget | level | --quota-samples | --quota-grad-rows | --black-box-edits | why |",
+             "|---|---:|---|---:|---:|---|---|"]
+    for audit, level, found in levels_of(raw):
+        quota = found["recommended_quota"]
+        samples, grad, edits = quota["flags"].values()
+        edits = f"{edits} ({quota['edits']['for_zeroth_order_keys']} for zeroth-order keys)" if edits else "—"
+        lines.append(f"| {audit['task']} | {audit['budget']:,} | {level} | "
+                     f"{'not measurable' if samples is None else f'{samples:,}'} | "
+                     f"{'—' if grad is None else f'{grad:,}'} | {edits} | {quota['why']} |")
+    return rendered(lines)
+
+
+def jacobian_table(raw: dict[str, Any]) -> str:
+    """The whole Jacobians a level hands over: by finite differences (black-box), by duplicate rows (dark-gray)."""
+    lines = ["| task (tower) | budget | level | attack | status | Jacobian shape | calls | samples (edit rows) | VJP "
+             "rows | relative error | geometry (row corr.) |", "|---|---:|---|---|---|---|---:|---:|---:|---:|---:|"]
+    for audit, level, found in levels_of(raw):
+        geometry = found.get("embedding_geometry", {}).get("pairwise_cosine_correlation")
+        geometry = "—" if geometry is None else f"{geometry:.2f}"
+        for name, part in [(n, found[n]) for n in ("finite_differences", "duplicate_rows") if "spent" in found.get(n, {})]:
+            spent, error = part["spent"], part.get("relative_error", part.get("finite_difference_error"))
+            shape = "×".join(map(str, part.get("jacobian_shape", []))) or "—"
+            lines.append(f"| {audit['task']} ({audit['report']['modality']}) | {audit['budget']:,} | {level} | "
+                         f"{name.replace('_', ' ')} | {part['status']} | {shape} | {spent['calls']} | "
+                         f"{spent['samples']:,} ({spent['edit_rows']:,}) | {spent['grad_rows']:,} | "
+                         f"{'—' if error is None else f'{error:.1e}'} | {geometry} |")
+    return rendered(lines)
 
 
 def ladder_figure(raw: dict[str, Any], path: Path) -> None:
@@ -296,26 +336,26 @@ def curves_figure(raw: dict[str, Any], path: Path) -> None:
 
 
 def audit_figure(raw: dict[str, Any], path: Path) -> None:
-    tasks = sorted({a["task"] for a in raw["audits"]})
+    tasks = sorted({a["task"] for a in current(raw)})
     fig = Figure(figsize=(SIZE[0] * max(len(tasks), 1), SIZE[1]), dpi=DPI)
     for i, task in enumerate(tasks):
         ax = fig.add_subplot(1, len(tasks), i + 1)
-        budgets = set()
-        for level in LEVELS:
-            audit = largest_audit(raw["audits"], task, level)
+        titles = set()
+        for level in LEVELS[:-1]:
+            audit = largest_audit(current(raw), task, level)
             if audit is None:
                 continue
-            budgets.add(audit["budget"])
-            backbone, modality = audit["backbone"], audit["report"]["modality"]
-            points = [c for c in audit["report"]["levels"][level]["extraction"]["checkpoints"] if c["calls"] > 0]
-            ax.plot([c["calls"] for c in points], [c["probe_ratio"] for c in points], marker=".",
-                    color=COLOURS[level], label=f"{level} (budget {audit['budget']:,})",
-                    ls="--" if level == "light-gray" else "-")
+            titles.add(f"{audit['backbone']} ({audit['report']['modality']} tower)")
+            for mode, extraction in audit["report"]["levels"][level]["extraction"].items():
+                points = [c for c in extraction["checkpoints"] if c["calls"] > 0]
+                ax.plot([c["calls"] for c in points], [c["probe_ratio"] for c in points], marker=".",
+                        color=COLOURS[level], label=f"{level}: {mode} (budget {audit['budget']:,})",
+                        ls={"differences": "--", "vjp": "-"}.get(mode, ":" if level == "black-box" else "-"))
         ax.axhline(0.9, color="0.5", ls="--", lw=1, label="90 % of the backbone's probe")
         ax.set_xscale("log")
         ax.set_xlabel("attack calls (16 rows each)")
         ax.set_ylabel("surrogate probe accuracy / backbone's")
-        ax.set_title(f"{backbone} ({modality} tower), budgets up to {max(budgets):,}", fontsize=8)
+        ax.set_title(", ".join(sorted(titles)), fontsize=8)
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
@@ -338,24 +378,22 @@ def main() -> None:
     raw = json.loads(Path(args.raw).read_text())
     doc_path = Path(args.doc)
     doc = doc_path.read_text()
-    for task in TITLES:
-        doc = replace(doc, f"ladder-{task}", ladder_table(raw, task))
-    doc = replace(doc, "targets", targets_table(raw))
-    doc = replace(doc, "calls-to-accuracy", calls_to_table(raw))
-    doc = replace(doc, "audits", audit_table(raw))
+    tables = {**{f"ladder-{task}": ladder_table(raw, task) for task in TITLES}, "targets": targets_table(raw),
+              "calls-to-accuracy": calls_to_table(raw), "audits": audit_table(raw),
+              "audit-quotas": quota_table(raw), "audit-jacobians": jacobian_table(raw)}
+    for name, table in tables.items():
+        doc = replace(doc, name, table)
     figures = Path(args.figures)
     figures.mkdir(parents=True, exist_ok=True)
-    ladder_figure(raw, figures / "exposure-ladder.png")
-    curves_figure(raw, figures / "exposure-zo-curves.png")
-    audit_figure(raw, figures / "exposure-audit.png")
+    for draw, name in ((ladder_figure, "ladder"), (curves_figure, "zo-curves"), (audit_figure, "audit")):
+        draw(raw, figures / f"exposure-{name}.png")
     written = {doc_path: doc}
     if args.readme:
         readme = Path(args.readme)
         written[readme] = replace(readme.read_text(), "ladder-readme", readme_table(raw))
     for path, text in written.items():
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+        path.with_suffix(".tmp").write_text(text)
+        path.with_suffix(".tmp").replace(path)
 
 
 if __name__ == "__main__":
