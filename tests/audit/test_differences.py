@@ -99,3 +99,24 @@ def test_finite_difference_slopes_are_jacobian_vector_products(tiny_clip) -> Non
     expected = torch.einsum("eld,kld->ke", jacobian, u)
     error = (answer.derivative - expected).norm() / expected.norm()
     assert error < 5e-2  # forward differences: O(eps)
+
+
+@pytest.mark.parametrize("policy", ["refuse", "count"])
+def test_a_black_box_server_refusing_or_counting_edits_is_reported(serve_tiny, text_data, policy) -> None:
+    from graytune.audit import AuditConfig, run_audit
+    from tests.audit.conftest import KEY
+
+    url = serve_tiny(access="black-box", black_box_edits=policy)
+    config = AuditConfig(levels=("black-box",), budget=30, rows=8, modality="text", probe_train=50, probe_test=50,
+                         steps_per_call=1)
+    level = run_audit(url, config, api_key=KEY, data=text_data, progress=False).data["levels"]["black-box"]
+    found, differences = level["finite_differences"], level["extraction"]["differences"]
+    assert level["extraction"]["outputs"]["stopped"] is None  # forwards without edits are served either way
+    if policy == "refuse":
+        assert found["status"] == "refused" and "black-box-edits" in found["stopped"]
+        assert "black-box-edits" in differences["stopped"] and len(differences["checkpoints"]) <= 2  # the first call
+        assert level["recommended_quota"]["flags"]["--black-box-edits"] == "refuse"
+    else:
+        assert found["status"] == "recovered" and found["spent"]["vjps"] == 0
+        assert "unscored" in found["note"]  # the server lends no dark-gray handle to score against
+        assert found["server_counted"]["black_box_edit_rows"] >= found["spent"]["edit_rows"] > 0
