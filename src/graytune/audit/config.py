@@ -54,7 +54,8 @@ class AuditConfig:
     steps_per_call: int = 2
     """Surrogate updates after each boundary call (and 25 times as many at each checkpoint)."""
     buffer_mb: float = 256.0
-    """Memory for the answers the surrogate learns from, in MiB; past it old answers are replaced at random."""
+    """Memory for the outputs the surrogate learns from, in MiB, and as much again for derivative rows (slopes,
+    VJPs); past it old answers are replaced at random."""
     geometry_tokens: int = 16
     """Tokens whose embedding rows the geometry probe recovers (dark-gray and up, text)."""
     geometry_calls: int = 100

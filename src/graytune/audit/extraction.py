@@ -51,8 +51,6 @@ Tensor = torch.Tensor
 BATCH = 64  # the student's minibatch of outputs
 JACOBIAN_BATCH = 16  # its minibatch of derivative rows (a double backward costs a few forwards)
 POLISH = 25  # extra updates at a checkpoint, per update made after each call
-#: the share of the replay's memory that derivative rows get (they are larger than outputs)
-DERIVATIVE_SHARE = 0.75
 #: answers a server may give that end an attack early, and are themselves a finding (quota, refusal)
 STOPPING = (403, 429)
 ATTACKS = {"outputs": "outputs only (distillation)",
@@ -148,13 +146,11 @@ def _learner(tower: Tower, probe: Probe, config: AuditConfig) -> Learner:
     optimizers: list[Any] = [torch.optim.Adam(student.parameters(), lr=1e-3)]
     if isinstance(student, AttentiveBag):
         optimizers.append(RowAdam(student))
-    memory = int(config.buffer_mb * 2**20)
+    memory = int(config.buffer_mb * 2**20)  # for the outputs, as in every attack, and as much for derivatives
+    outputs = Replay(max(BATCH, memory // tower.row_bytes("outputs")), config.seed)
     if probe.mode == "outputs":
-        return Learner(student, optimizers, Replay(max(BATCH, memory // tower.row_bytes("outputs")), config.seed),
-                       None, probe)
-    share = int(memory * DERIVATIVE_SHARE)
-    outputs = Replay(max(BATCH, (memory - share) // tower.row_bytes("outputs")), config.seed)
-    derivatives = Replay(max(JACOBIAN_BATCH, share // tower.row_bytes(probe.mode)), config.seed + 1)
+        return Learner(student, optimizers, outputs, None, probe)
+    derivatives = Replay(max(JACOBIAN_BATCH, memory // tower.row_bytes(probe.mode)), config.seed + 1)
     return Learner(student, optimizers, outputs, derivatives, probe)
 
 
