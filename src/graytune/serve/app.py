@@ -10,6 +10,8 @@ docs/http-api.md is the reference, ``/docs`` the OpenAPI page):
 - ``POST /v1/forward`` a safetensors request → outputs, and a session id when gradients are wanted;
 - ``POST /v1/vjp`` the outputs' gradients and a session id (or, after 410, the whole forward again)
   → the gradients at the client's tensors;
+- ``POST /v1/generate`` a language model's prompt, edits, token maps and settings → the tokens it generates
+  (streamed as newline-delimited JSON with ``stream``);
 - ``POST /v1/sessions/release`` ``{"session": id}`` release a session the client will not differentiate
   (``DELETE /v1/sessions/{id}`` still works for older clients, but puts the id in URLs and logs);
 - ``/v1/adapters/...`` hosted adapters (see ``graytune.serve.routes.hosted``).
@@ -22,7 +24,7 @@ Messages follow ``graytune.access.wire`` (its version answers on ``/v1/spec`` as
 
 Every request is checked before any compute: key, body size and read deadline, wire format,
 the work it asks for (``graytune.serve.admission``), dtypes, shapes against the spec, finite
-values, level and quotas. Errors come back as ``{"error": kind, "detail": message}`` with a
+values, level, black-box edits (``graytune.serve.edits``) and quotas. Errors come back as ``{"error": kind, "detail": message}`` with a
 4xx (503/504 when busy or past the deadline) and never a stack trace. Health, spec, stats and
 releases run on the event loop and never wait for the backbone (see ``graytune.serve.service``).
 
