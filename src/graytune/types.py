@@ -77,9 +77,12 @@ class Op(str, enum.Enum):
 def required_level(kind: PortKind, op: Op, with_grad: bool) -> AccessLevel:
     """The least access level at which ``op`` is allowed at a port of ``kind`` (DESIGN.md §1).
 
-    At input ports, ``replace``, ``add`` and ``insert`` with no gradient asked are black-box:
-    they reveal nothing a forward on raw inputs does not (what zeroth-order prompt and
-    input-adapter tuning sends). Gradients start at dark-gray; entry ports at light-gray.
+    At input ports, ``replace``, ``add`` and ``insert`` with no gradient asked are black-box (what
+    zeroth-order prompt and input-adapter tuning sends). They are not free of exposure: at
+    ``text.token_embeds`` a batch of ±ε edits gives Jacobian columns by finite differences (DESIGN.md §1;
+    for pixels that is inherent to any black-box API), so the exposure record counts them
+    (``Exposure.black_box_edits``) and a server's owner may count or refuse them (``graytune serve
+    --black-box-edits``). Exact gradients start at dark-gray; entry ports at light-gray.
     ``read`` at input and entry ports reveals weights (for token embeddings, the
     embedding-table rows), so it is never implied by a level: the owner grants
     it per port. This function answers the level part of that rule only.
