@@ -39,3 +39,20 @@ def test_plot_names_what_is_missing(tmp_path, capsys) -> None:
                  "--out", str(tmp_path / "x.png")]) == 2
     assert "unknown validation metric 'accuracy'" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_a_run_without_the_plotted_metric_is_named_not_silently_dropped(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    import json as json_
+
+    retrieval = write_history(tmp_path / "dga")
+    lora = write_history(tmp_path / "lora")
+    lines = [json_.loads(x) for x in (lora / "history.jsonl").read_text().splitlines()]
+    for line in lines:  # a classification run: accuracy, no mean_recall
+        if line["event"] == "val":
+            line.update(metrics={"accuracy": 0.5}, primary="accuracy")
+    (lora / "history.jsonl").write_text("".join(json_.dumps(x) + "\n" for x in lines))
+    assert main(["plot", str(retrieval), str(lora), "--out", str(tmp_path / "p.png")]) == 0
+    out = capsys.readouterr().out
+    assert f"note: {lora} has no mean_recall" in out and "not drawn" in out
+    assert main(["plot", str(retrieval), str(lora), "--out", str(tmp_path / "q.png"), "--json"]) == 0
+    assert json_.loads(capsys.readouterr().out)["not_drawn"] == [str(lora)]

@@ -141,3 +141,27 @@ def test_a_run_without_validation_still_plots_its_loss(tmp_path) -> None:
     assert history.val_steps == [] and history.primary is None and history.best_step is None
     image = pixels(plot_histories([history], tmp_path / "p.png"))
     assert run_colour_mask(image[:, : image.shape[1] // 2]).sum() > 300
+
+
+def test_step_ticks_are_whole_numbers_and_labels_stay_inside_the_frame(tmp_path) -> None:
+    """A short run drew ticks at 2.5, 7.5; the 'best' label of a point at the top right was cut by the frame."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from graytune.eval.plots import _draw
+
+    top_right = {"event": "val", "step": 4, "metrics": {"mean_recall": 0.4}, "primary": "mean_recall", "best": True}
+    run = read_history(write_history(tmp_path / "short", steps=4, every=1, recall=lambda s: 0.1 * s,
+                                     extra=[top_right]))
+    assert run.best_step == 4  # the last and highest point is the one kept
+    figure = _draw([run], "mean_recall")
+    FigureCanvasAgg(figure).draw()
+    loss_ax, val_ax = figure.axes
+    for ax in (loss_ax, val_ax):
+        low, high = ax.get_xlim()
+        ticks = [t for t in ax.get_xticks() if low <= t <= high]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    frame = val_ax.get_window_extent()
+    labels = [t for t in val_ax.texts if t.get_text().startswith("best")]
+    assert len(labels) == 1
+    box = labels[0].get_window_extent()
+    assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1

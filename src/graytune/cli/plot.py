@@ -22,15 +22,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from graytune.eval.plots import plot_histories, read_history
+    from graytune.eval.plots import drawn_metric, plot_histories, read_history, without_metric
 
     runs = [read_history(r) for r in args.runs]
     out = plot_histories(runs, args.out, metric=args.metric, overwrite=args.overwrite)
     summary = [{"run": str(r.path), "steps": len(r.steps), "validations": len(r.val_steps),
                 "last_step": max(r.steps + r.val_steps), "best_step": r.best_step} for r in runs]
+    metric = drawn_metric(runs, args.metric)
+    missing = [str(r.path) for r in without_metric(runs, metric)]
     if args.json:
-        print(json.dumps({"out": str(out), "runs": summary}, sort_keys=True))
+        print(json.dumps({"out": str(out), "runs": summary, "metric": metric, "not_drawn": missing}, sort_keys=True))
         return 0
+    for run in missing:
+        print(f"note: {run} has no {metric} in its validations: its validation curve is not drawn (choose another "
+              "with --metric)")
     print(f"wrote {out}")
     for row in summary:
         best = f", best at step {row['best_step']}" if row["best_step"] is not None else ""

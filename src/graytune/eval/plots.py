@@ -117,7 +117,7 @@ def plot_histories(runs: list[RunHistory], out: str | os.PathLike[str], metric: 
         raise InvalidInputError(f"cannot write {out}: the file name must end in one of {', '.join(FORMATS)}")
     if out.exists() and not overwrite:
         raise InvalidInputError(f"{out} exists; choose another --out or pass --overwrite to replace it")
-    metric = metric or _primary(runs)
+    metric = drawn_metric(runs, metric)
     if metric is not None and not any(metric in r.metric_names for r in runs):
         raise UnknownNameError("validation metric", metric, {m for r in runs for m in r.metric_names},
                                "choose one with --metric")
@@ -127,8 +127,19 @@ def plot_histories(runs: list[RunHistory], out: str | os.PathLike[str], metric: 
     return out
 
 
+def drawn_metric(runs: list[RunHistory], metric: str | None = None) -> str | None:
+    """The validation metric ``plot_histories`` draws: ``metric``, else the one the runs selected on."""
+    return metric or _primary(runs)
+
+
+def without_metric(runs: list[RunHistory], metric: str | None) -> list[RunHistory]:
+    """The runs that have validation lines but none of ``metric`` (left out of the validation panel, and said)."""
+    return [r for r in runs if metric is not None and r.val_steps and metric not in r.metric_names]
+
+
 def _draw(runs: list[RunHistory], metric: str | None):  # -> matplotlib.figure.Figure
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     figure = Figure(figsize=FIGURE_SIZE, dpi=DPI, layout="constrained")
     loss_ax, val_ax = figure.subplots(1, 2)
@@ -142,7 +153,7 @@ def _draw(runs: list[RunHistory], metric: str | None):  # -> matplotlib.figure.F
     if positive and min(positive) > 0 and max(positive) / min(positive) > 50:
         loss_ax.set_yscale("log")
     loss_ax.set(title="training loss", xlabel="step", ylabel="loss")
-    drawn = False
+    drawn, bests = False, []
     for run, label, colour in zip(runs, labels, colours):
         steps, values = run.metric(metric) if metric else ([], [])
         if not steps:
@@ -153,8 +164,12 @@ def _draw(runs: list[RunHistory], metric: str | None):  # -> matplotlib.figure.F
             best = values[steps.index(run.best_step)]
             val_ax.plot([run.best_step], [best], linestyle="none", marker="o", markersize=11,
                         markerfacecolor="none", markeredgecolor=colour, markeredgewidth=2)
-            val_ax.annotate(f"best {best:.3g}", (run.best_step, best), textcoords="offset points",
-                            xytext=(6, 6), fontsize=8, color=colour)
+            bests.append((run.best_step, best, colour))
+    for run in without_metric(runs, metric):  # said in the legend, not silently dropped
+        val_ax.plot([], [], linestyle="none", label=f"{labels[runs.index(run)]}: no {metric}, not drawn")
+    _label_bests(val_ax, bests)
+    for ax in (loss_ax, val_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     if drawn:
         val_ax.set(title=f"validation {metric} (ringed: best, kept)", xlabel="step", ylabel=metric)
     else:
@@ -169,6 +184,20 @@ def _draw(runs: list[RunHistory], metric: str | None):  # -> matplotlib.figure.F
     if title:
         figure.suptitle(title, fontsize=11)
     return figure
+
+
+def _label_bests(ax, bests: list[tuple[int, float, str]]) -> None:  # type: ignore[no-untyped-def]
+    """``best 0.513`` beside each ringed point, on the side that keeps it inside the panel."""
+    if not bests:
+        return
+    ax.margins(y=0.12)  # room above the highest point for its label
+    (left, right), (low, high) = ax.get_xlim(), ax.get_ylim()
+    for step, value, colour in bests:
+        towards_left = step > left + 0.7 * (right - left)
+        below = value > low + 0.8 * (high - low)
+        ax.annotate(f"best {value:.3g}", (step, value), textcoords="offset points", fontsize=8, color=colour,
+                    xytext=(-8 if towards_left else 8, -8 if below else 8), ha="right" if towards_left else "left",
+                    va="top" if below else "bottom")
 
 
 def _primary(runs: list[RunHistory]) -> str | None:
