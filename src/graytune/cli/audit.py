@@ -39,8 +39,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         elif f.name == "modality":
             p.add_argument("--modality", default=f.default, choices=("auto", "text", "image"), help=docs[f.name])
         else:
+            shown = f" (default: {f.default})" if f.default not in ("", None) else ""  # empty: its doc says the default
             p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                           help=f"{docs[f.name]} (default: {f.default})")
+                           help=f"{docs[f.name]}{shown}")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="folder for audit.json and audit.png (default: audit-BACKBONE in the current folder)")
     p.add_argument("--overwrite", action="store_true", help="replace audit.json and audit.png in --out")

@@ -16,7 +16,12 @@ CLIP_SCALE_FLAGS = ("batch", "dtype", "device", "methods", "recompute", "steps",
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="boundary vs plain autograd, memory vs full fine-tuning, remote vs in-process, "
-                                     "language models; --arch: every method at CLIP scale")
+                                     "language models; --arch: every method at CLIP scale",
+                       description="Measure, side by side in one process and interleaved: a training step through "
+                                   "the boundary against the same computation by plain autograd, each method's peak "
+                                   "step memory against full fine-tuning, TransMiter's transfer, graytune.memoize, "
+                                   "the served boundary against in-process, and language models. With --arch, only "
+                                   "the CLIP-scale table of every method on a random-weight CLIP architecture.")
     p.add_argument("--rounds", type=int, default=12, help="timed steps per path, interleaved (default: 12)")
     p.add_argument("--cases", default="minilm,efficientnet-lite0", help="comma-separated boundary cases")
     p.add_argument("--transmiter", action=argparse.BooleanOptionalAction, default=True,

@@ -9,10 +9,14 @@ import json
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from graytune.recipes.arguments import TASKS, add_data_arguments, add_placement_arguments, positive_int
 
-    p = sub.add_parser("eval", help="evaluate a saved adapter on a data set's test split")
-    p.add_argument("--backbone", required=True,
-                   help="the backbone the adapter was trained on: an id, or http://HOST:PORT of a graytune serve "
-                        "(key in $GRAYTUNE_API_KEY)")
+    p = sub.add_parser("eval", help="evaluate a saved adapter on a data set's test split",
+                       description="Score a saved adapter of any method (or, without --adapter, the zero-shot "
+                                   "backbone) on a data set: a built-in set's test split, a file's own test split, "
+                                   "or a file without splits whole. The artifact's config says everything needed "
+                                   "(method, options, access level, backbone, image size).")
+    p.add_argument("--backbone", default=None,
+                   help="an id, or http://HOST:PORT of a graytune serve (key in $GRAYTUNE_API_KEY) (default: the "
+                        "backbone the adapter records; needed without --adapter)")
     p.add_argument("--adapter", default=None, help="folder written by graytune train or transfer (omit for "
                                                    "zero-shot); its config says everything else")
     p.add_argument("--task", choices=TASKS, help="default: the data set's own")
@@ -31,12 +35,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from graytune.artifacts import read_config
+    from graytune.errors import InvalidInputError
     from graytune.methods import MethodKind, get_method
+    from graytune.recipes.arguments import refuse_image_flags
     from graytune.recipes.evaluate import evaluate_saved
 
-    method = get_method(read_config(args.adapter)["method"]) if args.adapter else get_method("zero-shot")
+    refuse_image_flags(args, args.data)  # before anything loads
+    saved = read_config(args.adapter) if args.adapter else None
+    if args.backbone is None:
+        if saved is None or not saved.get("backbone"):
+            raise InvalidInputError("give --backbone: zero-shot (no --adapter) scores a backbone you name" if saved
+                                    is None else f"{args.adapter} records no backbone; give --backbone")
+        args.backbone = saved["backbone"]
+    method = get_method(saved["method"]) if saved else get_method("zero-shot")
     if method.kind is MethodKind.LOGIT:
-        from graytune.errors import InvalidInputError
         from graytune.recipes.transmiter import evaluate_transmiter
 
         loader_flags = args.workers is not None or args.cache_mb is not None
@@ -57,8 +69,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         if result.get("data_note"):
             print(f"note: {result['data_note']}")
-        scored = "whole" if result["split"] == "all" else f"{result['split']} split"
-        print(f"{result['method']} on {result['backbone']}, {result['data']} {scored} ({result['items']} items):")
+        split = result.get("split", "test")  # a logit adapter is scored on the test split
+        scored = "whole" if split == "all" else f"{split} split"
+        items = f" ({result['items']} items)" if "items" in result else ""
+        print(f"{result['method']} on {result['backbone']}, {result['data']} {scored}{items}:")
         from graytune.eval.scale import as_percent, label
 
         for key, value in as_percent(result["test"]).items():

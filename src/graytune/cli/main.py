@@ -17,7 +17,11 @@ SUBCOMMANDS = ("info", "methods", "train", "eval", "generate", "plot", "transfer
 def build_parser() -> argparse.ArgumentParser:
     import importlib
 
+    from graytune.artifact_files import library_version
+
     parser = argparse.ArgumentParser(prog="graytune", description="Adapt foundation models you cannot see inside.")
+    parser.add_argument("--version", action="version", version=f"graytune {library_version()}",
+                        help="print graytune's version (the one every artifact records) and exit")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in SUBCOMMANDS:

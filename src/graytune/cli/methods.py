@@ -7,7 +7,11 @@ import json
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("methods", help="list the adaptation methods: access level, grants, ports, options, lr")
+    p = sub.add_parser("methods", help="list the adaptation methods: access level, grants, ports, options, lr",
+                       description="The table to consult before choosing a method, all of it from the method "
+                                   "registry: the lowest access level each needs, the read grants it asks the owner "
+                                   "for, the ports it touches, its default learning rate, what it trains and its "
+                                   "options (graytune train --option KEY=VALUE) with their defaults.")
     p.add_argument("names", nargs="*", metavar="METHOD", help="only these methods (default: all)")
     p.add_argument("--json", action="store_true", help="print one JSON list")
     p.set_defaults(run=run)
@@ -34,11 +38,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"\n{m.name} ({m.kind.value}): {m.doc}")
         print(f"  trains: {m.trains}")
         print(f"  made by: {m.trained_by}")
-        for o in m.options():
+        options = m.options()
+        shared = {o.name for o in options if sum(other.name == o.name for other in options) > 1}
+        for o in options:  # a key two adapters share is taken only as ADAPTER.KEY: listed so
             default = ",".join(map(str, o.default)) if isinstance(o.default, tuple) else o.default
-            print(f"  --option {o.name + '=' + str(default):<28} {o.type:<16} {o.doc}")
+            key = o.qualified if o.name in shared else o.name
+            print(f"  --option {key + '=' + str(default):<34} {o.type:<16} {o.doc}")
     print("\naccess: the lowest level that runs the method; adapts: the backbones it fits (enc: CLIP-like and "
           "text/image encoders; LM: causal language models, where output adapters are left out); reads: ports "
           "whose values the owner must grant (they reveal weights); lr: the default peak learning rate (--lr "
-          "overrides). Write an option as KEY or ADAPTER.KEY.")
+          "overrides). Write an option as KEY, or as ADAPTER.KEY where two adapters share the key (listed so).")
     return 0

@@ -13,10 +13,13 @@ Example:
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 from graytune.config import field_docs
+from graytune.data.catalog import BUILTIN
 from graytune.data.stream import LoaderConfig
 from graytune.devices import DTYPES, parse_device
 from graytune.errors import InvalidInputError, MissingDependencyError
@@ -28,6 +31,12 @@ from graytune.types import AccessLevel
 
 #: What ``--task`` may name (the data set's own task by default).
 TASKS = ["retrieval", "classification", "sketch", "generation"]
+#: Built-in sets of texts only (a language model's sets too): image flags do nothing on them.
+TEXT_SETS = ("wordnet-supersense", "fortunes", *(name for name, task in BUILTIN.items() if task == "generation"))
+#: Flags that set how images are prepared and decoded, by their ``argparse`` names.
+IMAGE_FLAGS = {"image_size": "--image-size", "workers": "--workers", "cache_mb": "--cache-mb"}
+#: ``--lr``'s help (``TrainConfig.lr``'s doc speaks of None, which is no value to type).
+LR_HELP = "peak learning rate of AdamW"
 #: Help that says more than ``TrainConfig``'s field docs: the call budget's unit, and each estimator as implemented.
 HELP = {
     "max_calls": "stop before a training step would take the forward calls through the boundary past this many, "
@@ -192,9 +201,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=positive_int, default=None,
                    help="image side in pixels (default: the spec's)")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
-    docs = field_docs(TrainConfig)
+    docs = {**field_docs(TrainConfig), "lr": LR_HELP}
     for f in fields(TrainConfig):
-        default = "the method's (graytune methods)" if f.name == "lr" else f.default
+        default = "the method's, graytune methods lists it" if f.name == "lr" else f.default
         shown = "" if f.name in ZO_FIELDS else f" (default: {default})"  # their docs say the estimator's defaults
         p.add_argument("--" + f.name.replace("_", "-"), type=_field_type(f.name), default=None,
                        help=f"{HELP.get(f.name, docs.get(f.name, ''))}{shown}")
@@ -250,11 +259,46 @@ def run_spec(args: argparse.Namespace) -> RunSpec:
         raise InvalidInputError(f"--data {args.data} and {', '.join(given)} both name the data; give --data "
                                 "(its own splits, or a 70/10/20 re-split) or --train FILE [--val FILE] [--test FILE], "
                                 "not both")
+    refuse_image_flags(args, args.data or args.train)
     return RunSpec(args.backbone, args.access, args.method, args.data, args.task, args.out, args.image_size,
                    config, options, args.adapter, files=files, loader=loader_config(args),
                    retry_s=args.retry_s, tensorboard=args.log == "tensorboard", overwrite=args.overwrite,
                    **placement(args))
 
 
-__all__ = ["LIMITS", "TASKS", "TRAINABLE", "add_placement_arguments", "add_train_arguments", "placement", "given_train_fields", "non_negative_float",
-           "non_negative_int", "option_pair", "positive_int", "run_spec"]
+def text_data(source: str | None) -> bool:
+    """Whether ``source`` (a ``--data`` or ``--train`` value) holds texts only: a built-in text set, or a JSONL of
+    prompts and completions (its first row has ``prompt`` or ``messages``)."""
+    if not source:
+        return False
+    name = source.removesuffix(":base-to-novel")
+    if name in BUILTIN:
+        return name in TEXT_SETS
+    path = Path(source)
+    if path.suffix.lower() != ".jsonl" or not path.is_file():
+        return False
+    with open(path, encoding="utf-8-sig", errors="replace") as fh:
+        first = next((line for line in fh if line.strip()), "")
+    try:
+        row = json.loads(first)
+    except json.JSONDecodeError:
+        return False  # the reader names the bad line
+    return isinstance(row, dict) and ("prompt" in row or "messages" in row)
+
+
+def refuse_image_flags(args: argparse.Namespace, source: str | None) -> None:
+    """Refuse ``--image-size``, ``--workers`` and ``--cache-mb`` on data of texts only, where they would do nothing.
+
+    Raises:
+        InvalidInputError: one of them is given and ``source`` holds texts only.
+    """
+    given = [flag for name, flag in IMAGE_FLAGS.items() if getattr(args, name, None) is not None]
+    if given and text_data(source):
+        them = "it" if len(given) == 1 else "them"
+        raise InvalidInputError(f"{', '.join(given)} set how images are prepared and decoded; {source} holds texts "
+                                f"only, so {them} would do nothing: drop {them}")
+
+
+__all__ = ["LIMITS", "TASKS", "TEXT_SETS", "TRAINABLE", "add_placement_arguments", "add_train_arguments", "placement",
+           "given_train_fields", "non_negative_float", "non_negative_int", "option_pair", "positive_int",
+           "refuse_image_flags", "run_spec", "text_data"]
