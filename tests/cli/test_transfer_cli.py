@@ -91,3 +91,41 @@ def test_extract_transfer_plus_round_trip(two_backbones, tmp_path, capsys) -> No
         from graytune.transfer.transmiter import load_transmiter
 
         load_transmiter(tmp_path / "ft")  # a DGA adapter is not a TransMiter one
+
+
+def test_the_chain_prints_tables_and_transmiter_plus_writes_its_history(two_backbones, tmp_path,
+                                                                        capsys) -> None:  # type: ignore[no-untyped-def]
+    """extract printed a raw loss list, transfer and transmiter+ a dict repr, and transmiter+ wrote no history."""
+    weak, strong = two_backbones
+    data = image_folder(tmp_path / "imgs")
+    assert main(["train", "--backbone", weak, "--method", "output", "--data", data, "--out", str(tmp_path / "ft"),
+                 "--max-steps", "1", "--batch-size", "4", "--json"]) == 0
+    capsys.readouterr()
+    assert main(["extract", "--weak", weak, "--adapter", str(tmp_path / "ft"), "--data", data,
+                 "--out", str(tmp_path / "tm"), "--classes", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "extract_loss" in out and "at epoch 1" in out and "[" not in out
+    assert main(["transfer", "--adapter", str(tmp_path / "tm"), "--strong", strong, "--data", data,
+                 "--out", str(tmp_path / "moved")]) == 0
+    out = capsys.readouterr().out
+    assert "test accuracy %" in out and "{" not in out
+    plus = tmp_path / "plus"
+    assert main(["train", "--backbone", strong, "--method", "transmiter+", "--adapter", str(tmp_path / "moved"),
+                 "--data", data, "--out", str(plus), "--shots", "2", "--max-steps", "3", "--batch-size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"transmiter+ on {strong} (black-box)") and "3 steps at lr" in out
+    assert "  test accuracy %" in out and "{" not in out and out.endswith(f"saved to {plus}\n")
+
+    records = [json.loads(line) for line in (plus / "history.jsonl").read_text().splitlines()]
+    assert records[0]["event"] == "run" and records[0]["method"] == "transmiter+"
+    vals = [r for r in records if r["event"] == "val"]
+    assert vals[0]["step"] == 0 and vals[-1]["step"] == 3 and all(r["primary"] == "accuracy" for r in vals)
+    assert [r["step"] for r in records if r["event"] == "step"] == [r["step"] for r in vals[1:]]
+    kept = json.loads((plus / "adapter_config.json").read_text())["plus"]
+    best = [r for r in vals if r["best"]][-1]
+    assert best["epoch"] == kept["epoch"] and best["metrics"]["accuracy"] == pytest.approx(kept["val_accuracy"])
+    assert main(["plot", str(plus), "--out", str(tmp_path / "plus.png")]) == 0  # "made before history" no more
+    capsys.readouterr()
+    assert main(["eval", "--adapter", str(plus), "--data", data]) == 0  # the backbone: the artifact's
+    out = capsys.readouterr().out
+    assert out.startswith(f"transmiter+ on {strong}, {data} test split:") and "  accuracy %" in out

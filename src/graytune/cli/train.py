@@ -95,5 +95,14 @@ def _transmiter_plus(args: argparse.Namespace) -> int:
                                                                   "warmup")})
     result = run_plus(args.adapter, args.backbone, args.data, args.out, args.shots or 16, given.get("seed", 0),
                       args.image_size, config)
-    print(json.dumps(result, sort_keys=True) if args.json else f"saved to {args.out}; test {result['test']}")
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+        return 0
+    best, train = result["best_val"], result["train"]
+    print(f"transmiter+ on {args.backbone} (black-box), {args.data} ({args.shots or 16} labelled per class): "
+          f"{int(best['steps'])} steps at lr {train['lr']:g}; kept pass {int(best['epoch'])}"
+          f"{' (as transferred)' if not best['epoch'] else ''}, val accuracy % {100 * best['val_accuracy']:.2f}")
+    for key, value in as_percent(result["test"]).items():
+        print(f"  test {label(key):<34} {value:8.2f}")
+    print(f"saved to {args.out}")
     return 0

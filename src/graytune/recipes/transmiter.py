@@ -13,11 +13,14 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from graytune.access import Handle, open_backbone
@@ -26,6 +29,7 @@ from graytune.data.catalog import Splits, load_splits
 from graytune.data.images import ImagePreprocess, pixel_cache
 from graytune.errors import ArtifactError, InvalidInputError
 from graytune.eval.classification import split_accuracy
+from graytune.runs import RunLogger, open_logger
 from graytune.transfer.transmiter import (
     BETA,
     ExtractConfig,
@@ -167,12 +171,58 @@ def base_novel_accuracy(scores: Tensor, labels: Tensor, base: tuple[int, ...], n
 
 
 def plus(tm: TransMiter, strong: Handle, queries: QuerySets, seed: int = 0, config: PlusConfig | None = None,
-         progress: bool = True) -> dict[str, float]:
-    """TransMiter+: fine-tune the transferred adapter on the labelled few-shot set, select on val."""
+         progress: bool = True, logger: RunLogger | None = None) -> dict[str, float]:
+    """TransMiter+: fine-tune the transferred adapter on the labelled few-shot set, select on val.
+
+    ``logger`` (``graytune.runs.open_logger``) gets each validation as ``graytune train`` writes them to
+    ``history.jsonl``: a ``step`` record (``loss``: the cross-entropy on the labelled set after the pass) and a
+    ``val`` record (``accuracy``, ``best`` as the selection decides it), the transferred adapter at step 0.
+    """
     config = config or PlusConfig(seed=seed)
-    return tm.finetune(tm.scores(strong, queries.train, progress, "scores train"), queries.train_labels,
-                       tm.scores(strong, queries.val, progress, "scores val"), queries.val_labels, config,
-                       progress=progress)
+    train = tm.scores(strong, queries.train, progress, "scores train")
+    val = tm.scores(strong, queries.val, progress, "scores val")
+    with _recorded(tm, train, queries.train_labels, val, queries.val_labels, logger):
+        return tm.finetune(train, queries.train_labels, val, queries.val_labels, config, progress=progress)
+
+
+@contextlib.contextmanager
+def _recorded(tm: TransMiter, train: Tensor, train_labels: Tensor, val: Tensor, val_labels: Tensor,
+              logger: RunLogger | None) -> Iterator[None]:
+    """While fine-tuning, log each validation ``finetune`` makes (its adapter's forward on ``val``); every other
+    forward of the adapter is an optimizer step."""
+    if logger is None:
+        yield
+        return
+    seen = {"steps": 0, "passes": 0, "best": -1.0, "busy": False}
+
+    def observe(module: torch.nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        if seen["busy"]:
+            return
+        if inputs[0] is not val:
+            seen["steps"] += 1
+            return
+        seen["busy"] = True
+        try:
+            with torch.no_grad():
+                loss = float(F.cross_entropy(tm.adapt(train), train_labels))
+        finally:
+            seen["busy"] = False
+        accuracy = float((output[:, :tm.n_task].argmax(-1) == val_labels).float().mean())
+        best = accuracy > seen["best"]  # the selection's rule: a later pass must do strictly better
+        seen["best"] = max(seen["best"], accuracy)
+        step, epoch = seen["steps"], seen["passes"]
+        if step:
+            logger.log({"event": "step", "step": step, "epoch": epoch, "loss": loss, "train_calls": 0})
+        logger.log({"event": "val", "step": step, "epoch": epoch, "metrics": {"accuracy": accuracy},
+                    "primary": "accuracy", "best": best, "train_loss": loss, "train_calls": 0})
+        seen["passes"] += 1
+
+    hook = tm.adapter.register_forward_hook(observe)
+    try:
+        yield
+    finally:
+        hook.remove()
+        logger.close()
 
 
 # -- the command-line runs: extract, transfer, TransMiter+ -------------------------------------
@@ -269,7 +319,8 @@ def run_plus(adapter: str, backbone: str, data: str, out: str, shots: int | None
     size = image_size or saved.get("image_size")
     px = load_queries(splits, handle, size, shots=shots)
     config = replace(config or PlusConfig(), seed=seed)
-    best = plus(tm, handle, px, config=config)
+    about = {"method": "transmiter+", "data": data, "task": "classification", "backbone": handle.spec.id}
+    best = plus(tm, handle, px, config=config, logger=open_logger(out, about=about))
     metrics = _evaluate(tm, handle, splits, px)
     save_transmiter(tm, out, handle.spec.id, handle.spec.fingerprint,
                     extra={**{k: v for k, v in saved.items() if k in ("transferred_from", "transferred_to")},
