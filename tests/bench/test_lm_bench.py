@@ -69,7 +69,7 @@ def test_plain_autograd_computes_what_the_boundary_computes() -> None:
 def test_every_method_is_measured_with_ratios_to_full_fine_tuning(results: dict) -> None:
     o = results["overhead"]
     assert o["rounds"] == 2 and len(o["boundary_all_s"]) == len(o["plain_all_s"]) == 2
-    assert math.isfinite(o["ratio"]) and o["ratio"] > 0
+    assert all(math.isfinite(o[k]) and o[k] > 0 for k in ("ratio", "min_ratio"))
     (table,) = results["memory"]
     rows = table["rows"]
     assert list(rows) == [*LM_METHODS, NATIVE]
@@ -97,8 +97,12 @@ def test_full_fine_tuning_says_when_it_does_not_fit(monkeypatch: pytest.MonkeyPa
     row = lm.memory_cell(TINY.backbone, "full", TINY.batch, TINY.length)
     assert row["error"].startswith("does not fit: full fine-tuning with AdamW") and "step_peak_mb" not in row
     table = lm._table(TINY, {"full": row, "dga": {"trainable": 64, "step_peak_mb": 1.0}})
-    assert "vs_full" not in table["rows"]["dga"]  # no reference, no ratio
-    assert "does not fit" in "\n".join(lm._table_lines(table))
+    dga = table["rows"]["dga"]
+    assert "vs_full" not in dga  # no measured reference: the ratio is to full fine-tuning's floor, an upper bound
+    assert table["full_floor_mb"] == pytest.approx(4 * row["weights_mb"])
+    assert dga["vs_full_floor"] == pytest.approx((row["weights_mb"] + 1.0) / (4 * row["weights_mb"]))
+    text = "\n".join(lm._table_lines(table))
+    assert "does not fit" in text and "<=" in text and "full fine-tuning did not run" in text
 
 
 def test_a_fresh_process_prints_one_json_line(capsys: pytest.CaptureFixture[str]) -> None:

@@ -81,7 +81,9 @@ def overhead(backbone: str, batch: int, length: int, rounds: int, warmup: int = 
     b, p = statistics.median(times["boundary"]), statistics.median(times["plain"])
     per_round = sorted(x / y for x, y in zip(times["boundary"], times["plain"]))
     quartiles = statistics.quantiles(per_round, n=4) if len(per_round) > 1 else per_round * 3
+    fastest = min(times["boundary"]) / min(times["plain"])  # the rounds least disturbed by other load
     return {"boundary_s": b, "plain_s": p, "ratio": b / p, "round_ratio_quartiles": quartiles, "rounds": rounds,
+            "min_ratio": fastest,
             "warmup": warmup, "tokens": int(tokens["text.attention_mask"].sum()),
             "targets": int((tokens["text.target_ids"] >= 0).sum()),
             "boundary_all_s": times["boundary"], "plain_all_s": times["plain"]}
@@ -195,12 +197,14 @@ def _table(scale: Scale, rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
         if weights is not None and "step_peak_mb" in row:
             row["total_mb"] = weights + row["step_peak_mb"]
     refs = {m: rows.get(m, {}).get("total_mb") for m in ("full", NATIVE)}
+    # full fine-tuning did not run: its floor is weights, gradients and two AdamW moments, no activations
+    floor = 4 * weights if weights is not None and not refs["full"] else None
     for row in rows.values():
-        for ref, total in refs.items():
+        for ref, total in {**refs, "full_floor": floor}.items():
             if "total_mb" in row and total:
                 row[f"vs_{ref}"] = row["total_mb"] / total
     return {**asdict(scale), "label": LABELS.get(scale.backbone, scale.backbone), "weights_mb": weights,
-            "params": sized[0]["params"] if sized else None, "rows": rows}
+            "params": sized[0]["params"] if sized else None, "full_floor_mb": floor, "rows": rows}
 
 
 def format_report(results: dict[str, Any]) -> str:
@@ -230,10 +234,15 @@ def _overhead_lines(o: dict[str, Any]) -> list[str]:
     if "error" in o:
         return [head, f"  failed: {o['error']}"]
     q = o["round_ratio_quartiles"]
-    verdict = "PASS" if o["ratio"] <= OVERHEAD_TARGET else "FAIL"
-    return [head, f"  boundary {o['boundary_s']:.3f} s, plain autograd {o['plain_s']:.3f} s, ratio {o['ratio']:.3f} "
-                  f"(round IQR {q[0]:.2f}-{q[2]:.2f}; medians of {o['rounds']} interleaved rounds) "
-                  f"[{verdict}] target <= {OVERHEAD_TARGET}"]
+    noisy = q[2] - q[0] > 2 * (OVERHEAD_TARGET - 1)  # rounds disagree by more than the target's margin
+    verdict = "noisy" if noisy else "PASS" if o["ratio"] <= OVERHEAD_TARGET else "FAIL"
+    lines = [head, f"  boundary {o['boundary_s']:.3f} s, plain autograd {o['plain_s']:.3f} s, ratio {o['ratio']:.3f} "
+                   f"(round IQR {q[0]:.2f}-{q[2]:.2f}; medians of {o['rounds']} interleaved rounds; fastest rounds' "
+                   f"ratio {o['min_ratio']:.3f}) [{verdict}] target <= {OVERHEAD_TARGET}"]
+    if noisy:
+        lines.append("  the per-round ratios spread wider than the target's margin, so the target is neither met nor "
+                     "missed here (other load on the machine); rerun on a quiet one")
+    return lines
 
 
 def _table_lines(t: dict[str, Any]) -> list[str]:
@@ -241,13 +250,17 @@ def _table_lines(t: dict[str, Any]) -> list[str]:
             "weights not measured")
     lines = [f"memory per method: {t['backbone']} ({t['label']}), {size}; batch {t['batch']} x {t['length']} tokens",
              f"{'method':<11}{'trainable':>14}{'step peak MB':>14}{'total MB':>10}{'/full':>8}{'/native':>9}"]
+    floor = t.get("full_floor_mb")
     for method, row in t["rows"].items():
         if "error" in row:
             lines.append(f"{method:<11}{row.get('trainable', 0):>14,}  {row['error']}")
             continue
+        vs_full = f"<={_num(row['vs_full_floor'], 3)}" if "vs_full_floor" in row else _num(row.get("vs_full"), 3)
         lines.append(f"{method:<11}{row['trainable']:>14,}{row['step_peak_mb']:>14.0f}"
-                     f"{_num(row.get('total_mb'), 0):>10}{_num(row.get('vs_full'), 3):>8}"
-                     f"{_num(row.get('vs_native'), 3):>9}")
+                     f"{_num(row.get('total_mb'), 0):>10}{vs_full:>8}{_num(row.get('vs_native'), 3):>9}")
+    if floor:
+        lines.append(f"full fine-tuning did not run: /full is to its floor, {floor:.0f} MB = 4 x the weights (weights, "
+                     "gradients, two AdamW moments; no activations), so each true ratio is lower")
     return lines
 
 
