@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from graytune.audit import AuditConfig, run_audit
+from graytune.audit.config import ATTACKS
 from graytune.data.catalog import load_splits
 from graytune.methods import get_method
 from graytune.recipes.run import Opened, make_task, open_for, run_once
@@ -164,15 +165,16 @@ def curves(store: Store, seeds: list[int], estimators: list[str]) -> None:
             store.add({**row, "task": name, "backbone": backbone, "data": data}, "curves")
 
 
-def audits(store: Store, budgets: list[int], tasks: list[str], levels: tuple[str, ...] = LEVELS) -> None:
+def audits(store: Store, budgets: list[int], tasks: list[str], levels: tuple[str, ...] = LEVELS,
+           attacks: tuple[str, ...] = ATTACKS) -> None:
     for budget in budgets:  # every task at the smaller budget first
         for name, backbone, _data, _size in TASKS:
             if name not in tasks or store.find("audits", task=name, budget=budget, version=AUDIT_VERSION):
                 continue
-            report = run_audit(backbone, AuditConfig(levels=levels, budget=budget), progress=False)
+            report = run_audit(backbone, AuditConfig(levels=levels, budget=budget, attacks=attacks), progress=False)
             log.info("%s audit at %d calls: %.0f s", name, budget, report.data["seconds"])
             store.add({"task": name, "backbone": backbone, "budget": budget, "version": AUDIT_VERSION,
-                       "threads": torch.get_num_threads(), "report": report.data}, "audits")
+                       "attacks": list(attacks), "threads": torch.get_num_threads(), "report": report.data}, "audits")
 
 
 def main() -> None:
@@ -183,6 +185,8 @@ def main() -> None:
     parser.add_argument("--audit-tasks", default=",".join(t[0] for t in TASKS), help="tasks whose backbone to audit")
     parser.add_argument("--audit-levels", default=",".join(LEVELS),
                         help="levels each audit attacks (light-gray runs dark-gray's attack: its curve is the same)")
+    parser.add_argument("--audit-attacks", default=",".join(ATTACKS),
+                        help="extraction attacks each audit runs (the Jacobian attacks always run)")
     parser.add_argument("--methods", default=",".join(LADDER), help="ladder methods to run (default: all)")
     parser.add_argument("--estimators", default=",".join(CURVE_ESTIMATORS), help="curves: estimators beside spsa-gc")
     parser.add_argument("--out", default="docs/exposure-raw.json")
@@ -204,7 +208,7 @@ def main() -> None:
         curves(store, seeds, args.estimators.split(","))
     if "audits" in parts:
         audits(store, [int(b) for b in args.audit_budgets.split(",")], args.audit_tasks.split(","),
-               tuple(args.audit_levels.split(",")))
+               tuple(args.audit_levels.split(",")), tuple(args.audit_attacks.split(",")))
 
 
 if __name__ == "__main__":

@@ -45,3 +45,16 @@ def test_argparse_refuses_white_box(tiny_clip, capsys) -> None:
     with pytest.raises(SystemExit):
         main(["audit", tiny_clip, "--access", "white-box", "--budget", "5"])
     assert "invalid choice: 'white-box'" in capsys.readouterr().err
+
+
+def test_attacks_can_be_chosen(tiny_clip, tmp_path, capsys) -> None:
+    args = ["audit", tiny_clip, "--access", "black-box", "dark-gray", "--budget", "2", "--rows", "8", "--probe-train",
+            "40", "--probe-test", "40", "--steps-per-call", "1", "--attacks", "outputs", "vjp", "--geometry-calls", "3",
+            "--out", str(tmp_path / "audit"), "--no-progress", "--json"]
+    assert main(args) == 0
+    levels = json.loads(capsys.readouterr().out)["levels"]
+    assert list(levels["black-box"]["extraction"]) == ["outputs"] and list(levels["dark-gray"]["extraction"]) == ["vjp"]
+    assert levels["black-box"]["finite_differences"]["spent"]["vjps"] == 0  # the Jacobian attacks always run
+    with pytest.raises(SystemExit):
+        main([*args[:-1], "--attacks", "gradients"])
+    assert "invalid choice: 'gradients'" in capsys.readouterr().err

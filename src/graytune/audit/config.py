@@ -16,6 +16,8 @@ from graytune.types import AccessLevel
 MAX_BUDGET = 100_000
 #: the most rows one attack call may send (a server's --max-tokens / --max-grad-pixels bound them further)
 MAX_ROWS = 1024
+#: the extraction attacks (graytune.audit.extraction)
+ATTACKS = ("outputs", "differences", "vjp")
 #: what each modality's probe task is when --data is not given
 DEFAULT_DATA = {"text": "wordnet-supersense", "image": "fashion-mnist"}
 
@@ -42,6 +44,9 @@ class AuditConfig:
     """Labelled items the linear probes are fitted on (backbone's and surrogate's alike)."""
     probe_test: int = 1000
     """Held-out items the probes are scored on; the surrogate's agreement and cosine are measured on them too."""
+    attacks: tuple[str, ...] = ("outputs", "differences", "vjp")
+    """Extraction attacks to run where a level allows them: outputs and differences (black-box), vjp (dark-gray
+    and up); the Jacobian, geometry and read attacks always run."""
     cotangents: int = 1
     """Dark-gray and up: copies of an item per call, each with its own per-token edit and output cotangent (a VJP
     per copy), so each item comes back with this many per-token Jacobian products (1: a distinct item per row,
@@ -101,6 +106,9 @@ class AuditConfig:
                                 f"least {per_item} or lower {name}")
         if not 1.0 <= self.buffer_mb <= 65536:
             problems.append(f"--buffer-mb is {self.buffer_mb!r}; give 1 to 65536 MiB")
+        unknown = sorted(set(self.attacks) - set(ATTACKS))
+        if unknown or not self.attacks:
+            problems.append(f"--attacks is {list(self.attacks)!r}; choose one or more of {', '.join(ATTACKS)}")
         if self.modality not in ("auto", "text", "image"):
             problems.append(f"--modality is {self.modality!r}; choose auto, text or image")
         if problems:

@@ -68,10 +68,11 @@ def plot_audit(data: dict[str, Any], path: Path) -> None:
         if rows and rows.get("rows_read"):
             geometry_ax.plot([rows["spent"]["calls"]], [rows["fraction"]], marker="*", markersize=12,
                              linestyle="none", color=colour, label=f"{name} read grant: rows read")
-    first = next(iter(next(iter(data["levels"].values()))["extraction"].values()))
-    untrained = first["checkpoints"][0]["probe_ratio"]
+    curves = [e for level in data["levels"].values() for e in level["extraction"].values()]
+    if curves:
+        ratio_ax.axhline(curves[0]["checkpoints"][0]["probe_ratio"], color="0.6", linestyle=":", linewidth=1,
+                         label="untrained surrogate")
     ratio_ax.axhline(THRESHOLD, color="C3", linestyle="--", linewidth=1, label=f"{THRESHOLD:.0%} of the backbone")
-    ratio_ax.axhline(untrained, color="0.6", linestyle=":", linewidth=1, label="untrained surrogate")
     ratio_ax.set(title="surrogate probe accuracy / backbone's", xlabel="boundary calls", ylabel="ratio")
     cosine_ax.set(title="held-out cosine with the backbone", xlabel="boundary calls", ylabel="cosine")
     geometry_ax.set(title="token-embedding rows", xlabel="boundary calls", ylabel="pairwise-cosine correlation")

@@ -150,16 +150,15 @@ def _attack_level(handle: Handle, tower: Tower, data: AuditData, reference: Refe
 
 
 def _probes(tower: Tower, level: AccessLevel, config: AuditConfig) -> list[Probe]:
-    """The extraction attacks a client at ``level`` runs: outputs alone and finite differences at black-box, the
-    per-token VJP attack from dark-gray up (the attacks below it are the lower levels' and are not rerun)."""
-    if level >= AccessLevel.DARK_GRAY and tower.can_grad(level):
-        return [Probe("vjp", config.cotangents)]
+    """The extraction attacks a client at ``level`` runs (of ``config.attacks``): outputs alone and finite
+    differences at black-box, the per-token VJP attack from dark-gray up (the attacks below it are the lower
+    levels' and are not rerun)."""
     if level >= AccessLevel.DARK_GRAY:
-        return [Probe("outputs")]
-    probes = [Probe("outputs")]
-    if tower.can_edit(level):
-        probes.append(Probe("differences", config.fd_edits, config.fd_epsilon))
-    return probes
+        probes = [Probe("vjp", config.cotangents)] if tower.can_grad(level) else [Probe("outputs")]
+    else:
+        probes = [Probe("outputs")] + ([Probe("differences", config.fd_edits, config.fd_epsilon)]
+                                       if tower.can_edit(level) else [])
+    return [p for p in probes if p.mode in config.attacks]
 
 
 def _reads_at(reads: tuple[str, ...], level: AccessLevel, spec: Any) -> list[str]:

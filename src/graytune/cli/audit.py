@@ -13,7 +13,7 @@ LEVELS = ("black-box", "dark-gray", "light-gray")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from graytune.audit.config import MAX_BUDGET, AuditConfig
+    from graytune.audit.config import ATTACKS, MAX_BUDGET, AuditConfig
 
     p = sub.add_parser(
         "audit", help="run the extraction attacks a client at each access level could run, within a call budget",
@@ -34,6 +34,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         elif f.name == "budget":
             p.add_argument("--budget", type=int, required=True, metavar="CALLS",
                            help=f"{docs[f.name]} At most {MAX_BUDGET:,}.")
+        elif f.name == "attacks":
+            p.add_argument("--attacks", nargs="+", default=f.default, choices=ATTACKS, metavar="ATTACK",
+                           help=f"{docs[f.name]} (default: all)")
         elif f.name == "reads":
             p.add_argument("--reads", nargs="*", default=(), metavar="PORT", help=docs[f.name])
         elif f.name == "modality":
