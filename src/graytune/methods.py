@@ -329,7 +329,7 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            "outputs", 3e-3, (Slot("adalink", "image", if_port=True), Slot("adalink", "text")), shown_in=("bench",),
            backbones=_ALL),
     Method("adalink+output", _TOWER, "AdaLink on the text token embeddings (a read grant) plus output adapters on "
-           "both towers: what graytune called adalink before it followed the paper", 3e-3,
+           "both towers (artifacts saved as adalink before graytune followed the paper load as this)", 3e-3,
            (Slot("adalink", "text"), *_both("dga-output")), shown_in=("demo",)),
     Method("lora", _WHITE, "white-box baseline: LoRA through PEFT on the client's copy of the module", 1e-3,
            (Slot("lora"),), shown_in=_BOTH, backbones=_ALL),

@@ -112,7 +112,7 @@ def test_spec_publishes_the_causal_ports(folders) -> None:  # type: ignore[no-un
     assert (text["max_positions"], text["vocab_size"], text["pad_token_id"], text["eos_token_ids"]) == \
         (CONTEXT, 269, 268, [268])  # no pad token of its own: the end token pads
     assert (text["insert_position"], text["padding_side"], text["chat_template"]) == \
-        ("before the first token", "right", False)
+        ("before the first token", "right", None)  # the template text, or None
     assert "-100" in text["targets"]
     assert "sqrt(D)" in _open(folders["gemma3_text"]).spec.port("text.token_embeds").doc
     assert "sqrt(D)" not in spec.port("text.token_embeds").doc

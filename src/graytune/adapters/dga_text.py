@@ -37,7 +37,7 @@ class DGATextConfig:
     """Train from forward calls alone (graytune train --zo): its tensors ask the boundary for no gradient,
     so it runs at black-box (the methods dga-zo and prompt-zo set it)."""
     gate: str = "none"
-    """``none``: the extra tokens act from the start (as before); ``scalar`` or ``channel``: their effect on
+    """``none``: the extra tokens act from the start; ``scalar`` or ``channel``: their effect on
     the embedding is scaled by a zero-initialised gate (one number, or one per embedding channel), so the
     adapter is the identity at init, for a second backbone call per batch (the method dga-id)."""
     init: str = "auto"

@@ -49,7 +49,7 @@ class LGAConfig:
     by ``tokens`` per layer); ``replace``: each layer's tokens take the places of the previous layer's (VPT-deep, the
     method lga-deep), through the ``<tower>.prompts.k`` ports. Added offsets (CNN layers) are the same under both."""
     gate: str = "none"
-    """``none``: inserted tokens act from the start (as before); ``scalar`` or ``channel``: their effect on the
+    """``none``: inserted tokens act from the start; ``scalar`` or ``channel``: their effect on the
     embedding is scaled by a zero-initialised gate (one number, or one per embedding channel), so the
     adapter is the identity at init, for a second backbone call per batch (the method lga-id)."""
     init: str = "auto"

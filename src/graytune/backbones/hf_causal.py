@@ -42,7 +42,7 @@ from graytune.backbones.dual_encoder import require_tokenizer
 from graytune.backbones.gguf_cache import QWEN, SMOLLM2, PackagedGGUF, dequantised, load_gguf, packaged_gguf, \
     require_gguf
 from graytune.backbones.hf_text import hub_config
-from graytune.backbones.loading import checkpoint_location, file_identity, quiet_loading
+from graytune.backbones.loading import checkpoint_location, file_identity, hub_options, quiet_loading
 from graytune.backbones.ports import text_ports
 from graytune.backbones.registry import BACKBONES
 from graytune.backbones.tokens import PortEdits
@@ -126,8 +126,9 @@ class HFCausal(OneModule):
         config = hub_config("hf-causal", source, where, FAMILIES)
         try:
             with quiet_loading():
-                model = AutoModelForCausalLM.from_pretrained(where, config=config, dtype=torch.float32)
-                tokenizer = AutoTokenizer.from_pretrained(where)
+                model = AutoModelForCausalLM.from_pretrained(where, config=config, dtype=torch.float32,
+                                                             **hub_options())
+                tokenizer = AutoTokenizer.from_pretrained(where, **hub_options())
         except OSError as err:
             raise MissingDependencyError(
                 f"hf-causal: could not load a causal LM and tokenizer from {source!r}: {err}; graytune never "

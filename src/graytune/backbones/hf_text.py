@@ -26,7 +26,9 @@ import torch
 from torch import nn
 
 from graytune.backbones.base import OneModule, freeze, run_layer
-from graytune.backbones.loading import checkpoint_location, file_identity, hub_json, quiet_loading
+from graytune.backbones.loading import (
+    ALLOW_DOWNLOADS, checkpoint_location, file_identity, hub_json, hub_options, quiet_loading,
+)
 from graytune.backbones.ports import text_ports
 from graytune.backbones.registry import BACKBONES
 from graytune.backbones.tokens import PromptSlots, add_delta, masked_mean
@@ -94,11 +96,12 @@ def hub_config(loader: str, source: str, where: str, supported: Collection[str],
 
     try:
         with quiet_loading():
-            config = AutoConfig.from_pretrained(where, subfolder=subfolder)
+            config = AutoConfig.from_pretrained(where, subfolder=subfolder, **hub_options())
     except (OSError, ValueError) as err:
         raise MissingDependencyError(
             f"{loader}: could not read a transformers model config from {source!r}: {err}; graytune never "
-            "downloads on its own: save the model (save_pretrained) with its tokenizer or processor to a folder"
+            "downloads on its own: save the model (save_pretrained) with its tokenizer or processor to a folder, "
+            f"or set {ALLOW_DOWNLOADS}=1 to let transformers fetch a hub id"
         ) from err
     if config.model_type not in supported:
         raise InvalidInputError(
@@ -214,8 +217,8 @@ class HFText(OneModule):
         config = hub_config("hf-text", source, where, FAMILIES, sentence.subfolder)
         try:
             with quiet_loading():
-                model = AutoModel.from_pretrained(where, subfolder=sentence.subfolder, config=config)
-                tokenizer = AutoTokenizer.from_pretrained(where, subfolder=sentence.subfolder)
+                model = AutoModel.from_pretrained(where, subfolder=sentence.subfolder, config=config, **hub_options())
+                tokenizer = AutoTokenizer.from_pretrained(where, subfolder=sentence.subfolder, **hub_options())
         except OSError as err:
             raise MissingDependencyError(
                 f"hf-text: could not load a text encoder and tokenizer from {source!r}: {err}; "

@@ -35,6 +35,7 @@ from graytune.backbones.hf_text import hub_config
 from graytune.backbones.loading import (
     checkpoint_location,
     file_identity,
+    hub_options,
     image_normalisation,
     image_processor_config,
     quiet_loading,
@@ -102,7 +103,8 @@ class HFVision(OneModule):
         config = hub_config("hf-vision", source, where, FAMILIES)
         try:
             with quiet_loading():
-                model, info = AutoModel.from_pretrained(where, config=config, output_loading_info=True)
+                model, info = AutoModel.from_pretrained(where, config=config, output_loading_info=True,
+                                                        **hub_options())
         except OSError as err:
             raise MissingDependencyError(
                 f"hf-vision: could not load an image encoder from {source!r}: {err}; "

@@ -38,8 +38,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             p.add_argument(flag, default=f.default, choices=DUPLICATE_ROWS if f.name == "duplicate_rows"
                            else BLACK_BOX_EDITS, help=f"{docs[f.name]} (default: {f.default})")
         else:
-            p.add_argument(flag, type=type(f.default), default=f.default,
-                           help=f"{docs.get(f.name, '')} (default: {f.default})")
+            shown = f" (default: {f.default})" if f.default != "" else ""  # an empty default is said in the doc
+            p.add_argument(flag, type=type(f.default), default=f.default, help=f"{docs.get(f.name, '')}{shown}")
     p.set_defaults(run=run)
 
 
