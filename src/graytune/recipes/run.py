@@ -148,9 +148,11 @@ def data_label(run: RunSpec) -> str:
 
 def data_settings(run: RunSpec, splits: Splits) -> dict[str, Any]:
     """What a resumed run must share of its data: the name or split files, each file's content hash
-    (``graytune.data.files.content_sha256``; a built-in set is its name), the task, the warm start."""
+    (``graytune.data.files.content_sha256``; a built-in set, or any name that is not a path, is its name),
+    the task, the warm start."""
     sources = [source.removesuffix(":base-to-novel") for source in list(data_files(run).values()) or [run.data]]
-    hashes = {source: content_sha256(source) for source in sources if source not in BUILTIN}
+    hashes = {source: content_sha256(source) for source in sources
+              if source not in BUILTIN and Path(source).exists()}
     return {"data": data_label(run), "data_sha256": hashes, "task": splits.task, "warm_start": run.adapter}
 
 
