@@ -166,12 +166,12 @@ def curves(store: Store, seeds: list[int], estimators: list[str]) -> None:
 
 
 def audits(store: Store, budgets: list[int], tasks: list[str], levels: tuple[str, ...] = LEVELS,
-           attacks: tuple[str, ...] = ATTACKS) -> None:
+           attacks: tuple[str, ...] = ATTACKS, progress: bool = False) -> None:
     for budget in budgets:  # every task at the smaller budget first
         for name, backbone, _data, _size in TASKS:
             if name not in tasks or store.find("audits", task=name, budget=budget, version=AUDIT_VERSION):
                 continue
-            report = run_audit(backbone, AuditConfig(levels=levels, budget=budget, attacks=attacks), progress=False)
+            report = run_audit(backbone, AuditConfig(levels=levels, budget=budget, attacks=attacks), progress=progress)
             log.info("%s audit at %d calls: %.0f s", name, budget, report.data["seconds"])
             store.add({"task": name, "backbone": backbone, "budget": budget, "version": AUDIT_VERSION,
                        "attacks": list(attacks), "threads": torch.get_num_threads(), "report": report.data}, "audits")
@@ -187,6 +187,8 @@ def main() -> None:
                         help="levels each audit attacks (light-gray runs dark-gray's attack: its curve is the same)")
     parser.add_argument("--audit-attacks", default=",".join(ATTACKS),
                         help="extraction attacks each audit runs (the Jacobian attacks always run)")
+    parser.add_argument("--audit-progress", action="store_true",
+                        help="the audit's progress bars on stderr (a long audit's rate and ETA in its log)")
     parser.add_argument("--methods", default=",".join(LADDER), help="ladder methods to run (default: all)")
     parser.add_argument("--estimators", default=",".join(CURVE_ESTIMATORS), help="curves: estimators beside spsa-gc")
     parser.add_argument("--out", default="docs/exposure-raw.json")
@@ -208,7 +210,7 @@ def main() -> None:
         curves(store, seeds, args.estimators.split(","))
     if "audits" in parts:
         audits(store, [int(b) for b in args.audit_budgets.split(",")], args.audit_tasks.split(","),
-               tuple(args.audit_levels.split(",")), tuple(args.audit_attacks.split(",")))
+               tuple(args.audit_levels.split(",")), tuple(args.audit_attacks.split(",")), args.audit_progress)
 
 
 if __name__ == "__main__":
