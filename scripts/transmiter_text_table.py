@@ -1,6 +1,8 @@
 """Render a raw file of scripts/transmiter_text.py: the MiniLM → MPNet TransMiter table (base, novel, HM as
 mean ± std over seeds), the paper's pattern as a hypothesis and whether the numbers hold it, timings, and a
-figure: docs/figures/transmiter-text.png for WordNet, transmiter-text-<data>.png for another text set.
+figure: docs/figures/transmiter-text.png for WordNet, transmiter-text-<data>.png for another text set, with
+``-concrete`` before ``.png`` for a file drawn with the earlier ``concrete`` auxiliary names (so rendering the old
+table does not overwrite the new one's figure).
 
 Run: .venv/bin/python scripts/transmiter_text_table.py [--raw docs/transmiter-text-raw.json]
      [--figures docs/figures] > table.md
@@ -21,7 +23,7 @@ SIZE, DPI = (7.2, 4.6), 100
 KEYS = ("base_accuracy", "novel_accuracy", "harmonic_mean")
 #: the auxiliary-name draws (``graytune.transfer.classes``), as the header names them; a raw file without one: concrete
 DRAWN = {"balanced": "drawn equally from WordNet's noun categories, the task's own categories left out",
-         "concrete": "drawn from five concrete categories, on WordNet mostly the base classes' own"}
+         "concrete": "drawn uniformly from five concrete WordNet categories: animal, artifact, food, object, plant"}
 #: data set -> (what it is, what one test item is); the study's text sets
 DATA = {"wordnet-supersense": ("WordNet supersenses", "glosses"), "fortunes": ("Debian fortunes by topic", "quotes")}
 
@@ -32,9 +34,15 @@ def data_of(raw: dict[str, Any]) -> tuple[str, str, str]:
     return (name, *DATA.get(name, (name, "texts")))
 
 
+def draw_of(raw: dict[str, Any]) -> str:
+    """How the auxiliary names were drawn; a raw file that predates the field was drawn ``concrete``."""
+    return raw["protocol"].get("aux_draw", "concrete")
+
+
 def figure_name(raw: dict[str, Any]) -> str:
     name = data_of(raw)[0]
-    return "transmiter-text.png" if name == "wordnet-supersense" else f"transmiter-text-{name}.png"
+    stem = "transmiter-text" if name == "wordnet-supersense" else f"transmiter-text-{name}"
+    return stem + ("-concrete" if draw_of(raw) == "concrete" else "") + ".png"
 
 
 def labels(protocol: dict[str, Any], sizes: dict[str, Any]) -> dict[str, str]:
@@ -121,15 +129,40 @@ def table(raw: dict[str, Any]) -> list[str]:
     return lines
 
 
+def provenance(raw: dict[str, Any]) -> list[str]:
+    """Which rows were copied from a raw file drawn otherwise (``--reuse``), and which rows this file lacks."""
+    lines = []
+    reused = raw.get("reused")
+    if reused:
+        keys = sorted({k for rows in reused["rows"].values() for k in rows})
+        gaps = reused.get("teacher_gap", {})
+        gap = max(gaps.values(), default=None)
+        teacher = ("" if gap is None else " The teacher, trained again in this run (seeds "
+                   f"{', '.join(sorted(gaps))}), " + ("gives its copied row's metrics exactly." if gap == 0 else
+                                                      f"differs from its copied row by up to {100 * gap:.2f} points."))
+        lines.append(f"Copied from `{reused['from']}` (drawn `{reused['aux_draw']}`), because they score no "
+                     f"auxiliary name: {', '.join(f'`{k}`' for k in keys)}.{teacher}")
+    present = {k for rows in raw["seeds"].values() for k in rows}
+    names = labels(raw["protocol"], raw.get("sizes", {}))
+    missing = [name.replace("**", "") for key, name in names.items() if key not in present]
+    if missing:
+        lines.append(f"Not in this raw file (not run with this draw): {'; '.join(missing)}.")
+    return lines
+
+
 def timings(raw: dict[str, Any]) -> str:
     def avg(key: str, field: str) -> str:
         xs = [rows[key][field] for rows in raw["seeds"].values() if key in rows and field in rows[key]]
         return f"{statistics.mean(xs):.1f}" if xs else "–"
 
     threads = raw.get("torch_threads", "?")
+    copied = {k for rows in raw.get("reused", {}).get("rows", {}).values() for k in rows}
+    fine_tuning = (f"fine-tuning MiniLM {avg('weak_ft', 'train_s')} s, MPNet {avg('strong_ft', 'train_s')} s")
+    if {"weak_ft", "strong_ft"} & copied:
+        fine_tuning += f" (copied rows: the times of `{raw['reused']['from']}`)"
     return (f"Per seed (mean): extraction {avg('tm', 'extract_s')} s, basis change {avg('tm', 'transfer_s')} s, "
-            f"TransMiter+ {avg('tm_plus', 'plus_s')} s; fine-tuning MiniLM {avg('weak_ft', 'train_s')} s, MPNet "
-            f"{avg('strong_ft', 'train_s')} s ({threads} torch thread{'' if threads == 1 else 's'}).")
+            f"TransMiter+ {avg('tm_plus', 'plus_s')} s ({threads} torch thread{'' if threads == 1 else 's'}); "
+            f"{fine_tuning}.")
 
 
 def figure(raw: dict[str, Any], path: Path) -> Path:
@@ -157,7 +190,7 @@ def figure(raw: dict[str, Any], path: Path) -> Path:
     ax.legend(fontsize=7, loc="best")
     ax.grid(True, axis="x", alpha=0.3)
     ax.set_title(f"TransMiter, MiniLM → all-mpnet-base-v2\n{data_of(raw)[1]} base-to-novel, seeds "
-                 f"{', '.join(raw['seeds'])}: mean ± std", fontsize=8)
+                 f"{', '.join(raw['seeds'])}: mean ± std; auxiliary names drawn {draw_of(raw)}", fontsize=8)
     fig.savefig(path, dpi=DPI, metadata={"Software": None})  # no version stamp: regenerating changes nothing
     return path
 
@@ -173,9 +206,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"Weak {raw['weak']} → strong all-mpnet-base-v2 (model.safetensors SHA-256 {raw['strong_sha256'][:12]}…), "
           f"{raw['data']}: {sizes.get('test', '?')} test {items}; unlabeled pool: the training {items}, labels "
           f"unused; M = {p['classes']} classes (task + WordNet auxiliary nouns, "
-          f"{DRAWN[p.get('aux_draw', 'concrete')]}); "
+          f"{DRAWN[draw_of(raw)]}); "
           f"extraction {p['extract_epochs']} "
           f"epochs of batch 128, logit noise one coin per {p['noise_per']}; seeds {', '.join(raw['seeds'])}.\n")
+    if notes := provenance(raw):
+        print("\n\n".join(notes) + "\n")
     print("\n".join(hypothesis(raw)) + "\n")
     print("\n".join(table(raw)) + "\n")
     print(timings(raw))
