@@ -15,7 +15,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Clients open it with graytune.open_backbone('http://HOST:PORT', api_key=...) "
                                    "or --backbone http://HOST:PORT (key in $GRAYTUNE_API_KEY). Other clients: the "
                                    "routes are described at http://HOST:PORT/docs (OpenAPI) and in "
-                                   "docs/http-api.md.")
+                                   "docs/http-api.md. Refused and failed requests (401, 403, 413, 429, 5xx) are "
+                                   "logged by client name; graytune -v serve logs every request.")
     p.add_argument("backbone", help="backbone id, e.g. minilm or bridge:efficientnet-lite0+minilm")
     p.add_argument("--api-keys", required=True, metavar="FILE",
                    help="lines of 'client-name secret-key' (keys of at least 16 characters)")
@@ -44,22 +45,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from graytune.serve.config import ServeConfig
-
-    from graytune.serve.config import ApiKeys
+    from graytune.serve.config import ApiKeys, ServeConfig
 
     values = {f.name: getattr(args, f.name) for f in fields(ServeConfig)}
     config = ServeConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-    ApiKeys.load(args.api_keys)  # a bad key file fails before anything starts or prints
+    keys = ApiKeys.load(args.api_keys)  # a bad key file fails before anything starts or prints
     if args.ray:
         from graytune.serve.ray_app import serve_on_ray
 
         serve_on_ray(args.backbone, config, args.api_keys, replicas=args.ray)
         return 0
-    from graytune.serve.runner import serve_forever
+    from graytune.serve.runner import serve_forever, start
 
+    started = start(args.backbone, config, keys)  # binds the port and checks every option: the banner comes after
     edits = f"; black-box edits: {config.black_box_edits}" if config.access == "black-box" else ""
-    print(f"graytune serve: {args.backbone} at {config.access} on http://{config.host}:{config.port}"
-          f" ({config.device}, {config.dtype}{', recompute' if config.recompute else ''}{edits})", flush=True)
-    serve_forever(args.backbone, config, args.api_keys)
+    workers = f", {config.workers} workers" if config.workers > 1 else ""
+    print(f"graytune serve: {args.backbone} at {config.access} on {started.url} ({started.device}, {started.dtype}"
+          f"{', recompute' if config.recompute else ''}{workers}{edits})", flush=True)
+    serve_forever(started, access_log=getattr(args, "verbose", False))
     return 0

@@ -25,7 +25,8 @@ Messages follow ``graytune.access.wire`` (its version answers on ``/v1/spec`` as
 Every request is checked before any compute: key, body size and read deadline, wire format,
 the work it asks for (``graytune.serve.admission``), dtypes, shapes against the spec, finite
 values, level, black-box edits (``graytune.serve.edits``) and quotas. Errors come back as ``{"error": kind, "detail": message}`` with a
-4xx (503/504 when busy or past the deadline) and never a stack trace. Health, spec, stats and
+4xx (503/504 when busy or past the deadline) and never a stack trace; each is logged by client name
+(``graytune.serve.requestlog``). Health, spec, stats and
 releases run on the event loop and never wait for the backbone (see ``graytune.serve.service``).
 
 Example:
@@ -45,6 +46,7 @@ from fastapi import FastAPI
 from graytune.access import LocalHandle
 from graytune.serve.admission import HTTPProblem
 from graytune.serve.config import ApiKeys, ServeConfig
+from graytune.serve.requestlog import RequestLog
 from graytune.serve.responses import WIRE_MEDIA, answer, install_error_handlers
 from graytune.serve.routes import boundary, info
 from graytune.serve.service import Service
@@ -61,6 +63,7 @@ def create_app(handle: LocalHandle, config: ServeConfig, keys: ApiKeys, extra: C
     app.state.service = service
     app.state.on_close = [service.close]  # what to stop when the app shuts down (e.g. the adapter batcher)
     install_error_handlers(app)
+    app.add_middleware(RequestLog, verify=keys.client)  # refused and failed requests, by client name
     app.include_router(info.router)
     app.include_router(boundary.router)
     if extra is not None:

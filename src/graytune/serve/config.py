@@ -8,14 +8,17 @@ Example:
 from __future__ import annotations
 
 import hmac
+import logging
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from graytune.errors import InvalidInputError
 from graytune.serve.ledger import QuotaExceeded
 
-__all__ = ["BLACK_BOX_EDITS", "DUPLICATE_ROWS", "ApiKeys", "QuotaExceeded", "ServeConfig"]
+__all__ = ["BLACK_BOX_EDITS", "DUPLICATE_ROWS", "ApiKeys", "QuotaExceeded", "ServeConfig", "warn_if_readable"]
+log = logging.getLogger(__name__)
 
 #: the values of ``ServeConfig.duplicate_rows`` (``--duplicate-rows``)
 DUPLICATE_ROWS = ("allow", "count", "refuse")
@@ -138,6 +141,19 @@ class ServeConfig:
     (glibc's M_MMAP_THRESHOLD; 0: glibc's own threshold, which rises to 32 MiB and then keeps freed tensors)."""
 
 
+_WARNED: set[Path] = set()  # key files already warned about in this process
+
+
+def warn_if_readable(file: Path) -> None:
+    """Log a warning when a key file's mode lets its group or others read or write it (POSIX only)."""
+    mode = stat.S_IMODE(file.stat().st_mode)
+    if os.name != "posix" or not mode & 0o077 or file.resolve() in _WARNED:
+        return
+    _WARNED.add(file.resolve())
+    log.warning("API key file %s has mode %04o: other users of this machine can read or change the keys; "
+                "run chmod 600 %s", file, mode, file)
+
+
 class ApiKeys:
     """Client names by API key; keys are compared in constant time."""
 
@@ -153,11 +169,14 @@ class ApiKeys:
         self.names = frozenset(keys)
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> ApiKeys:
-        """Read ``client-name secret-key`` lines (``#`` starts a comment)."""
+    def load(cls, path: str | os.PathLike[str], check_mode: bool = True) -> ApiKeys:
+        """Read ``client-name secret-key`` lines (``#`` starts a comment); with ``check_mode``, warn (once per file
+        and process) when the file is readable by its group or others."""
         file = Path(path)
         if not file.is_file():
             raise InvalidInputError(f"API key file {file} does not exist; write lines of 'client-name secret-key'")
+        if check_mode:
+            warn_if_readable(file)
         keys: dict[str, str] = {}
         for number, line in enumerate(file.read_text().splitlines(), 1):
             words = line.split("#", 1)[0].split()

@@ -38,6 +38,7 @@ from graytune.access.wire import Message
 from graytune.serve.admission import busy, check_texts, check_work, too_large, tokens_of
 from graytune.serve.edits import note_edits, refuse_edits
 from graytune.serve.ledger import Charge
+from graytune.serve.requestlog import log_request
 from graytune.serve.responses import problem_of
 from graytune.serve.service import Service
 from graytune.types import Exposure, GenerationSettings
@@ -156,11 +157,11 @@ def streamed(service: Service, client: str, job: GenerationJob, charge: Charge, 
 
     task = asyncio.ensure_future(run_generation(service, client, job, charge, until, on_texts))
     task.add_done_callback(finished)
-    return _lines(service, task, lines, gone)
+    return _lines(service, client, task, lines, gone)
 
 
-async def _lines(service: Service, task: asyncio.Future[Generated], lines: asyncio.Queue[list[str] | None],
-                 gone: threading.Event) -> AsyncIterator[bytes]:
+async def _lines(service: Service, client: str, task: asyncio.Future[Generated],
+                 lines: asyncio.Queue[list[str] | None], gone: threading.Event) -> AsyncIterator[bytes]:
     try:
         while (texts := await lines.get()) is not None:
             yield stream_line({"texts": texts})
@@ -168,6 +169,8 @@ async def _lines(service: Service, task: asyncio.Future[Generated], lines: async
             yield generated_line(task.result())
         except Exception as err:  # the answer's status went out already: the error is its last line
             problem = problem_of(err, service)
+            log_request(client, "POST", "/v1/generate", problem.status, f"{problem.kind}: {problem.detail} "
+                        "(streamed: the answer's last line)")
             yield stream_line({"error": problem.kind, "detail": problem.detail, "status": problem.status})
     finally:
         gone.set()  # a client that went away stops the decoding at its next token

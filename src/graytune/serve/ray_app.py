@@ -30,7 +30,7 @@ class GraytuneReplica:
         from graytune.serve.runner import build_app
 
         config = ServeConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in self.settings.items()})
-        return build_app(self.backbone_id, config, ApiKeys.load(self.keys_file))
+        return build_app(self.backbone_id, config, ApiKeys.load(self.keys_file, check_mode=False))
 
 
 def ray_application(backbone_id: str, config: ServeConfig, keys_file: str, replicas: int = 2,

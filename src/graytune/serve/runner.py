@@ -8,15 +8,19 @@ Example:
 from __future__ import annotations
 
 import json
+import logging
 import os
+import socket
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import uvicorn
+from uvicorn.supervisors import Multiprocess
 
+from graytune.devices import dtype_name
 from graytune.errors import InvalidInputError, RemoteError
 from graytune.serve.app import create_app
 from graytune.serve.config import ApiKeys, ServeConfig
@@ -80,26 +84,86 @@ def build_app(backbone_id: str, config: ServeConfig, keys: ApiKeys) -> Any:
 
 def app_from_env() -> Any:
     """uvicorn's factory for worker processes: the app described by ``$GRAYTUNE_SERVE`` (JSON)."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     settings = json.loads(os.environ[ENV_VAR])
     config = ServeConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings["config"].items()})
     tame_allocator(config.malloc_arenas, config.malloc_mmap_kb)
-    keys = ApiKeys.load(settings["keys"])
+    keys = ApiKeys.load(settings["keys"], check_mode=False)  # the parent warned about the file's mode
     configure(config, keys.client)
     return build_app(settings["backbone"], config, keys)
 
 
-def serve_forever(backbone_id: str, config: ServeConfig, keys_file: str) -> None:
-    """Run the service in the foreground (``graytune serve``); workers share the quota ledger, not sessions.
+def listen(host: str, port: int) -> socket.socket:
+    """A socket listening on ``host:port``; a taken port or an unknown host raises an error that says what to do."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        sock = socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as err:
+        reason = os.strerror(err.errno) if err.errno else str(err)
+        raise InvalidInputError(f"cannot listen on {host}:{port} ({reason}); stop what holds that "
+                                "port, or choose another with --port (or another interface with --host)") from None
+    sock.set_inheritable(True)  # worker processes serve on it too
+    return sock
+
+
+@dataclass
+class Started:
+    """A service ready to run: its port bound, its app built and every option checked (``start``)."""
+
+    backbone_id: str
+    config: ServeConfig
+    keys: ApiKeys
+    sock: socket.socket
+    app: Any  # the app to serve; ``None`` with workers, which build their own
+    device: str  # where the backbone runs, resolved (``cpu``, ``cuda:0``)
+    dtype: str  # its precision (``fp32``, ``bf16``, ``fp16``)
+
+    @property
+    def url(self) -> str:
+        host, port = self.sock.getsockname()[:2]
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def start(backbone_id: str, config: ServeConfig, keys: ApiKeys) -> Started:
+    """Bind the port, then build the service, checking every option, for ``serve_forever``.
 
     The allocator is bounded first (``graytune.serve.memory``), before the backbone loads and threads start.
+    With several workers the app is built here once to check the options, then let go: each worker builds its own.
     """
-    tame_allocator(config.malloc_arenas, config.malloc_mmap_kb)
-    keys = ApiKeys.load(keys_file)
-    options = dict(host=config.host, port=config.port, log_level="info",
+    sock = listen(config.host, config.port)
+    try:
+        tame_allocator(config.malloc_arenas, config.malloc_mmap_kb)
+        app = build_app(backbone_id, config, keys)
+        handle = app.state.service.handle
+        device, dtype = str(handle.device), dtype_name(handle.dtype)
+        if config.workers > 1:
+            for close in reversed(app.state.on_close):
+                close()
+            app = None
+    except BaseException:
+        sock.close()
+        raise
+    return Started(backbone_id, config, keys, sock, app, device, dtype)
+
+
+def serve_forever(started: Started, access_log: bool = False) -> None:
+    """Run a started service in the foreground (``graytune serve``); workers share the quota ledger, not sessions.
+
+    ``access_log`` logs every request (uvicorn's log, ``graytune -v serve``); refused and failed requests are
+    logged either way (``graytune.serve.requestlog``).
+    """
+    config, keys = started.config, started.keys
+    options = dict(log_level="info" if access_log else "warning",
                    **uvicorn_options(config, importable=config.workers > 1, verify=keys.client))
     if config.workers > 1:
-        os.environ[ENV_VAR] = json.dumps({"backbone": backbone_id, "config": asdict(config),
-                                          "keys": str(Path(keys_file).resolve())})
-        uvicorn.run("graytune.serve.runner:app_from_env", factory=True, workers=config.workers, **options)
+        assert keys.source is not None, "workers read the key file"
+        os.environ[ENV_VAR] = json.dumps({"backbone": started.backbone_id, "config": asdict(config),
+                                          "keys": str(keys.source)})
+        settings = uvicorn.Config("graytune.serve.runner:app_from_env", factory=True, workers=config.workers,
+                                  **options)
+        Multiprocess(settings, sockets=[started.sock]).run()
     else:
-        uvicorn.run(build_app(backbone_id, config, keys), **options)
+        server = uvicorn.Server(uvicorn.Config(started.app, **options))
+        server.run(sockets=[started.sock])
+        if not server.started:
+            raise RemoteError(0, "start", "the server did not start; its log above says why")
