@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import graytune
 from graytune.audit import AuditConfig, run_audit
@@ -59,6 +60,21 @@ def test_the_geometry_probe_learns_rows_through_vjps(text_report) -> None:
     assert curve[-1]["output_error"] < curve[0]["output_error"]
     assert -1.0 <= geometry["pairwise_cosine_correlation"] <= 1.0 and geometry["row_error"] >= 0
     assert text_report["levels"]["black-box"]["embedding_geometry"]["status"] == "not applicable"
+
+
+def test_the_recommended_dark_gray_quota_allows_gradients(text_report, serve_tiny) -> None:
+    """Issue 32: the recommendation copied black-box's --quota-grad-rows 0 into dark-gray. Applied to a server,
+    a level's quota must let its own operation through: one call of the audit's rows forward, and its VJP."""
+    flags = text_report["levels"]["dark-gray"]["recommended_quota"]["flags"]
+    rows = text_report["rows_per_call"]
+    width = text_report["levels"]["dark-gray"]["duplicate_rows"]["jacobian_shape"][2]
+    assert flags["--quota-grad-rows"] >= rows and flags["--quota-samples"] >= rows
+    url = serve_tiny(quota_samples=flags["--quota-samples"], quota_grad_rows=flags["--quota-grad-rows"])
+    remote = graytune.open_backbone(url, "dark-gray", api_key=KEY)
+    shift = torch.zeros(1, 1, width, requires_grad=True)
+    texts = [f"row {i}" for i in range(rows)]
+    remote.forward({"text": texts}, add={"text.token_embeds": shift})["text.embeds"].sum().backward()
+    assert shift.grad is not None and remote.stats()["grad_rows_used"] == rows
 
 
 def test_a_server_that_refuses_duplicate_rows_is_reported(serve_tiny, tiny_clip, text_data) -> None:

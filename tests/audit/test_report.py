@@ -48,11 +48,26 @@ def test_the_dark_gray_recommendation_allows_gradients() -> None:
         assert quota["why"].startswith(("black-box sells", "dark-gray sells", "light-gray sells"))
 
 
-def test_a_crossing_in_the_first_checkpoint_recommends_one_not_zero() -> None:
-    levels = {"dark-gray": _level(vjp=_curve((0, 0.5), (5, 0.95), samples=1, grad_rows=1))}
-    combine(levels)
+def test_a_crossing_in_the_first_checkpoint_still_lets_one_call_through() -> None:
+    """The rule gives 0 here; 0 means no limit to a server, and 1 row (the old floor) refuses every 16-row VJP."""
+    levels = {"dark-gray": _level(vjp=_curve((0, 0.5), (5, 0.95), samples=16, grad_rows=16))}
+    combine(levels, rows_per_call=16)
     quota = levels["dark-gray"]["recommended_quota"]
-    assert quota["flags"]["--quota-grad-rows"] == 1 and "0 means no limit" in quota["grad_rows"]["note"]
+    assert quota["flags"]["--quota-grad-rows"] == quota["flags"]["--quota-samples"] == 16
+    assert "the least that lets the level's own operation through" in quota["grad_rows"]["note"]
+    assert "0 means no limit" in quota["grad_rows"]["note"]
+
+
+def test_each_level_says_why_its_quota_differs_from_the_level_below() -> None:
+    levels = {"black-box": _level(outputs=_curve((0, 0.5), (100, 0.8), (200, 0.95), samples=16)),
+              "dark-gray": _level(vjp=_curve((0, 0.5), (50, 0.8), (100, 0.95), samples=8, grad_rows=8))}
+    combine(levels, rows_per_call=16)
+    black, dark = (levels[n]["recommended_quota"] for n in ("black-box", "dark-gray"))
+    assert black["flags"]["--quota-samples"] == 160 and dark["flags"]["--quota-samples"] == 40
+    assert black["why"].count("\n") == dark["why"].count("\n") == 0
+    assert "so --quota-samples 160 (from black-box outputs)" in black["why"]
+    assert "black-box's is 160: this level's attack reached 90 % on fewer samples" in dark["why"]
+    assert "--quota-grad-rows 40 (from dark-gray vjp" in dark["why"]
 
 
 def test_a_students_size_counts_its_token_table() -> None:

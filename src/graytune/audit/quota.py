@@ -10,14 +10,17 @@ may allow more).
 Per level (``combine``): a client at a level can run every attack of the levels below it, so
 ``--quota-samples`` is the lowest among the attacks up to the level; ``--quota-grad-rows`` comes from the
 gradient attacks only (a sample quota already bounds forward-only attacks), and exists from dark-gray up:
-at black-box the level itself refuses gradients. No recommended value is ever 0, which graytune serve
-reads as *no limit*; where the rule would give 0, the recommendation is 1 and a note says that no quota
-of that kind protects the level at this batch. Edits at the token embeddings without gradients are a
-black-box capability (``--black-box-edits``): the recommendation names what the finite-difference attacks
-got from them.
+at black-box the level itself refuses gradients. No recommended value forbids a level's own operation:
+never 0 (which graytune serve reads as *no limit*), and never below one call's rows (a server refuses a
+request that would pass a budget, so a quota of 1 row forbids every 16-row forward or VJP); where the rule
+gives less, the recommendation is one call's rows and a note says that no quota of that kind protects the
+level at this batch. Edits at the token embeddings without gradients are a black-box capability
+(``--black-box-edits``): the recommendation names what the finite-difference attacks got from them. Each
+level's ``why`` is one line: what the level sells, what its attacks reached, and where its quota comes from
+beside the level below's.
 
 Example:
-    >>> combine(levels)          # adds levels[name]["recommended_quota"]
+    >>> combine(levels, rows_per_call=16)          # adds levels[name]["recommended_quota"]
     >>> levels["dark-gray"]["recommended_quota"]["flags"]
     {'--quota-samples': 800, '--quota-grad-rows': 320, '--black-box-edits': None}
 """
@@ -32,6 +35,7 @@ THRESHOLD = 0.9  # of the backbone's probe accuracy
 MARGIN = 10  # how far below the crossing the quota stays
 KEYS = ("calls", "samples", "grad_rows", "edit_rows")
 GRADIENT_MODES = ("vjp",)
+PAST = {"refuse": "refused", "count": "counted", "allow": "allowed"}  # --black-box-edits, as the why line says it
 
 
 def recommend(checkpoints: list[dict[str, Any]], budget: int) -> dict[str, Any]:
@@ -63,50 +67,64 @@ def recommend(checkpoints: list[dict[str, Any]], budget: int) -> dict[str, Any]:
     return result
 
 
-def combine(levels: dict[str, dict[str, Any]]) -> None:
-    """Give each level its recommendation (``recommended_quota``) from the attacks up to it."""
+def combine(levels: dict[str, dict[str, Any]], rows_per_call: int = 1) -> None:
+    """Give each level its recommendation (``recommended_quota``) from the attacks up to it.
+
+    Args:
+        levels: the audit's findings per level name (``extraction``, ``extraction_quota``, the Jacobian attacks).
+        rows_per_call: the rows of one attack call: the least quota that lets one call of a level's own
+            operation (a forward, a VJP, an edited forward) through.
+    """
     ordered = sorted(levels, key=lambda name: AccessLevel.parse(name))
+    below: tuple[str, dict[str, Any]] | None = None
     for i, name in enumerate(ordered):
         available = [(lower, mode, found) for lower in ordered[:i + 1]
                      for mode, found in levels[lower].get("extraction_quota", {}).items()]
-        levels[name]["recommended_quota"] = _recommendation(name, available, levels)
+        quota = _recommendation(name, available, levels, max(1, rows_per_call))
+        quota["why"] = why(name, levels, quota, below)
+        levels[name]["recommended_quota"] = quota
+        below = (name, quota)
 
 
 Available = list[tuple[str, str, dict[str, Any]]]  # (level, attack mode, recommend() of its curve)
 
 
-def _recommendation(name: str, available: Available, levels: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def _recommendation(name: str, available: Available, levels: dict[str, dict[str, Any]],
+                    floor: int) -> dict[str, Any]:
     level = AccessLevel.parse(name)
-    samples = _lowest(available, "samples")
-    calls = _lowest(available, "calls")
+    samples = _lowest(available, "samples", floor)
+    calls = _lowest(available, "calls", 1)
     if level < AccessLevel.DARK_GRAY:
         grad = {"value": None, "note": "a black-box key gets no gradient (the level refuses VJPs), so "
                                        "--quota-grad-rows does not apply; never set it to 0, which means no limit"}
     else:
-        grad = _lowest([a for a in available if a[1] in GRADIENT_MODES], "grad_rows")
-    edits = _edits(name, levels)
+        grad = _lowest([a for a in available if a[1] in GRADIENT_MODES], "grad_rows", floor)
+    edits = _edits(name, levels, floor)
     flags = {"--quota-samples": samples["value"], "--quota-grad-rows": grad["value"],
              "--black-box-edits": edits.get("policy")}
-    return {"flags": flags, "calls": calls, "samples": samples, "grad_rows": grad, "edits": edits,
-            "why": why(name, levels)}
+    return {"flags": flags, "calls": calls, "samples": samples, "grad_rows": grad, "edits": edits}
 
 
-def _lowest(available: Available, key: str) -> dict[str, Any]:
-    """The lowest ``key`` quota among the measurable attacks, never 0 (graytune serve reads 0 as no limit)."""
+def _lowest(available: Available, key: str, floor: int) -> dict[str, Any]:
+    """The lowest ``key`` quota among the measurable attacks, never below ``floor`` (one call's rows): a server
+    reads 0 as no limit and refuses a request that would pass a budget, so less forbids the level's own calls."""
     measured = [(found["quota"][key], lower, mode) for lower, mode, found in available
                 if isinstance(found.get("quota"), dict)]
     if not measured:
         return {"value": None, "note": "not measurable on this probe task: no attack's curve gives a quota; size it "
                                        "from the deployment's needs"}
     value, lower, mode = min(measured)
-    out: dict[str, Any] = {"value": max(1, value), "from": f"{lower} {mode}"}
-    if value == 0:
-        out["note"] = (f"the {lower} {mode} attack crossed 90 % within its first checkpoint: no {key} quota protects "
-                       "this level at this batch size (1 is the least a server can set: 0 means no limit)")
+    out: dict[str, Any] = {"value": max(floor, value), "from": f"{lower} {mode}"}
+    if value < floor:
+        unit = "call" if key == "calls" else f"call's {floor:,} rows"
+        out["note"] = (f"the rule gives {value:,} (the {lower} {mode} attack crossed 90 % within its first "
+                       f"checkpoints): no {key.replace('_', ' ')} quota protects this level at this batch size; "
+                       f"{max(floor, value):,} is one {unit}, the least that lets the level's own operation through "
+                       "(0 means no limit to a server)")
     return out
 
 
-def _edits(name: str, levels: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def _edits(name: str, levels: dict[str, dict[str, Any]], floor: int = 1) -> dict[str, Any]:
     """What edits without gradients gave the black-box attacks, and the policy that follows."""
     if AccessLevel.parse(name) >= AccessLevel.DARK_GRAY:
         return {"policy": None, "note": "edits with gradients are this level's own operation"}
@@ -118,16 +136,18 @@ def _edits(name: str, levels: dict[str, dict[str, Any]]) -> dict[str, Any]:
     quota = found.get("extraction_quota", {}).get("differences", {}).get("quota")
     rows = quota["edit_rows"] if isinstance(quota, dict) else None
     return {"policy": "refuse", "for_zeroth_order_keys": "count",
-            "edit_rows": max(1, rows) if rows is not None else None,
+            "edit_rows": max(floor, rows) if rows is not None else None,
             "full_jacobian": {k: jacobian.get(k) for k in ("status", "relative_error")} | {
                 "edit_rows": jacobian["spent"]["edit_rows"], "calls": jacobian["spent"]["calls"]},
             "note": ("edits at the token embeddings without gradients give Jacobian columns by finite differences: "
-                     "refuse them for keys that do not train zeroth-order input adapters; count them (and bound their "
-                     "rows with --quota-samples) for keys that do")}
+                     "refuse them on a server whose keys do not train zeroth-order input adapters; count them where "
+                     "one does (dga-zo, prompt-zo), bound their rows with --quota-samples (every edited row is a "
+                     "sample) and watch black_box_edit_rows on /v1/stats against edit_rows")}
 
 
-def why(name: str, levels: dict[str, dict[str, Any]]) -> str:
-    """One line: what this level's attacks got, beside the level below."""
+def why(name: str, levels: dict[str, dict[str, Any]], quota: dict[str, Any] | None = None,
+        below: tuple[str, dict[str, Any]] | None = None) -> str:
+    """One line: what this level sells, what its attacks got, and where its quota comes from beside ``below``'s."""
     found = levels[name]
     parts = [f"{mode}: {_crossing(found['extraction'][mode], found['extraction_quota'][mode])}"
              for mode in found.get("extraction", {})]
@@ -146,7 +166,32 @@ def why(name: str, levels: dict[str, dict[str, Any]]) -> str:
             AccessLevel.DARK_GRAY: "exact VJPs at the input port (per token or pixel) on top of what black-box gives",
             AccessLevel.LIGHT_GRAY: "gradients at entry ports too (this audit's attacks use the input port's only, "
                                     "so its curves are dark-gray's)"}[level]
-    return f"{name} sells {what}; " + "; ".join(parts)
+    line = f"{name} sells {what}; " + "; ".join(parts)
+    return line + (f"; so {_quota_reason(quota, below)}" if quota else "")
+
+
+def _quota_reason(quota: dict[str, Any], below: tuple[str, dict[str, Any]] | None) -> str:
+    """Where the level's flags come from, and how they differ from the level below's."""
+    samples, grad = quota["samples"], quota["grad_rows"]
+    if samples["value"] is None:
+        reason = "--quota-samples is not measurable here"
+    else:
+        reason = f"--quota-samples {samples['value']:,} (from {samples['from']}"
+        if below is not None and below[1]["samples"]["value"] is not None:
+            lower, previous = below[0], below[1]["samples"]["value"]
+            if samples["value"] < previous:
+                reason += f"; {lower}'s is {previous:,}: this level's attack reached 90 % on fewer samples"
+            elif samples["from"].startswith(lower) or samples["value"] == previous:
+                reason += f", as at {lower}: this level's own attacks extract no more per sample"
+        reason += ")"
+    if grad["value"] is not None:
+        reason += (f" and --quota-grad-rows {grad['value']:,} (from {grad['from']}; gradients are this level's own "
+                   "operation)")
+    edits = quota["edits"]
+    if edits.get("policy"):
+        reason += (f", edits without gradients {PAST[edits['policy']]} ({PAST[edits['for_zeroth_order_keys']]} on a "
+                   "server whose keys train zeroth-order input adapters)")
+    return reason
 
 
 def _crossing(extraction: dict[str, Any], quota: dict[str, Any]) -> str:

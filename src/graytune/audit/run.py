@@ -90,7 +90,7 @@ def _run(backbone: str, config: AuditConfig, api_key: str | None, data: AuditDat
         handle = _fresh(attacker_top, backbone, level, _reads_at(config.reads, level, spec), extra)
         findings[level.label] = _attack_level(handle, tower, data, reference, scorer or owner, truth, config,
                                               progress)
-    combine(findings)
+    combine(findings, config.rows)
     owners = [h for h in {id(h): h for h in (owner, truth_owner, scorer) if h is not None}.values()]
     return AuditReport(jsonable({
         "backbone": backbone, "fingerprint": spec.fingerprint, "served": served, "modality": tower.modality,

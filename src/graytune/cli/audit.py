@@ -102,6 +102,12 @@ def _quota(quota: dict) -> None:
     for key in ("samples", "grad_rows"):
         if quota[key].get("note"):
             print(f"    {key.replace('_', ' ')}: {quota[key]['note']}")
+    edits = quota["edits"]
+    if edits.get("policy"):
+        watch = f" (the differences attack's quota: {edits['edit_rows']:,})" if edits.get("edit_rows") else ""
+        print(f"    edits: --black-box-edits {edits['policy']} where no key trains zeroth-order input adapters; "
+              f"{edits['for_zeroth_order_keys']} where one does (dga-zo, prompt-zo), and watch each key's "
+              f"black_box_edit_rows on /v1/stats{watch}")
     print(f"  why: {quota['why']}")
 
 
