@@ -129,3 +129,23 @@ def test_the_chain_prints_tables_and_transmiter_plus_writes_its_history(two_back
     assert main(["eval", "--adapter", str(plus), "--data", data]) == 0  # the backbone: the artifact's
     out = capsys.readouterr().out
     assert out.startswith(f"transmiter+ on {strong}, {data} test split:") and "  accuracy %" in out
+
+
+def test_extract_aux_draw_takes_effect_and_is_recorded(two_backbones, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    weak, _ = two_backbones
+    data = image_folder(tmp_path / "imgs")
+    assert main(["train", "--backbone", weak, "--method", "output", "--data", data, "--out", str(tmp_path / "ft"),
+                 "--max-steps", "1", "--batch-size", "4", "--json"]) == 0
+    drawn = {}
+    for draw in ("balanced", "concrete"):
+        assert main(["extract", "--weak", weak, "--adapter", str(tmp_path / "ft"), "--data", data,
+                     "--out", str(tmp_path / draw), "--classes", "40", "--aux-draw", draw, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["aux_draw"] == draw
+        config = json.loads((tmp_path / draw / "adapter_config.json").read_text())
+        assert config["aux_draw"] == draw and config["classes"][:3] == ["ant", "bee", "cow"]
+        drawn[draw] = config["classes"][3:]
+    assert drawn["balanced"] != drawn["concrete"]  # the flag changes the names drawn, same seed
+    with pytest.raises(SystemExit) as refused:
+        main(["extract", "--weak", weak, "--adapter", str(tmp_path / "ft"), "--data", data,
+              "--out", str(tmp_path / "x"), "--aux-draw", "uniform"])
+    assert refused.value.code == 2 and "balanced" in capsys.readouterr().err

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from graytune.transfer.classes import DEFAULT_DRAW, DRAWS
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from graytune.recipes.arguments import non_negative_float, non_negative_int, positive_int
@@ -21,6 +23,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--out", required=True, help="folder for the TransMiter adapter (with its class list)")
     e.add_argument("--classes", type=positive_int, default=1024,
                    help="M: task plus auxiliary classes (default: 1024)")
+    e.add_argument("--aux-draw", choices=DRAWS, default=DEFAULT_DRAW,
+                   help="how the auxiliary class names are drawn from WordNet's nouns: balanced (equally from "
+                        "its noun categories, the task's own left out; the paper's sampling) or concrete (from "
+                        f"five concrete categories, the draw before issue 32) (default: {DEFAULT_DRAW})")
     e.add_argument("--image-size", type=positive_int, default=None,
                    help="image side in pixels for image sets (default: the weak backbone's); refused for texts")
     e.add_argument("--seed", type=non_negative_int, default=0,
@@ -79,7 +85,8 @@ def run_extract(args: argparse.Namespace) -> int:
     from graytune.recipes.transmiter import run_extract as extract
 
     prepare_out(args.out, args.overwrite)  # never deletes what graytune did not write
-    _print(extract(args.weak, args.adapter, args.data, args.out, args.classes, args.seed, args.image_size), args.json)
+    _print(extract(args.weak, args.adapter, args.data, args.out, args.classes, args.seed, args.image_size,
+                   args.aux_draw), args.json)
     return 0
 
 

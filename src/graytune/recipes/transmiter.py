@@ -30,6 +30,7 @@ from graytune.data.images import ImagePreprocess, pixel_cache
 from graytune.errors import ArtifactError, InvalidInputError
 from graytune.eval.classification import split_accuracy
 from graytune.runs import RunLogger, open_logger
+from graytune.transfer.classes import DEFAULT_DRAW
 from graytune.transfer.transmiter import (
     BETA,
     ExtractConfig,
@@ -255,22 +256,25 @@ def _load_for(adapter: str, backbone_id: str, hint: str = "") -> tuple[TransMite
 
 
 def run_extract(weak_id: str, weak_adapter: str, data: str, out: str, classes: int = 1024, seed: int = 0,
-                image_size: int | None = None) -> dict[str, Any]:
-    """Extract a TransMiter from a saved weak adapter, on the training images or texts with labels unused; save it."""
+                image_size: int | None = None, aux_draw: str = DEFAULT_DRAW) -> dict[str, Any]:
+    """Extract a TransMiter from a saved weak adapter, on the training images or texts with labels unused; save it.
+    ``aux_draw``: how the auxiliary names are drawn (``graytune.transfer.classes.DRAWS``)."""
     splits = load_splits(data)
     weak = open_backbone(weak_id, access="black-box")
     px = load_queries(splits, weak, image_size)  # a set the backbone's towers cannot score is refused first
     saved = read_config(weak_adapter)
     fine_tuned = load_adapter(weak_adapter, open_backbone(weak_id, access=saved["access"],
                                                           reads=saved.get("reads", ())))
-    tm = TransMiter.create(list(splits.train.class_names), total=classes, seed=seed, prompt=splits.prompt)
+    tm = TransMiter.create(list(splits.train.class_names), total=classes, seed=seed, prompt=splits.prompt,
+                          aux_draw=aux_draw)
     teacher = tm.scores(fine_tuned, px.unlabeled, progress=True, desc="teacher scores")[:, :tm.n_task]
     weak_scores = tm.scores(weak, px.unlabeled, progress=True, desc="weak scores")
     history = tm.extract(weak_scores, teacher, ExtractConfig(seed=seed))
     save_transmiter(tm, out, weak.spec.id, weak.spec.fingerprint,
                     extra={"source_adapter": str(weak_adapter), "data": data, "image_size": image_size,
-                           "queries": query_modality(splits), "extract_loss": history})
-    return {"out": out, "classes": len(tm.classes), "task_classes": tm.n_task, "extract_loss": history}
+                           "queries": query_modality(splits), "extract_loss": history, "aux_draw": aux_draw})
+    return {"out": out, "classes": len(tm.classes), "task_classes": tm.n_task, "aux_draw": aux_draw,
+            "extract_loss": history}
 
 
 def run_transfer(adapter: str, strong_id: str, data: str, out: str, beta: float = BETA,
