@@ -10,6 +10,7 @@ document and README.md's short ladder (the prose around them is kept); the figur
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import re
 import statistics
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
+
+from graytune.audit import combine
 
 AUDIT_VERSION = 2  # scripts/exposure.py's: the audits with issue 32's attacks
 
@@ -75,26 +78,50 @@ def ports(exposure: dict[str, Any]) -> str:
 
 
 def current(raw: dict[str, Any]) -> list[dict[str, Any]]:
-    """The audits with issue 32's attacks (``version`` 2); earlier rows stay in the raw file, unrendered."""
-    return [a for a in raw["audits"] if a.get("version") == AUDIT_VERSION]
+    """The audits with issue 32's attacks (``version`` 2), each level's recommendation derived again from the stored
+    curves by the rule as it is now (``graytune.audit.combine``); earlier rows stay in the raw file, unrendered."""
+    audits = []
+    for audit in raw["audits"]:
+        if audit.get("version") == AUDIT_VERSION:
+            audit = copy.deepcopy(audit)
+            combine(audit["report"]["levels"], audit["report"]["rows_per_call"])
+            audits.append(audit)
+    return audits
 
 
-def audit_at(audits: list[dict[str, Any]], task: str, level: str, calls: int) -> str:
+def audit_at(raw: dict[str, Any], task: str, level: str, calls: int) -> str:
     """The best surrogate fidelity (probe accuracy as a share of the backbone's) among the attacks a client at
-    ``level`` can run, at ``calls`` or just below, from the largest audit of the task."""
+    ``level`` can run (its level's and those below), at ``calls`` or just below, over the task's audits with
+    issue 32's attacks; a task with none of those reads the earlier audits', and says so."""
     if level == "white-box":
         return "1 (the module is handed over)"
-    audit = largest_audit(audits, task, level)
-    if audit is None:
+    audits = [a for a in current(raw) if a["task"] == task]
+    earlier = not audits
+    if earlier:
+        audits = [a for a in raw["audits"] if a["task"] == task and "version" not in a]
+    last: dict[tuple[str, str], dict[str, Any]] = {}  # each attack's last checkpoint within the calls, any audit
+    for audit in sorted(audits, key=lambda a: a["budget"]):
+        for name, found in audit["report"]["levels"].items():
+            if LEVELS.index(name) <= LEVELS.index(level):
+                for mode, attack in attacks(name, found).items():
+                    within = [c for c in attack["checkpoints"] if 0 < c["calls"] <= calls]
+                    if within and within[-1]["calls"] >= last.get((name, mode), {"calls": 0})["calls"]:
+                        last[(name, mode)] = within[-1]
+    if not last:
         return "not audited"
-    points = [(c["probe_ratio"], c["calls"], mode) for name, found in audit["report"]["levels"].items()
-              if LEVELS.index(name) <= LEVELS.index(level) for mode, attack in found["extraction"].items()
-              for c in attack["checkpoints"] if 0 < c["calls"] <= calls]
-    if not points:
-        return "—"
-    ratio, at, mode = max(points)
-    beyond = f" (audit budget {audit['budget']:,})" if calls > audit["budget"] else ""
-    return f"{ratio:.2f} at {at:,}, {mode}{beyond}"
+    ratio, at, mode = max((c["probe_ratio"], c["calls"], mode) for (_, mode), c in last.items())
+    budget = max(a["budget"] for a in audits)
+    notes = [f"audit budget {budget:,}"] * (calls > budget) + ["earlier attacks"] * earlier
+    return f"{ratio:.2f} at {at:,}, {mode}" + (f" ({'; '.join(notes)})" if notes else "")
+
+
+def attacks(level: str, found: dict[str, Any]) -> dict[str, Any]:
+    """A level's extraction curves by attack; an earlier audit held one curve per level (outputs at black-box,
+    VJPs with one shared shift above)."""
+    extraction = found["extraction"]
+    if "checkpoints" in extraction:
+        return {"outputs" if level == "black-box" else "vjp (shared shift)": extraction}
+    return extraction
 
 
 def largest_audit(audits: list[dict[str, Any]], task: str, level: str) -> dict[str, Any] | None:
@@ -133,7 +160,7 @@ def ladder_table(raw: dict[str, Any], task: str) -> str:
             used, counts = "the module itself (its weights)", "— | — | — | — | —"
         seeds_note = "" if len(runs) == 3 else f" ({seeds_word(len(runs))})"
         lines.append(f"| {method} | {access} | {used} | {counts} | {pct([r['test'][primary] for r in runs])}"
-                     f"{seeds_note} | {audit_at(current(raw), task, access, forward + vjp)} |")
+                     f"{seeds_note} | {audit_at(raw, task, access, forward + vjp)} |")
     return "\n".join(lines) + "\n"
 
 
