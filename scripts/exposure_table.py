@@ -124,12 +124,6 @@ def attacks(level: str, found: dict[str, Any]) -> dict[str, Any]:
     return extraction
 
 
-def largest_audit(audits: list[dict[str, Any]], task: str, level: str) -> dict[str, Any] | None:
-    """The audit of ``task`` at ``level`` with the largest budget (it holds the smaller budgets' checkpoints)."""
-    runs = [a for a in audits if a["task"] == task and level in a["report"]["levels"]]
-    return max(runs, key=lambda a: a["budget"]) if runs else None
-
-
 def edit_rows(run: dict[str, Any], task: str) -> str:
     """Rows a black-box run sent with edits at ``text.token_embeds`` and no gradient: its every text row (training,
     validation, test); paired retrieval sends as many captions as images, so half its rows."""
@@ -369,11 +363,13 @@ def audit_figure(raw: dict[str, Any], path: Path) -> None:
         ax = fig.add_subplot(1, len(tasks), i + 1)
         titles = set()
         for level in LEVELS[:-1]:
-            audit = largest_audit(current(raw), task, level)
-            if audit is None:
-                continue
-            titles.add(f"{audit['backbone']} ({audit['report']['modality']} tower)")
-            for mode, extraction in audit["report"]["levels"][level]["extraction"].items():
+            curves: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}  # each attack from its largest audit
+            for audit in sorted(current(raw), key=lambda a: a["budget"]):
+                if audit["task"] == task and level in audit["report"]["levels"]:
+                    titles.add(f"{audit['backbone']} ({audit['report']['modality']} tower)")
+                    for mode, extraction in audit["report"]["levels"][level]["extraction"].items():
+                        curves[mode] = (audit, extraction)
+            for mode, (audit, extraction) in curves.items():
                 points = [c for c in extraction["checkpoints"] if c["calls"] > 0]
                 ax.plot([c["calls"] for c in points], [c["probe_ratio"] for c in points], marker=".",
                         color=COLOURS[level], label=f"{level}: {mode} (budget {audit['budget']:,})",
