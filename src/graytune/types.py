@@ -276,6 +276,9 @@ class Exposure:
         gradient_samples: rows whose VJP came back (the batch of each differentiated call), what a server's
             ``--quota-grad-rows`` bounds.
         generated_tokens: tokens a language model generated for the client (each one a forward of one position).
+        top_k: what top-k reads revealed of language models' next-token distributions (``top_k=`` on a forward,
+            an owner's grant): ``{"calls", "positions", "values"}``, values = positions x k (a full distribution
+            is V values per position).
         black_box_edits: forwards at black-box that sent ``add``/``insert`` at an input port with no gradient asked
             (what zeroth-order input adapters send): ``{"calls", "rows", "ports": {port: rows}}``. Such edits are
             not free of exposure: a batch of one text under ±ε edits gives Jacobian columns at that port by finite
@@ -292,6 +295,7 @@ class Exposure:
     gradient_samples: int = 0
     generated_tokens: int = 0
     black_box_edits: dict[str, Any] = field(default_factory=lambda: {"calls": 0, "rows": 0, "ports": {}})
+    top_k: dict[str, int] = field(default_factory=lambda: {"calls": 0, "positions": 0, "values": 0})
 
     def note(self, port: PortSpec, op: Op) -> None:
         self.ports.setdefault(port.name, set()).add(op.value)
@@ -305,12 +309,24 @@ class Exposure:
         for name in ports:
             edits["ports"][name] = edits["ports"].get(name, 0) + rows
 
+    def note_top_k(self, positions: int, k: int) -> None:
+        """Record one forward that read the ``k`` most likely next tokens at ``positions`` positions."""
+        self.top_k["calls"] += 1
+        self.top_k["positions"] += positions
+        self.top_k["values"] += positions * k
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["access"] = self.access.label
         data["ports"] = {k: sorted(v) for k, v in sorted(self.ports.items())}
         return data
 
+
+#: A language model's top-k read (``top_k=`` on a forward, the owner's grant): the ``k`` most likely next tokens
+#: ``[B, L, k]`` int64 (-100 where the mask is 0) and their log-probabilities ``[B, L, k]`` float32 (0.0 there).
+TOP_IDS, TOP_LOGPROBS = "text.top_ids", "text.top_logprobs"
+#: The largest top-k an owner may grant (a full distribution is the model's whole vocabulary per position).
+MAX_TOP_K = 20
 
 #: The most tokens one generation request may ask for (per row).
 MAX_NEW_TOKENS = 1024

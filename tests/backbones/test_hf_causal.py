@@ -105,8 +105,9 @@ def test_spec_publishes_the_causal_ports(folders) -> None:  # type: ignore[no-un
     assert spec.port_names(PortKind.INPUT) == ["text.input_ids", "text.attention_mask", "text.target_ids",
                                                "text.token_embeds"]
     assert spec.port_names(PortKind.ENTRY) == ["text.layer.1", "text.layer.2", "text.prompts.1", "text.prompts.2"]
-    assert spec.port_names(PortKind.OUTPUT) == ["text.target_logprobs"]
+    assert spec.port_names(PortKind.OUTPUT) == ["text.target_logprobs", "text.top_ids", "text.top_logprobs"]
     assert spec.port("text.target_logprobs").shape == ("B", "L")
+    assert spec.port("text.top_ids").shape == spec.port("text.top_logprobs").shape == ("B", "L", "k")
     assert spec.port("text.token_embeds").shape == ("B", "L", DIM)
     text = spec.preprocess["text"]
     assert (text["max_positions"], text["vocab_size"], text["pad_token_id"], text["eos_token_ids"]) == \
@@ -116,6 +117,17 @@ def test_spec_publishes_the_causal_ports(folders) -> None:  # type: ignore[no-un
     assert "-100" in text["targets"]
     assert "sqrt(D)" in _open(folders["gemma3_text"]).spec.port("text.token_embeds").doc
     assert "sqrt(D)" not in spec.port("text.token_embeds").doc
+
+
+def test_the_top_k_ports_leave_the_fingerprint_as_it_was(folders) -> None:  # type: ignore[no-untyped-def]
+    from dataclasses import replace
+
+    from graytune.backbones.loading import file_identity
+
+    spec = _open(folders["llama"], "light-gray").spec
+    identity = "+".join(file_identity(w) for w in sorted(folders["llama"].glob("*.safetensors")))
+    before = replace(spec, ports=tuple(p for p in spec.ports if p.name not in ("text.top_ids", "text.top_logprobs")))
+    assert before.with_fingerprint(identity).fingerprint == spec.fingerprint  # adapters trained before still load
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -1,11 +1,14 @@
-"""A language model served: target log-probs and VJPs at input and entry ports equal the in-process ones."""
+"""A language model served: target log-probs and VJPs at input and entry ports equal the in-process ones; top-k
+log-probabilities equal them within the owner's grant and are refused past it."""
 
 from __future__ import annotations
 
+import httpx
 import pytest
 import torch
 
 import graytune
+from graytune import AccessDeniedError, InvalidInputError
 from graytune.data.completions import Completions
 from graytune.model import AdaptedModel
 from graytune.train.completions import CompletionTask
@@ -58,3 +61,55 @@ def test_remote_training_of_a_soft_prompt_equals_in_process(serve, llama: str) -
         fit(model, task, DATA, TrainConfig(lr=1e-2, max_steps=3, batch_size=3, eval_every=3), progress=False)
         trained[where] = model.text_adapters[0].extra.detach().clone()
     torch.testing.assert_close(trained["remote"], trained["local"], rtol=1e-5, atol=1e-6)
+
+
+def test_served_top_k_equals_in_process_and_is_bounded_by_the_grant(serve, llama: str) -> None:
+    local = graytune.open_backbone(llama, "black-box", top_k=3)
+    url, _ = serve(handle=local, access="black-box", reads=())
+    assert httpx.get(f"{url}/v1/spec", headers={"Authorization": f"Bearer {ALICE}"}).json()["top_k"] == 3
+    remote = graytune.open_backbone(url, "black-box", api_key=ALICE, top_k=3)
+    batch = local.tokenize(["the cat sat", "a dog"])
+    served, here = remote.forward(batch, outputs=[], top_k=2), local.forward(batch, outputs=[], top_k=2)
+    assert torch.equal(served["text.top_ids"], here["text.top_ids"])
+    torch.testing.assert_close(served["text.top_logprobs"], here["text.top_logprobs"], rtol=1e-6, atol=1e-6)
+    positions = int(batch["text.attention_mask"].sum())
+    assert remote.exposure.top_k == {"calls": 1, "positions": positions, "values": 2 * positions}
+    with pytest.raises(AccessDeniedError, match="top_k=4 was asked"):
+        remote.forward(batch, outputs=[], top_k=4)  # the client's own check
+    with pytest.raises(AccessDeniedError, match="top_k=5 was asked.*a top-k grant of 3"):
+        graytune.open_backbone(url, "black-box", api_key=ALICE, top_k=5)
+    # the server checks too: a request past the client's check gets 403 naming the grant
+    asked = _raw_forward(url, llama, batch, top_k=4)
+    assert asked.status_code == 403 and "top_k=4 was asked" in asked.json()["detail"]
+    assert "a top-k grant of 3" in asked.json()["detail"] and "--grant-topk 4" in asked.json()["detail"]
+
+
+def test_a_server_without_the_grant_refuses_top_k(serve, llama: str) -> None:
+    local = graytune.open_backbone(llama, "black-box")
+    url, _ = serve(handle=local, access="black-box", reads=())
+    with pytest.raises(AccessDeniedError, match="no top-k grant"):
+        graytune.open_backbone(url, "black-box", api_key=ALICE, top_k=1)
+    asked = _raw_forward(url, llama, local.tokenize(["a dog"]), top_k=1)
+    assert asked.status_code == 403 and "no top-k grant" in asked.json()["detail"]
+
+
+def test_serve_takes_the_top_k_grant_as_a_flag(llama: str) -> None:
+    from graytune.cli.main import build_parser
+    from graytune.serve.config import ApiKeys, ServeConfig
+    from graytune.serve.runner import build_app
+
+    args = build_parser().parse_args(["serve", llama, "--api-keys", "k.txt", "--grant-topk", "5"])
+    assert args.grant_topk == 5
+    app = build_app(llama, ServeConfig(access="black-box", grant_topk=5), ApiKeys({"alice": ALICE}))
+    assert app.state.service.handle.top_k_grant == 5
+    with pytest.raises(InvalidInputError, match="from 0 \\(none\\) to 20"):
+        build_app(llama, ServeConfig(access="black-box", grant_topk=21), ApiKeys({"alice": ALICE}))
+
+
+def _raw_forward(url: str, llama: str, batch: dict[str, torch.Tensor], top_k: int) -> httpx.Response:
+    """A forward asking ``top_k`` sent as bytes, past any client-side check."""
+    from graytune.access.wire import pack_call
+
+    plan = graytune.open_backbone(llama, "black-box", top_k=top_k).check(batch, outputs=[], top_k=top_k)
+    return httpx.post(f"{url}/v1/forward", content=pack_call(plan, "black-box"),
+                      headers={"Authorization": f"Bearer {ALICE}"})

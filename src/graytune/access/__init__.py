@@ -30,7 +30,7 @@ from graytune.types import AccessLevel
 def open_backbone(
     backbone_id: str, access: AccessLevel | str = AccessLevel.DARK_GRAY, *, reads: Collection[str] = (),
     device: torch.device | str | None = None, dtype: torch.dtype | str | None = None, recompute: bool = False,
-    api_key: str | None = None, retry_s: float | None = None, timeout_s: float | None = None,
+    api_key: str | None = None, retry_s: float | None = None, timeout_s: float | None = None, top_k: int = 0,
 ) -> Handle:
     """Open a backbone behind the boundary at one access level.
 
@@ -54,6 +54,10 @@ def open_backbone(
         retry_s: for a server, how long a request is retried while the server cannot take it
             (a restart, a dropped connection, 503), in seconds; default 120.
         timeout_s: for a server, how long one attempt waits for its answer, in seconds; default 180.
+        top_k: for a language model, the most next tokens a forward may read per position with their
+            log-probabilities (``forward(..., top_k=k)``, ``graytune.access.topk``); 0 (default): none. The
+            owner's grant, at most ``types.MAX_TOP_K``: each position reveals k values of the next-token
+            distribution. For a server, at most what its owner grants (``graytune serve --grant-topk``).
 
     Returns:
         A handle exposing only what ``access`` (and ``reads``) allow.
@@ -72,13 +76,13 @@ def open_backbone(
             raise InvalidInputError(
                 f"{' and '.join(owner_side)} of a served backbone are the owner's choice (graytune serve --device "
                 "--dtype --recompute); leave them out here: results come back in float32 on your tensors' device")
-        return RemoteHandle(backbone_id, level, reads, api_key, timeout_s, retry_s=retry_s)
+        return RemoteHandle(backbone_id, level, reads, api_key, timeout_s, retry_s=retry_s, top_k=top_k)
     given = [name for name, value in (("retry_s", retry_s), ("timeout_s", timeout_s)) if value is not None]
     if given:
         raise InvalidInputError(f"{' and '.join(given)} apply to a backbone server (an http:// id); "
                                 f"{backbone_id!r} runs in this process, so leave them out")
     where, precision = parse_device(device), parse_dtype(dtype)
-    return LocalHandle(place(load_backbone(backbone_id), where, precision), level, reads, bool(recompute))
+    return LocalHandle(place(load_backbone(backbone_id), where, precision), level, reads, bool(recompute), top_k)
 
 
 def known_backbones() -> list[str]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from graytune.access.topk import TOP_K_NAMES, plan_top_k
 from graytune.errors import AccessDeniedError, InvalidInputError, UnknownNameError
 from graytune.types import AccessLevel, BackboneSpec, Exposure, Op, PortKind, PortSpec, is_prompts_port, required_level
 
@@ -262,6 +263,7 @@ class CallPlan:
     reads: list[str]
     slots: list[tuple[str, str]]  # (group, port) of each differentiable client tensor
     batch: int = 0  # rows of the call (what a VJP of it reveals)
+    top_k: int = 0  # the next tokens read per position (``reads`` then ends with ``topk.TOP_K_NAMES``)
 
     def tensor(self, group: str, port: str) -> Tensor:
         return {"inputs": self.inputs, "add": self.add, "insert": self.insert}[group][port]
@@ -270,8 +272,11 @@ class CallPlan:
 def plan_call(spec: BackboneSpec, level: AccessLevel, grants: Collection[str], exposure: Exposure,
               tokenize: Callable[[list[str]], dict[str, Tensor]],
               raw_inputs: Mapping[str, Tensor | Sequence[str]], add: Mapping[str, Tensor],
-              insert: Mapping[str, Tensor], outputs: Sequence[str] | None, reads: Sequence[str]) -> CallPlan:
+              insert: Mapping[str, Tensor], outputs: Sequence[str] | None, reads: Sequence[str], *,
+              top_k: int = 0, top_k_grant: int = 0) -> CallPlan:
     """Check a request against ``spec`` at ``level`` and note it in ``exposure``; nothing runs yet.
+
+    ``top_k``: a language model's next tokens to read, at most the owner's ``top_k_grant`` (``access.topk``).
 
     The in-process handle, the remote client and the server all call this, so the
     same request gets the same answer wherever the boundary runs. Under ``torch.no_grad()``
@@ -312,6 +317,7 @@ def plan_call(spec: BackboneSpec, level: AccessLevel, grants: Collection[str], e
             continue
         if f"{prefix}.token_embeds" in insert:
             reserve_for_inserts(spec, inputs, add, prefix, int(insert[f"{prefix}.token_embeds"].shape[1]))
+    top = plan_top_k(spec, top_k_grant, top_k, inputs, reads, exposure)
     for name in reads:
         exposure.note(port_for(spec, name, Op.READ, level, False, grants), Op.READ)
     outputs = _outputs(spec, level, inputs, outputs)
@@ -321,16 +327,20 @@ def plan_call(spec: BackboneSpec, level: AccessLevel, grants: Collection[str], e
     exposure.forward_samples += batch
     if edited:
         exposure.note_black_box_edits(edited, batch)
-    return CallPlan(inputs, dict(add), dict(insert), outputs, list(reads), slots, batch)
+    return CallPlan(inputs, dict(add), dict(insert), outputs, [*reads, *top], slots, batch, top_k if top else 0)
 
 
 def _outputs(spec: BackboneSpec, level: AccessLevel, inputs: Mapping[str, Tensor],
              asked: Sequence[str] | None) -> list[str]:
     modalities = {name.split(".")[0] for name in inputs}
-    available = [p.name for p in spec.ports if p.kind is PortKind.OUTPUT and (p.modality in modalities)]
+    available = [p.name for p in spec.ports if p.kind is PortKind.OUTPUT and (p.modality in modalities)
+                 and p.name not in TOP_K_NAMES]  # read with top_k=, never an output
     chosen = available if asked is None else list(asked)
     for name in [] if asked is None else asked:
         port_for(spec, name, Op.READ, level, False)
+        if name in TOP_K_NAMES:
+            raise InvalidInputError(f"outputs=[{name!r}]: the most likely next tokens are asked with top_k=k (e.g. "
+                                    f"forward(..., top_k=5)), which returns {' and '.join(TOP_K_NAMES)}")
         if name not in available:
             raise InvalidInputError(f"output {name} needs {spec.port(name).modality} "
                                     f"inputs; this call sent {sorted(inputs)}")

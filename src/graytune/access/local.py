@@ -20,7 +20,8 @@ from graytune.access.generation import (
     Generated, check_generation_plan, check_maps, count_generated, settings_of,
 )
 from graytune.access.handle import client_device, cross, encode_image, encode_text
-from graytune.access.owner import BoundaryCall, weight_storages
+from graytune.access.owner import BoundaryCall, top_k_of, weight_storages
+from graytune.access.topk import check_top_k_grant
 from graytune.backbones.base import Backbone, module_placement, recomputing
 from graytune.devices import dtype_name
 from graytune.errors import AccessDeniedError
@@ -41,11 +42,11 @@ class LocalHandle:
         >>> z.sum().backward()       # shift.grad is the VJP at the token embeddings
     """
 
-    __slots__ = ("_backbone", "_full_spec", "_weights", "access", "spec", "exposure", "_grants", "device", "dtype",
-                 "recompute")
+    __slots__ = ("_backbone", "_full_spec", "_weights", "access", "spec", "exposure", "_grants", "_top_k", "device",
+                 "dtype", "recompute")
 
     def __init__(self, backbone: Backbone, access: AccessLevel, reads: Collection[str] = (),
-                 recompute: bool = False) -> None:
+                 recompute: bool = False, top_k: int = 0) -> None:
         self._backbone = backbone
         self._full_spec = backbone.spec
         self._weights = weight_storages(backbone.module())  # once per handle: what no call's graph is charged for
@@ -57,6 +58,7 @@ class LocalHandle:
         self._grants = frozenset(reads)
         for name in self._grants:
             port_for(self._full_spec, name, Op.READ, access, False, self._grants)
+        self._top_k = check_top_k_grant(self._full_spec, top_k)
 
     def __repr__(self) -> str:
         placed = "" if (self.device.type, self.dtype) == ("cpu", torch.float32) else \
@@ -67,6 +69,11 @@ class LocalHandle:
     def grants(self) -> frozenset[str]:
         """Input or entry ports this handle may read."""
         return self._grants
+
+    @property
+    def top_k_grant(self) -> int:
+        """The most next tokens a forward may read per position (``top_k=``; 0: none, the default)."""
+        return self._top_k
 
     @property
     def fingerprint(self) -> str:
@@ -86,6 +93,7 @@ class LocalHandle:
         insert: Mapping[str, Tensor] | None = None,
         outputs: Sequence[str] | None = None,
         reads: Sequence[str] = (),
+        top_k: int = 0,
     ) -> dict[str, Tensor]:
         """Run the backbone; gradients flow back to any client tensor that requires them.
 
@@ -97,17 +105,19 @@ class LocalHandle:
             insert: per port, ``[B or 1, K, D]`` tokens (same levels as ``add``).
             outputs: output ports to return; default every output of the given modalities.
             reads: granted input/entry ports whose values to return too (detached).
+            top_k: a language model's ``k`` most likely next tokens to return too (detached), at most the
+                owner's grant (``top_k_grant``): ``text.top_ids`` ``[B, L, k]`` and ``text.top_logprobs``.
 
         Returns:
             ``{port name: tensor}`` for each output (and read) port.
         """
-        plan = self.plan(inputs, add or {}, insert or {}, outputs, reads)
+        plan = self.plan(inputs, add or {}, insert or {}, outputs, reads, top_k)
         if self.access is AccessLevel.WHITE_BOX:  # plain autograd: weights of a rebound module train too
             call = self.open_call(plan)
             moved = [{port: call.inward(t) for port, t in group.items()}
                      for group in (plan.inputs, plan.add, plan.insert)]
             with recomputing(self.recompute):
-                result = self._backbone.run(*moved, plan.outputs, plan.reads)
+                result = self._backbone.run(*moved, plan.outputs, plan.reads, **top_k_of(plan))
             home = client_device(plan, self.device)
             return {name: result[name].to(home, torch.float32) for name in [*plan.outputs, *plan.reads]}
         return cross(self.open_call(plan), self.device)
@@ -151,17 +161,18 @@ class LocalHandle:
         return Generated(ids.to(home), lengths.to(home), self._backbone.detokenize(ids, lengths))
 
     def plan(self, inputs: Mapping[str, Tensor | Sequence[str]], add: Mapping[str, Tensor],
-             insert: Mapping[str, Tensor], outputs: Sequence[str] | None, reads: Sequence[str]) -> CallPlan:
+             insert: Mapping[str, Tensor], outputs: Sequence[str] | None, reads: Sequence[str],
+             top_k: int = 0) -> CallPlan:
         """Check a request at this handle's level and note it in ``exposure`` (see ``forward``)."""
         return plan_call(self._full_spec, self.access, self._grants, self.exposure, self.tokenize,
-                         inputs, add, insert, outputs, reads)
+                         inputs, add, insert, outputs, reads, top_k=top_k, top_k_grant=self._top_k)
 
     def check(self, inputs: Mapping[str, Tensor | Sequence[str]], add: Mapping[str, Tensor] | None = None,
               insert: Mapping[str, Tensor] | None = None, outputs: Sequence[str] | None = None,
-              reads: Sequence[str] = ()) -> CallPlan:
+              reads: Sequence[str] = (), top_k: int = 0) -> CallPlan:
         """Check a request as ``forward`` would, without running it or noting it in ``exposure``."""
         return plan_call(self._full_spec, self.access, self._grants, Exposure(access=self.access), self.tokenize,
-                         inputs, add or {}, insert or {}, outputs, reads)
+                         inputs, add or {}, insert or {}, outputs, reads, top_k=top_k, top_k_grant=self._top_k)
 
     def open_call(self, plan: CallPlan, measure: bool = False) -> BoundaryCall:
         """A call the owner drives by hand (the server): ``forward`` now, ``vjp`` later.
@@ -176,7 +187,7 @@ class LocalHandle:
         if access > self.access:
             raise AccessDeniedError(f"a handle at {access.label}", access.label, self.access.label)
         grants = [n for n in self._grants if required_level(self._full_spec.port(n).kind, Op.READ, False) <= access]
-        return LocalHandle(self._backbone, access, grants, self.recompute)
+        return LocalHandle(self._backbone, access, grants, self.recompute, self._top_k)
 
     def encode_image(self, pixels: Tensor, **edits: Mapping[str, Tensor]) -> Tensor:
         """``[B, E]`` image embeddings (not normalised), the CLIP way."""
@@ -201,4 +212,4 @@ class LocalHandle:
         if self.access < AccessLevel.WHITE_BOX:
             raise AccessDeniedError("running a modified backbone module", AccessLevel.WHITE_BOX.label,
                                     self.access.label)
-        return LocalHandle(self._backbone.with_module(module), self.access, self._grants, self.recompute)
+        return LocalHandle(self._backbone.with_module(module), self.access, self._grants, self.recompute, self._top_k)

@@ -88,16 +88,20 @@ class MemoHandle:
         return self.handle.grants
 
     @property
+    def top_k_grant(self) -> int:
+        return self.handle.top_k_grant
+
+    @property
     def fingerprint(self) -> str:
         return self.handle.fingerprint
 
     def forward(self, inputs: Mapping[str, Tensor | Sequence[str]], *, add: Mapping[str, Tensor] | None = None,
                 insert: Mapping[str, Tensor] | None = None, outputs: Sequence[str] | None = None,
-                reads: Sequence[str] = ()) -> dict[str, Tensor]:
+                reads: Sequence[str] = (), top_k: int = 0) -> dict[str, Tensor]:
         """As ``Handle.forward``; plain requests naming their ``outputs`` are answered row by row from memory."""
-        rows = None if add or insert or reads or not outputs else split_rows(inputs)
+        rows = None if add or insert or reads or top_k or not outputs else split_rows(inputs)
         if rows is None:
-            return self.handle.forward(inputs, add=add, insert=insert, outputs=outputs, reads=reads)
+            return self.handle.forward(inputs, add=add, insert=insert, outputs=outputs, reads=reads, top_k=top_k)
         found: dict[int, list[Tensor]] = {}
         with self._lock:
             for i, (key, tails) in enumerate(rows):

@@ -64,6 +64,10 @@ class MeteredHandle:
         return self._handle.grants
 
     @property
+    def top_k_grant(self) -> int:
+        return self._handle.top_k_grant
+
+    @property
     def fingerprint(self) -> str:
         return self._handle.fingerprint
 

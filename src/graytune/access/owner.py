@@ -149,11 +149,12 @@ class BoundaryCall:
             groups[group][port] = leaf
             leaves.append(leaf)
         with torch.set_grad_enabled(bool(leaves)), recomputing(self.recompute) as kept:
-            result = self.backbone.run(groups["inputs"], groups["add"], groups["insert"], plan.outputs, plan.reads)
+            result = self.backbone.run(groups["inputs"], groups["add"], groups["insert"], plan.outputs, plan.reads,
+                                       **top_k_of(plan))
         outs = [result[name] for name in plan.outputs]
         self._check_finite("forward", dict(zip(plan.outputs, outs)))
         self.output_shapes = {name: list(o.shape) for name, o in zip(plan.outputs, outs)}
-        self.values_read = {name: result[name].detach().float() for name in plan.reads}
+        self.values_read = {name: _read_value(result[name]) for name in plan.reads}
         if leaves:
             self._graph = (outs, leaves)
             if self.measure:
@@ -210,6 +211,17 @@ class BoundaryCall:
         self._check_finite("backward (VJP)", {f"the gradient at {port}": v
                                               for (_, port), v in zip(self.plan.slots, vjps)})
         return vjps
+
+
+def top_k_of(plan: CallPlan) -> dict[str, int]:
+    """``{"top_k": k}`` for a backbone's ``run`` when ``plan`` reads the next tokens (``access.topk``), else ``{}``:
+    backbones without a next-token distribution never see the argument."""
+    return {"top_k": plan.top_k} if plan.top_k else {}
+
+
+def _read_value(value: Tensor) -> Tensor:
+    """A value read, detached: float32, or int64 for ids (``text.top_ids``)."""
+    return value.detach().float() if value.is_floating_point() else value.detach().long()
 
 
 def _fp16_scale(grads: Sequence[Tensor]) -> float:

@@ -46,6 +46,7 @@ from graytune.access.generation import (
     unpack_generated,
 )
 from graytune.access.handle import client_device, cross, encode_image, encode_text
+from graytune.access.topk import remote_top_k_grant
 from graytune.access.wire import (
     PROTOCOL_VERSION, check_server_protocol, decode, pack_call, pack_grads, pack_recompute, unpack_result,
     unpack_vjp,
@@ -78,10 +79,12 @@ class RemoteHandle:
         timeout_s: how long one attempt waits for its answer; ``None``: ``DEFAULT_TIMEOUT_S`` (180).
             A call takes at most about ``retry_s + timeout_s``.
         retries: at most this many retries as well (``None``: only the time budget counts).
+        top_k: the most next tokens a forward will read per position (``top_k=``), at most the server's grant.
     """
 
     def __init__(self, url: str, access: AccessLevel, reads: Collection[str] = (), api_key: str | None = None,
-                 timeout_s: float | None = None, retries: int | None = None, *, retry_s: float | None = None) -> None:
+                 timeout_s: float | None = None, retries: int | None = None, *, retry_s: float | None = None,
+                 top_k: int = 0) -> None:
         key = api_key or os.environ.get(API_KEY_ENV)
         if not key:
             raise InvalidInputError(f"{url} needs an API key: set ${API_KEY_ENV} to the key the server's owner gave "
@@ -115,6 +118,7 @@ class RemoteHandle:
                     f"reads at {granted}; ask the owner to run graytune serve --reads {' '.join(missing)}, or "
                     "train a method that reads nothing (graytune methods shows the reads each needs)"))
         self._grants = frozenset(reads)
+        self._top_k = remote_top_k_grant(top_k, int(info.get("top_k", 0)), self.url)
 
     def __repr__(self) -> str:
         return f"RemoteHandle({self.url!r}, {self.spec.id!r}, access={self.access.label!r})"
@@ -122,6 +126,11 @@ class RemoteHandle:
     @property
     def grants(self) -> frozenset[str]:
         return self._grants
+
+    @property
+    def top_k_grant(self) -> int:
+        """The most next tokens a forward may read per position (``top_k=``), as opened (within the server's)."""
+        return self._top_k
 
     @property
     def fingerprint(self) -> str:
@@ -144,11 +153,12 @@ class RemoteHandle:
         insert: Mapping[str, Tensor] | None = None,
         outputs: Sequence[str] | None = None,
         reads: Sequence[str] = (),
+        top_k: int = 0,
     ) -> dict[str, Tensor]:
         """As ``LocalHandle.forward``; the backbone runs on the server."""
         try:
             plan = plan_call(self.spec, self.access, self._grants, self.exposure, self.tokenize,
-                             inputs, add or {}, insert or {}, outputs, reads)
+                             inputs, add or {}, insert or {}, outputs, reads, top_k=top_k, top_k_grant=self._top_k)
         except UnknownNameError as err:
             self._above_level(err.name, add or {}, insert or {}, [*reads, *(outputs or [])])
             raise

@@ -11,7 +11,8 @@ This module is the one place that names the protocol's parts. Tensors are named
 
 - a forward request (``POST /v1/forward``): ``inputs/<port>``, ``add/<port>``,
   ``insert/<port>`` (a ``CallPlan``'s groups); metadata ``access``, ``outputs``,
-  ``reads``, ``grad`` (the tensor names that want gradients), optionally ``texts``, and
+  ``reads``, ``grad`` (the tensor names that want gradients), optionally ``texts``, ``top_k`` (a language
+  model's next tokens to read, answered as ``read/text.top_ids`` and ``read/text.top_logprobs``), and
   optionally ``request`` (a key the client picks per forward: a retried forward with the
   same key replaces its earlier attempt's session instead of leaving an orphan);
 - its answer: ``out/<port>`` per output, ``read/<port>`` per port read; metadata ``session``;
@@ -44,6 +45,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from graytune.access.checks import CallPlan, texts_of
+from graytune.access.topk import TOP_K_NAMES
 from graytune.errors import InvalidInputError
 
 Tensor = torch.Tensor
@@ -213,6 +215,7 @@ class CallRequest:
     texts: list[str] | None  # strings for the owner to tokenize, if sent instead of ids
     outputs: list[str] | None  # None: every output of the modalities sent
     reads: list[str]
+    top_k: int = 0  # a language model's next tokens to read per position (``graytune.access.topk``)
 
 
 def pack_call(plan: CallPlan, access: str, request: str | None = None) -> bytes:
@@ -260,9 +263,11 @@ def unpack_call(message: Message) -> CallRequest:
         raise InvalidInputError(f"'outputs' must be a list of port names; got {outputs!r}")
     if not _names(reads):
         raise InvalidInputError(f"'reads' must be a list of port names; got {reads!r}")
-    access = meta.get("access")
+    access, top_k = meta.get("access"), meta.get("top_k", 0)
+    if isinstance(top_k, bool) or not isinstance(top_k, int):
+        raise InvalidInputError(f"'top_k' must be a whole number of next tokens per position; got {str(top_k)[:50]}")
     return CallRequest(str(access) if access else None, groups[INPUTS], groups[ADD], groups[INSERT],
-                       None if texts is None else texts_of(texts), outputs, reads)
+                       None if texts is None else texts_of(texts), outputs, reads, top_k)
 
 
 @dataclass
@@ -353,9 +358,10 @@ def unpack_inputs(message: Message) -> dict[str, Tensor]:
 def call_parts(plan: CallPlan, access: str) -> Message:
     """The tensors and metadata of a forward request for ``plan`` (``pack_call`` encodes them)."""
     tensors = {tensor_name(group, port): t for group in CALL_GROUPS for port, t in getattr(plan, group).items()}
-    meta = {"access": access, "outputs": plan.outputs, "reads": plan.reads,
+    reads = plan.reads[:len(plan.reads) - len(TOP_K_NAMES)] if plan.top_k else plan.reads  # top_k asks those
+    meta = {"access": access, "outputs": plan.outputs, "reads": reads,
             "grad": [tensor_name(group, port) for group, port in plan.slots]}
-    return tensors, meta
+    return tensors, ({**meta, "top_k": plan.top_k} if plan.top_k else meta)
 
 
 def _grad_tensors(plan: CallPlan, grads: Sequence[Tensor | None]) -> dict[str, Tensor]:

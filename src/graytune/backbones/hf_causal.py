@@ -19,6 +19,10 @@ Ports (modality ``text``):
   tokens 0..t) at the text's own positions, 0.0 where the target is -100 or the mask is 0. Only the
   positions with a target go through the LM head, log-softmaxed in float32; full-vocabulary logits
   never cross the boundary.
+- ``text.top_ids`` and ``text.top_logprobs`` ``[B, L, k]`` (read with ``top_k=k``, an owner's grant;
+  ``graytune.access.topk``): the k most likely tokens after tokens 0..t and their log-probabilities
+  (float32, in descending order), -100 and 0.0 where the mask is 0. Published after adapters were trained
+  on these models, so they are left out of the fingerprint.
 
 Families: ``llama``, ``qwen2``, ``gemma3_text``/``gemma3`` (text only) and ``gpt2`` (``decoders.py``).
 Nothing is downloaded: a hub id loads only where the hub is reachable and allowed.
@@ -47,7 +51,7 @@ from graytune.backbones.ports import text_ports
 from graytune.backbones.registry import BACKBONES
 from graytune.backbones.tokens import PortEdits
 from graytune.errors import InvalidInputError, MissingDependencyError
-from graytune.types import BackboneSpec, Op, PortKind, PortSpec
+from graytune.types import TOP_IDS, TOP_LOGPROBS, BackboneSpec, Op, PortKind, PortSpec
 
 Tensor = torch.Tensor
 IGNORE = -100  #: a target id meaning "no target at this position"
@@ -81,7 +85,7 @@ class HFCausal(OneModule):
         self.spec = BackboneSpec(
             id=backbone_id, modalities=("text",), ports=tuple(causal_ports(cfg, self.max_positions)),
             preprocess={"text": self._preprocess()}, description=about,
-        ).with_fingerprint(identity)
+        ).with_fingerprint(identity, added_ports=(TOP_IDS, TOP_LOGPROBS))
 
     def _preprocess(self) -> dict[str, Any]:
         tok, cfg = self.tokenizer, self.model.config
@@ -156,7 +160,7 @@ class HFCausal(OneModule):
         tokenizer = require_tokenizer(self.tokenizer, self.spec.id, " (random weights for benchmarks)")
         return [tokenizer.decode(row[:int(n)].tolist(), skip_special_tokens=True) for row, n in zip(ids, lengths)]
 
-    def run(self, inputs, add, insert, outputs, reads):  # type: ignore[no-untyped-def]
+    def run(self, inputs, add, insert, outputs, reads, top_k=0):  # type: ignore[no-untyped-def]
         ids, mask = inputs["text.input_ids"], inputs["text.attention_mask"]
         if not outputs and set(reads) <= {"text.token_embeds"}:  # a granted read needing no forward
             return {"text.token_embeds": decoder_for(self.model).embed(ids)}
@@ -164,6 +168,8 @@ class HFCausal(OneModule):
         hidden, _ = self.hidden_states(ids, mask, PortEdits(add, insert, reads, out))
         if LOGPROBS in outputs:
             out[LOGPROBS] = self.target_logprobs(hidden[:, -ids.shape[1]:], mask, inputs[TARGETS])
+        if top_k:
+            out[TOP_IDS], out[TOP_LOGPROBS] = self.top_next(hidden[:, -ids.shape[1]:], mask, top_k)
         return out
 
     def hidden_states(self, ids: Tensor, mask: Tensor, edits: PortEdits,
@@ -216,6 +222,23 @@ class HFCausal(OneModule):
         return zeros.index_put((rows, cols), picked)
 
 
+    @torch.no_grad()
+    def top_next(self, hidden: Tensor, mask: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """The ``k`` most likely next tokens at each of the text's positions: ids ``[B, L, k]`` int64 and their
+        log-probabilities ``[B, L, k]`` float32, most likely first; -100 and 0.0 where ``mask`` ``[B, L]`` is 0.
+
+        From the last layer's ``hidden`` ``[B, L, D]``; only the text's real positions go through the LM head.
+        """
+        decoder = decoder_for(self.model)
+        rows, cols = (mask != 0).nonzero(as_tuple=True)  # [N] each
+        logprobs = decoder.logits(decoder.finish(hidden[rows, cols])).float().log_softmax(-1)  # [N, V]
+        values, ids = logprobs.topk(k, dim=-1)  # [N, k] each
+        shape = (*mask.shape, k)
+        top_ids = torch.full(shape, IGNORE, dtype=torch.long, device=hidden.device).index_put((rows, cols), ids)
+        top_values = torch.zeros(shape, dtype=torch.float32, device=hidden.device).index_put((rows, cols), values)
+        return top_ids, top_values
+
+
 def causal_ports(cfg: Any, max_positions: int) -> list[PortSpec]:
     """The ports of a causal LM with config ``cfg``: ``text_ports`` plus targets in and target log-probs out."""
     dim = int(cfg.hidden_size)
@@ -232,7 +255,12 @@ def causal_ports(cfg: Any, max_positions: int) -> list[PortSpec]:
     logprobs = PortSpec(LOGPROBS, PortKind.OUTPUT, ("B", "L"), "float32", (Op.READ,), "text",
                         f"log p(target_ids[b, t] | inserted tokens, tokens 0..t); 0.0 where the target is {IGNORE} "
                         "or the mask is 0 (needs text.target_ids)")
-    return [*ports[:2], targets, *ports[2:], logprobs]
+    top = [PortSpec(TOP_IDS, PortKind.OUTPUT, ("B", "L", "k"), "int64", (Op.READ,), "text",
+                    "the k most likely next tokens after tokens 0..t, most likely first; read with top_k=k, an "
+                    f"owner's grant; {IGNORE} where the mask is 0"),
+           PortSpec(TOP_LOGPROBS, PortKind.OUTPUT, ("B", "L", "k"), "float32", (Op.READ,), "text",
+                    "log-probabilities of text.top_ids (read with them); 0.0 where the mask is 0")]
+    return [*ports[:2], targets, *ports[2:], logprobs, *top]
 
 
 def _right_padded(tokenizer: Any | None) -> Any | None:

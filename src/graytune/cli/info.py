@@ -9,7 +9,8 @@ import json
 from graytune.access import known_backbones, open_backbone
 from graytune.types import AccessLevel, BackboneSpec
 
-#: (level, what the row needs of the backbone, operation, what it reveals); "read" rows need a grant, not a level
+#: (level, what the row needs of the backbone, operation, what it reveals); "read" and "grant" rows need the
+#: owner's grant, not a level
 REVEALS = (
     ("black-box", "", "forward on raw inputs", "outputs (embeddings, logits)"),
     ("black-box", "lm", "text.target_logprobs", "log-probs of the targets sent (a full distribution costs V rows "
@@ -22,6 +23,9 @@ REVEALS = (
     ("dark-gray", "", "add/insert at input ports, gradients", "exact VJPs at the input ports"),
     ("light-gray", "", "add/insert at entry ports, gradients", "exact VJPs at the entry ports (<m>.layer.k)"),
     ("read", "text", "read at text.token_embeds", "weights: the token-table rows of the tokens sent"),
+    ("grant", "lm", "top_k=k: text.top_ids, text.top_logprobs", "k values of the next-token distribution per "
+                                                                "position (graytune serve --grant-topk K, k <= K <= "
+                                                                "20); full-vocabulary logits never cross"),
 )
 
 
@@ -69,7 +73,7 @@ def reveals(spec: BackboneSpec, access: AccessLevel) -> list[tuple[str, str, str
     for level, needs, operation, what in REVEALS:
         if needs and needs not in kinds:
             continue
-        here = "grant" if level == "read" else ("yes" if AccessLevel.parse(level) <= access else "no")
+        here = "grant" if level in ("read", "grant") else ("yes" if AccessLevel.parse(level) <= access else "no")
         rows.append((level, here, operation, what))
     return rows
 

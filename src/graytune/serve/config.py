@@ -34,6 +34,10 @@ class ServeConfig:
     """Highest level clients get: black-box, dark-gray or light-gray (white-box never crosses a network)."""
     reads: tuple[str, ...] = ()
     """Input or entry ports whose values clients may read (e.g. text.token_embeds for AdaLink)."""
+    grant_topk: int = 0
+    """For a language model: the most next tokens a client may read per position with their log-probabilities
+    (top_k= on a forward), at most 20; each position then reveals that many values of the next-token
+    distribution (0: none; full-vocabulary logits never cross)."""
     device: str = "auto"
     """Where the backbone runs: cpu, cuda or cuda:N (auto: CUDA when present, else CPU)."""
     dtype: str = "fp32"

@@ -40,6 +40,8 @@ def server_hint(handle: LocalHandle, needed: str) -> str:
     lends = f"this server lends {handle.spec.id} at {handle.access.label}"
     if handle.grants:
         lends += f" with reads at {', '.join(sorted(handle.grants))}"
+    if handle.top_k_grant:
+        lends += f", granting top-k log-probabilities up to k={handle.top_k_grant}"
     lends += f"; methods that work at it: {methods} (graytune methods describes them)"
     if needed == AccessLevel.WHITE_BOX.label:
         return (f"white-box access never crosses the network (LoRA and full fine-tuning need the weights in your "
@@ -49,6 +51,8 @@ def server_hint(handle: LocalHandle, needed: str) -> str:
         return f"{lends}; open the backbone at {needed} (open_backbone(URL, access={needed!r}), or a {needed} method)"
     if needed in levels:
         return f"{lends}; for more, the owner would run graytune serve --access {needed}"
+    if "top-k" in needed:  # the refusal itself names the owner's flag
+        return lends
     return f"{lends}; for reads, the owner would run graytune serve --reads PORT"
 
 

@@ -77,7 +77,7 @@ def build_app(backbone_id: str, config: ServeConfig, keys: ApiKeys) -> Any:
     if backbone_id.startswith(("http://", "https://")):
         raise InvalidInputError("graytune serve lends a backbone it holds; give a local id such as minilm")
     handle = open_backbone(backbone_id, config.access, reads=config.reads, device=config.device, dtype=config.dtype,
-                           recompute=config.recompute)
+                           recompute=config.recompute, top_k=config.grant_topk)
     assert isinstance(handle, LocalHandle)
     return create_app(handle, config, keys, extra=install_adapters if config.adapters else None)
 

@@ -122,6 +122,7 @@ class Service:
         if level.access not in self._specs:
             self._specs[level.access] = {"spec": level.spec.to_dict(), "access": level.access.label,
                                          "granted": self.granted.label, "reads": sorted(level.grants),
+                                         "top_k": level.top_k_grant,
                                          "placement": {"device": level.device.type, "dtype": dtype_name(level.dtype),
                                                        "recompute": level.recompute},
                                          "max_body_bytes": self.max_body,
@@ -179,7 +180,7 @@ class Service:
             inputs["text"] = request.texts
         grad = bool(message[1].get("grad"))
         check_work(inputs, request.insert, self.config, grad)  # ids and pixels, before texts are tokenized
-        plan = handle.plan(inputs, request.add, request.insert, request.outputs, request.reads)
+        plan = handle.plan(inputs, request.add, request.insert, request.outputs, request.reads, request.top_k)
         check_work(plan.inputs, plan.insert, self.config, bool(plan.slots))
         refuse_edits(self.edits_policy, handle, plan)
         if plan.slots and self.config.duplicate_rows != "allow":

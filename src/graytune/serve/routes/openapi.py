@@ -43,8 +43,9 @@ FORWARD_DOC = _body(
     "A graytune safetensors message (graytune.access.wire.pack_call): tensors inputs/<port> (e.g. "
     "inputs/text.input_ids [B, L] int64, inputs/image.pixels [B, 3, H, W] float32), add/<port> and "
     "insert/<port>; metadata access, outputs, reads, grad (names of the tensors that want gradients), "
-    "optionally texts and request (a key per forward). Answer: out/<port> per output, read/<port> per read, "
-    "metadata session (when gradients are wanted).")
+    "optionally texts, request (a key per forward) and top_k (a language model's k most likely next tokens, "
+    "within the owner's --grant-topk). Answer: out/<port> per output, read/<port> per read (read/text.top_ids "
+    "and read/text.top_logprobs [B, L, k] with top_k), metadata session (when gradients are wanted).")
 VJP_DOC = _body(
     "A graytune safetensors message: grad/<port> per output and metadata session; or, after a 410, the whole "
     "forward again with recompute: true. Answer: <group>/<port> per client tensor that wanted a gradient.")
