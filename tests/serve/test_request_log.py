@@ -64,3 +64,17 @@ def test_a_session_id_in_a_url_is_not_logged(serve, caplog) -> None:
         answer = httpx.delete(f"{url}/v1/sessions/secret-session-id", headers={"Authorization": "Bearer wrong"})
     assert answer.status_code == 401
     assert "secret-session-id" not in caplog.text and "/v1/sessions/<redacted> -> 401" in caplog.text
+
+
+def test_a_500_is_logged_at_error_naming_the_client(serve, caplog, monkeypatch) -> None:
+    url, app = serve(access="dark-gray", reads=())
+
+    def broken(client: str) -> None:
+        raise RuntimeError("a bug of the owner's")
+
+    monkeypatch.setattr(app.state.service, "stats", broken)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        answer = httpx.get(f"{url}/v1/stats", headers={"Authorization": f"Bearer {ALICE}"})
+    assert answer.status_code == 500 and "Traceback" not in answer.text
+    [record] = [r for r in caplog.records if r.name == LOGGER]
+    assert record.levelno == logging.ERROR and record.getMessage() == "alice GET /v1/stats -> 500 internal: RuntimeError"
