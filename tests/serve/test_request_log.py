@@ -77,4 +77,5 @@ def test_a_500_is_logged_at_error_naming_the_client(serve, caplog, monkeypatch) 
         answer = httpx.get(f"{url}/v1/stats", headers={"Authorization": f"Bearer {ALICE}"})
     assert answer.status_code == 500 and "Traceback" not in answer.text
     [record] = [r for r in caplog.records if r.name == LOGGER]
-    assert record.levelno == logging.ERROR and record.getMessage() == "alice GET /v1/stats -> 500 internal: RuntimeError"
+    assert record.levelno == logging.ERROR
+    assert record.getMessage() == "alice GET /v1/stats -> 500 internal: RuntimeError"
