@@ -67,6 +67,9 @@ class BackgroundServer:
 
 
 ENV_VAR = "GRAYTUNE_SERVE"
+#: seconds a worker may leave uvicorn's supervisor ping unanswered before it is killed and restarted; uvicorn's
+#: 5 s killed a worker still loading its backbone on a loaded 2-core machine
+WORKER_HEALTHCHECK_S = 60
 
 
 def build_app(backbone_id: str, config: ServeConfig, keys: ApiKeys) -> Any:
@@ -160,7 +163,7 @@ def serve_forever(started: Started, access_log: bool = False) -> None:
         os.environ[ENV_VAR] = json.dumps({"backbone": started.backbone_id, "config": asdict(config),
                                           "keys": str(keys.source)})
         settings = uvicorn.Config("graytune.serve.runner:app_from_env", factory=True, workers=config.workers,
-                                  **options)
+                                  timeout_worker_healthcheck=WORKER_HEALTHCHECK_S, **options)
         Multiprocess(settings, sockets=[started.sock]).run()
     else:
         server = uvicorn.Server(uvicorn.Config(started.app, **options))
