@@ -283,7 +283,8 @@ def quota_table(raw: dict[str, Any]) -> str:
     for audit, level, found in levels_of(raw):
         quota = found["recommended_quota"]
         samples, grad, edits = quota["flags"].values()
-        edits = f"{edits} ({quota['edits']['for_zeroth_order_keys']} for zeroth-order keys)" if edits else "—"
+        zeroth_order = quota["edits"].get("for_zeroth_order_keys")
+        edits = f"{edits} ({zeroth_order} where a key trains zeroth-order)" if edits else "—"
         lines.append(f"| {audit['task']} | {audit['budget']:,} | {level} | "
                      f"{'not measurable' if samples is None else f'{samples:,}'} | "
                      f"{'—' if grad is None else f'{grad:,}'} | {edits} | {quota['why']} |")
