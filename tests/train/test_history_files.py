@@ -42,8 +42,9 @@ def crashed(monkeypatch, flags: list[str], out: Path) -> None:  # type: ignore[n
 def test_a_resumed_run_cuts_its_history_back_to_the_checkpoint(monkeypatch, flags, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "run"
     crashed(monkeypatch, flags, out)
-    assert main([*flags, "--out", str(out)]) == 0
     capsys.readouterr()
+    assert main([*flags, "--out", str(out)]) == 0
+    assert "resuming from step 2 of 6: " in capsys.readouterr().err  # said, not only seen in the bar's start
     assert steps(out) == [1, 2, 3, 4, 5, 6]  # not 1, 2, 3, 3, 4, 5, 6
     history = lines(out)
     assert history[0]["event"] == "run" and history[0]["graytune"] and history[0]["method"] == "output"

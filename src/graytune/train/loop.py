@@ -185,6 +185,9 @@ class _Run:
         self.start, self.step_times, self.last_save = time.perf_counter(), [], time.monotonic()
         self.bar = tqdm(total=config.max_steps, initial=self.state.step, desc=f"train {model.method}", unit="step",
                         disable=not progress or not writer)
+        if resumed and not self.bar.disable:  # the one sign a user sees at default verbosity, on stderr
+            self.bar.write(f"resuming from step {self.state.step} of {config.max_steps}: {ckpt} (same settings "
+                           "and data, checked)", file=sys.stderr)
         self.rng, self.last_loss = torch.get_rng_state(), 0.0
         self.stop = not affordable(config, self.state.calls)
         if self.stop:  # a resumed run whose budget is spent
