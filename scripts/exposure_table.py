@@ -277,15 +277,18 @@ def levels_of(raw: dict[str, Any]) -> list[tuple[dict[str, Any], str, dict[str, 
 
 
 def quota_table(raw: dict[str, Any]) -> str:
-    """Each level's recommendation in graytune serve's units, and the line saying why the levels differ."""
-    lines = ["| task | budget | level | --quota-samples | --quota-grad-rows | --black-box-edits | why |",
-             "|---|---:|---|---:|---:|---|---|"]
+    """Each level's recommendation in graytune serve's units, and the line saying why the levels differ; from the
+    attacks that audit ran up to the level (an audit that left out the binding attack recommends more)."""
+    lines = ["| task | budget | level | attacks up to the level | --quota-samples | --quota-grad-rows | "
+             "--black-box-edits | why |", "|---|---:|---|---|---:|---:|---|---|"]
     for audit, level, found in levels_of(raw):
         quota = found["recommended_quota"]
         samples, grad, edits = quota["flags"].values()
         zeroth_order = quota["edits"].get("for_zeroth_order_keys")
         edits = f"{edits} ({zeroth_order} where a key trains zeroth-order)" if edits else "—"
-        lines.append(f"| {audit['task']} | {audit['budget']:,} | {level} | "
+        ran = ", ".join(mode for name, lower in audit["report"]["levels"].items()
+                        if LEVELS.index(name) <= LEVELS.index(level) for mode in lower["extraction"])
+        lines.append(f"| {audit['task']} | {audit['budget']:,} | {level} | {ran} | "
                      f"{'not measurable' if samples is None else f'{samples:,}'} | "
                      f"{'—' if grad is None else f'{grad:,}'} | {edits} | {quota['why']} |")
     return rendered(lines)
