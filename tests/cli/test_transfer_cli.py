@@ -38,12 +38,18 @@ def image_folder(root):  # type: ignore[no-untyped-def]
     return str(root)
 
 
+def weak_fine_tuned(weak: str, tmp_path, capsys, method: str, steps: str) -> str:  # type: ignore[no-untyped-def]
+    """The image folder's path, after ``graytune train`` wrote ``weak``'s adapter to tmp_path/ft (output read)."""
+    data = image_folder(tmp_path / "imgs")
+    assert main(["train", "--backbone", weak, "--method", method, "--data", data, "--out", str(tmp_path / "ft"),
+                 "--max-steps", steps, "--batch-size", "4", "--json"]) == 0
+    capsys.readouterr()
+    return data
+
+
 def test_extract_transfer_plus_round_trip(two_backbones, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
     weak, strong = two_backbones
-    data = image_folder(tmp_path / "imgs")
-    assert main(["train", "--backbone", weak, "--method", "dga", "--data", data, "--out", str(tmp_path / "ft"),
-                 "--max-steps", "2", "--batch-size", "4", "--json"]) == 0
-    capsys.readouterr()
+    data = weak_fine_tuned(weak, tmp_path, capsys, "dga", "2")
     assert main(["extract", "--weak", weak, "--adapter", str(tmp_path / "ft"), "--data", data,
                  "--out", str(tmp_path / "tm"), "--classes", "16", "--json"]) == 0
     extracted = json.loads(capsys.readouterr().out)
@@ -97,10 +103,7 @@ def test_the_chain_prints_tables_and_transmiter_plus_writes_its_history(two_back
                                                                         capsys) -> None:  # type: ignore[no-untyped-def]
     """extract printed a raw loss list, transfer and transmiter+ a dict repr, and transmiter+ wrote no history."""
     weak, strong = two_backbones
-    data = image_folder(tmp_path / "imgs")
-    assert main(["train", "--backbone", weak, "--method", "output", "--data", data, "--out", str(tmp_path / "ft"),
-                 "--max-steps", "1", "--batch-size", "4", "--json"]) == 0
-    capsys.readouterr()
+    data = weak_fine_tuned(weak, tmp_path, capsys, "output", "1")
     assert main(["extract", "--weak", weak, "--adapter", str(tmp_path / "ft"), "--data", data,
                  "--out", str(tmp_path / "tm"), "--classes", "8"]) == 0
     out = capsys.readouterr().out
@@ -133,9 +136,7 @@ def test_the_chain_prints_tables_and_transmiter_plus_writes_its_history(two_back
 
 def test_extract_aux_draw_takes_effect_and_is_recorded(two_backbones, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
     weak, _ = two_backbones
-    data = image_folder(tmp_path / "imgs")
-    assert main(["train", "--backbone", weak, "--method", "output", "--data", data, "--out", str(tmp_path / "ft"),
-                 "--max-steps", "1", "--batch-size", "4", "--json"]) == 0
+    data = weak_fine_tuned(weak, tmp_path, capsys, "output", "1")
     drawn = {}
     for draw in ("balanced", "concrete"):
         assert main(["extract", "--weak", weak, "--adapter", str(tmp_path / "ft"), "--data", data,
