@@ -80,3 +80,39 @@ def test_a_fatal_server_error_checkpoints_the_last_whole_step(monkeypatch, flags
     assert f"stopped by the backbone server's error below at step 3; checkpoint saved to {out}" in err
     assert "answered 429 (quota)" in err
     assert torch.load(out / "checkpoint.pt", weights_only=True)["state"]["step"] == 3
+
+
+def test_a_pause_finishes_the_step_saves_it_and_resumes_exactly(monkeypatch, tiny_clip_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A fine-tuning job's pause: the event set during step 3 stops the run after step 3 (its validation
+    included); the same run resumed from the checkpoint ends with the uninterrupted run's adapter, bit for bit."""
+    import threading
+
+    from graytune.recipes.run import RunSpec, train_model
+    from graytune.train.config import TrainConfig
+    from graytune.train.loop import Paused
+
+    pairs = str(write_pairs(tmp_path / "d", n=30))
+
+    def spec(out: str) -> RunSpec:
+        return RunSpec(f"hf-clip:{tiny_clip_dir}", None, "dga", pairs, out=out,
+                       train=TrainConfig(max_steps=6, batch_size=4, lr=0.01, eval_every=3))
+
+    pause, original = threading.Event(), _Run.log_step
+
+    def log_step(self, loss, lr):  # type: ignore[no-untyped-def]
+        original(self, loss, lr)
+        if self.state.step == 3:
+            pause.set()
+
+    with monkeypatch.context() as m:
+        m.setattr(_Run, "log_step", log_step)
+        with pytest.raises(Paused) as paused:
+            train_model(spec(str(tmp_path / "run")), progress=False, pause=pause)
+    assert paused.value.step == 3
+    saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["state"]
+    assert saved["step"] == 3 and [h["step"] for h in saved["history"]] == [3]  # step 3's validation ran
+    train_model(spec(str(tmp_path / "run")), progress=False, pause=threading.Event())
+    train_model(spec(str(tmp_path / "whole")), progress=False)
+    resumed = load_file(tmp_path / "run" / "adapter_model.safetensors")
+    whole = load_file(tmp_path / "whole" / "adapter_model.safetensors")
+    assert all(torch.equal(resumed[k], whole[k]) for k in whole)

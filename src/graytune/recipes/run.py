@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -222,11 +223,12 @@ class Opened:
 def run_once(opened: Opened, method: str, train: TrainConfig, options: dict[str, Any] | None = None,
              adapter: str | None = None, device: str | None = None, checkpoint: Path | None = None,
              progress: bool = False, tensorboard: bool = False, score_val: bool = False,
-             settings: dict[str, Any] | None = None) -> tuple[dict[str, Any], AdaptedModel]:
+             settings: dict[str, Any] | None = None,
+             pause: threading.Event | None = None) -> tuple[dict[str, Any], AdaptedModel]:
     """One run: seed, build (or warm-start from ``adapter``), fit and select on val, test once; a row.
 
     ``settings``: what a resume from ``checkpoint`` must share besides the training settings and options
-    (``data_settings``).
+    (``data_settings``). ``pause``: see ``fit`` (a job's pause: ``Paused`` once the step under way is saved).
 
     Every program that trains calls this: ``graytune train`` (``train_model``), ``compare`` (the demo's
     table) and the study scripts. The adapters are built right after seeding, so one seed gives the same
@@ -246,7 +248,7 @@ def run_once(opened: Opened, method: str, train: TrainConfig, options: dict[str,
     model = place_model(model, device)
     config = resolved(train, spec.lr, model)
     result = fit(model, opened.task, opened.val, config, checkpoint=checkpoint, progress=progress,
-                 tensorboard=tensorboard, settings=settings) if spec.slots else None
+                 tensorboard=tensorboard, settings=settings, pause=pause) if spec.slots else None
     best_val = result.best_metric if result else None
     if result is None and score_val:
         best_val = opened.task.evaluate(model, opened.val)[opened.task.primary]
@@ -280,8 +282,11 @@ def open_run(run: RunSpec) -> tuple[Splits, Opened]:
     return splits, Opened(handle, task, splits.val, splits.test)
 
 
-def train_model(run: RunSpec, progress: bool = True) -> tuple[dict[str, Any], AdaptedModel]:
-    """``train_and_save``, also returning the trained model (in a process group: rank 0 tests and saves)."""
+def train_model(run: RunSpec, progress: bool = True,
+                pause: threading.Event | None = None) -> tuple[dict[str, Any], AdaptedModel]:
+    """``train_and_save``, also returning the trained model (in a process group: rank 0 tests and saves).
+
+    ``pause``: see ``fit`` (needs ``run.out``)."""
     method = get_method(run.method)
     if method.kind is MethodKind.LOGIT:
         raise InvalidInputError(f"method {run.method!r} is made by {method.trained_by}, not by this recipe")
@@ -293,7 +298,7 @@ def train_model(run: RunSpec, progress: bool = True) -> tuple[dict[str, Any], Ad
     ckpt = checkpoint_path(run.out)
     settings = data_settings(run, splits) if ckpt is not None else None
     row, model = run_once(opened, run.method, run.train, run.options, run.adapter, run.device, ckpt, progress,
-                          run.tensorboard, settings=settings)
+                          run.tensorboard, settings=settings, pause=pause)
     label = data_label(run)
     summary = {"backbone": opened.handle.spec.id, "data": label, "data_files": data_files(run) or None,
                "task": splits.task, "split_sizes": split_sizes(splits), **row, "data_note": splits.note,

@@ -63,9 +63,18 @@ class Terminated(KeyboardInterrupt):
     is (the last whole step checkpointed), then raised on."""
 
 
+class Paused(Exception):
+    """``fit``'s ``pause`` event was set: the step under way finished, was checkpointed, and the run stopped
+    there; calling ``fit`` again with the same checkpoint continues it exactly."""
+
+    def __init__(self, step: int, checkpoint: Path) -> None:
+        super().__init__(f"paused after step {step}; checkpoint {checkpoint}")
+        self.step, self.checkpoint = step, checkpoint
+
+
 def fit(model: AdaptedModel, task: Task, val_data: Any, config: TrainConfig,
         checkpoint: str | os.PathLike[str] | None = None, progress: bool = True, tensorboard: bool = False,
-        settings: dict[str, Any] | None = None) -> FitResult:
+        settings: dict[str, Any] | None = None, pause: threading.Event | None = None) -> FitResult:
     """Train ``model``'s trainable tensors on ``task``; returns with the best validated state loaded.
 
     With ``checkpoint`` (a path), an atomic checkpoint is written at every validation, every
@@ -74,15 +83,19 @@ def fit(model: AdaptedModel, task: Task, val_data: Any, config: TrainConfig,
     finds one resumes from it exactly, after checking it was written with the same settings: ``config``'s,
     the adapters' options and ``settings`` (plain data, e.g. the data's name and content hashes).
     Every step and validation goes to ``history.jsonl`` beside it (and, with ``tensorboard``, TensorBoard
-    events in ``tensorboard/`` there too).
+    events in ``tensorboard/`` there too). ``pause`` (with ``checkpoint``): once the event is set, the step under
+    way finishes (its validation too), is checkpointed, and ``Paused`` is raised (a fine-tuning job's pause).
 
     Raises:
         InvalidInputError: no learning rate, nothing to train, zeroth-order settings for a model without
             zeroth-order adapters, ``max_calls`` below the calls of one training step, or a checkpoint written
             with other settings.
         Terminated: SIGTERM arrived (after the checkpoint was written).
+        Paused: ``pause`` was set (after the checkpoint was written).
     """
     ckpt = Path(checkpoint) if checkpoint else None
+    if pause is not None and ckpt is None:
+        raise InvalidInputError("fit(pause=...) needs a checkpoint to pause into")
     run = _Run(model, task, val_data, config, ckpt, progress, tensorboard, settings)
     with _sigterm_raises(ckpt is not None):
         try:
@@ -90,6 +103,8 @@ def fit(model: AdaptedModel, task: Task, val_data: Any, config: TrainConfig,
                 for group in epoch_groups(task, config, run.state):
                     if run.step(group):
                         break
+                    if pause is not None and pause.is_set():
+                        run.pause()
                 else:  # the epoch ran out of batches
                     run.state.epoch += 1
                     run.state.batch_in_epoch = 0
@@ -312,6 +327,13 @@ class _Run:
             self.save(rng=self.rng)
             self.bar.write(f"{why} at step {self.state.step}; checkpoint saved to {self.ckpt}: run the same "
                            "command again to resume", file=sys.stderr)
+
+    def pause(self) -> None:
+        """Checkpoint the whole step just taken (with the random state the next step would start from) and raise
+        ``Paused``."""
+        self.save()
+        assert self.ckpt is not None
+        raise Paused(self.state.step, self.ckpt)
 
     def close(self) -> None:
         self.bar.close()
