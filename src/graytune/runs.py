@@ -181,9 +181,10 @@ class JsonlLogger:
         replace_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
     def log(self, record: dict[str, Any]) -> None:
+        """Append ``record`` with the wall-clock time it was logged (``at``, Unix seconds)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record, sort_keys=True) + "\n")
+            fh.write(json.dumps({**record, "at": round(time.time(), 3)}, sort_keys=True) + "\n")
 
     def close(self) -> None:
         pass

@@ -45,19 +45,30 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from graytune.errors import InvalidInputError
     from graytune.serve.config import ApiKeys, ServeConfig
 
     values = {f.name: getattr(args, f.name) for f in fields(ServeConfig)}
     config = ServeConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
     keys = ApiKeys.load(args.api_keys)  # a bad key file fails before anything starts or prints
     if args.ray:
+        if config.jobs:
+            raise InvalidInputError("--jobs is served by graytune serve's own server; drop --ray or --jobs")
         from graytune.serve.ray_app import serve_on_ray
 
         serve_on_ray(args.backbone, config, args.api_keys, replicas=args.ray)
         return 0
     from graytune.serve.runner import serve_forever, start
 
-    started = start(args.backbone, config, keys)  # binds the port and checks every option: the banner comes after
+    extra = None
+    if config.jobs:
+        if config.workers > 1:
+            raise InvalidInputError("--jobs runs its job queue in one server process; drop --workers "
+                                    f"{config.workers} (or serve jobs from a server of their own)")
+        from graytune.recipes.jobs.routes import install_jobs
+
+        extra = install_jobs
+    started = start(args.backbone, config, keys, extra)  # binds the port and checks every option: the banner comes after
     edits = f"; black-box edits: {config.black_box_edits}" if config.access == "black-box" else ""
     workers = f", {config.workers} workers" if config.workers > 1 else ""
     print(f"graytune serve: {args.backbone} at {config.access} on {started.url} ({started.device}, {started.dtype}"

@@ -9,7 +9,9 @@
 - ``transmiter``: TransMiter's extract → transfer → TransMiter+ programs on real data sets;
 - ``arguments``: the flags of a training run, shared by the CLI and ``ddp``;
 - ``ddp``: ``torchrun -m graytune.recipes.ddp``, the data-parallel entry point;
-- ``store``: one results file for the studies (atomic, locked, refuses another protocol).
+- ``store``: one results file for the studies (atomic, locked, refuses another protocol);
+- ``jobs``: fine-tuning jobs on ``graytune serve --jobs DIR`` (OpenAI's files, jobs, models and embeddings routes):
+  each job runs ``train_model`` in a process of its own, through the server, as the client that created it.
 
 The library below never imports this package.
 """

@@ -70,8 +70,9 @@ class AdapterHost:
         self.handle, self.window_s, self.max_batch = handle, window_ms / 1000, max_batch
         self.max_pending = max_pending
         self.models: dict[str, AdaptedModel] = {}
+        self.owners: dict[str, str] = {}  # adapters only one client may see and use (fine-tuning jobs' models)
         for name, folder in folders.items():
-            self.models[name] = load_adapter(folder, handle).eval().requires_grad_(False)
+            self.add(name, folder)
         self.backbone_calls = 0
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._lock = lock or threading.Lock()  # the server's compute lock: one backbone call at a time
@@ -92,9 +93,20 @@ class AdapterHost:
         if self.thread.is_alive():  # still finishing its batch (the join timed out): it stops at the next mark
             self._queue.put(None)
 
-    def model(self, name: str) -> AdaptedModel:
-        if name not in self.models:
-            raise UnknownNameError("hosted adapter", name, self.models)
+    def add(self, name: str, folder: str, owner: str | None = None) -> None:
+        """Host the adapter saved in ``folder`` as ``name``; with ``owner``, only that client sees and uses it."""
+        self.models[name] = load_adapter(folder, self.handle).eval().requires_grad_(False)
+        if owner is not None:
+            self.owners[name] = owner
+
+    def visible(self, client: str | None) -> list[str]:
+        """The adapters ``client`` may use (every one for ``None``: the owner's own view)."""
+        return [n for n in self.models if client is None or self.owners.get(n, client) == client]
+
+    def model(self, name: str, client: str | None = None) -> AdaptedModel:
+        """The adapter ``name``; for ``client``, one it may use (another client's is unknown to it: 404)."""
+        if name not in self.models or (client is not None and self.owners.get(name, client) != client):
+            raise UnknownNameError("hosted adapter", name, self.visible(client))
         return self.models[name]
 
     def submit(self, name: str, modality: str, inputs: Mapping[str, Tensor] | None = None,

@@ -62,6 +62,7 @@ def create_app(handle: LocalHandle, config: ServeConfig, keys: ApiKeys, extra: C
                   docs_url="/docs", redoc_url=None, openapi_url="/openapi.json", lifespan=_lifespan)
     app.state.service = service
     app.state.on_close = [service.close]  # what to stop when the app shuts down (e.g. the adapter batcher)
+    app.state.on_start = []  # what to call with the server's URL once it listens (e.g. the fine-tuning job queue)
     install_error_handlers(app)
     app.add_middleware(RequestLog, verify=keys.client)  # refused and failed requests, by client name
     app.include_router(info.router)

@@ -137,6 +137,23 @@ class ServeConfig:
     """Most samples in one batched backbone call for hosted adapters."""
     workers: int = 1
     """uvicorn worker processes (each keeps its own sessions, all share the quota ledger)."""
+    jobs: str = ""
+    """A folder for fine-tuning jobs (OpenAI's files and fine_tuning.jobs routes, /v1/embeddings): uploaded files,
+    each job's run and its model; kept across restarts, and jobs that were running resume (empty: no job routes).
+    Needs graytune serve's own entry point (it adds the routes), one worker."""
+    job_workers: int = 1
+    """Jobs trained at once, each in a training process of its own that trains through this server as the client
+    that created the job (more wait in a queue, first come first served)."""
+    job_queue: int = 32
+    """Most jobs waiting to run, all clients together (429 past it)."""
+    client_jobs: int = 8
+    """Most jobs one client may have queued, running or paused (429 past it)."""
+    max_file_mb: float = 64.0
+    """Largest uploaded file, in MiB (413 above); a tar or zip is also bounded unpacked (4 times this)."""
+    client_files_mb: float = 512.0
+    """Most bytes of uploaded files one client may keep, in MiB (429 past it; deleting files frees them)."""
+    client_files: int = 64
+    """Most uploaded files one client may keep (429 past it)."""
     malloc_arenas: int = 2
     """glibc malloc arenas for the server process (MALLOC_ARENA_MAX; 0: glibc's default of 8 per core, which
     kept 7.5 GB after eight concurrent worst-case requests where 2 keep 0.55 GB; docs/reliability.md)."""
@@ -191,6 +208,18 @@ class ApiKeys:
                                         f"got {len(words)} fields")
             keys[words[0]] = words[1]
         return cls(keys, file.resolve())
+
+    def grant(self, name: str, key: str) -> None:
+        """Let ``key`` (made by the server, never written to disk) act as the client ``name`` until ``revoke``:
+        a fine-tuning job's training process trains through the server as the client that created it."""
+        if name not in self.names or len(key) < 16:
+            raise InvalidInputError(f"a server-made key must name a client of the key file ({name!r} is not one) "
+                                    "and be at least 16 characters")
+        self._keys = [*self._keys, (name, key.encode())]  # a new list: readers on other threads see old or new
+
+    def revoke(self, key: str) -> None:
+        """Forget a key ``grant`` gave (the key file's own keys stay)."""
+        self._keys = [(n, k) for n, k in self._keys if k != key.encode()]
 
     def client(self, authorization: str | None) -> str | None:
         """The client named by an ``Authorization: Bearer KEY`` header, or ``None``."""

@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 from dataclasses import asdict, dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,8 @@ class BackgroundServer:
             time.sleep(0.01)
         host, port = self.server.servers[0].sockets[0].getsockname()[:2]
         self.url = f"http://{host}:{port}"
+        for begin in getattr(getattr(self.server.config.app, "state", None), "on_start", ()):
+            begin(self.url)
         return self.url
 
     def stop(self) -> None:
@@ -72,8 +75,10 @@ ENV_VAR = "GRAYTUNE_SERVE"
 WORKER_HEALTHCHECK_S = 60
 
 
-def build_app(backbone_id: str, config: ServeConfig, keys: ApiKeys) -> Any:
-    """The service for a backbone id, with the adapters named in ``config.adapters`` hosted."""
+def build_app(backbone_id: str, config: ServeConfig, keys: ApiKeys,
+              extra: Callable[[Any, Any], None] | None = None) -> Any:
+    """The service for a backbone id, with the adapters named in ``config.adapters`` hosted; ``extra(app,
+    service)`` adds more routes (``graytune serve --jobs``: the fine-tuning job routes)."""
     from graytune.access import LocalHandle, open_backbone
     from graytune.serve.routes.hosted import install_adapters
 
@@ -82,7 +87,14 @@ def build_app(backbone_id: str, config: ServeConfig, keys: ApiKeys) -> Any:
     handle = open_backbone(backbone_id, config.access, reads=config.reads, device=config.device, dtype=config.dtype,
                            recompute=config.recompute, top_k=config.grant_topk)
     assert isinstance(handle, LocalHandle)
-    return create_app(handle, config, keys, extra=install_adapters if config.adapters else None)
+
+    def install(app: Any, service: Any) -> None:
+        if config.adapters:
+            install_adapters(app, service)
+        if extra is not None:
+            extra(app, service)
+
+    return create_app(handle, config, keys, extra=install)
 
 
 def app_from_env() -> Any:
@@ -127,7 +139,8 @@ class Started:
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def start(backbone_id: str, config: ServeConfig, keys: ApiKeys) -> Started:
+def start(backbone_id: str, config: ServeConfig, keys: ApiKeys,
+          extra: Callable[[Any, Any], None] | None = None) -> Started:
     """Bind the port, then build the service, checking every option, for ``serve_forever``.
 
     The allocator is bounded first (``graytune.serve.memory``), before the backbone loads and threads start.
@@ -136,7 +149,7 @@ def start(backbone_id: str, config: ServeConfig, keys: ApiKeys) -> Started:
     sock = listen(config.host, config.port)
     try:
         tame_allocator(config.malloc_arenas, config.malloc_mmap_kb)
-        app = build_app(backbone_id, config, keys)
+        app = build_app(backbone_id, config, keys, extra)
         handle = app.state.service.handle
         device, dtype = str(handle.device), dtype_name(handle.dtype)
         if config.workers > 1:
@@ -166,6 +179,8 @@ def serve_forever(started: Started, access_log: bool = False) -> None:
                                   timeout_worker_healthcheck=WORKER_HEALTHCHECK_S, **options)
         Multiprocess(settings, sockets=[started.sock]).run()
     else:
+        for begin in started.app.state.on_start:  # the socket listens already: what they start can connect
+            begin(started.url)
         server = uvicorn.Server(uvicorn.Config(started.app, **options))
         server.run(sockets=[started.sock])
         if not server.started:

@@ -34,11 +34,11 @@ from graytune.serve.adapters import AdapterHost, HostBusy, HostClosed
 from graytune.serve.admission import HTTPProblem, busy, check_prompts, check_texts, check_work, tokens_of
 from graytune.serve.ledger import Charge
 from graytune.serve.responses import answer, wire_response
-from graytune.serve.routes.dependencies import ClientDep, ServiceDep, get_client
+from graytune.serve.routes.dependencies import ClientDep, ServiceDep
 from graytune.serve.routes.openapi import CLASSIFY_DOC, EMBED_DOC
 from graytune.serve.service import Service, timed_out
 
-__all__ = ["TEMPLATE", "HostDep", "install_adapters", "router"]
+__all__ = ["TEMPLATE", "HostDep", "adapted_text_embeds", "install_adapters", "router"]
 Tensor = torch.Tensor
 #: the prompt a class name is put into when a classify request names no ``template``
 TEMPLATE = "a photo of a {}."
@@ -66,10 +66,12 @@ HostDep = Annotated[AdapterHost, Depends(get_adapter_host)]
 router = APIRouter()
 
 
-@router.get("/v1/adapters", dependencies=[Depends(get_client)])
-async def listing(service: ServiceDep, host: HostDep) -> dict[str, dict[str, str]]:
-    """Each hosted adapter's method and backbone, by name."""
-    return {name: {"method": m.method, "backbone": service.handle.spec.id} for name, m in host.models.items()}
+@router.get("/v1/adapters")
+async def listing(service: ServiceDep, host: HostDep, client: ClientDep) -> dict[str, dict[str, str]]:
+    """Each hosted adapter's method and backbone, by name: the owner's, and the caller's own fine-tuned models."""
+    seen = None if service.is_admin(client) else client
+    return {name: {"method": host.models[name].method, "backbone": service.handle.spec.id}
+            for name in host.visible(seen)}
 
 
 @router.post("/v1/adapters/{name}/embed", openapi_extra=EMBED_DOC)
@@ -99,6 +101,31 @@ async def classify(name: str, request: Request, service: ServiceDep, host: HostD
     if as_json:
         return JSONResponse({"logits": logits.tolist(), "classes": meta["classes"]})
     return wire_response(encode({"logits": logits}, {"classes": meta["classes"]}))
+
+
+async def adapted_text_embeds(service: Service, host: AdapterHost, client: str, name: str, texts: list[str],
+                              base: bool = False) -> tuple[Tensor, int]:
+    """``[B, E]`` embeddings of ``texts`` through the caller's adapter ``name`` (admitted, charged and batched as
+    ``embed``'s), or with ``base`` the backbone's own; and the tokens charged (what OpenAI's ``usage`` reports)."""
+    until = service.deadline()
+    if not base:
+        embeds, meta = await _admitted(service, host, client, name, ({}, {"texts": texts}), until, False)
+        return embeds, int(meta.get("tokens", 0))
+    handle = service.level_handle(None)
+    check_texts(texts, service.config)
+    tokenized = await service.checked(handle.tokenize, texts)
+    check_work(tokenized, {}, service.config, grad=False)
+    tokens = tokens_of(tokenized)
+    await service.checked(partial(service.ledger.charge, client, len(texts), tokens=tokens))
+    def work() -> Tensor:
+        with torch.no_grad():
+            return handle.encode_text(tokenized)
+
+    try:
+        return await service.compute(work, until), tokens
+    except BaseException:
+        await service.refund(client, charge=Charge(len(texts), tokens=tokens))
+        raise
 
 
 async def _embeds(service: Service, host: AdapterHost, client: str, name: str, request: Request, until: float,
@@ -135,7 +162,7 @@ def _admit(service: Service, host: AdapterHost, client: str, name: str, message:
     their tokens (``--quota-tokens``). The prompts' own part is ``meta["prompt_tokens"]``.
     """
     config, meta = service.config, message[1]
-    host.model(name)
+    host.model(name, client)
     meta["prompt_tokens"] = tokens = 0
     if classify:  # the prompts it will build: their characters before they are built, then their tokens
         classes = texts_of(meta.get("classes"))
@@ -152,6 +179,7 @@ def _admit(service: Service, host: AdapterHost, client: str, name: str, message:
         tokenized = service.handle.tokenize(texts)
         check_work(tokenized, {}, config, grad=False)
         tokens += tokens_of(tokenized)
+        meta["tokens"] = tokens
         rows, modality, pixels = len(texts), "text", None
     else:
         texts, pixels = [], unpack_inputs(message)
