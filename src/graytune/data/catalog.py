@@ -30,9 +30,11 @@ from graytune.data.files import (
     read_utf8,
     to_classification,
     to_retrieval,
+    to_text_classification,
 )
 from graytune.data.fortunes import load_fortunes
 from graytune.data.labeled import (
+    LabeledTexts,
     load_fashion_mnist,
     load_image_folder,
     load_wordnet_supersenses,
@@ -67,6 +69,8 @@ BUILTIN = {"tuxpaint": "retrieval", "emoji": "retrieval", "tuxpaint-sketch": "sk
 #: the prompts of the built-in language-model sets (classification as generation names the classes)
 CATEGORY_PROMPT = "Which of these categories does the definition belong to: {classes}?\nDefinition: {text}\nCategory:"
 TOPIC_PROMPT = "Which of these topics is the quote about: {classes}?\nQuote: {text}\nTopic:"
+#: the class prompts of classification files: image rows and folders, and text rows (neutral, as fortunes')
+IMAGE_PROMPT, TEXT_PROMPT = "a picture of a {}", "a text about {}"
 
 
 def _perm(n: int, seed: int) -> list[int]:
@@ -81,14 +85,17 @@ def load_splits(name: str | None, task: str | None = None, seed: int = 0, train_
     With ``base_to_novel`` (classification), the first half of the classes is the base: train and
     val keep base samples only; the test split keeps all, scored among base and among novel classes.
 
-    Paths: a ``.csv``/``.jsonl`` of ``image,caption`` (retrieval) or ``image,label`` (classification)
-    rows, optionally with a ``split`` column (train/val/test); a COCO caption ``.json``, a
+    Paths: a ``.csv``/``.jsonl`` of ``image,caption`` (retrieval), ``image,label`` (image
+    classification) or ``text,label`` (text classification, for text backbones such as ``minilm``;
+    classes are prompted as ``TEXT_PROMPT``, "a text about {}") rows, optionally with a ``split``
+    column (train/val/test); a COCO caption ``.json``, a
     Karpathy-split ``.json`` or an MSR-VTT ``.json``; WebDataset ``.tar`` shards (brace patterns such
     as ``shards/{000..009}.tar``); a folder of class folders; a folder with ``sketch/`` and
     ``photo/``. A file without splits is re-split 70/10/20 with ``seed`` (and ``note`` says so).
     ``train``/``val``/``test`` give the splits as separate files instead of ``name``. With
     ``whole_if_unsplit`` (what ``graytune eval`` scores), a file without splits is kept whole instead
-    (``whole``: every split is the whole file).
+    (``whole``: every split is the whole file). Classification classes are the training labels, sorted;
+    a val or test file's labels must be among them.
     """
     if train is not None:
         if name is not None:
@@ -123,6 +130,11 @@ def _explicit(train: str, val: str | None, test: str | None, task: str | None, s
     class_names = getattr(train_set, "class_names", None)
     val_set = _one_source(val, kind, class_names)[1] if val else None
     test_set = _one_source(test, kind, class_names)[1] if test else None
+    for flag, other in (("--val", val_set), ("--test", test_set)):
+        if other is not None and isinstance(other, LabeledTexts) != isinstance(train_set, LabeledTexts):
+            held = ("texts", "images") if isinstance(train_set, LabeledTexts) else ("images", "texts")
+            raise InvalidInputError(f"--train {train} holds {held[0]} but {flag} holds {held[1]}; give split files "
+                                    "of one kind: all text,label rows or all image rows")
     note = ""
     if val_set is None:
         order = _perm(len(train_set), seed)
@@ -142,9 +154,16 @@ def _one_source(name: str, task: str | None, class_names: Any = None) -> tuple[s
         if "karpathy" in extra:
             raise InvalidInputError(f"{name}: a Karpathy .json holds its own splits; give it as --data")
         return kind, extra.pop("data"), extra
-    data = (to_retrieval(Path(name).stem, records) if kind == "retrieval"
-            else to_classification(Path(name).stem, records, class_names))
-    return kind, data, extra
+    return kind, _data_set(kind, Path(name).stem, records, class_names), extra
+
+
+def _data_set(kind: str, label: str, records: list[Record], class_names: Any = None) -> Any:
+    """The retrieval, image classification or text classification set of ``records``."""
+    if kind == "retrieval":
+        return to_retrieval(label, records)
+    if records and records[0].text is not None:
+        return to_text_classification(label, records, class_names)
+    return to_classification(label, records, class_names)
 
 
 def _records(name: str, task: str | None) -> tuple[list[Record] | None, str, dict[str, Any]]:
@@ -162,7 +181,7 @@ def _records(name: str, task: str | None) -> tuple[list[Record] | None, str, dic
         if {"sketch", "photo"} <= {p.name for p in path.iterdir()}:
             return None, _check_task(name, "sketch", task), {"data": load_sketch_folders(path), "fit": "pad"}
         return None, _check_task(name, "classification", task), {"data": load_image_folder(path),
-                                                                   "prompt": "a picture of a {}"}
+                                                                   "prompt": IMAGE_PROMPT}
     if path.suffix == ".json":
         read_utf8(path)  # text that is not UTF-8 is named (file, line, bytes) before a reader parses it
         if _is_msrvtt(path):
@@ -182,7 +201,10 @@ def _kind_of(name: str, records: list[Record], task: str | None) -> str:
 
 
 def _prompt(records: list[Record]) -> dict[str, Any]:
-    return {"prompt": "a picture of a {}"} if records and records[0].caption is None else {}
+    """Classification records' class prompt (``TEXT_PROMPT`` for text rows); none for retrieval."""
+    if not records or records[0].caption is not None:
+        return {}
+    return {"prompt": TEXT_PROMPT if records[0].text is not None else IMAGE_PROMPT}
 
 
 def _generation(name: str, seed: int, train_size: int | None) -> Splits:
@@ -262,8 +284,7 @@ def _from_path(name: str, task: str | None, seed: int, whole_if_unsplit: bool = 
         return _split_column(name, label, kind, records, extra, seed)
     if kind == "generation" and any(extra["data"].splits):
         return _completion_splits(name, label, extra["data"])
-    data = extra.pop("data") if records is None else (
-        to_retrieval(label, records) if kind == "retrieval" else to_classification(label, records))
+    data = extra.pop("data") if records is None else _data_set(kind, label, records)
     if whole_if_unsplit:
         return _whole(label, kind, data, extra, f"{name} has no splits: scored whole ({len(data)} items); "
                       f"--split test scores the 20 % that graytune train --data {name} holds out for testing")
@@ -312,8 +333,7 @@ def _split_column(name: str, label: str, kind: str, records: list[Record], extra
     parts: dict[str, Any] = {}
     for split in ("train", "val", "test"):
         names = getattr(parts.get("train"), "class_names", None)
-        parts[split] = to_retrieval(label, rows[split]) if kind == "retrieval" else to_classification(
-            label, rows[split], names)
+        parts[split] = _data_set(kind, label, rows[split], names)
     return Splits(label, kind, parts["train"], parts["val"], parts["test"], note=note, **extra)
 
 

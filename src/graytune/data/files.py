@@ -2,12 +2,13 @@
 
 Each reader returns ``Record``s (an image, its caption or label, an optional split,
 and where it came from: ``pairs.csv row 7``, ``shard-000.tar member 0042.jpg``);
-``to_retrieval`` / ``to_classification`` make the data sets the tasks train on.
-Images are never decoded here: only their names (or tar offsets) are kept, so
-memory does not grow with the images' size.
+CSV/JSONL rows may instead hold a ``text`` with its ``label`` (text classification).
+``to_retrieval`` / ``to_classification`` / ``to_text_classification`` make the data
+sets the tasks train on. Images are never decoded here: only their names (or tar
+offsets) are kept, so memory does not grow with the images' size.
 
 Example:
-    >>> records = read_rows(Path("pairs.csv"))           # image,caption[,split] or image,label[,split]
+    >>> records = read_rows(Path("pairs.csv"))   # image,caption / image,label / text,label, each [,split]
     >>> data = to_retrieval("pairs", records)
 """
 
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 
 from graytune.artifact_files import file_sha256
-from graytune.data.labeled import IMAGE_SUFFIXES, LabeledImageFiles
+from graytune.data.labeled import IMAGE_SUFFIXES, LabeledImageFiles, LabeledTexts
 from graytune.data.tuxpaint import ImageCaptionSet
 from graytune.errors import InvalidInputError, MissingDependencyError
 
@@ -53,15 +54,31 @@ class TarMember:
 
 @dataclass(frozen=True)
 class Record:
-    image: Path | TarMember
+    """One item of a user's file: an image with its caption or label, or a text with its label."""
+
+    image: Path | TarMember | None  # None for a text row
     caption: str | None
     label: str | None
     split: str | None
-    origin: str
+    origin: str  # where it was listed: ``pairs.csv row 7``
+    text: str | None = None  # a text row's text (text classification)
 
 
 def read_rows(path: Path) -> list[Record]:
-    """``image,caption`` or ``image,label`` rows of a CSV or JSONL file, with an optional ``split`` column."""
+    """The rows of a CSV (with a header) or JSONL file, each with an optional ``split`` (train/val/test).
+
+    A file holds one kind of row: ``image,caption`` (retrieval), ``image,label`` (image classification)
+    or ``text,label`` (text classification); image names are relative to the file's folder.
+
+    Example:
+        >>> [r.text for r in read_rows(Path("reviews.csv"))]  # rows: text,label / "Loved it",positive
+        ['Loved it']
+
+    Raises:
+        InvalidInputError: a missing file, another suffix, a CSV header without the columns of one kind,
+            a row that is not JSON, a row with both or neither of ``image`` and ``text``, a text row with an
+            empty text or label, or image rows and text rows in one file, each naming the file and row.
+    """
     if not path.is_file():
         raise InvalidInputError(f"no such file: {path}")
     rows: list[tuple[dict, str]] = []
@@ -74,21 +91,34 @@ def read_rows(path: Path) -> list[Record]:
             except json.JSONDecodeError as err:
                 raise InvalidInputError(f"{path} line {n} is not valid JSON ({err.msg} at column {err.colno}); "
                                         "each line must be one object such as "
-                                        '{"image": "a.jpg", "caption": "a cat"}') from None
+                                        '{"image": "a.jpg", "caption": "a cat"} or '
+                                        '{"text": "Loved it", "label": "positive"}') from None
             if not isinstance(item, dict):
                 raise InvalidInputError(f"{path} line {n}: expected a JSON object, got {type(item).__name__}")
             rows.append((item, f"{path.name} line {n}"))
     elif path.suffix == ".csv":
         reader = csv.DictReader(io.StringIO(read_utf8(path, "row"), newline=""))
         rows = [(r, f"{path.name} row {n}") for n, r in enumerate(reader, 2)]  # row 1 is the header
-        fields = reader.fieldnames or []
-        if "image" not in fields or not {"caption", "label"} & set(fields):
-            raise InvalidInputError(f"{path}: needs a header with 'image' and 'caption' (retrieval) or 'label' "
-                                    f"(classification), optionally 'split'; got {fields}")
+        fields = set(reader.fieldnames or [])
+        if not ("image" in fields and {"caption", "label"} & fields or {"text", "label"} <= fields):
+            raise InvalidInputError(f"{path}: needs a header with 'image' and 'caption' (retrieval), 'image' and "
+                                    "'label' (image classification) or 'text' and 'label' (text classification), "
+                                    f"optionally 'split'; got {reader.fieldnames or []}")
     else:
-        raise InvalidInputError(f"{path}: expected a .csv or .jsonl of image,caption or image,label rows, a COCO "
-                                "or Karpathy caption .json, or WebDataset .tar shards")
-    return [_record(path, item, origin) for item, origin in rows]
+        raise InvalidInputError(f"{path}: expected a .csv or .jsonl of image,caption, image,label or text,label "
+                                "rows, a COCO or Karpathy caption .json, or WebDataset .tar shards")
+    return _one_kind(path, [_record(path, item, origin) for item, origin in rows])
+
+
+def _one_kind(path: Path, records: list[Record]) -> list[Record]:
+    """``records``, refused when image rows and text rows are mixed (a data set holds one kind of query)."""
+    odd = next((r for r in records if (r.text is None) != (records[0].text is None)), None)
+    if odd is not None:
+        kinds = ("an image row", "a text row") if odd.text is None else ("a text row", "an image row")
+        raise InvalidInputError(f"{odd.origin} of {path} is {kinds[0]} but its first row ({records[0].origin}) is "
+                                f"{kinds[1]}; a file holds image rows or text rows, not both: put them in separate "
+                                "files")
+    return records
 
 
 def read_utf8(path: Path, unit: str = "line") -> str:
@@ -121,12 +151,39 @@ def _bad_byte(raw: bytes, start: int) -> str:
     return f"byte {raw[start]:#x} near {raw[begin:end].decode('utf-8', 'replace')!r}"
 
 
+ROW_KINDS = "'image' with 'caption' or 'label', or 'text' with 'label'"
+
+
 def _record(path: Path, item: dict, origin: str) -> Record:
-    if "image" not in item or not ({"caption", "label"} & set(item)):
-        raise InvalidInputError(f"{origin} of {path}: each row needs 'image' and 'caption' or 'label'; "
-                                f"got {sorted(item)}")
+    """One row as a ``Record``: an image row, or a text row (``text`` and ``label``, no image)."""
+    has_image, has_text = _text(item.get("image")) is not None, _text(item.get("text")) is not None
+    if has_image and has_text:
+        raise InvalidInputError(f"{origin} of {path} has both an image and a text ({_shown(item)}); each row "
+                                f"needs {ROW_KINDS}: put image rows and text rows in separate files")
+    if has_text or "text" in item and "image" not in item:
+        return _text_record(path, item, origin)
+    if not has_image or not ({"caption", "label"} & set(item)):
+        raise InvalidInputError(f"{origin} of {path}: each row needs {ROW_KINDS}; got {_shown(item)}")
     return Record(path.parent / str(item["image"]), _text(item.get("caption")), _text(item.get("label")),
                   split_name(item.get("split"), origin), origin)
+
+
+def _text_record(path: Path, item: dict, origin: str) -> Record:
+    """A text classification row: a text that is not blank and its label."""
+    text, label = _text(item.get("text")), _text(item.get("label"))
+    problem = ("its text is empty" if text is None or not text.strip() else
+               "its label is empty" if label is None or not label.strip() else
+               "it has a caption" if _text(item.get("caption")) is not None else "")
+    if problem:
+        raise InvalidInputError(f"{origin} of {path}: {problem} ({_shown(item)}); a text row needs a text and "
+                                "its class in 'label' (text,label: text classification; captions go with images)")
+    return Record(None, None, label, split_name(item.get("split"), origin), origin, text=text)
+
+
+def _shown(item: dict) -> str:
+    """A row as the user wrote it, for errors: ``{'text': '', 'label': 'sports'}`` (long values cut)."""
+    cut = {k: v[:40] + "…" if isinstance(v, str) and len(v) > 40 else v for k, v in item.items()}
+    return repr(cut)
 
 
 def _text(value: object) -> str | None:
@@ -254,23 +311,53 @@ def to_retrieval(name: str, records: Sequence[Record]) -> ImageCaptionSet:
 
 def to_classification(name: str, records: Sequence[Record], class_names: Sequence[str] | None = None,
                       ) -> LabeledImageFiles:
-    """Images with labels; the class list is the sorted label names unless given."""
+    """Images with labels; the class list is the sorted label names unless given (a val or test file's
+    labels must be among the training file's ``class_names``)."""
+    texts = next((r for r in records if r.image is None), None)
+    if texts is not None:
+        raise InvalidInputError(f"{texts.origin}: a text row; to_text_classification makes a set of text rows")
+    _check_files(records)
+    names, labels = _class_labels(name, records, class_names, ", or give captions for retrieval")
+    return LabeledImageFiles(name, tuple(r.image for r in records),  # type: ignore[misc]
+                             labels, names, tuple(r.origin for r in records))
+
+
+def to_text_classification(name: str, records: Sequence[Record], class_names: Sequence[str] | None = None,
+                           ) -> LabeledTexts:
+    """Texts with labels (``text,label`` rows), classes as ``to_classification`` orders them: sorted unless given.
+
+    Example:
+        >>> data = to_text_classification("reviews", read_rows(Path("reviews.csv")))
+        >>> data.texts[0], data.class_names
+        ('Loved it', ('negative', 'positive'))
+    """
+    images = next((r for r in records if r.text is None), None)
+    if images is not None:
+        raise InvalidInputError(f"{images.origin}: an image row; to_classification makes a set of image rows")
+    names, labels = _class_labels(name, records, class_names, "")
+    return LabeledTexts(name, tuple(str(r.text) for r in records), labels, names)
+
+
+def _class_labels(name: str, records: Sequence[Record], class_names: Sequence[str] | None, other: str,
+                  ) -> tuple[tuple[str, ...], torch.Tensor]:
+    """The class names (sorted labels unless given) and each record's class index ``[N]``; ``other``: what else
+    a one-class file could do, ended on the error."""
     missing = [r for r in records if r.label is None]
     if missing:
         raise InvalidInputError(f"{missing[0].origin}: no label; classification needs a label on every row")
-    _check_files(records)
     names = tuple(class_names) if class_names is not None else tuple(sorted({str(r.label) for r in records}))
     if len(names) == 1:
         raise InvalidInputError(f"{name}: every row has the label {names[0]!r}; classification needs at least 2 "
                                 "classes (with one, every answer is right and accuracy is 100 % whatever the "
-                                "model learns): add rows of other classes, or give captions for retrieval")
+                                f"model learns): add rows of other classes{other}")
     position = {c: i for i, c in enumerate(names)}
     unknown = sorted({str(r.label) for r in records} - set(names))
     if unknown:
-        raise InvalidInputError(f"labels {unknown[:5]} are not among the training classes {list(names)[:10]}")
-    return LabeledImageFiles(name, tuple(r.image for r in records),  # type: ignore[misc]
-                             torch.tensor([position[str(r.label)] for r in records]), names,
-                             tuple(r.origin for r in records))
+        first = next(r for r in records if str(r.label) not in position)
+        raise InvalidInputError(f"labels {unknown[:5]} (first at {first.origin}) are not among the training "
+                                f"classes {list(names)[:10]}; a val or test file may only use the training file's "
+                                "labels: fix or drop those rows, or add training rows of those classes")
+    return names, torch.tensor([position[str(r.label)] for r in records])
 
 
 def _check_files(records: Sequence[Record]) -> None:
