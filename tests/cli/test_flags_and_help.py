@@ -64,6 +64,11 @@ def test_image_flags_on_texts_are_refused_in_train_and_eval(flags, tmp_path, cap
     assert main(["train", "--backbone", "smollm2-135m", "--method", "prompt", "--train", str(prompts),
                  "--out", str(tmp_path / "lm"), *flags]) == 2
     assert f"{prompts} holds texts only" in capsys.readouterr().err
+    for name, rows in (("texts.csv", "text,label\na cat,animal\n"), ("texts.jsonl", '{"text": "a cat", "label": "x"}\n')):
+        (tmp_path / name).write_text(rows)  # text,label rows: texts only too
+        assert main(["train", "--backbone", "minilm", "--method", "dga", "--train", str(tmp_path / name),
+                     "--out", str(tmp_path / "t"), *flags]) == 2
+        assert f"{tmp_path / name} holds texts only" in capsys.readouterr().err
 
 
 def test_methods_lists_a_shared_key_as_adapter_key(capsys) -> None:  # type: ignore[no-untyped-def]

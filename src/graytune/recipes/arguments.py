@@ -123,8 +123,8 @@ def add_data_arguments(p: argparse.ArgumentParser, required: bool = False) -> No
     """``--data``, ``--workers`` and ``--cache-mb`` (shared with ``graytune eval``)."""
     p.add_argument("--data", required=required, default=None,
                    help="tuxpaint, emoji, tuxpaint-sketch, fashion-mnist, wordnet-supersense, fortunes (add "
-                        ":base-to-novel to a classification set), or a path: .csv/.jsonl of image,caption or "
-                        "image,label (optional split column), a COCO or Karpathy caption .json, WebDataset .tar "
+                        ":base-to-novel to a classification set), or a path: .csv/.jsonl of image,caption, "
+                        "image,label or text,label rows (optional split column), a COCO or Karpathy caption .json, WebDataset .tar "
                         "shards (brace patterns), a folder of class folders")
     defaults = LoaderConfig()
     p.add_argument("--workers", type=non_negative_int, default=None,
@@ -267,23 +267,26 @@ def run_spec(args: argparse.Namespace) -> RunSpec:
 
 
 def text_data(source: str | None) -> bool:
-    """Whether ``source`` (a ``--data`` or ``--train`` value) holds texts only: a built-in text set, or a JSONL of
-    prompts and completions (its first row has ``prompt`` or ``messages``)."""
+    """Whether ``source`` (a ``--data`` or ``--train`` value) holds texts only: a built-in text set, a JSONL of
+    prompts and completions (its first row has ``prompt`` or ``messages``), or a CSV/JSONL of ``text,label`` rows."""
     if not source:
         return False
     name = source.removesuffix(":base-to-novel")
     if name in BUILTIN:
         return name in TEXT_SETS
-    path = Path(source)
-    if path.suffix.lower() != ".jsonl" or not path.is_file():
+    path = Path(name)
+    if path.suffix.lower() not in (".jsonl", ".csv") or not path.is_file():
         return False
     with open(path, encoding="utf-8-sig", errors="replace") as fh:
         first = next((line for line in fh if line.strip()), "")
+    if path.suffix.lower() == ".csv":
+        header = {field.strip().lower() for field in first.split(",")}
+        return "text" in header and "image" not in header
     try:
         row = json.loads(first)
     except json.JSONDecodeError:
         return False  # the reader names the bad line
-    return isinstance(row, dict) and ("prompt" in row or "messages" in row)
+    return isinstance(row, dict) and ("prompt" in row or "messages" in row or ("text" in row and "image" not in row))
 
 
 def refuse_image_flags(args: argparse.Namespace, source: str | None) -> None:
