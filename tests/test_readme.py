@@ -37,8 +37,12 @@ def _run_against_a_server(code: str, tmp_path: Path) -> None:
     from graytune.serve.runner import BackgroundServer
 
     key = "readme-key-0123456789abcdef"
-    app = create_app(graytune.open_backbone("minilm", "dark-gray"), ServeConfig(access="dark-gray"),
-                     ApiKeys({"alice": key}))
+    jobs = "fine_tuning" in code  # the fine-tuning jobs snippet: graytune serve minilm ... --jobs DIR
+    extra = None
+    if jobs:
+        from graytune.recipes.jobs.routes import install_jobs as extra
+    config = ServeConfig(access="dark-gray", jobs=str(tmp_path / "jobs") if jobs else "")
+    app = create_app(graytune.open_backbone("minilm", "dark-gray"), config, ApiKeys({"alice": key}), extra=extra)
     try:
         server = BackgroundServer(app, port=8470)
         url = server.start()
