@@ -95,7 +95,8 @@ def route_of(scope: Scope) -> str:
 
 
 def reason_of(body: bytes) -> str:
-    """``kind: detail`` from an error body ``{"error", "detail"}`` (FastAPI's own ``{"detail"}`` too)."""
+    """``kind: detail`` from an error body ``{"error", "detail"}`` (FastAPI's own ``{"detail"}``, and the job routes'
+    ``{"error": {"type", ...}, "detail"}``, too)."""
     try:
         payload = json.loads(body)
     except ValueError:
@@ -104,4 +105,6 @@ def reason_of(body: bytes) -> str:
         return str(payload)
     detail = payload.get("detail", "")
     detail = detail if isinstance(detail, str) else json.dumps(detail)
-    return f"{payload['error']}: {detail}" if "error" in payload else detail
+    kind = payload.get("error")
+    kind = kind.get("type") if isinstance(kind, dict) else kind  # OpenAI's error object (the job routes)
+    return f"{kind}: {detail}" if kind else detail

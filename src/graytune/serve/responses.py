@@ -25,7 +25,8 @@ from graytune.serve.admission import HTTPProblem
 from graytune.serve.ledger import QuotaExceeded
 from graytune.serve.service import Service, timed_out
 
-__all__ = ["WIRE_MEDIA", "answer", "install_error_handlers", "problem_of", "wire_response"]
+__all__ = ["OPENAI_ROUTES", "WIRE_MEDIA", "answer", "install_error_handlers", "openai_answer", "problem_of",
+           "wire_response"]
 log = logging.getLogger(__name__)
 WIRE_MEDIA = "application/vnd.graytune.safetensors"
 
@@ -68,5 +69,19 @@ def problem_of(err: BaseException, service: Service) -> HTTPProblem:
     return HTTPProblem(500, "internal", "the server failed on this request; the owner can find it in the log")
 
 
+#: routes in OpenAI's shape (``graytune serve --jobs``): their errors also carry OpenAI's error object
+OPENAI_ROUTES = ("/v1/files", "/v1/fine_tuning/", "/v1/models", "/v1/embeddings", "/v1/completions",
+                 "/v1/chat/completions")
+
+
+def openai_answer(problem: HTTPProblem) -> JSONResponse:
+    """``problem`` as OpenAI's clients read an error, ``{"error": {"message", "type", "code", "param"}}`` (the SDK
+    puts ``message`` in its exception), with graytune's ``detail`` beside it."""
+    error = {"message": problem.detail, "type": problem.kind, "code": problem.kind, "param": None}
+    return JSONResponse({"error": error, "detail": problem.detail}, status_code=problem.status,
+                        headers=problem.headers)
+
+
 async def _handle(request: Request, err: Exception) -> JSONResponse:
-    return answer(problem_of(err, request.app.state.service))
+    problem = problem_of(err, request.app.state.service)
+    return openai_answer(problem) if request.url.path.startswith(OPENAI_ROUTES) else answer(problem)

@@ -7,7 +7,9 @@
 - ``GET /v1/models`` (the served backbone and the caller's fine-tuned models), ``GET /v1/models/{id}``;
 - ``POST /v1/embeddings`` with ``model`` a fine-tuned model id (its adapted embeddings, through the adapter host
   that batches hosted adapters) or the backbone's id (its plain embeddings); ``encoding_format`` float or base64.
-  Text only: images go to ``/v1/adapters/{model}/embed``, which takes the same model ids.
+  Text only: images go to ``/v1/adapters/{model}/embed``, which takes the same model ids;
+- ``POST /v1/completions``, ``POST /v1/chat/completions`` for a language model's jobs
+  (``graytune.recipes.jobs.completions``).
 
 A client sees only its own files, jobs and models (another client's id answers 404, as an unknown one); an admin
 (``--admins``) lists every client's jobs. Lists are OpenAI's pages (``data``, ``has_more``, ``after``/``limit``).
@@ -29,6 +31,7 @@ from typing import Annotated, Any
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 
+from graytune.recipes.jobs import completions
 from graytune.recipes.jobs.files import FileStore
 from graytune.recipes.jobs.requests import job_run
 from graytune.recipes.jobs.runner import JobRunner
@@ -64,6 +67,7 @@ def install_jobs(app: FastAPI, service: Service) -> None:
     app.state.on_start.append(jobs.runner.start)
     app.state.on_close.append(jobs.runner.close)
     app.include_router(router)
+    app.include_router(completions.router)
 
 
 async def get_jobs(request: Request) -> Jobs:
@@ -216,6 +220,8 @@ async def embeddings(request: Request, service: ServiceDep, jobs: JobsDep, clien
         raise HTTPProblem(400, "invalid_input", f"input is {str(body.get('input'))[:80]!r}; give a string or a list "
                           "of strings (token ids are not taken: this server tokenizes with the backbone's tokenizer)")
     fmt, name = body.get("encoding_format", "float"), body.get("model")
+    if name != service.handle.spec.id and str(name) not in jobs.runner.host.visible(client):
+        raise HTTPProblem(404, "not_found", f"no model {name!r} among yours; GET /v1/models lists them")
     if fmt not in ("float", "base64"):
         raise HTTPProblem(400, "invalid_input", f"encoding_format is {fmt!r}; use float or base64")
     vectors, tokens = await adapted_text_embeds(service, jobs.runner.host, client, str(name), texts,
