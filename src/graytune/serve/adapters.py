@@ -71,6 +71,7 @@ class AdapterHost:
         self.max_pending = max_pending
         self.models: dict[str, AdaptedModel] = {}
         self.owners: dict[str, str] = {}  # adapters only one client may see and use (fine-tuning jobs' models)
+        self.folders: dict[str, str] = {}  # where each was loaded from
         for name, folder in folders.items():
             self.add(name, folder)
         self.backbone_calls = 0
@@ -96,6 +97,7 @@ class AdapterHost:
     def add(self, name: str, folder: str, owner: str | None = None) -> None:
         """Host the adapter saved in ``folder`` as ``name``; with ``owner``, only that client sees and uses it."""
         self.models[name] = load_adapter(folder, self.handle).eval().requires_grad_(False)
+        self.folders[name] = folder
         if owner is not None:
             self.owners[name] = owner
 

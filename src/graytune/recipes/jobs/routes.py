@@ -5,9 +5,7 @@
 - ``POST /v1/fine_tuning/jobs`` (``graytune.recipes.jobs.requests``), ``GET /v1/fine_tuning/jobs``,
   ``GET .../{id}``, ``POST .../{id}/cancel|pause|resume``, ``GET .../{id}/events``, ``GET .../{id}/checkpoints``;
 - ``GET /v1/models`` (the served backbone and the caller's fine-tuned models), ``GET /v1/models/{id}``;
-- ``POST /v1/embeddings`` with ``model`` a fine-tuned model id (its adapted embeddings, through the adapter host
-  that batches hosted adapters) or the backbone's id (its plain embeddings); ``encoding_format`` float or base64.
-  Text only: images go to ``/v1/adapters/{model}/embed``, which takes the same model ids;
+- ``POST /v1/embeddings`` (``graytune.recipes.jobs.embeddings``): texts, or images in graytune's extension;
 - ``POST /v1/completions``, ``POST /v1/chat/completions`` for a language model's jobs
   (``graytune.recipes.jobs.completions``).
 
@@ -20,7 +18,6 @@ Example:
 
 from __future__ import annotations
 
-import base64
 import secrets
 import time
 from email.parser import BytesParser
@@ -28,17 +25,16 @@ from email.policy import HTTP
 from pathlib import Path
 from typing import Annotated, Any
 
-import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 
-from graytune.recipes.jobs import completions
+from graytune.recipes.jobs import completions, embeddings
 from graytune.recipes.jobs.files import FileStore
 from graytune.recipes.jobs.requests import job_run
 from graytune.recipes.jobs.runner import JobRunner
 from graytune.recipes.jobs.store import ACTIVE, JobStore, public
 from graytune.serve.admission import HTTPProblem
 from graytune.serve.routes.dependencies import ClientDep, ServiceDep
-from graytune.serve.routes.hosted import adapted_text_embeds, install_adapters
+from graytune.serve.routes.hosted import install_adapters
 from graytune.serve.service import Service
 
 __all__ = ["Jobs", "install_jobs", "router"]
@@ -67,6 +63,7 @@ def install_jobs(app: FastAPI, service: Service) -> None:
     app.state.on_start.append(jobs.runner.start)
     app.state.on_close.append(jobs.runner.close)
     app.include_router(router)
+    app.include_router(embeddings.router)
     app.include_router(completions.router)
 
 
@@ -205,35 +202,6 @@ async def model(model_id: str, service: ServiceDep, jobs: JobsDep, client: Clien
         if found["id"] == model_id:
             return found
     raise HTTPProblem(404, "not_found", f"no model {model_id!r} among yours; GET /v1/models lists them")
-
-
-@router.post("/v1/embeddings")
-async def embeddings(request: Request, service: ServiceDep, jobs: JobsDep, client: ClientDep) -> dict[str, Any]:
-    """OpenAI's embeddings: ``model`` a fine-tuned model of the caller's or the backbone; ``input`` a string or
-    a list of strings; vectors as floats or base64 float32 (what the openai SDK asks by default)."""
-    body = await service.json(request)
-    if not isinstance(body, dict):
-        raise HTTPProblem(400, "invalid_input", 'send {"model": ..., "input": ["a text", ...]}')
-    texts = body.get("input")
-    texts = [texts] if isinstance(texts, str) else texts
-    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-        raise HTTPProblem(400, "invalid_input", f"input is {str(body.get('input'))[:80]!r}; give a string or a list "
-                          "of strings (token ids are not taken: this server tokenizes with the backbone's tokenizer)")
-    fmt, name = body.get("encoding_format", "float"), body.get("model")
-    if name != service.handle.spec.id and str(name) not in jobs.runner.host.visible(client):
-        raise HTTPProblem(404, "not_found", f"no model {name!r} among yours; GET /v1/models lists them")
-    if fmt not in ("float", "base64"):
-        raise HTTPProblem(400, "invalid_input", f"encoding_format is {fmt!r}; use float or base64")
-    vectors, tokens = await adapted_text_embeds(service, jobs.runner.host, client, str(name), texts,
-                                                base=name == service.handle.spec.id)
-    if body.get("dimensions") not in (None, vectors.shape[1]):
-        raise HTTPProblem(400, "invalid_input", f"dimensions is {body['dimensions']!r}; {name} embeds in "
-                          f"{vectors.shape[1]} dimensions and does not shorten them")
-    rows = vectors.detach().cpu().numpy().astype(np.float32)
-    data = [{"object": "embedding", "index": i,
-             "embedding": base64.b64encode(row.astype("<f4").tobytes()).decode() if fmt == "base64" else row.tolist()}
-            for i, row in enumerate(rows)]
-    return {"object": "list", "data": data, "model": name, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
 
 # ---- helpers --------------------------------------------------------------------------------------------

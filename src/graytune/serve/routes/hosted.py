@@ -38,7 +38,7 @@ from graytune.serve.routes.dependencies import ClientDep, ServiceDep
 from graytune.serve.routes.openapi import CLASSIFY_DOC, EMBED_DOC
 from graytune.serve.service import Service, timed_out
 
-__all__ = ["TEMPLATE", "HostDep", "adapted_text_embeds", "install_adapters", "router"]
+__all__ = ["TEMPLATE", "HostDep", "adapted_image_embeds", "adapted_text_embeds", "install_adapters", "router"]
 Tensor = torch.Tensor
 #: the prompt a class name is put into when a classify request names no ``template``
 TEMPLATE = "a photo of a {}."
@@ -126,6 +126,13 @@ async def adapted_text_embeds(service: Service, host: AdapterHost, client: str, 
     except BaseException:
         await service.refund(client, charge=Charge(len(texts), tokens=tokens))
         raise
+
+
+async def adapted_image_embeds(service: Service, host: AdapterHost, client: str, name: str, pixels: Tensor) -> Tensor:
+    """``[B, E]`` embeddings of preprocessed ``pixels`` through the caller's adapter ``name`` (as ``embed``'s)."""
+    message: Message = ({tensor_name(INPUTS, "image.pixels"): pixels}, {})
+    embeds, _ = await _admitted(service, host, client, name, message, service.deadline(), False)
+    return embeds
 
 
 async def _embeds(service: Service, host: AdapterHost, client: str, name: str, request: Request, until: float,
