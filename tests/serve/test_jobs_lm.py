@@ -66,3 +66,22 @@ def test_a_language_model_job_serves_completions_equal_to_its_artifact_in_proces
     with pytest.raises(openai.NotFoundError, match="no model"):
         bob.completions.create(model=job.fine_tuned_model, prompt="a", max_tokens=2)
     assert [m.id for m in bob.models.list()] == [llama.spec.id]
+
+
+def test_stats_count_a_clients_files_and_jobs(serve, llama, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import httpx
+
+    url, _ = serve(handle=llama, access="dark-gray", reads=(), jobs=str(tmp_path / "jobs"), extra=install_jobs,
+                   admins=("bob",))
+    alice = openai.OpenAI(base_url=url + "/v1", api_key=ALICE, max_retries=0)
+    rows = tmp_path / "qa.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": " a"}) + "\n" for i in range(12)))
+    upload = alice.files.create(file=rows.open("rb"), purpose="fine-tune")
+    job = alice.fine_tuning.jobs.create(model=llama.spec.id, training_file=upload.id, method={"type": "prompt"},
+                                        hyperparameters={"max_steps": 200, "batch_size": 4})
+    alice.fine_tuning.jobs.cancel(job.id)
+    mine = httpx.get(url + "/v1/stats", headers={"Authorization": f"Bearer {ALICE}"}).json()["jobs"]
+    assert mine["files"] == 1 and mine["file_bytes"] == upload.bytes and mine["limits"]["client_jobs"] == 8
+    assert sum(mine["jobs"].values()) == 1 and set(mine["jobs"]) <= {"cancelled", "running", "queued"}
+    every = httpx.get(url + "/v1/stats", headers={"Authorization": f"Bearer {BOB}"}).json()["jobs"]
+    assert set(every) == {"alice"} and every["alice"]["files"] == 1  # an admin sees each client's

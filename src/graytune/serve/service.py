@@ -90,6 +90,8 @@ class Service:
         self.served, self._trimmed = 0, 0  # backbone calls made, and how many had been when memory was returned
         self._limiters: dict[str, anyio.CapacityLimiter] = {}
         self._specs: dict[AccessLevel, dict[str, Any]] = {}  # one per level (``spec``)
+        #: more figures for ``/v1/stats``: each is called with the client (``None``: every client's, for an admin)
+        self.stat_sources: list[Callable[[str | None], dict[str, Any]]] = []
 
     def close(self) -> None:
         self.ledger.close()
@@ -310,15 +312,17 @@ class Service:
         limits = {"quota_samples": config.quota_samples, "quota_grad_rows": config.quota_grad_rows,
                   "quota_tokens": config.quota_tokens, "duplicate_rows_policy": config.duplicate_rows,
                   "black_box_edits_policy": config.black_box_edits}
+        extra = {k: v for source in self.stat_sources for k, v in source(None if self.is_admin(client)
+                                                                         else client).items()}
         if self.is_admin(client):
             return {**self.store.stats(), "quota": self.ledger.all_used(), **limits, "queued": self.queued,
-                    "duplicates": self.ledger.all_duplicates(), "edits": self.ledger.all_edits()}
+                    "duplicates": self.ledger.all_duplicates(), "edits": self.ledger.all_edits(), **extra}
         used, repeated, edits = self.ledger.used(client), self.ledger.duplicates(client), self.ledger.edits(client)
         return {**self.store.stats(client), "samples_used": used["samples"], "grad_rows_used": used["grad_rows"],
                 "tokens_used": used["tokens"], **limits, "duplicate_row_batches": repeated["batches"],
                 "duplicate_rows": repeated["rows"], "black_box_edit_calls": edits["calls"],
                 "black_box_edit_rows": edits["rows"], "same_input_edit_batches": edits["batches"],
-                "same_input_edit_rows": edits["same_rows"]}
+                "same_input_edit_rows": edits["same_rows"], **extra}
 
 
 def timed_out(seconds: float) -> HTTPProblem:

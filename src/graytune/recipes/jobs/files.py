@@ -118,6 +118,10 @@ class FileStore:
         records = [json.loads(p.read_text()) for p in folder.glob("file-*/file.json")] if folder.is_dir() else []
         return sorted(records, key=lambda r: (r["created_at"], r["id"]), reverse=True)
 
+    def clients(self) -> set[str]:
+        """The clients that keep files here (read from the files' records)."""
+        return {json.loads(p.read_text())["graytune"]["client"] for p in self.root.glob("*/file-*/file.json")}
+
     def delete(self, client: str, file_id: str) -> dict[str, Any]:
         self.get(client, file_id)
         with self._lock:

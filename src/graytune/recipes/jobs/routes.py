@@ -48,6 +48,25 @@ class Jobs:
         self.files, self.store = FileStore(root, service.config), JobStore(root)
         self.runner = JobRunner(self.store, service.keys, host, service.config)
 
+    def stats(self, client: str | None) -> dict[str, Any]:
+        """``/v1/stats``'s job figures: the client's files (count, bytes), jobs by status and models, with the
+        limits; for ``None`` (an admin) every client's, by client."""
+        if client is not None:
+            return {"jobs": self._figures(client)}
+        clients = {j["graytune"]["client"] for j in self.store.listing(None)} | self.files.clients()
+        return {"jobs": {name: self._figures(name) for name in sorted(clients)}}
+
+    def _figures(self, client: str) -> dict[str, Any]:
+        files, jobs = self.files.listing(client), self.store.listing(client)
+        statuses: dict[str, int] = {}
+        for job in jobs:
+            statuses[job["status"]] = statuses.get(job["status"], 0) + 1
+        config = self.runner.config
+        return {"files": len(files), "file_bytes": sum(f["bytes"] for f in files), "jobs": statuses,
+                "models": sum(1 for j in jobs if j.get("fine_tuned_model")),
+                "limits": {"client_files": config.client_files, "client_files_mb": config.client_files_mb,
+                           "client_jobs": config.client_jobs}}
+
 
 def install_jobs(app: FastAPI, service: Service) -> None:
     """Add the job routes when ``--jobs DIR`` is set (and the adapter host their models are served from)."""
@@ -60,6 +79,7 @@ def install_jobs(app: FastAPI, service: Service) -> None:
         install_adapters(app, service)
     jobs = Jobs(Path(config.jobs), service, app.state.adapters)
     app.state.jobs = jobs
+    service.stat_sources.append(jobs.stats)
     app.state.on_start.append(jobs.runner.start)
     app.state.on_close.append(jobs.runner.close)
     app.include_router(router)
