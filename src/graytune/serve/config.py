@@ -81,6 +81,11 @@ class ServeConfig:
     at its next safe point and answers 504."""
     max_queue: int = 8
     """Most requests waiting for the backbone; more get 503 with Retry-After at once."""
+    coalesce_ms: float = 0.0
+    """Join forwards (and their VJPs) from different clients that arrive within this many milliseconds into one
+    backbone call, their answers split back by rows (0: off; docs/benchmarks.md has the measured trade-off)."""
+    coalesce_max_rows: int = 64
+    """Most rows in one joined call; a request with more runs alone."""
     header_timeout_s: float = 10.0
     """Longest a connection may take to send a request's headers before it is closed."""
     body_timeout_s: float = 60.0

@@ -92,6 +92,10 @@ class Service:
         self._specs: dict[AccessLevel, dict[str, Any]] = {}  # one per level (``spec``)
         #: more figures for ``/v1/stats``: each is called with the client (``None``: every client's, for an admin)
         self.stat_sources: list[Callable[[str | None], dict[str, Any]]] = []
+        from graytune.serve.coalesce import Joiner  # it calls back into this service
+
+        #: forwards and VJPs of different clients joined into shared backbone calls (``--coalesce-ms``)
+        self.joiner = Joiner(self, config.coalesce_ms, config.coalesce_max_rows) if config.coalesce_ms > 0 else None
 
     def close(self) -> None:
         self.ledger.close()

@@ -32,6 +32,7 @@ from graytune.access.generation import pack_generated
 from graytune.access.wire import check_request_protocol, encode, pack_result, pack_vjp, read_request, request_key
 from graytune.errors import InvalidInputError
 from graytune.serve.admission import check_texts
+from graytune.serve.coalesce import MemberCall
 from graytune.serve.config import ServeConfig
 from graytune.serve.generation import charge_generation, check_queue, plan_generation, run_generation, streamed
 from graytune.serve.responses import wire_response
@@ -61,11 +62,16 @@ async def forward(request: Request, service: ServiceDep, client: ClientDep) -> R
         handle, plan = await service.checked(service.plan, client, message)
         charge = await service.checked(service.charge_forward, client, message, plan, handle)
         try:
-            values, call = await service.compute(partial(_run_forward, handle, plan), until)
+            if service.joiner is not None:  # --coalesce-ms: it may share a backbone call with other clients'
+                values, call = await service.joiner.forward(handle, plan, until)
+            else:
+                values, call = await service.compute(partial(_run_forward, handle, plan), until)
         except BaseException:
             await service.refund(client, charge=charge)
             raise
     session = service.store.put(client, call, call.nbytes, request_key(message)) if call.differentiable else None
+    if session is not None and isinstance(call, MemberCall):
+        call.forget = partial(service.store.release, client, session)
     return wire_response(pack_result(plan, values, call.values_read, session))
 
 
@@ -77,7 +83,10 @@ async def vjp(request: Request, service: ServiceDep, client: ClientDep) -> Respo
         message = await service.checked(read_request, body)
         call, grads, charge = await service.checked(service.vjp_call, client, message)
         try:
-            result = await service.compute(partial(_run_vjp, call, grads), until)
+            if isinstance(call, MemberCall):  # one backward over the joined call answers its members
+                result = await service.joiner.vjp(call, grads, until)
+            else:
+                result = await service.compute(partial(_run_vjp, call, grads), until)
         except BaseException:
             await service.refund(client, charge=charge)
             raise
