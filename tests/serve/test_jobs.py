@@ -301,9 +301,6 @@ def test_a_paused_and_resumed_job_trains_bit_for_bit_as_one_never_paused(served:
     assert a.graytune["exposure"]["calls"] == b.graytune["exposure"]["calls"]  # the run's calls, counted as one run's
 
 
-@pytest.mark.xfail(strict=True, reason="a resumed job's exposure record holds only its last training process's "
-                   "queries: the handle's Exposure is not checkpointed (train/loop, model.save), so the queries "
-                   "made before a pause or restart are lost from the job record and from the artifact")
 def test_a_resumed_jobs_exposure_counts_every_query_its_processes_made(paused_and_not: tuple[Any, Any]) -> None:
     a, b = paused_and_not
     calls = a.graytune["exposure"]["calls"]

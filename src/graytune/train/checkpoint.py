@@ -40,13 +40,46 @@ CONFIG = "config"
 RUN = "run"
 """The rest a resume must share: the adapters' options, the data and task (plain data, by name); absent in
 checkpoints written before it was recorded."""
+EXPOSURE = "exposure"
+"""What the run's backbone handle had counted when the checkpoint was written, less what it had counted before
+the run began (``exposure_counts``): a resumed run adds it back, so its exposure record covers every process
+that trained it; absent in checkpoints written before it was recorded."""
 #: How a differing nested setting is named in the refusal (``options`` -> ``option dga-text.extra_tokens``).
 NESTED = {"options": "option ", "data_sha256": "sha256 of "}
 
 
+def exposure_counts(exposure: Any) -> dict[str, Any]:
+    """The counters of an ``Exposure`` (queries, samples, tokens, black-box edits, top-k reads), as plain data."""
+    data = exposure.to_dict()
+    return {k: v for k, v in data.items() if isinstance(v, int) or k in ("black_box_edits", "top_k")}
+
+
+def counts_between(now: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
+    """``now - before``, counter by counter (nested dicts of counters too)."""
+    return {k: counts_between(v, before.get(k, {})) if isinstance(v, dict) else v - before.get(k, 0)
+            for k, v in now.items()}
+
+
+def add_counts(exposure: Any, counts: dict[str, Any]) -> None:
+    """Add a checkpoint's ``EXPOSURE`` counters to ``exposure`` (a resumed run's handle)."""
+    for key, value in counts.items():
+        if isinstance(value, int) and isinstance(getattr(exposure, key, None), int):
+            setattr(exposure, key, getattr(exposure, key) + value)
+        elif isinstance(value, dict) and isinstance(getattr(exposure, key, None), dict):
+            _add_nested(getattr(exposure, key), value)
+
+
+def _add_nested(into: dict[str, Any], counts: dict[str, Any]) -> None:
+    for key, value in counts.items():
+        if isinstance(value, dict):
+            _add_nested(into.setdefault(key, {}), value)
+        else:
+            into[key] = into.get(key, 0) + value
+
+
 def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], opt: Any, sched: Any, state: FitState,
                     config: TrainConfig, source: GradientSource, rng: torch.Tensor | None = None,
-                    settings: dict[str, Any] | None = None) -> None:
+                    settings: dict[str, Any] | None = None, exposure: dict[str, Any] | None = None) -> None:
     """Write the checkpoint atomically: a reader sees the old one or the new one, never half."""
     payload = {
         TRAINABLE: {k: v.detach().clone() for k, v in tensors.items()},
@@ -57,6 +90,7 @@ def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], opt: Any, sche
         STATE: state.to_dict(),
         CONFIG: resumable(config),
         RUN: dict(settings or {}),
+        EXPOSURE: dict(exposure or {}),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     replace_atomically(path, lambda tmp: torch.save(payload, tmp))
@@ -64,8 +98,9 @@ def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], opt: Any, sche
 
 def load_checkpoint(path: Path, model: torch.nn.Module, tensors: dict[str, torch.Tensor], opt: Any, sched: Any,
                     config: TrainConfig, source: GradientSource, settings: dict[str, Any] | None = None,
-                    ) -> FitState:
+                    exposure: Any = None) -> FitState:
     """Put the checkpoint's tensors, optimizer, schedule, RNG and source state in place; the run's state.
+    ``exposure`` (the resumed run's handle's record) gets the counts the run had made before.
 
     Raises:
         InvalidInputError: a damaged file, another method or backbone, or other settings, options or data.
@@ -97,6 +132,8 @@ def load_checkpoint(path: Path, model: torch.nn.Module, tensors: dict[str, torch
     torch.set_rng_state(payload[RNG])
     if payload.get(GRADIENT_SOURCE) is not None:
         source.load_state_dict(payload[GRADIENT_SOURCE])
+    if exposure is not None:
+        add_counts(exposure, payload.get(EXPOSURE) or {})
     return state
 
 

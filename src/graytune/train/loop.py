@@ -42,7 +42,7 @@ from graytune.runs import RunLogger, open_logger
 from graytune.schedules import adamw_warmup_cosine
 from graytune.train.budget import (CALL_UNITS, affordable, allowance, call_fields, counted, evaluated,
                                    restore_evaluations)
-from graytune.train.checkpoint import load_checkpoint, save_checkpoint
+from graytune.train.checkpoint import counts_between, exposure_counts, load_checkpoint, save_checkpoint
 from graytune.train.config import TrainConfig, checkpoint_cadence
 from graytune.train.distributed import average_gradients, global_batch, rank_batches, world_position
 from graytune.train.gradients import GradientSource, gradient_source
@@ -185,9 +185,10 @@ class _Run:
         self.state = FitState()
         self.ckpt, self.settings = ckpt, {"options": model.adapter_options(), **(settings or {})}
         resumed = ckpt is not None and ckpt.is_file()
+        self.counted_before = exposure_counts(model.handle.exposure)  # what this run's checkpoints leave out
         if resumed:
             self.state = load_checkpoint(ckpt, model, self.tensors(), self.opt, self.sched, config, self.source,
-                                         self.settings)
+                                         self.settings, exposure=model.handle.exposure)
             restore_evaluations(self.state.calls, self.state.step, config.grad_accum, self.source)
             log.info("resumed from %s at step %d", ckpt, self.state.step)
         writer = rank == 0  # rank 0 writes the run's files; every rank resumes from them
@@ -318,7 +319,8 @@ class _Run:
     def save(self, rng: torch.Tensor | None = None) -> None:
         if self.ckpt_write is not None:
             save_checkpoint(self.ckpt_write, self.tensors(), self.opt, self.sched, self.state, self.config,
-                            self.source, rng, self.settings)
+                            self.source, rng, self.settings,
+                            counts_between(exposure_counts(self.model.handle.exposure), self.counted_before))
 
     def interrupted(self, why: str) -> None:
         """Ctrl-C, SIGTERM or a fatal server error (``why``): the last whole step is kept; the same command

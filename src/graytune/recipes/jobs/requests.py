@@ -40,7 +40,8 @@ __all__ = ["AUTO_EPOCHS", "job_run"]
 AUTO_EPOCHS, AUTO_BATCH = 3, 32
 OPENAI_HYPERPARAMETERS = ("n_epochs", "batch_size", "learning_rate_multiplier")
 #: TrainConfig fields a job may set (``seed`` is the job's own field; checkpoints are the server's business)
-OWN_HYPERPARAMETERS = tuple(f.name for f in fields(TrainConfig) if f.name not in ("seed", "checkpoint_every"))
+OWN_HYPERPARAMETERS = tuple(f.name for f in fields(TrainConfig)
+                            if f.name not in ("seed", "checkpoint_every", *OPENAI_HYPERPARAMETERS))
 JOB_FIELDS = ("model", "training_file", "validation_file", "hyperparameters", "method", "seed", "suffix", "metadata",
               "integrations")
 
@@ -117,7 +118,7 @@ def _train_config(hyper: dict[str, Any], method: str, rows: int, seed: int) -> t
     for ours, theirs in (("max_steps", "n_epochs"), ("lr", "learning_rate_multiplier")):
         if ours in hyper and hyper.get(theirs, "auto") != "auto":
             raise _bad(f"give {ours} or {theirs}, not both")
-    batch = _auto(hyper, "batch_size", min(AUTO_BATCH, max(1, rows)), int)
+    batch = _auto(hyper, "batch_size", min(AUTO_BATCH, max(1, rows)), int)  # OpenAI's name is TrainConfig's
     epochs = _auto(hyper, "n_epochs", AUTO_EPOCHS, int)
     multiplier = _auto(hyper, "learning_rate_multiplier", 1.0, (int, float))
     own = {k: v for k, v in hyper.items() if k in OWN_HYPERPARAMETERS}

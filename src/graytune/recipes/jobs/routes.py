@@ -263,7 +263,7 @@ def _file_object(record: dict[str, Any]) -> dict[str, Any]:
 def _models(service: Service, jobs: Jobs, client: str) -> list[dict[str, Any]]:
     backbone = service.handle.spec.id
     out = [{"id": backbone, "object": "model", "created": 0, "owned_by": "graytune"}]
-    for record in jobs.store.listing(_who(service, client)):
+    for record in jobs.store.listing(client):  # the models the caller can call (an admin lists jobs, not models)
         if record["status"] == "succeeded" and record["fine_tuned_model"]:
             out.append({"id": record["fine_tuned_model"], "object": "model", "created": record["finished_at"],
                         "owned_by": record["graytune"]["client"]})
