@@ -31,6 +31,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--serve", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the served boundary: remote vs in-process, transport, mixed adapters "
                         "(default: on)")
+    p.add_argument("--coalesce", action=argparse.BooleanOptionalAction, default=True,
+                   help="also measure graytune serve --coalesce-ms as a curve: 4 and 16 client processes x batch 1, "
+                        "4 and 64, coalescing off and on side by side, with the crossover (default: on)")
     p.add_argument("--lm", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure language models: DGA's step through the boundary vs plain autograd on "
                         "SmolLM2-135M, and each LM method's memory vs full fine-tuning on SmolLM2-135M and "
@@ -78,6 +81,10 @@ def run(args: argparse.Namespace) -> int:
         from graytune.bench import serve
 
         results["serve"] = serve.run(rounds=args.rounds)
+    if args.coalesce:
+        from graytune.bench import coalesce
+
+        results["coalesce"] = coalesce.run()
     if args.lm:
         from graytune.bench import lm
 
@@ -92,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
             print("\n" + memo.format_report(results["memo"]))
         if args.serve:
             print("\n" + serve.format_report(results["serve"]))
+        if args.coalesce:
+            print("\n" + coalesce.format_report(results["coalesce"]))
         if args.lm:
             print("\n" + lm.format_report(results["lm"]))
     return 0

@@ -1,7 +1,7 @@
 """Many clients, one backbone call: forwards and VJPs from any client joined within a short window.
 
-``graytune serve --coalesce-ms W`` (0: off). A forward waits up to ``W`` ms for others it can share a backbone
-call with (same level, ports, outputs and edit shapes; texts of different lengths are padded to the longest, under
+``graytune serve --coalesce-ms W`` (0: off). A forward that finds the backbone idle runs at once; one that finds
+it busy waits up to ``W`` ms for others it can share a backbone call with (same level, ports, outputs and edit shapes; texts of different lengths are padded to the longest, under
 attention mask 0), and the joined call's outputs are split back by rows. Where gradients were asked, the joined
 call keeps one graph and each client gets a session of its own over its rows. Its VJP waits for the other
 members' VJPs (up to ``VJP_WAIT`` windows after the first one arrives), and one backward over the joined graph
@@ -147,8 +147,8 @@ class Joiner:
         member = _Member(handle, plan, until, loop.create_future())
         group = self._pending.setdefault(key, [])
         group.append(member)
-        if len(group) == 1:
-            loop.call_later(self.window_s, self._flush, key)
+        if len(group) == 1:  # an idle backbone runs it at once; a busy one gathers company for a window
+            loop.call_later(self.window_s if self.service.queued else 0.0, self._flush, key)
         elif sum(m.plan.batch for m in group) >= self.max_rows:
             self._flush(key)
         return await _within(member.future, until, self.service)
