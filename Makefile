@@ -5,7 +5,7 @@ STAMP := $(VENV)/.graytune-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test test-slow test-scale test-faults test-gpu bench bench-clip setup data mpnet qwen clean
+.PHONY: demo test test-slow test-scale test-faults test-gpu gpu-check bench bench-clip setup data mpnet qwen clean
 
 $(STAMP): pyproject.toml constraints.txt scripts/setup.sh
 	bash scripts/setup.sh
@@ -31,6 +31,9 @@ test-faults: setup  ## slow server fault tests: kill -9 and restart mid-training
 
 test-gpu: setup  ## CUDA placement, half precision and recomputation on a GPU (skipped without one)
 	$(VENV)/bin/python -m pytest -m gpu -rs
+
+gpu-check: setup  ## on a GPU machine, at most 8 minutes: test-gpu, CLIP-scale bench, coalescing curve, CPU client -> GPU server; writes docs/gpu-check.json
+	$(VENV)/bin/python scripts/gpu_check.py
 
 test-scale: setup  ## distributed engines: Ray Serve replicas and 2-process gloo DDP against a live server
 	bash scripts/setup.sh ray

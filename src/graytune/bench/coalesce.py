@@ -32,9 +32,10 @@ TEXT = "a short sentence of about twelve tokens for each row of the batch"
 
 
 def run(clients: tuple[int, ...] = (4, 16), batches: tuple[int, ...] = (1, 4, 64), window_ms: float = 10.0,
-        steps: int = 3, rounds: int = 2) -> dict[str, Any]:
-    """The grid (see the module's docstring); ``steps`` per client per round, ``rounds`` alternations."""
-    local = open_backbone("minilm", "dark-gray")
+        steps: int = 3, rounds: int = 2, device: str | None = None) -> dict[str, Any]:
+    """The grid (see the module's docstring); ``steps`` per client per round, ``rounds`` alternations; the server's
+    backbone on ``device`` (default: CUDA when present, else CPU; the clients stay on the CPU)."""
+    local = open_backbone("minilm", "dark-gray", device=device)
     keys = ApiKeys({f"c{i}": f"{KEY}-{i:04d}" for i in range(max(clients))})
     apps = {on: create_app(local, ServeConfig(access="dark-gray", coalesce_ms=window_ms if on else 0.0,
                                               coalesce_max_rows=256, max_queue=4 * max(clients)), keys)
@@ -57,7 +58,7 @@ def run(clients: tuple[int, ...] = (4, 16), batches: tuple[int, ...] = (1, 4, 64
                               "p50_over_solo_on": p50[True] / solo})
     pool.close()
     joiner = apps[True].state.service.joiner
-    return {"window_ms": window_ms, "steps": steps, "rounds": rounds, "cells": cells,
+    return {"window_ms": window_ms, "steps": steps, "rounds": rounds, "cells": cells, "device": str(local.device),
             "joined_requests": joiner.joined, "joined_calls": joiner.calls,
             "torch_threads": torch.get_num_threads()}
 
@@ -131,7 +132,8 @@ def _step(handle: Any, texts: list[str]) -> None:
 
 
 def format_report(report: dict[str, Any]) -> str:
-    lines = [f"Coalescing (--coalesce-ms {report['window_ms']:g}), MiniLM dark-gray, forward + VJP per step, loopback; "
+    lines = [f"Coalescing (--coalesce-ms {report['window_ms']:g}), MiniLM dark-gray on {report.get('device', 'cpu')}, "
+             "forward + VJP per step, loopback; "
              f"{report['steps']} steps x {report['rounds']} interleaved rounds per cell",
              "| clients | batch | samples/s off | samples/s on | on/off | p50 step off | p50 step on | solo step | "
              "p50 on/solo |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
