@@ -5,6 +5,7 @@ stay exact per client."""
 from __future__ import annotations
 
 import threading
+import time
 
 import torch
 
@@ -50,6 +51,7 @@ def _together(handles, jobs):  # type: ignore[no-untyped-def]
 def test_coalesced_answers_equal_each_clients_solo_answers(serve, minilm) -> None:  # type: ignore[no-untyped-def]
     url, app = serve(coalesce_ms=200.0)
     joiner = app.state.service.joiner
+    joiner.eager = False  # every forward waits its window, so these four surely meet
     keys = [ALICE, BOB, ALICE, BOB]
     remotes = [graytune.open_backbone(url, "light-gray", api_key=k) for k in keys]
     for _ in range(2):  # twice: the second round's requests find each other too
@@ -70,6 +72,7 @@ def test_coalesced_answers_equal_each_clients_solo_answers(serve, minilm) -> Non
 
 def test_a_client_that_never_sends_its_vjp_holds_nobody_up(serve, minilm) -> None:  # type: ignore[no-untyped-def]
     url, app = serve(coalesce_ms=200.0)
+    app.state.service.joiner.eager = False
     remotes = [graytune.open_backbone(url, "light-gray", api_key=k) for k in (ALICE, BOB)]
 
     def walk_away(handle):  # type: ignore[no-untyped-def]
@@ -95,8 +98,18 @@ def test_a_client_that_never_sends_its_vjp_holds_nobody_up(serve, minilm) -> Non
 
 def test_requests_over_the_row_limit_run_alone(serve) -> None:  # type: ignore[no-untyped-def]
     url, app = serve(coalesce_ms=100.0, coalesce_max_rows=4)
+    app.state.service.joiner.eager = False
     remotes = [graytune.open_backbone(url, "light-gray", api_key=k) for k in (ALICE, BOB, BOB)]
     texts = [[f"text number {i}" for i in range(6)], ["short one"], ["short two"]]
     _together(remotes, [lambda h, i=i: h.forward({"text": texts[i]})["text.embeds"] for i in range(3)])
     joiner = app.state.service.joiner
     assert joiner.joined == 2 and joiner.calls == 1  # the two small ones joined; the six rows ran alone, unjoined
+
+
+def test_a_lone_client_pays_no_window(serve) -> None:  # type: ignore[no-untyped-def]
+    url, app = serve(coalesce_ms=2000.0)  # a window no test would sit through
+    remote = graytune.open_backbone(url, "light-gray", api_key=ALICE)
+    shift = torch.zeros(1, 1, 384, requires_grad=True)
+    start = time.monotonic()
+    remote.forward({"text": TEXTS[0]}, add={"text.token_embeds": shift})["text.embeds"].sum().backward()
+    assert time.monotonic() - start < 2.0 and shift.grad is not None  # the idle backbone took it at once

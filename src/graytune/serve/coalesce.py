@@ -136,6 +136,7 @@ class Joiner:
     def __init__(self, service: Any, window_ms: float, max_rows: int = 64) -> None:
         self.service, self.window_s, self.max_rows = service, window_ms / 1000, max_rows
         self._pending: dict[tuple[Any, ...], list[_Member]] = {}
+        self.eager = True  # a forward that finds the backbone idle runs at once (False: it always waits a window)
         self.calls = self.joined = 0  # backbone calls made here, and requests that shared one with another
 
     async def forward(self, handle: LocalHandle, plan: CallPlan, until: float) -> tuple[tuple[Tensor, ...], Any]:
@@ -148,7 +149,7 @@ class Joiner:
         group = self._pending.setdefault(key, [])
         group.append(member)
         if len(group) == 1:  # an idle backbone runs it at once; a busy one gathers company for a window
-            loop.call_later(self.window_s if self.service.queued else 0.0, self._flush, key)
+            loop.call_later(0.0 if self.eager and not self.service.queued else self.window_s, self._flush, key)
         elif sum(m.plan.batch for m in group) >= self.max_rows:
             self._flush(key)
         return await _within(member.future, until, self.service)
