@@ -113,3 +113,24 @@ def test_a_lone_client_pays_no_window(serve) -> None:  # type: ignore[no-untyped
     start = time.monotonic()
     remote.forward({"text": TEXTS[0]}, add={"text.token_embeds": shift})["text.embeds"].sum().backward()
     assert time.monotonic() - start < 2.0 and shift.grad is not None  # the idle backbone took it at once
+
+
+def test_a_full_group_goes_in_arrival_order_and_never_passes_the_row_limit(serve, minilm) -> None:  # type: ignore[no-untyped-def]
+    """Fairness: a heavy client's batches fill groups up to --coalesce-max-rows and no further; a light client's
+    request joins the group it arrived in, and nothing it gets differs from its solo answer."""
+    url, app = serve(coalesce_ms=300.0, coalesce_max_rows=8)
+    joiner = app.state.service.joiner
+    joiner.eager = False
+    remotes = [graytune.open_backbone(url, "light-gray", api_key=k) for k in (ALICE, BOB, ALICE)]
+    batches = [[f"heavy text {i}" for i in range(6)], ["a light one"], [f"heavy again {i}" for i in range(6)]]
+
+    def send(i):  # type: ignore[no-untyped-def]
+        def run(handle):  # type: ignore[no-untyped-def]
+            time.sleep(0.03 * i)  # arrival order: heavy, light, heavy
+            return handle.forward({"text": batches[i]})["text.embeds"]
+        return run
+
+    got = _together(remotes, [send(i) for i in range(3)])
+    assert joiner.largest <= 8 and joiner.calls == 2  # {heavy, light} then {heavy}: never 13 rows in one call
+    for texts, z in zip(batches, got):
+        torch.testing.assert_close(z, minilm.forward({"text": texts})["text.embeds"], rtol=0, atol=1e-5)

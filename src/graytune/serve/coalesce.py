@@ -138,6 +138,7 @@ class Joiner:
         self._pending: dict[tuple[Any, ...], list[_Member]] = {}
         self.eager = True  # a forward that finds the backbone idle runs at once (False: it always waits a window)
         self.calls = self.joined = 0  # backbone calls made here, and requests that shared one with another
+        self.largest = 0  # the most rows one call made here held
 
     async def forward(self, handle: LocalHandle, plan: CallPlan, until: float) -> tuple[tuple[Tensor, ...], Any]:
         """The outputs of ``plan`` and the call a VJP differentiates (a ``MemberCall`` when it was joined)."""
@@ -146,19 +147,25 @@ class Joiner:
         loop = asyncio.get_running_loop()
         key = _signature(handle, plan)
         member = _Member(handle, plan, until, loop.create_future())
+        waiting = self._pending.get(key)
+        if waiting and sum(m.plan.batch for m in waiting) + plan.batch > self.max_rows:
+            self._flush(key, waiting)  # full: it goes now, in arrival order, and this request starts the next
         group = self._pending.setdefault(key, [])
         group.append(member)
         if len(group) == 1:  # an idle backbone runs it at once; a busy one gathers company for a window
-            loop.call_later(0.0 if self.eager and not self.service.queued else self.window_s, self._flush, key)
+            delay = 0.0 if self.eager and not self.service.queued else self.window_s
+            loop.call_later(delay, self._flush, key, group)
         elif sum(m.plan.batch for m in group) >= self.max_rows:
-            self._flush(key)
+            self._flush(key, group)
         return await _within(member.future, until, self.service)
 
-    def _flush(self, key: tuple[Any, ...]) -> None:
-        group = self._pending.pop(key, None)
-        if group:
-            task = asyncio.ensure_future(self._run(group))
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    def _flush(self, key: tuple[Any, ...], group: list[_Member]) -> None:
+        if self._pending.get(key) is not group:
+            return  # flushed already (it filled up before its window ended)
+        del self._pending[key]
+        self.largest = max(self.largest, sum(m.plan.batch for m in group))
+        task = asyncio.ensure_future(self._run(group))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def _run(self, group: list[_Member]) -> None:
         until = max(m.until for m in group)
