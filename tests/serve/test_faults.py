@@ -173,8 +173,9 @@ def test_a_thousand_stalled_connections_do_not_delay_a_client(server) -> None:  
     assert p99 < 1.0
 
 
-def test_two_workers_give_a_key_exactly_its_quota(server) -> None:
-    srv = server("--workers", "2", "--quota-grad-rows", "10", "--quota-samples", "40").start()
+@pytest.mark.parametrize("coalesce", [[], ["--coalesce-ms", "20"]], ids=["alone", "coalesced"])
+def test_two_workers_give_a_key_exactly_its_quota(server, coalesce) -> None:  # type: ignore[no-untyped-def]
+    srv = server("--workers", "2", "--quota-grad-rows", "10", "--quota-samples", "40", *coalesce).start()
     shift = torch.zeros(1, 1, 384)
     forward = encode({"inputs/text.input_ids": torch.tensor([[101, 1037, 4937, 102]])})
     vjp = encode({"inputs/text.input_ids": torch.tensor([[101, 1037, 4937, 102]]), "add/text.token_embeds": shift,
