@@ -38,7 +38,7 @@ def run(clients: tuple[int, ...] = (4, 16), batches: tuple[int, ...] = (1, 4, 64
     local = open_backbone("minilm", "dark-gray", device=device)
     keys = ApiKeys({f"c{i}": f"{KEY}-{i:04d}" for i in range(max(clients))})
     apps = {on: create_app(local, ServeConfig(access="dark-gray", coalesce_ms=window_ms if on else 0.0,
-                                              coalesce_max_rows=256, max_queue=4 * max(clients)), keys)
+                                              max_queue=4 * max(clients)), keys)
             for on in (False, True)}
     cells, pool = [], _Clients(max(clients))
     with BackgroundServer(apps[False]) as off_url, BackgroundServer(apps[True]) as on_url:

@@ -4,8 +4,9 @@
 it busy waits up to ``W`` ms for others it can share a backbone call with (same level, ports, outputs and edit shapes; texts of different lengths are padded to the longest, under
 attention mask 0), and the joined call's outputs are split back by rows. Where gradients were asked, the joined
 call keeps one graph and each client gets a session of its own over its rows. Its VJP waits for the other
-members' VJPs (up to ``VJP_WAIT`` windows after the first one arrives), and one backward over the joined graph
-answers them all; a member that has not sent its VJP by then gets zero cotangents in that backward, and its
+members' VJPs (after the first arrives, up to ``VJP_WAIT`` windows or twice the joined forward's time, whichever is
+longer: the time the members need to answer their forwards), and one backward over the joined graph answers them
+all; a member that has not sent its VJP by then gets zero cotangents in that backward, and its
 session is dropped, so it gets 410 and resends its forward to be recomputed alone, as after any lost session:
 no client's answer waits on a client that went away.
 
@@ -38,7 +39,8 @@ from graytune.serve.service import GONE, timed_out
 
 __all__ = ["VJP_WAIT", "Joiner", "MemberCall", "joinable"]
 Tensor = torch.Tensor
-#: how many windows a joined call's backward waits for its members' VJPs after the first arrives
+#: how many windows a joined call's backward waits at least for its members' VJPs after the first arrives (and at
+#: least twice the joined forward's time)
 VJP_WAIT = 4
 #: input ports whose second dimension is token positions, padded to the longest text of a joined call
 _TOKEN_PORTS = (".input_ids", ".attention_mask")
@@ -108,6 +110,7 @@ class _Joint:
     members: list[MemberCall] = field(default_factory=list)
     timer: asyncio.TimerHandle | None = None
     done: bool = False
+    wait_s: float = 0.0  # how long the backward waits for the members' VJPs after the first one arrives
 
 
 class MemberCall:
@@ -175,13 +178,23 @@ class Joiner:
             return
         self.joined += len(group)
         plans = [m.plan for m in group]
+        timed = [0.0]
+
+        def joined() -> tuple[tuple[Tensor, ...], BoundaryCall]:
+            start = time.monotonic()
+            try:
+                return _solo(group[0].handle, joined_plan(plans))
+            finally:
+                timed[0] = time.monotonic() - start
+
         try:
-            values, call = await self.service.compute(lambda: _solo(group[0].handle, joined_plan(plans)), until)
+            values, call = await self.service.compute(joined, until)
         except Exception:  # noqa: BLE001 - each request again on its own: its own error, or its answer
             for m in group:
                 await _settle(m, self.service.compute(lambda m=m: _solo(m.handle, m.plan), m.until))
             return
-        joint = _Joint(call, plans) if call.differentiable else None
+        joint = _Joint(call, plans, wait_s=max(VJP_WAIT * self.window_s, 2 * timed[0])) if call.differentiable \
+            else None
         start = 0
         for index, m in enumerate(group):
             rows = slice(start, start + m.plan.batch)
@@ -208,7 +221,7 @@ class Joiner:
         if len(joint.grads) == len(joint.members):
             self._backward(joint, until)
         elif joint.timer is None:
-            joint.timer = loop.call_later(VJP_WAIT * self.window_s, self._backward, joint, until)
+            joint.timer = loop.call_later(joint.wait_s, self._backward, joint, until)
         return await _within(future, until, self.service)
 
     def _backward(self, joint: _Joint, until: float) -> None:
