@@ -14,9 +14,11 @@ from __future__ import annotations
 from graytune.backbones import (  # noqa: F401  (importing a provider registers it)
     arch,
     bridge,
+    diffusion_tiny,
     efficientnet,
     hf_causal,
     hf_clip,
+    hf_diffusion,
     hf_siglip,
     hf_text,
     hf_vision,

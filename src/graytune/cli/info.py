@@ -20,6 +20,11 @@ REVEALS = (
                                                             "grant (graytune serve --black-box-edits)"),
     ("black-box", "image", "image.pixels moved by +-eps", "Jacobian columns by finite differences; inherent "
                                                           "(pixels are continuous)"),
+    ("black-box", "latents", "unet.prediction for latents.noisy and timestep", "the UNet's output; latents are "
+                                                                              "continuous, so +-eps moves give its "
+                                                                              "Jacobian columns (inherent)"),
+    ("black-box", "latents", "image.latents for image.pixels", "the VAE encoder's output (forward only: never a "
+                                                               "gradient)"),
     ("dark-gray", "", "add/insert at input ports, gradients", "exact VJPs at the input ports"),
     ("light-gray", "", "add/insert at entry ports, gradients", "exact VJPs at the entry ports (<m>.layer.k)"),
     ("read", "text", "read at text.token_embeds", "weights: the token-table rows of the tokens sent"),
