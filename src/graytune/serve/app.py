@@ -45,6 +45,7 @@ from fastapi import FastAPI
 
 from graytune.access import LocalHandle
 from graytune.serve.admission import HTTPProblem
+from graytune.serve.coalesce import Joiner
 from graytune.serve.config import ApiKeys, ServeConfig
 from graytune.serve.requestlog import RequestLog
 from graytune.serve.responses import WIRE_MEDIA, answer, install_error_handlers
@@ -58,6 +59,8 @@ def create_app(handle: LocalHandle, config: ServeConfig, keys: ApiKeys, extra: C
                | None = None) -> FastAPI:
     """The FastAPI app lending ``handle``'s backbone at ``config.access``; ``extra`` adds routes (adapters)."""
     service = Service(handle, config, keys)
+    if config.coalesce_ms > 0:
+        service.joiner = Joiner(service, config.coalesce_ms, config.coalesce_max_rows)
     app = FastAPI(title="graytune backbone server", version=graytune_version(), description=_DESCRIPTION,
                   docs_url="/docs", redoc_url=None, openapi_url="/openapi.json", lifespan=_lifespan)
     app.state.service = service

@@ -92,10 +92,9 @@ class Service:
         self._specs: dict[AccessLevel, dict[str, Any]] = {}  # one per level (``spec``)
         #: more figures for ``/v1/stats``: each is called with the client (``None``: every client's, for an admin)
         self.stat_sources: list[Callable[[str | None], dict[str, Any]]] = []
-        from graytune.serve.coalesce import Joiner  # it calls back into this service
-
-        #: forwards and VJPs of different clients joined into shared backbone calls (``--coalesce-ms``)
-        self.joiner = Joiner(self, config.coalesce_ms, config.coalesce_max_rows) if config.coalesce_ms > 0 else None
+        #: forwards and VJPs of different clients joined into shared backbone calls (``--coalesce-ms``; a
+        #: ``graytune.serve.coalesce.Joiner`` that ``create_app`` sets, None when off)
+        self.joiner: Any = None
 
     def close(self) -> None:
         self.ledger.close()
@@ -267,7 +266,8 @@ class Service:
         """Run ``work`` on the backbone by ``until`` (``time.monotonic()``): 503 at once when too many wait,
         503 if the backbone stays busy until then, 504 if the work itself runs past it (it stops there)."""
         if self.queued > self.config.max_queue:
-            raise busy(self.compute_s * self.queued, f"{self.queued} requests wait for the backbone (--max-queue)")
+            raise busy(self.compute_s * self.queued, f"{self.queued} requests wait for the backbone (--max-queue)",
+                       self.queued)
         self.queued += 1
         try:
             return await anyio.to_thread.run_sync(self._locked, work, until,
@@ -278,7 +278,7 @@ class Service:
     def _locked(self, work: Callable[[], T], until: float) -> T:
         if not self.compute_lock.acquire(timeout=max(0.0, until - time.monotonic())):
             raise busy(self.compute_s * max(1, self.queued), "the backbone stayed busy until this request's "
-                       "deadline (--request-timeout-s)")
+                       "deadline (--request-timeout-s)", self.queued)
         start = time.monotonic()
         try:
             with deadline(until):
