@@ -4,7 +4,8 @@ It offers what the in-process handle offers (``spec``, ``forward``, ``generate``
 ``tokenize``, ``exposure``), and its backbone is one autograd node too: the node's
 backward posts the outputs' gradients and gets back the VJP at the client's
 tensors. Requests are checked here first (the same checks as the server's), so
-mistakes fail fast with the in-process message.
+mistakes fail fast with the in-process message. ``submit``, ``forward_chunks`` and
+``forward_backward`` keep several requests in flight (``graytune.access.remote_async``).
 
 Sessions are kept by the server only until their VJP. When the server answers 410
 (the session expired, was evicted, or lives on another worker or before a restart)
@@ -30,31 +31,31 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import secrets
+import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
 import torch
 from torch import nn
 
+from graytune.access import remote_async
 from graytune.access.checks import CallPlan, plan_call, texts_of
 from graytune.access.generation import (
     Generated, check_generation_plan, check_maps, count_generated, pack_generate, read_stream_line, settings_of,
     unpack_generated,
 )
 from graytune.access.handle import client_device, cross, encode_image, encode_text
+from graytune.access.replies import busy_problem, busy_state, error_of, error_of_response, retry_after
 from graytune.access.topk import remote_top_k_grant
 from graytune.access.wire import (
     PROTOCOL_VERSION, check_server_protocol, decode, pack_call, pack_grads, pack_recompute, unpack_result,
     unpack_vjp,
 )
-from graytune.errors import (
-    AccessDeniedError, GraytuneError, InvalidInputError, NumericalError, RemoteAccessDeniedError, RemoteError,
-    UnknownNameError,
-)
+from graytune.errors import AccessDeniedError, GraytuneError, InvalidInputError, RemoteError, UnknownNameError
 from graytune.types import AccessLevel, BackboneSpec, Exposure, GenerationSettings
 
 log = logging.getLogger(__name__)
@@ -80,11 +81,12 @@ class RemoteHandle:
             A call takes at most about ``retry_s + timeout_s``.
         retries: at most this many retries as well (``None``: only the time budget counts).
         top_k: the most next tokens a forward will read per position (``top_k=``), at most the server's grant.
+        max_in_flight: the most requests ``submit``, ``forward_chunks`` and ``forward_backward`` keep in flight.
     """
 
     def __init__(self, url: str, access: AccessLevel, reads: Collection[str] = (), api_key: str | None = None,
                  timeout_s: float | None = None, retries: int | None = None, *, retry_s: float | None = None,
-                 top_k: int = 0) -> None:
+                 top_k: int = 0, max_in_flight: int = 4) -> None:
         key = api_key or os.environ.get(API_KEY_ENV)
         if not key:
             raise InvalidInputError(f"{url} needs an API key: set ${API_KEY_ENV} to the key the server's owner gave "
@@ -93,10 +95,14 @@ class RemoteHandle:
         self.key_source = "api_key=" if api_key else f"${API_KEY_ENV}"
         self.retry_s = DEFAULT_RETRY_S if retry_s is None else float(retry_s)
         self.timeout_s = DEFAULT_TIMEOUT_S if timeout_s is None else float(timeout_s)
-        if self.retry_s < 0 or self.timeout_s <= 0:
-            raise InvalidInputError(f"retry_s must be >= 0 and timeout_s > 0 seconds; got retry_s={retry_s}, "
-                                    f"timeout_s={timeout_s}")
-        self.url, self.retries = url.rstrip("/"), retries
+        if self.retry_s < 0 or self.timeout_s <= 0 or max_in_flight < 1:
+            raise InvalidInputError(f"retry_s must be >= 0 and timeout_s > 0 seconds, max_in_flight >= 1; got retry_s="
+                                    f"{retry_s}, timeout_s={timeout_s}, max_in_flight={max_in_flight}")
+        self.url, self.retries, self.max_in_flight = url.rstrip("/"), retries, int(max_in_flight)
+        #: the last busy reply (502/503): ``{"status", "queued", "retry_after_s", "at"}`` (``access.replies``)
+        self.queue_state: dict[str, Any] | None = None
+        self._lock = threading.Lock()
+        self._executor: ThreadPoolExecutor | None = None
         self._http = httpx.Client(base_url=self.url, timeout=httpx.Timeout(self.timeout_s, connect=min(
             10.0, self.timeout_s)), headers={"Authorization": f"Bearer {key}"})
         info = self._request("GET", "/v1/spec", params={"access": AccessLevel.parse(access).label}).json()
@@ -137,6 +143,8 @@ class RemoteHandle:
         return self.spec.fingerprint
 
     def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
         self._http.close()
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
@@ -156,13 +164,35 @@ class RemoteHandle:
         top_k: int = 0,
     ) -> dict[str, Tensor]:
         """As ``LocalHandle.forward``; the backbone runs on the server."""
+        return cross(_RemoteCall(self, self._plan(inputs, add, insert, outputs, reads, top_k)))
+
+    # futures, micro-batches in flight, a pipelined training step (``graytune.access.remote_async``)
+    submit = remote_async.submit
+    forward_chunks = remote_async.forward_chunks
+    forward_backward = remote_async.forward_backward
+
+    def _plan(self, inputs: Mapping[str, Tensor | Sequence[str]], add: Mapping[str, Tensor] | None,
+              insert: Mapping[str, Tensor] | None, outputs: Sequence[str] | None, reads: Sequence[str],
+              top_k: int) -> CallPlan:
+        """A forward's checks (``plan_call``); a port above the level gets the server's refusal."""
         try:
-            plan = plan_call(self.spec, self.access, self._grants, self.exposure, self.tokenize,
+            return plan_call(self.spec, self.access, self._grants, self.exposure, self.tokenize,
                              inputs, add or {}, insert or {}, outputs, reads, top_k=top_k, top_k_grant=self._top_k)
         except UnknownNameError as err:
             self._above_level(err.name, add or {}, insert or {}, [*reads, *(outputs or [])])
             raise
-        return cross(_RemoteCall(self, plan))
+
+    def _call(self, plan: CallPlan) -> _RemoteCall:
+        """A call to send later, its request packed now (later in-place updates do not change it)."""
+        call = _RemoteCall(self, plan)
+        call.body = pack_call(plan, self.access.label, call.key)
+        return call
+
+    def _pool(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="graytune-remote")
+            return self._executor
 
     def generate(self, inputs: Mapping[str, Tensor | Sequence[str]], *, add: Mapping[str, Tensor] | None = None,
                  insert: Mapping[str, Tensor] | None = None, maps: Mapping[str, Mapping[str, Tensor]] | None = None,
@@ -202,7 +232,7 @@ class RemoteHandle:
                 if "generated" in part:
                     return part["generated"]  # type: ignore[no-any-return]
                 if "error" in part:
-                    raise _error_of(int(part.get("status", 500)), str(part["error"]), str(part.get("detail", "")))
+                    raise error_of(int(part.get("status", 500)), str(part["error"]), str(part.get("detail", "")))
                 if "texts" in part:
                     stream([str(t) for t in part["texts"]])
         except httpx.ReadTimeout:
@@ -294,8 +324,9 @@ class RemoteHandle:
                                       f"{self.url}; check it with the server's owner (a key is one line of their "
                                       "--api-keys file)") from None
                 if response.status_code not in (502, 503):
-                    raise _error(response)
-                problem, wait = f"is busy ({response.status_code})", _retry_after(response)
+                    raise error_of_response(response)
+                self.queue_state = busy_state(response)
+                problem, wait = busy_problem(self.queue_state), retry_after(response)
             wait = min(10.0, 0.25 * 2**attempt) if wait is None else wait
             spent = time.monotonic() - start
             if spent + wait > self.retry_s or (self.retries is not None and attempt >= self.retries):
@@ -316,9 +347,10 @@ class _RemoteCall:
         self.values_read: dict[str, Tensor] = {}
         self.session: str | None = None
         self.key = secrets.token_urlsafe(16)  # the same on every retry: the server keeps one session for it
+        self.body: bytes | None = None  # the forward's request when packed ahead (``RemoteHandle._call``)
 
     def forward(self, tensors: Sequence[Tensor]) -> tuple[Tensor, ...]:
-        body = pack_call(self.plan, self.handle.access.label, self.key)
+        body = self.body or pack_call(self.plan, self.handle.access.label, self.key)
         result = unpack_result(decode(self.handle._request("POST", "/v1/forward", content=body).content), self.plan)
         self.session, self.values_read = result.session, result.values_read
         return result.outputs
@@ -341,8 +373,9 @@ class _RemoteCall:
             content = pack_recompute(self.plan, self.handle.access.label, grads)
             result = unpack_vjp(decode(self.handle._request("POST", "/v1/vjp", content=content).content), self.plan)
         self.session = None
-        self.handle.exposure.gradient_queries += 1
-        self.handle.exposure.gradient_samples += self.plan.batch
+        with self.handle._lock:  # chunks' VJPs may end on several threads at once
+            self.handle.exposure.gradient_queries += 1
+            self.handle.exposure.gradient_samples += self.plan.batch
         return result
 
     def _release(self) -> None:
@@ -355,33 +388,3 @@ class _RemoteCall:
         except httpx.HTTPError as err:
             log.info("could not release a session after a failed VJP (%s); the server's TTL will", err)
 
-
-def _retry_after(response: httpx.Response) -> float | None:
-    """The server's ``Retry-After`` in seconds (capped at 30), if it sent one as a number."""
-    value = response.headers.get("retry-after", "")
-    return min(30.0, float(value)) if value.replace(".", "", 1).isdigit() else None
-
-
-def _error(response: httpx.Response) -> Exception:
-    try:
-        payload = response.json()
-        kind, detail = str(payload["error"]), str(payload["detail"])
-    except (ValueError, KeyError, TypeError):
-        kind, detail = "http", response.text[:200]
-    return _error_of(response.status_code, kind, detail)
-
-
-def _error_of(status: int, kind: str, detail: str) -> Exception:
-    """What a server's ``{"error": kind, "detail"}`` with ``status`` raises here (as the same request in process)."""
-    if status == 400:
-        refused = InvalidInputError(f"the backbone server refused the request: {detail}")
-        refused.kind = kind  # type: ignore[attr-defined]  # e.g. unknown_name, protocol
-        return refused
-    if status == 403 and kind == "access_denied":  # what the same request raises in process
-        needed = re.search(r"needs access level ([a-z-]+)|^([a-z-]+) access was asked for", detail)
-        granted = re.search(r"was granted ([a-z-]+)|this server lends \S+ at ([a-z-]+)", detail)
-        return RemoteAccessDeniedError(detail, next((g for g in needed.groups() if g), "") if needed else "",
-                                       next((g for g in granted.groups() if g), "") if granted else "")
-    if kind == "numerical":
-        return NumericalError(f"on the backbone server: {detail}")
-    return RemoteError(status, kind, detail)

@@ -46,10 +46,12 @@ def too_large(what: str, limit: int, flag: str, fix: str) -> HTTPProblem:
     return HTTPProblem(413, "too_large", f"{what}; the server takes at most {limit:,} ({flag}); {fix}")
 
 
-def busy(retry_after_s: float, why: str = "the backbone is busy") -> HTTPProblem:
-    """503 with ``Retry-After`` (whole seconds, at least 1)."""
+def busy(retry_after_s: float, why: str = "the backbone is busy", queued: int | None = None) -> HTTPProblem:
+    """503 with ``Retry-After`` (whole seconds, at least 1) and, when given, ``X-Graytune-Queued``: the
+    requests waiting for or using the backbone (what the client keeps as ``RemoteHandle.queue_state``)."""
     seconds = max(1, math.ceil(retry_after_s))
-    return HTTPProblem(503, "busy", f"{why}; retry in {seconds} s", {"Retry-After": str(seconds)})
+    headers = {"Retry-After": str(seconds)} | ({} if queued is None else {"X-Graytune-Queued": str(queued)})
+    return HTTPProblem(503, "busy", f"{why}; retry in {seconds} s", headers)
 
 
 def check_texts(texts: Sequence[str], config: ServeConfig, what: str = "strings") -> None:
