@@ -34,6 +34,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--coalesce", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure graytune serve --coalesce-ms as a curve: 4 and 16 client processes x batch 1, "
                         "4 and 64, coalescing off and on side by side, with the crossover (default: on)")
+    p.add_argument("--remote-latency", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time a training step over loopback against a simulated 50 ms link, synchronous and "
+                        "pipelined (RemoteHandle.forward_backward) (default: on)")
     p.add_argument("--lm", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure language models: DGA's step through the boundary vs plain autograd on "
                         "SmolLM2-135M, and each LM method's memory vs full fine-tuning on SmolLM2-135M and "
@@ -85,6 +88,10 @@ def run(args: argparse.Namespace) -> int:
         from graytune.bench import coalesce
 
         results["coalesce"] = coalesce.run()
+    if args.remote_latency:
+        from graytune.bench import remote_latency
+
+        results["remote_latency"] = remote_latency.run()
     if args.lm:
         from graytune.bench import lm
 
@@ -101,6 +108,8 @@ def run(args: argparse.Namespace) -> int:
             print("\n" + serve.format_report(results["serve"]))
         if args.coalesce:
             print("\n" + coalesce.format_report(results["coalesce"]))
+        if args.remote_latency:
+            print("\n" + remote_latency.format_report(results["remote_latency"]))
         if args.lm:
             print("\n" + lm.format_report(results["lm"]))
     return 0
