@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor, Future, as_completed, wait
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -37,8 +37,10 @@ from graytune.access.checks import CallPlan
 from graytune.access.handle import BoundaryRun, client_device, cross
 from graytune.errors import InvalidInputError, RemoteError
 
-if TYPE_CHECKING:
-    from graytune.access.remote import RemoteHandle, _RemoteCall
+#: the handle and its calls, typed loosely: ``graytune.access.remote`` imports this module to bind these methods,
+#: so importing it back, even for type checking only, would make an import cycle
+RemoteHandle = Any
+_RemoteCall = Any
 
 Tensor = torch.Tensor
 T = TypeVar("T")
