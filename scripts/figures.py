@@ -1,7 +1,7 @@
 """Draw docs/figures/*.png from the committed raw results: test metric vs trainable parameters, by access level.
 
 Run: .venv/bin/python scripts/figures.py [--results docs/results-raw.json]
-     [--transmiter docs/transmiter-raw.json] [--out docs/figures]
+     [--transmiter docs/transmiter-concrete-raw.json] [--out docs/figures]
 
 One small PNG (640 × 400) per task of docs/results.md: the task's primary test metric (mean over seeds,
 bars: sample std) against trainable parameters on a log axis, colour and marker by access level, methods
@@ -43,8 +43,9 @@ TASKS = {  # setting in results-raw.json -> (file, primary test metric, axis lab
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", default="docs/results-raw.json", help="written by scripts/results.py")
-    parser.add_argument("--transmiter", default="docs/transmiter-raw.json",
-                        help="written by scripts/transmiter_results.py")
+    parser.add_argument("--transmiter", default="docs/transmiter-concrete-raw.json",
+                        help="written by scripts/transmiter_results.py (the committed table's concrete draw; the "
+                             "balanced rerun writes docs/transmiter-raw.json)")
     parser.add_argument("--out", default="docs/figures", help="folder for the PNGs")
     args = parser.parse_args()
     out = Path(args.out)
@@ -82,7 +83,7 @@ def results_figures(raw: dict, out: Path) -> list[Path]:
 
 
 def transmiter_figure(raw: dict, results: dict, out: Path) -> Path:
-    """Harmonic mean of base and novel accuracy for every row of docs/transmiter-raw.json."""
+    """Harmonic mean of base and novel accuracy for every row of a TransMiter raw file (``--transmiter``)."""
     from graytune.adapters.transmiter import TransMiterAdapter, TransMiterConfig
 
     def transmiter_params(classes: int) -> int:

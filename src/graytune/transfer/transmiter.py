@@ -70,7 +70,7 @@ class ExtractConfig:
     noise_per: str = "batch"
     """``"batch"``: one coin per batch, the whole batch noised or not (the authors' ``models/noise.py``);
     ``"sample"``: one coin per sample (the only behaviour before this option; ``scripts/transmiter_results.py``
-    pins it so that ``docs/transmiter-raw.json`` regenerates)."""
+    pins it so that ``docs/transmiter-concrete-raw.json`` regenerates)."""
     teacher_temperature: float = 0.5
     seed: int = 0
 
