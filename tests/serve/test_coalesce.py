@@ -134,3 +134,31 @@ def test_a_full_group_goes_in_arrival_order_and_never_passes_the_row_limit(serve
     assert joiner.largest <= 8 and joiner.calls == 2  # {heavy, light} then {heavy}: never 13 rows in one call
     for texts, z in zip(batches, got):
         torch.testing.assert_close(z, minilm.forward({"text": texts})["text.embeds"], rtol=0, atol=1e-5)
+
+
+def test_a_client_that_disconnects_while_its_forward_waits_fails_nobody(serve, minilm) -> None:  # type: ignore[no-untyped-def]
+    import httpx
+
+    from graytune.access.wire import encode
+
+    url, app = serve(coalesce_ms=400.0)
+    app.state.service.joiner.eager = False
+    ids = minilm.tokenize(["a text that waits for company"])
+    body = encode({f"inputs/{k}": v for k, v in ids.items()})
+
+    def leave(_):  # type: ignore[no-untyped-def]
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {BOB}"}, timeout=0.1) as client:
+            try:
+                client.post("/v1/forward", content=body)
+            except httpx.TimeoutException:
+                return "left"
+        return "answered"
+
+    def stay(handle):  # type: ignore[no-untyped-def]
+        return handle.forward({"text": TEXTS[1]})["text.embeds"]
+
+    remote = graytune.open_backbone(url, "light-gray", api_key=ALICE)
+    left, z = _together([None, remote], [leave, stay])
+    assert left == "left"  # it hung up inside the window, before the joined call ran
+    torch.testing.assert_close(z, minilm.forward({"text": TEXTS[1]})["text.embeds"], rtol=0, atol=1e-5)
+    assert remote.forward({"text": TEXTS[0]})["text.embeds"].shape == (1, 384)  # and the server serves on
