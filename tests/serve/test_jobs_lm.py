@@ -85,3 +85,15 @@ def test_stats_count_a_clients_files_and_jobs(serve, llama, tmp_path: Path) -> N
     assert sum(mine["jobs"].values()) == 1 and set(mine["jobs"]) <= {"cancelled", "running", "queued"}
     every = httpx.get(url + "/v1/stats", headers={"Authorization": f"Bearer {BOB}"}).json()["jobs"]
     assert set(every) == {"alice"} and every["alice"]["files"] == 1  # an admin sees each client's
+
+
+def test_a_full_queue_refuses_a_job_and_keeps_no_half_made_one(serve, llama, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    url, _ = serve(handle=llama, access="dark-gray", reads=(), jobs=str(tmp_path / "jobs"), extra=install_jobs,
+                   job_queue=0)
+    alice = openai.OpenAI(base_url=url + "/v1", api_key=ALICE, max_retries=0)
+    rows = tmp_path / "qa.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": " a"}) + "\n" for i in range(12)))
+    upload = alice.files.create(file=rows.open("rb"), purpose="fine-tune")
+    with pytest.raises(openai.RateLimitError, match="--job-queue 0"):
+        alice.fine_tuning.jobs.create(model=llama.spec.id, training_file=upload.id, method={"type": "prompt"})
+    assert list(alice.fine_tuning.jobs.list()) == []

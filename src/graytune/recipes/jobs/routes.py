@@ -144,6 +144,7 @@ async def create_job(request: Request, service: ServiceDep, jobs: JobsDep, clien
     if len(active) >= service.config.client_jobs:
         raise HTTPProblem(429, "quota", f"you have {len(active)} jobs queued, running or paused, the most this "
                           f"server allows (--client-jobs {service.config.client_jobs}); cancel one or wait")
+    jobs.runner.check_room()  # and nothing awaited from here to submit: the room is still there then
     run = asked.pop("run")
     job_id = "ftjob-" + secrets.token_hex(12)
     record = {"object": "fine_tuning.job", "id": job_id, "created_at": int(time.time()), **asked,

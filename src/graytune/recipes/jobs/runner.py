@@ -95,11 +95,15 @@ class JobRunner:
 
     # ---- what clients ask ----------------------------------------------------------------------------
 
+    def check_room(self) -> None:
+        """429 when ``--job-queue`` jobs already wait (asked before a job is created, so none is left half made)."""
+        if len(self._queue) >= self.config.job_queue:
+            raise HTTPProblem(429, "queue_full", f"{len(self._queue)} jobs already wait (--job-queue "
+                              f"{self.config.job_queue}); try again when one has started")
+
     def submit(self, job_id: str) -> None:
         with self._wake:
-            if len(self._queue) >= self.config.job_queue:
-                raise HTTPProblem(429, "queue_full", f"{len(self._queue)} jobs already wait (--job-queue "
-                                  f"{self.config.job_queue}); try again when one has started")
+            self.check_room()
             self._queue.append(job_id)
             self.store.update(job_id, status="queued")
             self._positions()
