@@ -82,8 +82,9 @@ class ServeConfig:
     max_queue: int = 8
     """Most requests waiting for the backbone; more get 503 with Retry-After at once."""
     coalesce_ms: float = 0.0
-    """Join forwards (and their VJPs) from different clients that arrive within this many milliseconds into one
-    backbone call, their answers split back by rows (0: off; docs/benchmarks.md has the measured trade-off)."""
+    """Join forwards (and their VJPs) from different clients that arrive within this many milliseconds while the
+    backbone is busy into one backbone call, their answers split back by rows; an idle backbone takes a forward at
+    once (0: off; 10 is the setting measured in docs/benchmarks.md for many clients with small batches)."""
     coalesce_max_rows: int = 64
     """Most rows in one joined call; a request with more runs alone."""
     header_timeout_s: float = 10.0
@@ -143,7 +144,8 @@ class ServeConfig:
     workers: int = 1
     """uvicorn worker processes (each keeps its own sessions, all share the quota ledger)."""
     jobs: str = ""
-    """A folder for fine-tuning jobs (OpenAI's files and fine_tuning.jobs routes, /v1/embeddings): uploaded files,
+    """A folder for fine-tuning jobs (OpenAI's files, fine_tuning.jobs, models, embeddings and completions routes):
+    uploaded files,
     each job's run and its model; kept across restarts, and jobs that were running resume (empty: no job routes).
     Needs graytune serve's own entry point (it adds the routes), one worker."""
     job_workers: int = 1
