@@ -37,7 +37,7 @@ from graytune.errors import InvalidInputError
 from graytune.serve.admission import HTTPProblem
 from graytune.serve.service import GONE, timed_out
 
-__all__ = ["VJP_WAIT", "Joiner", "MemberCall", "joinable"]
+__all__ = ["VJP_WAIT", "Joiner", "MemberCall", "joinable", "run_forward"]
 Tensor = torch.Tensor
 #: how many windows a joined call's backward waits at least for its members' VJPs after the first arrives (and at
 #: least twice the joined forward's time)
@@ -146,7 +146,7 @@ class Joiner:
     async def forward(self, handle: LocalHandle, plan: CallPlan, until: float) -> tuple[tuple[Tensor, ...], Any]:
         """The outputs of ``plan`` and the call a VJP differentiates (a ``MemberCall`` when it was joined)."""
         if not joinable(plan, self.max_rows):
-            return await self.service.compute(lambda: _solo(handle, plan), until)
+            return await self.service.compute(lambda: run_forward(handle, plan), until)
         loop = asyncio.get_running_loop()
         key = _signature(handle, plan)
         member = _Member(handle, plan, until, loop.create_future())
@@ -174,7 +174,7 @@ class Joiner:
         until = max(m.until for m in group)
         self.calls += 1
         if len(group) == 1:
-            await _settle(group[0], self.service.compute(lambda: _solo(group[0].handle, group[0].plan), until))
+            await _settle(group[0], self.service.compute(lambda: run_forward(group[0].handle, group[0].plan), until))
             return
         self.joined += len(group)
         plans = [m.plan for m in group]
@@ -183,7 +183,7 @@ class Joiner:
         def joined() -> tuple[tuple[Tensor, ...], BoundaryCall]:
             start = time.monotonic()
             try:
-                return _solo(group[0].handle, joined_plan(plans))
+                return run_forward(group[0].handle, joined_plan(plans))
             finally:
                 timed[0] = time.monotonic() - start
 
@@ -191,7 +191,7 @@ class Joiner:
             values, call = await self.service.compute(joined, until)
         except Exception:  # noqa: BLE001 - each request again on its own: its own error, or its answer
             for m in group:
-                await _settle(m, self.service.compute(lambda m=m: _solo(m.handle, m.plan), m.until))
+                await _settle(m, self.service.compute(lambda m=m: run_forward(m.handle, m.plan), m.until))
             return
         joint = _Joint(call, plans, wait_s=max(VJP_WAIT * self.window_s, 2 * timed[0])) if call.differentiable \
             else None
@@ -287,7 +287,8 @@ async def _within(future: asyncio.Future[Any], until: float, service: Any) -> An
         raise timed_out(service.config.request_timeout_s) from None
 
 
-def _solo(handle: LocalHandle, plan: CallPlan) -> tuple[tuple[Tensor, ...], BoundaryCall]:
+def run_forward(handle: LocalHandle, plan: CallPlan) -> tuple[tuple[Tensor, ...], BoundaryCall]:
+    """The forward of a checked ``plan``, measured, and the call that keeps it for a VJP (backbone thread)."""
     call = handle.open_call(plan, measure=True)
     return call.forward([plan.tensor(g, p) for g, p in plan.slots]), call
 

@@ -27,12 +27,12 @@ import torch
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 
-from graytune.access import BoundaryCall, CallPlan, LocalHandle, texts_of
+from graytune.access import BoundaryCall, texts_of
 from graytune.access.generation import pack_generated
 from graytune.access.wire import check_request_protocol, encode, pack_result, pack_vjp, read_request, request_key
 from graytune.errors import InvalidInputError
 from graytune.serve.admission import check_texts
-from graytune.serve.coalesce import MemberCall
+from graytune.serve.coalesce import MemberCall, run_forward
 from graytune.serve.config import ServeConfig
 from graytune.serve.generation import charge_generation, check_queue, plan_generation, run_generation, streamed
 from graytune.serve.responses import wire_response
@@ -65,7 +65,7 @@ async def forward(request: Request, service: ServiceDep, client: ClientDep) -> R
             if service.joiner is not None:  # --coalesce-ms: it may share a backbone call with other clients'
                 values, call = await service.joiner.forward(handle, plan, until)
             else:
-                values, call = await service.compute(partial(_run_forward, handle, plan), until)
+                values, call = await service.compute(partial(run_forward, handle, plan), until)
         except BaseException:
             await service.refund(client, charge=charge)
             raise
@@ -125,12 +125,6 @@ async def release(request: Request, service: ServiceDep, client: ClientDep) -> d
 async def release_by_url(session: str, service: ServiceDep, client: ClientDep) -> dict[str, bool]:
     """As ``POST /v1/sessions/release``, for older clients (the id ends up in URLs and logs)."""
     return {"released": service.store.release(client, session)}
-
-
-def _run_forward(handle: LocalHandle, plan: CallPlan) -> tuple[tuple[Tensor, ...], BoundaryCall]:
-    """The forward of a checked ``plan``, measured, and the call that keeps it for a VJP (backbone thread)."""
-    call = handle.open_call(plan, measure=True)
-    return call.forward([plan.tensor(g, p) for g, p in plan.slots]), call
 
 
 def _run_vjp(call: BoundaryCall, grads: list[Tensor | None]) -> tuple[Tensor | None, ...]:
