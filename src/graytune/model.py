@@ -286,10 +286,15 @@ class AdaptedModel(nn.Module):
         """
         tokens = dict(prompts) if isinstance(prompts, Mapping) else self.handle.tokenize(list(prompts))
         with torch.no_grad():
-            request = self.prepare_tower("text", {k: v.to(self.device) for k, v in tokens.items()}, generating=True)
-            maps = dict(a.token_map() for a in self.text_adapters if a.token_map() is not None)
+            request, maps = self.decoding_edits(tokens)
             return self.handle.generate(request.inputs, add=request.add, insert=request.insert, maps=maps,
                                         settings=settings, stream=stream)
+
+    def decoding_edits(self, tokens: Mapping[str, Tensor]) -> tuple[TowerRequest, dict[str, dict[str, Tensor]]]:
+        """What a generation from ``tokens`` sends the boundary: the prompt's edits (shifts, inserted tokens) and
+        the token maps that reach every generated token too (AdaLink's), by port."""
+        request = self.prepare_tower("text", {k: v.to(self.device) for k, v in tokens.items()}, generating=True)
+        return request, dict(a.token_map() for a in self.text_adapters if a.token_map() is not None)
 
     def finish_tower(self, modality: str, embeds: Tensor) -> Tensor:
         """``[B, E]`` tower embeddings mapped by this model's output adapters."""

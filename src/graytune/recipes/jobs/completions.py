@@ -131,8 +131,7 @@ def _plan(service: Service, model: AdaptedModel, prompts: list[str], settings: G
     tokens = handle.tokenize(prompts)
     check_work(tokens, {}, config, grad=False, new_tokens=settings.max_new_tokens)
     with torch.no_grad():
-        request = model.prepare_tower("text", tokens, generating=True)
-        maps = dict(a.token_map() for a in model.text_adapters if a.token_map() is not None)
+        request, maps = model.decoding_edits(tokens)
         plan = handle.check(request.inputs, request.add, request.insert, [], [])
         check_generation_plan(handle.spec, plan)
     check_work(plan.inputs, plan.insert, config, grad=False, new_tokens=settings.max_new_tokens)
