@@ -30,8 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from graytune.artifact_files import replace_atomically
 from graytune.errors import GraytuneError
+from graytune.recipes.jobs.files import write_json
 from graytune.recipes.run import RunSpec, train_model
 from graytune.runs import CONFIG_NAME
 from graytune.train.config import TrainConfig
@@ -67,21 +67,17 @@ def _train(folder: Path) -> int:
     except Terminated:
         return EXIT_STOPPED
     except GraytuneError as err:
-        _write(folder / "error.json", {"code": type(err).__name__, "message": str(err)})
+        write_json(folder / "error.json", {"code": type(err).__name__, "message": str(err)})
         return EXIT_FAILED
     except Exception as err:  # noqa: BLE001 - said in the job's error; the traceback goes to job.log
         logging.exception("the job's training failed")
-        _write(folder / "error.json", {"code": "internal", "message": f"training failed: {type(err).__name__}: "
+        write_json(folder / "error.json", {"code": "internal", "message": f"training failed: {type(err).__name__}: "
                                        f"{err}"})
         return EXIT_FAILED
     summary.pop("history", None)
     exposure = model.handle.exposure.to_dict()
-    _write(folder / "result.json", {"summary": summary, "exposure": exposure, "finished_at": int(time.time())})
+    write_json(folder / "result.json", {"summary": summary, "exposure": exposure, "finished_at": int(time.time())})
     return 0
-
-
-def _write(path: Path, value: Any) -> None:
-    replace_atomically(path, lambda tmp: tmp.write_text(json.dumps(value, indent=1, default=str)))
 
 
 def _die_with_parent() -> None:

@@ -55,7 +55,7 @@ async def embeddings(request: Request, service: ServiceDep, client: ClientDep) -
         if base:
             raise HTTPProblem(400, "invalid_input", "images are embedded through a fine-tuned model; the backbone's "
                               "own image embeddings come from /v1/forward")
-        pixels = await service.checked(_pixels, items, service, str(folder_of(host, str(name))))
+        pixels = await service.checked(_pixels, items, service, host.folders[str(name)])
         vectors, tokens = await adapted_image_embeds(service, host, client, str(name), pixels), 0
     elif isinstance(items, list) and items and all(isinstance(i, str) for i in items):
         vectors, tokens = await adapted_text_embeds(service, host, client, str(name), items, base=base)
@@ -70,12 +70,6 @@ async def embeddings(request: Request, service: ServiceDep, client: ClientDep) -
              "embedding": base64.b64encode(row.tobytes()).decode() if fmt == "base64" else row.tolist()}
             for i, row in enumerate(rows)]
     return {"object": "list", "data": data, "model": name, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
-
-
-def folder_of(host: Any, name: str) -> str:
-    """Where the hosted adapter ``name`` was loaded from (its artifact's preprocessing is read there)."""
-    folder: str = host.folders[name]
-    return folder
 
 
 def _pixels(items: list[dict[str, Any]], service: Service, folder: str) -> torch.Tensor:

@@ -33,7 +33,7 @@ from graytune.errors import GraytuneError
 from graytune.serve.admission import HTTPProblem
 from graytune.serve.config import ServeConfig
 
-__all__ = ["DATA_SUFFIXES", "FileStore", "client_folder"]
+__all__ = ["DATA_SUFFIXES", "FileStore", "client_folder", "write_json"]
 
 #: the data files a job trains on, alone or inside an archive
 DATA_SUFFIXES = (".csv", ".jsonl")
@@ -86,7 +86,7 @@ class FileStore:
                           "filename": name, "purpose": purpose, "status": "processed", "status_details": None,
                           "expires_at": None, "graytune": {**described, "client": client,
                                                            "data": str(data_file.relative_to(staging))}}
-                _write_json(staging / "file.json", record)
+                write_json(staging / "file.json", record)
                 staging.rename(folder)  # whole or absent: a crash leaves a dot folder, never half a file
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -149,8 +149,10 @@ def _safe_id(value: str, prefix: str) -> str:
     return value
 
 
-def _write_json(path: Path, value: Any) -> None:
-    replace_atomically(path, lambda tmp: tmp.write_text(json.dumps(value, indent=1)))
+def write_json(path: Path, value: Any) -> None:
+    """``value`` as JSON in ``path``, atomically (a reader sees the old file or the new one); values JSON does not
+    know are written as their ``str``."""
+    replace_atomically(path, lambda tmp: tmp.write_text(json.dumps(value, indent=1, default=str)))
 
 
 def _described(data_file: Path, name: str, folder: Path) -> dict[str, Any]:

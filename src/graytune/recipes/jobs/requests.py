@@ -75,11 +75,10 @@ def job_run(body: Any, service: Service, files: FileStore, client: str) -> dict[
     if metadata is not None and not (isinstance(metadata, dict) and len(metadata) <= 16 and all(
             isinstance(k, str) and isinstance(v, str) and len(k) <= 64 and len(v) <= 512 for k, v in metadata.items())):
         raise _bad("metadata takes at most 16 string pairs (keys of up to 64 characters, values of up to 512)")
-    level = max(get_method(name).min_access, AccessLevel.BLACK_BOX)
     return {"model": backbone, "training_file": train_file["id"], "validation_file": val_file and val_file["id"],
             "hyperparameters": shown, "method": {"type": name, name: {"options": options, "hyperparameters": hyper}},
             "seed": seed, "user_provided_suffix": suffix, "metadata": metadata,
-            "run": {"access": level.label, "method": name, "options": options, "train": asdict(train),
+            "run": {"access": get_method(name).min_access.label, "method": name, "options": options, "train": asdict(train),
                     "files": {"train": str(files.data_path(client, train_file["id"])),
                               "val": str(files.data_path(client, val_file["id"])) if val_file else None}}}
 

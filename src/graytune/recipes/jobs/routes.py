@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Callable
 from email.parser import BytesParser
 from email.policy import HTTP
 from pathlib import Path
@@ -152,45 +153,46 @@ async def create_job(request: Request, service: ServiceDep, jobs: JobsDep, clien
               "organization_id": client, "result_files": [], "trained_tokens": None, "estimated_finish": None,
               "integrations": [], "graytune": {"client": client, "access": run["access"], "method": run["method"],
                                                "options": run["options"], "train": run["train"], "run": run,
-                                               "queue_position": None, "attempts": 0, "exposure": None,
-                                               "result": None}}
+                                               "attempts": 0, "exposure": None, "result": None}}
     jobs.store.create(client, record)
     jobs.runner.submit(job_id)
-    return public(jobs.store.get(client, job_id))
+    return _job(jobs, jobs.store.get(client, job_id))
 
 
 @router.get("/v1/fine_tuning/jobs")
 async def list_jobs(service: ServiceDep, jobs: JobsDep, client: ClientDep, after: str | None = None,
                     limit: int = 20) -> dict[str, Any]:
     """The caller's jobs, newest first (every client's for an admin)."""
-    seen = None if service.is_admin(client) else client
-    return _page([public(j) for j in jobs.store.listing(seen)], after, limit)
+    return _page([_job(jobs, j) for j in jobs.store.listing(_who(service, client))], after, limit)
 
 
 @router.get("/v1/fine_tuning/jobs/{job_id}")
 async def job(job_id: str, service: ServiceDep, jobs: JobsDep, client: ClientDep) -> dict[str, Any]:
-    return public(jobs.store.get(_who(service, client), job_id))
+    return _job(jobs, jobs.store.get(_who(service, client), job_id))
 
 
 @router.post("/v1/fine_tuning/jobs/{job_id}/cancel")
 async def cancel(job_id: str, service: ServiceDep, jobs: JobsDep, client: ClientDep) -> dict[str, Any]:
-    jobs.store.get(_who(service, client), job_id)
-    await service.checked(jobs.runner.cancel, job_id)
-    return public(jobs.store.get(None, job_id))
+    return await _act(jobs.runner.cancel, job_id, service, jobs, client)
 
 
 @router.post("/v1/fine_tuning/jobs/{job_id}/pause")
 async def pause(job_id: str, service: ServiceDep, jobs: JobsDep, client: ClientDep) -> dict[str, Any]:
-    jobs.store.get(_who(service, client), job_id)
-    await service.checked(jobs.runner.pause, job_id)
-    return public(jobs.store.get(None, job_id))
+    return await _act(jobs.runner.pause, job_id, service, jobs, client)
 
 
 @router.post("/v1/fine_tuning/jobs/{job_id}/resume")
 async def resume(job_id: str, service: ServiceDep, jobs: JobsDep, client: ClientDep) -> dict[str, Any]:
+    return await _act(jobs.runner.resume, job_id, service, jobs, client)
+
+
+async def _act(action: Callable[[str], None], job_id: str, service: Service, jobs: Jobs,
+               client: str) -> dict[str, Any]:
+    """``action`` (the runner's cancel, pause or resume: 409 when the job's status does not allow it) on the
+    caller's job (404 for another's); the job as it is now."""
     jobs.store.get(_who(service, client), job_id)
-    await service.checked(jobs.runner.resume, job_id)
-    return public(jobs.store.get(None, job_id))
+    await service.checked(action, job_id)
+    return _job(jobs, jobs.store.get(None, job_id))
 
 
 @router.get("/v1/fine_tuning/jobs/{job_id}/events")
@@ -226,6 +228,11 @@ async def model(model_id: str, service: ServiceDep, jobs: JobsDep, client: Clien
 
 
 # ---- helpers --------------------------------------------------------------------------------------------
+
+def _job(jobs: Jobs, record: dict[str, Any]) -> dict[str, Any]:
+    """The job object a client sees, with its place in the queue."""
+    return public(record, jobs.runner.position(record["id"]))
+
 
 def _who(service: Service, client: str) -> str | None:
     return None if service.is_admin(client) else client

@@ -77,7 +77,6 @@ class JobRunner:
                 self._queue.append(job_id)
             elif status == "pausing":  # its process checkpointed when the server stopped
                 self.store.update(job_id, status="paused")
-        self._positions()
 
     def close(self, timeout_s: float = 60.0) -> None:
         """Stop taking jobs; running processes checkpoint their last whole step and stop (resumed at restart)."""
@@ -106,7 +105,6 @@ class JobRunner:
             self.check_room()
             self._queue.append(job_id)
             self.store.update(job_id, status="queued")
-            self._positions()
             self._wake.notify()
 
     def pause(self, job_id: str) -> None:
@@ -114,9 +112,8 @@ class JobRunner:
             status = self.store.get(None, job_id)["status"]
             if status == "queued":
                 self._queue.remove(job_id)
-                self.store.update(job_id, status="paused", graytune={"queue_position": None})
+                self.store.update(job_id, status="paused")
                 self.store.note(job_id, "Paused before it started")
-                self._positions()
             elif status == "running":
                 self._wanted[job_id] = "pause"
                 self.store.update(job_id, status="pausing")
@@ -138,7 +135,6 @@ class JobRunner:
                 if job_id in self._queue:
                     self._queue.remove(job_id)
                 self._finish(job_id, "cancelled", "Cancelled")
-                self._positions()
             elif status in ("running", "pausing"):
                 self._wanted[job_id] = "cancel"
                 _signal(self._procs.get(job_id), signal.SIGTERM)
@@ -155,8 +151,7 @@ class JobRunner:
                 if self._closing:
                     return
                 job_id = self._queue.pop(0)
-                self.store.update(job_id, status="running", graytune={"queue_position": None})
-                self._positions()
+                self.store.update(job_id, status="running")
                 self._wanted.pop(job_id, None)
             try:
                 self._run(job_id)
@@ -222,7 +217,6 @@ class JobRunner:
         with self._wake:
             self._queue.insert(0, job_id)
             self.store.update(job_id, status="queued")
-            self._positions()
             self._wake.notify()
 
     def _succeeded(self, job_id: str, result: dict[str, Any]) -> None:
@@ -244,13 +238,13 @@ class JobRunner:
                       owner=record["graytune"]["client"])
 
     def _finish(self, job_id: str, status: str, message: str, error: dict[str, Any] | None = None) -> None:
-        self.store.update(job_id, status=status, finished_at=int(time.time()), error=error,
-                          graytune={"queue_position": None})
+        self.store.update(job_id, status=status, finished_at=int(time.time()), error=error)
         self.store.note(job_id, message, level="error" if status == "failed" else "info")
 
-    def _positions(self) -> None:
-        for place, job_id in enumerate(self._queue, 1):
-            self.store.update(job_id, graytune={"queue_position": place})
+    def position(self, job_id: str) -> int | None:
+        """The job's place in the queue (1: next to run), or None when it is not waiting."""
+        queue = list(self._queue)  # a copy: workers take from it on their threads
+        return queue.index(job_id) + 1 if job_id in queue else None
 
 
 def _signal(proc: subprocess.Popen[bytes] | None, signum: int) -> None:

@@ -25,8 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from graytune.artifact_files import replace_atomically
-from graytune.recipes.jobs.files import client_folder
+from graytune.recipes.jobs.files import client_folder, write_json
 from graytune.runs import HISTORY_NAME
 from graytune.serve.admission import HTTPProblem
 
@@ -38,13 +37,14 @@ ACTIVE = ("validating_files", "queued", "running", "pausing", "paused")
 FINISHED = ("succeeded", "failed", "cancelled")
 
 
-def public(record: dict[str, Any]) -> dict[str, Any]:
-    """The job object a client sees: OpenAI's fields, and graytune's (method options, level, queue position,
-    exposure) under ``graytune``, without the server's paths or the run's internals."""
+def public(record: dict[str, Any], queue_position: int | None = None) -> dict[str, Any]:
+    """The job object a client sees: OpenAI's fields, and graytune's (method options, level, ``queue_position``
+    from the runner's queue, exposure) under ``graytune``, without the server's paths or the run's internals."""
     out = {k: v for k, v in record.items() if k != "graytune"}
     ours = record["graytune"]
-    out["graytune"] = {k: ours.get(k) for k in ("access", "method", "options", "train", "queue_position",
-                                                "exposure", "result", "attempts")}
+    out["graytune"] = {k: ours.get(k) for k in ("access", "method", "options", "train", "exposure", "result",
+                                                "attempts")}
+    out["graytune"]["queue_position"] = queue_position
     return out
 
 
@@ -100,7 +100,7 @@ class JobStore:
         """Append a message event to the job's log (what ``GET .../events`` shows)."""
         with self._lock:
             path = self.folder(job_id) / "events.jsonl"
-            count = sum(1 for _ in path.open()) if path.is_file() else 0
+            count = len(_lines(path))
             event = {"object": "fine_tuning.job.event", "id": f"ftevent-{job_id[6:]}-m{count:06d}",
                      "created_at": int(time.time()), "level": level, "message": message, "type": "message",
                      "data": data or {}}
@@ -112,14 +112,18 @@ class JobStore:
         and calls; each validation's metrics), in the order they happened."""
         folder = self.folder(job_id)
         path = folder / "events.jsonl"
-        messages = [json.loads(line) for line in path.open()] if path.is_file() else []
+        messages = [json.loads(line) for line in _lines(path)]
         metrics = _metrics_events(job_id, folder / "run" / HISTORY_NAME)
         merged = sorted(messages + metrics, key=lambda e: (e["created_at"], e["id"]))
         return merged[::-1]
 
     def _write(self, record: dict[str, Any]) -> None:
-        path = self.folder(record["id"]) / "job.json"
-        replace_atomically(path, lambda tmp: tmp.write_text(json.dumps(record, indent=1)))
+        write_json(self.folder(record["id"]) / "job.json", record)
+
+
+def _lines(path: Path) -> list[str]:
+    """The lines of a file appended a line at a time (none when it is not there yet)."""
+    return path.read_text().splitlines() if path.is_file() else []
 
 
 def _metrics_events(job_id: str, history: Path) -> list[dict[str, Any]]:
