@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import io
-import time
 import zipfile
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from graytune.artifacts import load_adapter, read_config
 from graytune.data.images import ImagePreprocess
 from graytune.recipes.jobs.routes import install_jobs
 from tests.serve.conftest import ALICE
+from tests.serve.test_jobs import wait
 
 openai = pytest.importorskip("openai")
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220)}
@@ -61,11 +61,7 @@ def test_an_image_job_embeds_images_as_its_artifact_does_in_process(serve, tiny_
 
     job = alice.fine_tuning.jobs.create(model=handle.spec.id, training_file=upload.id, seed=2,
                                         hyperparameters={"max_steps": 3, "batch_size": 8})
-    for _ in range(300):
-        if job.status in ("succeeded", "failed", "cancelled"):
-            break
-        time.sleep(0.5)
-        job = alice.fine_tuning.jobs.retrieve(job.id)
+    job = wait(alice, job.id)
     assert job.status == "succeeded", job.error
 
     asked = [_png(COLOURS["red"], 7), _png(COLOURS["blue"], 1)]

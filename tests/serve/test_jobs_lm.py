@@ -5,7 +5,6 @@ The backbone is a tiny random Llama the test builds (mechanics only, never quali
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from graytune.recipes.jobs.routes import install_jobs
 from graytune.types import GenerationSettings
 from tests.backbones.tiny_causal import build_tiny_causal
 from tests.serve.conftest import ALICE, BOB
+from tests.serve.test_jobs import wait
 
 openai = pytest.importorskip("openai")
 
@@ -37,11 +37,7 @@ def test_a_language_model_job_serves_completions_equal_to_its_artifact_in_proces
     assert upload.graytune["task"] == "generation" and upload.graytune["rows"] == 40
     job = alice.fine_tuning.jobs.create(model=llama.spec.id, training_file=upload.id, seed=3,
                                         method={"type": "prompt"}, hyperparameters={"max_steps": 3, "batch_size": 8})
-    for _ in range(300):
-        if job.status in ("succeeded", "failed", "cancelled"):
-            break
-        time.sleep(0.5)
-        job = alice.fine_tuning.jobs.retrieve(job.id)
+    job = wait(alice, job.id)
     assert job.status == "succeeded", job.error
     assert job.fine_tuned_model.startswith(f"ft:{llama.spec.id}:prompt:alice:")
 
