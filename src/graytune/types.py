@@ -276,6 +276,10 @@ class Exposure:
         gradient_samples: rows whose VJP came back (the batch of each differentiated call), what a server's
             ``--quota-grad-rows`` bounds.
         generated_tokens: tokens a language model generated for the client (each one a forward of one position).
+        generated_images: images a diffusion model sampled for the client (``generate_images``; only the decoded
+            images come back, each one a forward of its prompt row).
+        denoising_steps: the sampler's steps summed over those images (rows x steps), the UNet evaluations that
+            shaped what came back.
         top_k: what top-k reads revealed of language models' next-token distributions (``top_k=`` on a forward,
             an owner's grant): ``{"calls", "positions", "values"}``, values = positions x k (a full distribution
             is V values per position).
@@ -294,6 +298,8 @@ class Exposure:
     gradient_queries: int = 0
     gradient_samples: int = 0
     generated_tokens: int = 0
+    generated_images: int = 0
+    denoising_steps: int = 0
     black_box_edits: dict[str, Any] = field(default_factory=lambda: {"calls": 0, "rows": 0, "ports": {}})
     top_k: dict[str, int] = field(default_factory=lambda: {"calls": 0, "positions": 0, "values": 0})
 

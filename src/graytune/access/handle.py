@@ -8,7 +8,7 @@ so the same adapter trains on a ``LocalHandle`` and on a ``RemoteHandle``.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
@@ -16,6 +16,9 @@ from torch import nn
 from graytune.access.checks import CallPlan
 from graytune.access.generation import Generated
 from graytune.types import AccessLevel, BackboneSpec, Exposure, GenerationSettings
+
+if TYPE_CHECKING:  # images.py builds on this module's client_device
+    from graytune.access.images import ImageSettings
 
 Tensor = torch.Tensor
 
@@ -47,6 +50,10 @@ class Handle(Protocol):
                  insert: Mapping[str, Tensor] | None = None, maps: Mapping[str, Mapping[str, Tensor]] | None = None,
                  settings: GenerationSettings | Mapping[str, object] | None = None,
                  stream: Callable[[list[str]], None] | None = None) -> Generated: ...
+
+    def generate_images(self, inputs: Mapping[str, Tensor | Sequence[str]], *,
+                        add: Mapping[str, Tensor] | None = None, insert: Mapping[str, Tensor] | None = None,
+                        settings: ImageSettings | Mapping[str, object] | None = None) -> Tensor: ...
 
     def encode_image(self, pixels: Tensor, **edits: Mapping[str, Tensor]) -> Tensor: ...
 

@@ -20,6 +20,9 @@ from graytune.access.generation import (
     Generated, check_generation_plan, check_maps, count_generated, settings_of,
 )
 from graytune.access.handle import client_device, cross, encode_image, encode_text
+from graytune.access.images import (
+    ImageSettings, check_image_plan, count_images, image_settings_of, negative_inputs, sampling_arguments,
+)
 from graytune.access.owner import BoundaryCall, top_k_of, weight_storages
 from graytune.access.topk import check_top_k_grant
 from graytune.backbones.base import Backbone, module_placement, recomputing
@@ -159,6 +162,29 @@ class LocalHandle:
         count_generated(self.exposure, lengths)
         home = client_device(plan, self.device)
         return Generated(ids.to(home), lengths.to(home), self._backbone.detokenize(ids, lengths))
+
+    def generate_images(self, inputs: Mapping[str, Tensor | Sequence[str]], *,
+                        add: Mapping[str, Tensor] | None = None, insert: Mapping[str, Tensor] | None = None,
+                        settings: ImageSettings | Mapping[str, object] | None = None) -> Tensor:
+        """``[B, 3, H, W]`` float32 images in [0, 1] a diffusion model samples for each prompt, the owner sampling
+        (see ``graytune.access.images``: what it reveals, its bounds).
+
+        Args:
+            inputs: ``{"text": [...]}`` or ``text.input_ids`` ``[B, L]`` (+ ``text.attention_mask``).
+            add, insert: the edits a forward takes, applied to the prompts' encoding (not the negative prompt's).
+            settings: ``ImageSettings`` (or its fields as a mapping): steps, guidance, seed, size, negative prompt.
+        """
+        chosen = image_settings_of(settings)
+        with torch.no_grad():
+            plan = self.plan(inputs, add or {}, insert or {}, [], [])
+            sized = check_image_plan(self._full_spec, plan, chosen)
+            negative = negative_inputs(self.tokenize([sized.negative_prompt]), plan.batch)
+            call = self.open_call(plan)
+            moved = [{port: call.inward(t) for port, t in group.items()}
+                     for group in (plan.inputs, plan.add, plan.insert, negative)]
+            images = self._backbone.sample(*moved, **sampling_arguments(sized))  # type: ignore[attr-defined]
+        count_images(self.exposure, plan.batch, sized.num_inference_steps)
+        return images.to(client_device(plan, self.device), torch.float32)
 
     def plan(self, inputs: Mapping[str, Tensor | Sequence[str]], add: Mapping[str, Tensor],
              insert: Mapping[str, Tensor], outputs: Sequence[str] | None, reads: Sequence[str],

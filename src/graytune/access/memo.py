@@ -182,6 +182,10 @@ class MemoHandle:
         """As the handle's: generations are never answered from memory (sampling, and every token a forward)."""
         return self.handle.generate(inputs, **kwargs)
 
+    def generate_images(self, inputs: Mapping[str, Tensor | Sequence[str]], **kwargs: Any) -> Any:
+        """As the handle's: images are never answered from memory (each request samples)."""
+        return self.handle.generate_images(inputs, **kwargs)
+
     def encode_image(self, pixels: Tensor, **edits: Mapping[str, Tensor]) -> Tensor:
         """``[B, E]`` image embeddings, remembered when ``edits`` is empty."""
         return encode_image(self, pixels, **edits)

@@ -82,6 +82,10 @@ class MeteredHandle:
         self._spend()
         return self._handle.generate(inputs, **kwargs)
 
+    def generate_images(self, inputs: Mapping[str, Any], **kwargs: Any) -> Any:
+        self._spend()
+        return self._handle.generate_images(inputs, **kwargs)
+
     def encode_image(self, pixels: Tensor, **edits: Mapping[str, Tensor]) -> Tensor:
         self._spend()
         return self._handle.encode_image(pixels, **edits)

@@ -42,7 +42,7 @@ import httpx
 import torch
 from torch import nn
 
-from graytune.access import remote_async
+from graytune.access import images, remote_async
 from graytune.access.checks import CallPlan, plan_call, texts_of
 from graytune.access.generation import (
     Generated, check_generation_plan, check_maps, count_generated, pack_generate, read_stream_line, settings_of,
@@ -170,6 +170,8 @@ class RemoteHandle:
     submit = remote_async.submit
     forward_chunks = remote_async.forward_chunks
     forward_backward = remote_async.forward_backward
+    # images a diffusion model samples on the server (``graytune.access.images``)
+    generate_images = images.remote_generate_images
 
     def _plan(self, inputs: Mapping[str, Tensor | Sequence[str]], add: Mapping[str, Tensor] | None,
               insert: Mapping[str, Tensor] | None, outputs: Sequence[str] | None, reads: Sequence[str],

@@ -122,6 +122,21 @@ def run_layer(layer: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     return layer(*args, **kwargs)
 
 
+@runtime_checkable
+class ImageGenerator(Backbone, Protocol):
+    """A backbone that also samples images (text-to-image diffusion models): what ``handle.generate_images``
+    calls, owner side."""
+
+    def sample(self, inputs: Mapping[str, Tensor], add: Mapping[str, Tensor], insert: Mapping[str, Tensor],
+               negative: Mapping[str, Tensor], *, steps: int, guidance: float, seed: int, height: int,
+               width: int) -> Tensor:
+        """``[B, 3, height, width]`` float32 images in [0, 1], one per prompt row of ``inputs``, ``add`` and
+        ``insert`` applied to the prompts' encoding, ``negative`` ``[B, L]`` ids (and mask) the plain negative
+        prompts of classifier-free guidance (scale ``guidance``; at most 1: none), ``steps`` scheduler steps from
+        latents seeded by ``seed`` (``graytune.backbones.diffusion_sampling``)."""
+        ...
+
+
 class OneModule:
     """``module()``/``with_module()`` for a provider whose whole backbone is one module in ``self.model``."""
 

@@ -5,6 +5,8 @@ Not a provider: nothing here registers a backbone id.
 The owner keeps the text encoder, the UNet and the VAE. A client sends its prompts (and its edits to them), its own
 noisy latents and their timesteps, and gets the UNet's prediction back; its images' latents come from an owner-side
 VAE encode, so it never holds the VAE either.
+The owner also samples images for a client (``sample``: the pipeline's loop in ``diffusion_sampling``, the
+client's edits on the prompts); only the decoded images come back.
 
 Ports:
 
@@ -35,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from graytune.backbones import diffusion_sampling
 from graytune.backbones.base import OneModule, freeze, run_layer
 from graytune.backbones.dual_encoder import require_tokenizer, run_text_layers
 from graytune.backbones.ports import text_ports
@@ -213,6 +216,11 @@ class HFDiffusion(OneModule):
         cfg = self.model.text_encoder.config
         used = attention_mask if getattr(cfg, "use_attention_mask", False) else None
         return create_causal_mask(config=cfg, inputs_embeds=inputs_embeds, attention_mask=used, cache=None)
+
+    def sample(self, inputs: Mapping[str, Tensor], add: Mapping[str, Tensor], insert: Mapping[str, Tensor],
+               negative: Mapping[str, Tensor], **settings: Any) -> Tensor:
+        """``[B, 3, H, W]`` images in [0, 1] from the prompts, the owner sampling (``diffusion_sampling.sample``)."""
+        return diffusion_sampling.sample(self, inputs, add, insert, negative, **settings)
 
     def predict(self, noisy: Tensor, timestep: Tensor, hidden: Tensor) -> Tensor:
         """``[B, C, h, w]``: the UNet's output for ``noisy`` latents at ``timestep`` ``[B]``, cross-attending to
