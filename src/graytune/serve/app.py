@@ -12,6 +12,7 @@ docs/http-api.md is the reference, ``/docs`` the OpenAPI page):
   → the gradients at the client's tensors;
 - ``POST /v1/generate`` a language model's prompt, edits, token maps and settings → the tokens it generates
   (streamed as newline-delimited JSON with ``stream``);
+- ``POST /v1/generate-images`` a diffusion model's prompts, edits and settings → the images the owner samples;
 - ``POST /v1/sessions/release`` ``{"session": id}`` release a session the client will not differentiate
   (``DELETE /v1/sessions/{id}`` still works for older clients, but puts the id in URLs and logs);
 - ``/v1/adapters/...`` hosted adapters (see ``graytune.serve.routes.hosted``).

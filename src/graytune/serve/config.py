@@ -76,6 +76,10 @@ class ServeConfig:
     max_new_tokens: int = 256
     """Most tokens one generation request may ask per row (413 above); its positions, rows x (prompt + inserted
     + new tokens), count against --max-tokens too."""
+    max_denoising_work: int = 2097152
+    """Most UNet latent positions one image request may run (413 above): images x steps x latent height x latent
+    width, twice that with guidance (the negative prompts' calls): 4 images of 512 x 512 at 64 guided steps on
+    SD 1.x (latents 64 x 64); its images' pixels count against --max-pixels too."""
     request_timeout_s: float = 60.0
     """Deadline of one request: waiting for the backbone past it answers 503, computing past it stops the work
     at its next safe point and answers 504."""

@@ -6,6 +6,8 @@
   → the gradients at the client's tensors;
 - ``POST /v1/generate`` a language model's prompt, edits, token maps and settings → the tokens it generates
   (newline-delimited JSON, a line per token, with ``stream``; see ``graytune.serve.generation``);
+- ``POST /v1/generate-images`` a diffusion model's prompts, edits and settings → the images the owner samples
+  (``[B, 3, H, W]`` float32 in [0, 1]; see ``graytune.serve.images``);
 - ``POST /v1/sessions/release`` ``{"session": id}`` release a session the client will not differentiate
   (``DELETE /v1/sessions/{id}`` still works for older clients, but puts the id in URLs and logs).
 
@@ -29,15 +31,19 @@ from fastapi.responses import StreamingResponse
 
 from graytune.access import BoundaryCall, texts_of
 from graytune.access.generation import pack_generated
+from graytune.access.images import ROUTE, pack_images
 from graytune.access.wire import check_request_protocol, encode, pack_result, pack_vjp, read_request, request_key
 from graytune.errors import InvalidInputError
 from graytune.serve.admission import check_texts
 from graytune.serve.coalesce import MemberCall, run_forward
 from graytune.serve.config import ServeConfig
 from graytune.serve.generation import charge_generation, check_queue, plan_generation, run_generation, streamed
+from graytune.serve.images import charge_images, plan_images, run_images
 from graytune.serve.responses import wire_response
 from graytune.serve.routes.dependencies import ClientDep, ServiceDep, get_client
-from graytune.serve.routes.openapi import FORWARD_DOC, GENERATE_DOC, RELEASE_DOC, TOKENIZE_DOC, VJP_DOC
+from graytune.serve.routes.openapi import (
+    FORWARD_DOC, GENERATE_DOC, GENERATE_IMAGES_DOC, RELEASE_DOC, TOKENIZE_DOC, VJP_DOC,
+)
 
 __all__ = ["router"]
 Tensor = torch.Tensor
@@ -109,6 +115,18 @@ async def generate(request: Request, service: ServiceDep, client: ClientDep) -> 
             return StreamingResponse(lines, media_type="application/x-ndjson")
         result = await run_generation(service, client, job, charge, until)
     return wire_response(pack_generated(result))
+
+
+@router.post(ROUTE, openapi_extra=GENERATE_IMAGES_DOC)
+async def generate_images(request: Request, service: ServiceDep, client: ClientDep) -> Response:
+    """Images a diffusion model samples for each prompt, the owner sampling (``graytune.serve.images``)."""
+    until = service.deadline()
+    async with service.body(request) as body:
+        message = await service.checked(read_request, body)
+        job = await service.checked(plan_images, service, client, message)
+        charge = await service.checked(charge_images, service, client, job)
+        images = await run_images(service, client, job, charge, until)
+    return wire_response(pack_images(images))
 
 
 @router.post("/v1/sessions/release", openapi_extra=RELEASE_DOC)

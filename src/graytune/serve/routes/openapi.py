@@ -56,6 +56,11 @@ GENERATE_DOC = _body(
     "the metadata; with stream: true, application/x-ndjson lines {\"texts\": [...]} per token, then {\"ids\", "
     "\"lengths\", \"texts\"} or {\"error\", \"detail\", \"status\"}. Charged one sample per row and tokens "
     "(--quota-tokens): the prompt's, and those generated.")
+GENERATE_IMAGES_DOC = _body(
+    "A graytune safetensors message: a forward's inputs/<port> (or texts), add/<port> and insert/<port>, applied to "
+    "the prompts' encoding; metadata settings {num_inference_steps, guidance_scale, seed, height, width, "
+    "negative_prompt}. Answer: images [B, 3, H, W] float32 in [0, 1], and nothing else (no latents, no gradient). "
+    "Bounded by --max-pixels and --max-denoising-work; charged one sample per row and the prompts' tokens.")
 TOKENIZE_DOC = _body("JSON {\"texts\": [...]}; answer: a safetensors message of text.input_ids and "
                      "text.attention_mask [B, L] int64.",
                      {"type": "object", "properties": {"texts": _TEXTS}, "required": ["texts"]})
