@@ -44,13 +44,21 @@ class MethodKind(str, Enum):
     LOGIT = "logit adapter"  # an adapter on class scores, forward only (TransMiter)
 
 
-#: The kinds of backbone: CLIP-like encoders (embeddings out) and causal language models (target log-probs out).
-BACKBONE_KINDS = ("encoder", "causal-lm")
+#: The kinds of backbone: CLIP-like encoders (embeddings out), causal language models (target log-probs out) and
+#: text-to-image diffusion models (the UNet's prediction out).
+BACKBONE_KINDS = ("encoder", "causal-lm", "diffusion")
+#: per kind of backbone, the towers adapters go on when not every modality is one: a diffusion model's image side is
+#: its owner-side VAE encode (forward only), so its adapters edit the prompt (as textual inversion's token does)
+ADAPTED_MODALITIES = {"diffusion": ("text",)}
 
 
 def backbone_kind(spec: BackboneSpec) -> str:
-    """``causal-lm`` for a backbone whose output is ``text.target_logprobs``, ``encoder`` otherwise."""
-    return "causal-lm" if "text.target_logprobs" in spec.port_names() else "encoder"
+    """``causal-lm`` for a backbone whose output is ``text.target_logprobs``, ``diffusion`` for one whose output is
+    ``unet.prediction``, ``encoder`` otherwise."""
+    names = spec.port_names()
+    if "text.target_logprobs" in names:
+        return "causal-lm"
+    return "diffusion" if "unet.prediction" in names else "encoder"
 
 
 @dataclass(frozen=True)
@@ -182,9 +190,10 @@ class Method:
     def slots_on(self, spec: BackboneSpec) -> tuple[Slot, ...]:
         """The slots built on ``spec``'s backbone: towers it has, and ``if_port`` slots where their ports are."""
         names = set(spec.port_names())
+        towers = ADAPTED_MODALITIES.get(backbone_kind(spec), spec.modalities)
         kept = []
         for s in self.slots:
-            if s.modality and s.modality not in spec.modalities:
+            if s.modality and (s.modality not in spec.modalities or s.modality not in towers):
                 continue
             missing = [port_name(p, s.modality) for p in self.adapter_class(s).port_patterns
                        if "*" not in p and port_name(p, s.modality) not in names]
@@ -298,7 +307,8 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("output-mlp", _TOWER, "CLIP-Adapter-style residual MLP on each tower's embedding", 1e-3,
            _both("output-mlp")),
     Method("dga", _TOWER, "dark-gray DGA: pixel conv, text shift + extra token, and output adapters (on a language "
-           "model: the shift and extra token)", 3e-3, (*_DGA_INPUTS, *_both("dga-output", if_port=True)),
+           "model: the shift and extra token; on a diffusion model: the prompt's shift and extra token, textual "
+           "inversion's shape)", 3e-3, (*_DGA_INPUTS, *_both("dga-output", if_port=True)),
            shown_in=_BOTH, backbones=_ALL),
     Method("dga-zo", _TOWER, "black-box DGA: the pixel conv and the text shift + extra token trained zeroth-order "
            "from forward calls alone, the output adapters by the client's own backprop", 1e-3,
@@ -312,7 +322,7 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            "tower, trained zeroth-order from forward calls alone", 3e-3, (Slot("dga-text", "text"),),
            defaults={"dga-text": {**_ZO, "shift": False, "extra_tokens": 4}}, trained_by=_ZO_TRAIN, backbones=_ALL),
     Method("lga", _TOWER, "light-gray LGA: DGA plus tokens at the declared entry layers (on a language model: "
-           "prefix tokens inside the decoder)", 3e-3,
+           "prefix tokens inside the decoder; on a diffusion model: tokens inside the text encoder)", 3e-3,
            (*_DGA_INPUTS, *_both("lga"), *_both("dga-output", if_port=True)), shown_in=_BOTH, backbones=_ALL),
     Method("lga-deep", _TOWER, "LGA as VPT-deep: each declared layer's tokens take the places of the previous "
            "layer's (the sequence keeps L+K tokens) instead of joining them", 3e-3,
@@ -331,9 +341,11 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("adalink+output", _TOWER, "AdaLink on the text token embeddings (a read grant) plus output adapters on "
            "both towers (artifacts saved as adalink before graytune followed the paper load as this)", 3e-3,
            (Slot("adalink", "text"), *_both("dga-output")), shown_in=("demo",)),
-    Method("lora", _WHITE, "white-box baseline: LoRA through PEFT on the client's copy of the module", 1e-3,
+    Method("lora", _WHITE, "white-box baseline: LoRA through PEFT on the client's copy of the module (on a "
+           "diffusion model: the UNet's attention)", 1e-3,
            (Slot("lora"),), shown_in=_BOTH, backbones=_ALL),
-    Method("full", _WHITE, "white-box baseline: full fine-tuning of the client's copy of the module", 3e-5,
+    Method("full", _WHITE, "white-box baseline: full fine-tuning of the client's copy of the module (on a "
+           "diffusion model: every UNet weight)", 3e-5,
            (Slot("full"),), shown_in=_BOTH, backbones=_ALL),
     Method("transmiter", _LOGIT, "TransMiter: a logit adapter distilled on a weak backbone, moved to a "
            "stronger one by an orthogonal basis change", 1e-3, (Slot("transmiter"),),

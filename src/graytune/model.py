@@ -30,11 +30,13 @@ from torch import nn
 
 from graytune.access import Handle
 from graytune.access.generation import Generated
-from graytune.adapters import Adapter, TowerRequest, apply_whitebox, build_adapter, config_from_dict, zo_parameters
-from graytune.adapters.lora import LoRAConfig, peft_config
+from graytune.adapters import (
+    Adapter, TowerRequest, apply_whitebox, build_adapter, config_from_dict, whitebox_config, zo_parameters,
+)
+from graytune.adapters.lora import LoRAConfig, peft_config, trained_part
 from graytune.artifact_files import WEIGHTS_NAME, check_fingerprint, read_config, read_weights, write_artifact
 from graytune.errors import ArtifactError, InvalidInputError
-from graytune.methods import METHODS, Method, MethodKind, artifact_method, get_method
+from graytune.methods import METHODS, Method, MethodKind, artifact_method, backbone_kind, get_method
 from graytune.types import GenerationSettings
 
 Tensor = torch.Tensor
@@ -56,7 +58,7 @@ class AdaptedModel(nn.Module):
         self.whitebox: tuple[str, Any] | None = None  # white-box baselines: (adapter name, its config)
         self._artifact: dict[str, Any] | None = None  # config of the artifact loaded from or saved to
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
-        if "text.target_logprobs" in handle.spec.port_names():  # a language model compares no embeddings
+        if backbone_kind(handle.spec) != "encoder":  # language and diffusion models compare no embeddings
             self.logit_scale.requires_grad_(False)
         self.to(getattr(handle, "device", torch.device("cpu")))  # in process: the backbone's device, no copies
 
@@ -107,7 +109,9 @@ class AdaptedModel(nn.Module):
         if method.kind is MethodKind.WHITEBOX:
             name = method.slots[0].adapter
             config = config_from_dict(method.adapter_class(method.slots[0]).config_class, options.get(name, {}), name)
-            module = apply_whitebox(name, handle.module(), config, handle.spec.id)  # a copy; the owner's stays
+            copy_ = handle.module()  # a copy; the owner's stays
+            config = whitebox_config(name, copy_, config)
+            module = apply_whitebox(name, copy_, config, handle.spec.id)
             model = cls(handle.with_module(module), (), module, method=method.name)
             model.whitebox = (name, config)
             return model
@@ -296,6 +300,23 @@ class AdaptedModel(nn.Module):
         request = self.prepare_tower("text", {k: v.to(self.device) for k, v in tokens.items()}, generating=True)
         return request, dict(a.token_map() for a in self.text_adapters if a.token_map() is not None)
 
+    # -- diffusion models --------------------------------------------------------------------
+
+    def predict_noise(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """``[B, C, h, w]``: a diffusion model's UNet prediction (noise or v, as its spec says) for noisy latents at
+        their timesteps, conditioned on the prompts as this model's text adapters edit them.
+
+        Args:
+            batch: ``text.input_ids`` and ``text.attention_mask`` ``[B, L]`` (``tokenize``), ``latents.noisy``
+                ``[B, C, h, w]`` and ``timestep`` ``[B]`` int64; other keys are ignored.
+        """
+        here = self.device
+        request = self.prepare_tower("text", {k: batch[k].to(here) for k in ("text.input_ids",
+                                                                             "text.attention_mask")})
+        inputs = {**request.inputs, "latents.noisy": batch["latents.noisy"].to(here), "timestep": batch["timestep"]}
+        port = "unet.prediction"
+        return self.handle.forward(inputs, add=request.add, insert=request.insert, outputs=[port])[port].to(here)
+
     def finish_tower(self, modality: str, embeds: Tensor) -> Tensor:
         """``[B, E]`` tower embeddings mapped by this model's output adapters."""
         for adapter in self.image_adapters if modality == "image" else self.text_adapters:
@@ -349,6 +370,6 @@ def peft_fields(module: nn.Module | None, config: LoRAConfig, backbone: str) -> 
     ``AutoPeftModelForFeatureExtraction.from_pretrained`` (its task: the encoder's hidden states, no head)."""
     assert module is not None  # a LoRA model always holds its module
     base = getattr(getattr(module, "config", None), "_name_or_path", "") or backbone
-    fields = peft_config(module, config, backbone).to_dict()
+    fields = peft_config(trained_part(module), config, backbone).to_dict()
     fields.update(base_model_name_or_path=base, inference_mode=True, task_type="FEATURE_EXTRACTION")
     return {k: (v.value if isinstance(v, Enum) else v) for k, v in fields.items()}

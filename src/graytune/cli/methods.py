@@ -24,16 +24,16 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([m.to_dict() for m in chosen], indent=2))
         return 0
-    kinds = {"encoder": "enc", "causal-lm": "LM"}
+    kinds = {"encoder": "enc", "causal-lm": "LM", "diffusion": "SD"}
     rows = [(m.name, m.min_access.label, f"{m.lr:g}" if m.lr is not None else "-",
              "+".join(kinds[k] for k in m.backbones), ", ".join(m.reads) or "-",
              ", ".join(m.ports) or ("the module itself (a copy)" if m.kind is MethodKind.WHITEBOX else "-"))
             for m in chosen]
     name_w, reads_w = (max(len(r[i]) for r in [("method", "", "", "", "reads", ""), *rows]) + 2 for i in (0, 4))
-    print(f"{'method':<{name_w}}{'access':<12}{'lr':>8}  {'adapts':<8}{'reads':<{reads_w}}ports touched")
+    print(f"{'method':<{name_w}}{'access':<12}{'lr':>8}  {'adapts':<12}{'reads':<{reads_w}}ports touched")
     print("-" * 100)
     for name, access, lr, kind, reads, ports in rows:  # columns as wide as their longest entry
-        print(f"{name:<{name_w}}{access:<12}{lr:>8}  {kind:<8}{reads:<{reads_w}}{ports}")
+        print(f"{name:<{name_w}}{access:<12}{lr:>8}  {kind:<12}{reads:<{reads_w}}{ports}")
     for m in chosen:
         print(f"\n{m.name} ({m.kind.value}): {m.doc}")
         print(f"  trains: {m.trains}")

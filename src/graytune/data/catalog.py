@@ -43,6 +43,7 @@ from graytune.data.karpathy import load_karpathy_json
 from graytune.data.sketch import load_sketch_folders, load_sketches
 from graytune.data.video import load_msrvtt_json
 from graytune.data.tuxpaint import load_tuxpaint
+from graytune.data.concept import is_concept_folder, load_concept_folder
 from graytune.errors import InvalidInputError, UnknownNameError
 
 
@@ -51,7 +52,7 @@ class Splits:
     """Disjoint train/val/test sets of one data set, and how to use them."""
 
     name: str
-    task: str  # "retrieval" or "classification"
+    task: str  # "retrieval", "classification", "sketch", "generation" or "images" (a concept folder)
     train: Any
     val: Any
     test: Any
@@ -71,6 +72,11 @@ CATEGORY_PROMPT = "Which of these categories does the definition belong to: {cla
 TOPIC_PROMPT = "Which of these topics is the quote about: {classes}?\nQuote: {text}\nTopic:"
 #: the class prompts of classification files: image rows and folders, and text rows (neutral, as fortunes')
 IMAGE_PROMPT, TEXT_PROMPT = "a picture of a {}", "a text about {}"
+#: a diffusion model's prompt for a folder of images of one concept: each image's caption goes in ``{}``, and the
+#: adapter's learned token comes right after it (before the end token), where textual inversion's word would be
+CONCEPT_PROMPT = "a picture of {}"
+#: how few images a concept folder may have before every split is the whole folder (textual inversion uses 3-5)
+WHOLE_BELOW = 10
 
 
 def _perm(n: int, seed: int) -> list[int]:
@@ -180,6 +186,9 @@ def _records(name: str, task: str | None) -> tuple[list[Record] | None, str, dic
     if path.is_dir():
         if {"sketch", "photo"} <= {p.name for p in path.iterdir()}:
             return None, _check_task(name, "sketch", task), {"data": load_sketch_folders(path), "fit": "pad"}
+        if is_concept_folder(path):
+            return None, _check_task(name, "images", task), {"data": load_concept_folder(path),
+                                                               "prompt": CONCEPT_PROMPT}
         return None, _check_task(name, "classification", task), {"data": load_image_folder(path),
                                                                    "prompt": IMAGE_PROMPT}
     if path.suffix == ".json":
@@ -288,6 +297,9 @@ def _from_path(name: str, task: str | None, seed: int, whole_if_unsplit: bool = 
     if whole_if_unsplit:
         return _whole(label, kind, data, extra, f"{name} has no splits: scored whole ({len(data)} items); "
                       f"--split test scores the 20 % that graytune train --data {name} holds out for testing")
+    if kind == "images" and len(data) < WHOLE_BELOW:
+        return _whole(label, kind, data, extra, f"{name} holds {len(data)} images, too few to hold some out: every "
+                      "split is the whole folder, so its validation and test scores are training scores")
     if len(data) < 10:
         raise InvalidInputError(f"{name}: needs at least 10 items to split into train/val/test; got {len(data)}")
     note = (f"{name} has no splits: re-split 70/10/20 (train/val/test) with seed {seed}; give a split column "

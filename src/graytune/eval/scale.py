@@ -11,9 +11,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 
+#: metric names that are no fraction: ranks, times, losses (a language model's per-token NLL, a diffusion model's
+#: denoising error and its negative, the score it is selected on)
+NOT_FRACTIONS = ("median_rank", "_seconds", "_s", "nll", "_mse", "denoise_score")
+
+
 def is_fraction(key: str) -> bool:
     """Whether metric ``key`` is a fraction in [0, 1] (recalls, accuracies, mAP, P@k, harmonic mean)."""
-    return not key.endswith(("median_rank", "_seconds", "_s"))
+    return not key.endswith(NOT_FRACTIONS)
 
 
 def as_percent(metrics: Mapping[str, float]) -> dict[str, float]:

@@ -30,7 +30,7 @@ from graytune.train.zeroth import ZO_FIELDS, settings_problems
 from graytune.types import AccessLevel
 
 #: What ``--task`` may name (the data set's own task by default).
-TASKS = ["retrieval", "classification", "sketch", "generation"]
+TASKS = ["retrieval", "classification", "sketch", "generation", "images"]
 #: Built-in sets of texts only (a language model's sets too): image flags do nothing on them.
 TEXT_SETS = ("wordnet-supersense", "fortunes", *(name for name, task in BUILTIN.items() if task == "generation"))
 #: Flags that set how images are prepared and decoded, by their ``argparse`` names.

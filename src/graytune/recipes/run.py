@@ -24,7 +24,7 @@ from graytune.data.catalog import BUILTIN, Splits, load_splits
 from graytune.data.files import content_sha256
 from graytune.data.stream import LoaderConfig
 from graytune.data.images import ImagePreprocess
-from graytune.data.labeled import LabeledImageFiles, LabeledImages
+from graytune.data.labeled import LabeledImageFiles, LabeledImages, LabeledTexts
 from graytune.devices import parse_device
 from graytune.errors import ArtifactError, InvalidInputError
 from graytune.methods import MethodKind, artifact_method, backbone_kind, get_method
@@ -32,6 +32,7 @@ from graytune.model import AdaptedModel
 from graytune.runs import checkpoint_path, prepare_out
 from graytune.train.budget import counted
 from graytune.train.completions import CompletionTask
+from graytune.train.denoising import DenoisingTask
 from graytune.train.config import TrainConfig
 from graytune.train.distributed import world_position
 from graytune.train.gradients import zeroth_order_for
@@ -106,22 +107,19 @@ def place_model(model: AdaptedModel, device: str | None) -> AdaptedModel:
 
 def make_task(splits: Splits, handle: Handle, image_size: int | None, fit: str | None = None,
               loader: LoaderConfig | None = None) -> Task:
-    """The task the data asks for, on ``handle``'s kind of backbone (a language model learns completions).
+    """The task the data asks for, on ``handle``'s kind of backbone (a language model learns completions, a
+    diffusion model denoises the images).
 
     Raises:
-        InvalidInputError: prompt/completion data on an encoder, or other data on a language model.
+        InvalidInputError: data the backbone's kind does not train on (``check_data``).
     """
-    language_model = backbone_kind(handle.spec) == "causal-lm"
-    if (splits.task == "generation") != language_model:
-        raise InvalidInputError(
-            f"{splits.name} is {splits.task} data and {handle.spec.id} is "
-            f"{'a language model' if language_model else 'an encoder'}: language models train on prompt/completion "
-            "data (a JSONL of prompt and completion fields or chat messages, or the built-in wordnet-category, "
-            "wordnet-reverse, fortunes-topic); encoders on retrieval and classification sets")
-    if language_model:
+    kind = check_data(splits, handle)
+    if kind == "causal-lm":
         if image_size is not None:
             raise InvalidInputError(f"--image-size is for image data; {splits.name} holds prompts and completions")
         return CompletionTask(splits.train, handle)
+    if kind == "diffusion":
+        return DenoisingTask(splits.train, handle, splits.prompt or "{}", image_size, fit or splits.fit, loader)
     needs_images = splits.task in ("retrieval", "sketch") or isinstance(splits.train, LabeledImages | LabeledImageFiles)
     pre = ImagePreprocess.from_spec(handle.spec, image_size, fit=fit or splits.fit) if needs_images else None
     if splits.task == "retrieval":
@@ -129,6 +127,30 @@ def make_task(splits: Splits, handle: Handle, image_size: int | None, fit: str |
     if splits.task == "sketch":
         return SketchRetrievalTask(splits.train, pre, loader)  # type: ignore[arg-type]
     return ClassificationTask(splits.train, splits.prompt, pre, splits.classes, splits.eval_splits, loader)
+
+
+#: per kind of backbone, what it is called, the data it trains on, and how to say so
+KIND_NAMES = {"causal-lm": "a language model", "diffusion": "a diffusion model", "encoder": "an encoder"}
+TRAINS_ON = {
+    "causal-lm": (("generation",), "language models train on prompt/completion data (a JSONL of prompt and "
+                  "completion fields or chat messages, or the built-in wordnet-category, wordnet-reverse, "
+                  "fortunes-topic)"),
+    "diffusion": (("retrieval", "classification", "images"), "diffusion models train on images: a folder of images "
+                  "of one concept (captions in <image>.txt beside them), image,caption rows, class folders, or the "
+                  "built-in tuxpaint"),
+    "encoder": (("retrieval", "classification", "sketch"), "encoders train on retrieval and classification sets"),
+}
+
+
+def check_data(splits: Splits, handle: Handle) -> str:
+    """``handle``'s kind of backbone (``graytune.methods.backbone_kind``), once ``splits`` is data it trains on."""
+    kind = backbone_kind(handle.spec)
+    tasks, says = TRAINS_ON[kind]
+    images_held = not isinstance(splits.train, LabeledTexts)
+    if splits.task not in tasks or (kind == "diffusion" and not images_held):
+        what = f"{splits.task} data" + ("" if images_held or kind != "diffusion" else " of texts")
+        raise InvalidInputError(f"{splits.name} is {what} and {handle.spec.id} is {KIND_NAMES[kind]}: {says}")
+    return kind
 
 
 def splits_for(run: RunSpec) -> Splits:

@@ -1,0 +1,142 @@
+"""A diffusion model's task: learn a concept or a style from images, with the denoising loss.
+
+Each training image is encoded once by the owner's VAE (``image.latents``, forward only: the client never holds
+the VAE); each step draws noise and timesteps, makes the noisy latents with the scheduler's forward process
+(``DDPMScheduler`` built from the configuration the spec publishes, as diffusers' training scripts build theirs),
+and asks the boundary for the UNet's prediction conditioned on the prompts as the adapters edit them. Loss: the
+mean squared error to the scheduler's target (the noise, or ``v`` for v-prediction models).
+
+Prompts: each image's caption (or class name) put into the template ``Splits.prompt`` (``{}`` marks its place);
+an image without either gets the template with ``{}`` empty ("a picture of "). The adapter's own token, DGA's extra
+token or a soft prompt, goes in before the end token, where textual inversion's placeholder word would stand.
+
+Evaluation is honest without a judge: ``denoise_mse``, the held-out denoising loss at noise and timesteps fixed by
+the item's index (``EVAL_TIMESTEPS`` spread over the schedule), the same for every method and run, and
+``denoise_score`` = ``-denoise_mse`` for selection (higher is better).
+
+Example:
+    >>> task = DenoisingTask(splits.train, handle, "a picture of {}")
+    >>> loss = task.loss(model, next(task.batches(4, generator)))
+    >>> task.evaluate(model, splits.test)["denoise_mse"]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from graytune.access import Handle
+from graytune.data.images import ImagePreprocess
+from graytune.data.stream import LoaderConfig
+from graytune.errors import InvalidInputError
+from graytune.model import AdaptedModel
+from graytune.train.tasks import epoch_batches, image_stream
+
+Tensor = torch.Tensor
+#: timesteps each held-out image is scored at, as fractions of the schedule (early, middle and late noise)
+EVAL_TIMESTEPS = (0.1, 0.3, 0.5, 0.7, 0.9)
+#: the seed of the held-out noise: every run and method is scored on the same noisy latents
+EVAL_SEED = 20231
+
+
+class DenoisingTask:
+    """Concept or style learning for a text-to-image diffusion model behind the boundary (module docstring)."""
+
+    primary = "denoise_score"
+
+    def __init__(self, data: Any, handle: Handle, prompt: str = "{}", image_size: int | None = None,
+                 fit: str = "crop", loader: LoaderConfig | None = None, eval_batch: int = 8) -> None:
+        self.data, self.handle, self.prompt, self.eval_batch = data, handle, prompt, eval_batch
+        latents = handle.spec.preprocess["latents"]
+        self.schedule = noise_schedule(latents["scheduler"]["config"])
+        self.prediction = str(latents["prediction_type"])
+        image = handle.spec.preprocess["image"]
+        size = image_size or image.get("image_size")
+        if not size or size % int(image["multiple_of"]):
+            raise InvalidInputError(f"--image-size: got {size}; {handle.spec.id} takes images whose side is a "
+                                    f"multiple of {image['multiple_of']}: give --image-size such a number")
+        self.preprocess = ImagePreprocess(int(size), fit, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # [0, 1] -> [-1, 1]
+        self.loader = loader or LoaderConfig()
+        self._cache: dict[int, tuple[Tensor, dict[str, Tensor]]] = {}
+        self.latents, self.tokens = self.encode(data)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def prompts(self, data: Any) -> list[str]:
+        """Each image's prompt: its first caption or its class name in the template."""
+        if hasattr(data, "caption_image"):
+            first: dict[int, str] = {}
+            for caption, image in zip(data.captions, data.caption_image):
+                first.setdefault(image, caption)
+            words = [first.get(i, "") for i in range(len(data))]
+        elif hasattr(data, "class_names"):
+            words = [data.class_names[int(y)] for y in data.labels.tolist()]
+        else:
+            words = [""] * len(data)
+        return [self.prompt.format(w) if "{}" in self.prompt else f"{self.prompt} {w}".strip() for w in words]
+
+    def encode(self, data: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        """``data``'s latents ``[N, C, h, w]`` (the owner's VAE, once) and tokenized prompts ``[N, L]``."""
+        key = id(data)
+        if key not in self._cache:
+            chunks = [self.handle.forward({"image.pixels": pixels}, outputs=["image.latents"])["image.latents"]
+                      for pixels in image_stream(data, self.preprocess, self.loader).sequential(self.eval_batch)]
+            self._cache[key] = (torch.cat(chunks).cpu(), self.handle.tokenize(self.prompts(data)))
+        return self._cache[key]
+
+    def batches(self, batch_size: int, generator: torch.Generator, shard: tuple[int, int] = (0, 1)
+                ) -> Iterator[dict[str, Tensor]]:
+        for idx in epoch_batches(len(self.data), batch_size, generator, shard):
+            clean = self.latents[idx]
+            noise = torch.randn(clean.shape, generator=generator)
+            steps = torch.randint(0, len(self.schedule), (len(idx),), generator=generator)
+            yield self.noised(clean, noise, steps, {k: v[idx] for k, v in self.tokens.items()})
+
+    def noised(self, clean: Tensor, noise: Tensor, steps: Tensor, tokens: dict[str, Tensor]) -> dict[str, Tensor]:
+        """One batch: the prompts' tokens, ``latents.noisy`` and ``timestep`` for the boundary, and ``target``."""
+        alpha = self.schedule[steps].sqrt().view(-1, 1, 1, 1)  # sqrt(alpha_bar_t)
+        sigma = (1 - self.schedule[steps]).sqrt().view(-1, 1, 1, 1)
+        target = noise if self.prediction == "epsilon" else alpha * noise - sigma * clean  # v-prediction
+        return {**tokens, "latents.noisy": alpha * clean + sigma * noise, "timestep": steps, "target": target}
+
+    def loss(self, model: AdaptedModel, batch: dict[str, Tensor]) -> Tensor:
+        prediction = model.predict_noise(batch)
+        return F.mse_loss(prediction, batch["target"].to(prediction.device))
+
+    @torch.no_grad()
+    def evaluate(self, model: AdaptedModel, data: Any) -> dict[str, float]:
+        total, count = 0.0, 0
+        for batch in self.held_out(data):
+            prediction = model.predict_noise(batch)
+            total += float(F.mse_loss(prediction, batch["target"].to(prediction.device), reduction="sum"))
+            count += prediction.numel()
+        mse = total / max(1, count)
+        return {"denoise_score": -mse, "denoise_mse": mse}
+
+    def held_out(self, data: Any) -> Iterator[dict[str, Tensor]]:
+        """``data`` at ``EVAL_TIMESTEPS`` with noise fixed by ``EVAL_SEED``: the same batches for every method."""
+        latents, tokens = self.encode(data)
+        n, k = len(latents), len(EVAL_TIMESTEPS)
+        steps = torch.tensor([int(f * (len(self.schedule) - 1)) for f in EVAL_TIMESTEPS]).repeat(n)  # [N*K]
+        rows = torch.arange(n).repeat_interleave(k)
+        noise = torch.randn((n * k, *latents.shape[1:]), generator=torch.Generator().manual_seed(EVAL_SEED))
+        for start in range(0, n * k, self.eval_batch):
+            part = slice(start, start + self.eval_batch)
+            yield self.noised(latents[rows[part]], noise[part], steps[part], {k_: v[rows[part]]
+                                                                               for k_, v in tokens.items()})
+
+
+def noise_schedule(config: dict[str, Any]) -> Tensor:
+    """``[T]`` alpha-bar (cumulative products of 1 - beta) of the scheduler configuration a diffusion spec publishes,
+    as diffusers' ``DDPMScheduler`` computes them for training."""
+    from diffusers import DDPMScheduler
+
+    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")
+    scheduler = DDPMScheduler(**{k: config[k] for k in keys if config.get(k) is not None})
+    return scheduler.alphas_cumprod.to(torch.float32)
+
+
