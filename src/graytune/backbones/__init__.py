@@ -14,6 +14,7 @@ from __future__ import annotations
 from graytune.backbones import (  # noqa: F401  (importing a provider registers it)
     arch,
     bridge,
+    diffusion_arch,
     diffusion_tiny,
     efficientnet,
     hf_causal,
