@@ -1,7 +1,9 @@
 """``graytune bench``: boundary overhead and memory, measured side by side in one run (language models too:
 ``graytune.bench.lm``; ``--no-lm`` skips them).
 
-With ``--arch`` it measures the CLIP-scale table instead (``graytune.bench.clip_scale``).
+With ``--arch`` it measures the CLIP-scale table instead (``graytune.bench.clip_scale``); with ``--diffusion-only`` the
+diffusion training-step table alone (``graytune.bench.diffusion``: SD-1.5 scale, about 20 minutes on two CPU cores,
+so the whole run adds it only with ``--diffusion``).
 """
 
 from __future__ import annotations
@@ -12,11 +14,14 @@ import json
 from graytune.errors import InvalidInputError
 
 CLIP_SCALE_FLAGS = ("batch", "dtype", "device", "methods", "recompute", "steps", "warmup", "interleaved_rounds")
+DIFFUSION_FLAGS = ("diffusion_arch", "diffusion_batch", "diffusion_size", "diffusion_device", "diffusion_methods",
+                   "diffusion_steps", "diffusion_out")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="boundary vs plain autograd, memory vs full fine-tuning, remote vs in-process, "
-                                     "language models; --arch: every method at CLIP scale",
+                                     "language models; --arch: every method at CLIP scale; --diffusion-only: a "
+                                     "diffusion training step per method",
                        description="Measure, side by side in one process and interleaved: a training step through "
                                    "the boundary against the same computation by plain autograd, each method's peak "
                                    "step memory against full fine-tuning, TransMiter's transfer, graytune.memoize, "
@@ -41,6 +46,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="also measure language models: DGA's step through the boundary vs plain autograd on "
                         "SmolLM2-135M, and each LM method's memory vs full fine-tuning on SmolLM2-135M and "
                         "arch:llama-1b (about 20 GB for full fine-tuning at 1B; default: on)")
+    _add_diffusion_flags(p)
     clip = p.add_argument_group("CLIP scale (with --arch, only this table runs)")
     clip.add_argument("--arch", action="append",
                       help="a random-weight CLIP architecture: clip-vit-b-16, clip-vit-l-14 or clip-tiny; repeat or "
@@ -62,7 +68,32 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+def _add_diffusion_flags(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("diffusion (one training step of dga, lga, lora and full UNet fine-tuning, "
+                                 "recomputation off and on, as ratios to full fine-tuning)")
+    group.add_argument("--diffusion", action=argparse.BooleanOptionalAction, default=False,
+                       help="also measure the diffusion table in the whole run (default: off; at SD-1.5 scale it "
+                            "takes about 20 minutes on two CPU cores)")
+    group.add_argument("--diffusion-only", action="store_true", help="measure the diffusion table alone")
+    group.add_argument("--diffusion-arch", help="the diffusion backbone: arch:sd15-random (default; Stable Diffusion "
+                                                "1.5's shape, random weights, ~4.3 GB), arch:sd-tiny or "
+                                                "hf-diffusion:<dir>")
+    group.add_argument("--diffusion-batch", type=int, help="images per step (default: 8 on CUDA, 1 on CPU)")
+    group.add_argument("--diffusion-size", type=int,
+                       help="image side in pixels, a multiple of the VAE's factor (default: the backbone's, 512 for "
+                            "SD 1.5: 64x64 latents)")
+    group.add_argument("--diffusion-device", help="cpu, cuda or cuda:N (default: CUDA when present, else CPU)")
+    group.add_argument("--diffusion-methods", help="comma-separated methods (default: dga,lga,lora,full); full "
+                                                   "fine-tuning always runs")
+    group.add_argument("--diffusion-steps", type=int, help="timed steps per cell after the measured one (default: 3 "
+                                                           "on CUDA after 1 untimed, 1 on CPU)")
+    group.add_argument("--diffusion-out", help="also write the results as JSON to this file")
+
+
 def run(args: argparse.Namespace) -> int:
+    _check_diffusion_flags(args)  # before any long work
+    if args.diffusion_only:
+        return run_diffusion(args)
     if args.arch:
         return run_clip_scale(args)
     given = [f"--{name.replace('_', '-')}" for name in CLIP_SCALE_FLAGS if getattr(args, name) is not None]
@@ -96,6 +127,8 @@ def run(args: argparse.Namespace) -> int:
         from graytune.bench import lm
 
         results["lm"] = lm.run(rounds=args.rounds)
+    if args.diffusion:
+        results["diffusion"] = _diffusion_results(args)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
@@ -112,7 +145,47 @@ def run(args: argparse.Namespace) -> int:
             print("\n" + remote_latency.format_report(results["remote_latency"]))
         if args.lm:
             print("\n" + lm.format_report(results["lm"]))
+        if args.diffusion:
+            from graytune.bench import diffusion
+
+            print("\n" + diffusion.format_report(results["diffusion"]))
     return 0
+
+
+def run_diffusion(args: argparse.Namespace) -> int:
+    from graytune.bench import diffusion
+
+    results = _diffusion_results(args)
+    print(json.dumps(results, indent=2) if args.json else diffusion.format_report(results))
+    return 0
+
+
+def _check_diffusion_flags(args: argparse.Namespace) -> None:
+    """``InvalidInputError`` for ``--diffusion-*`` flags without the diffusion table, or out of range."""
+    stray = [f"--{name.replace('_', '-')}" for name in DIFFUSION_FLAGS if getattr(args, name) is not None]
+    if stray and not (args.diffusion or args.diffusion_only):
+        raise InvalidInputError(f"{', '.join(stray)}: only for the diffusion table; add --diffusion-only (or "
+                                "--diffusion to the whole run)")
+    given = (("--diffusion-batch", args.diffusion_batch, 1), ("--diffusion-size", args.diffusion_size, 1),
+             ("--diffusion-steps", args.diffusion_steps, 0))
+    for flag, value, least in given:
+        if value is not None and value < least:
+            raise InvalidInputError(f"{flag} {value}: give {least} or more")
+
+
+def _diffusion_results(args: argparse.Namespace) -> dict:  # type: ignore[type-arg]
+    """The diffusion table as the ``--diffusion-*`` flags ask (written to ``--diffusion-out`` too)."""
+    from pathlib import Path
+
+    from graytune.bench import diffusion
+
+    methods = _names([args.diffusion_methods]) if args.diffusion_methods else diffusion.METHODS
+    results = diffusion.run(args.diffusion_arch or diffusion.BACKBONE, batch=args.diffusion_batch,
+                            size=args.diffusion_size, device=args.diffusion_device, methods=methods,
+                            steps=args.diffusion_steps)
+    if args.diffusion_out:
+        Path(args.diffusion_out).write_text(json.dumps(results, indent=1) + "\n")
+    return results
 
 
 def run_clip_scale(args: argparse.Namespace) -> int:
