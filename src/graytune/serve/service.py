@@ -132,7 +132,8 @@ class Service:
                                                        "recompute": level.recompute},
                                          "max_body_bytes": self.max_body,
                                          "black_box_edits": self.config.black_box_edits,
-                                         "max_new_tokens": self.config.max_new_tokens}
+                                         "max_new_tokens": self.config.max_new_tokens,
+                                         "max_denoising_work": self.config.max_denoising_work}
         return self._specs[level.access]
 
     @property
