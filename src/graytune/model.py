@@ -30,6 +30,7 @@ from torch import nn
 
 from graytune.access import Handle
 from graytune.access.generation import Generated
+from graytune.access.images import ImageSettings, generate_images
 from graytune.adapters import (
     Adapter, TowerRequest, apply_whitebox, build_adapter, config_from_dict, whitebox_config, zo_parameters,
 )
@@ -316,6 +317,16 @@ class AdaptedModel(nn.Module):
         inputs = {**request.inputs, "latents.noisy": batch["latents.noisy"].to(here), "timestep": batch["timestep"]}
         port = "unet.prediction"
         return self.handle.forward(inputs, add=request.add, insert=request.insert, outputs=[port])[port].to(here)
+
+    def generate_images(self, prompts: Sequence[str] | Mapping[str, Tensor],
+                        settings: ImageSettings | Mapping[str, Any] | None = None) -> Tensor:
+        """``[B, 3, H, W]`` images in [0, 1] a diffusion model draws for ``prompts``, the owner sampling, with this
+        model's text edits on them (``graytune.access.images``).
+
+        Example:
+            >>> model.generate_images(["a picture of"], {"num_inference_steps": 25, "seed": 1})
+        """
+        return generate_images(self, prompts, settings)
 
     def finish_tower(self, modality: str, embeds: Tensor) -> Tensor:
         """``[B, E]`` tower embeddings mapped by this model's output adapters."""

@@ -72,3 +72,24 @@ def test_remote_training_equals_in_process(method: str, level: str, zo: str | No
     record = remote.exposure.to_dict()
     assert record["forward_queries"] > 0
     assert (record["gradient_queries"] == 0) == (zo is not None)  # the black-box rung asks no gradient
+
+
+def test_a_forward_with_too_many_latent_positions_is_refused_before_work(served: tuple[str, Any]) -> None:
+    from graytune.errors import RemoteError
+
+    local = graytune.open_backbone("arch:sd-tiny", access="dark-gray")
+    app = create_app(local, ServeConfig(access="dark-gray", max_denoising_work=3 * 8 * 8), ApiKeys(KEYS))
+    server = BackgroundServer(app)
+    remote = graytune.open_backbone(server.start(), "dark-gray", api_key=ALICE)
+    try:
+        texts = ["a", "b", "c", "d"]
+        with pytest.raises(RemoteError, match=r"256 latent positions \(4 latents of 8 x 8, one UNet step each\).*"
+                                              r"--max-denoising-work") as err:
+            remote.forward({"text": texts, "latents.noisy": torch.zeros(4, 4, 8, 8),
+                            "timestep": torch.tensor([1, 2, 3, 4])})
+        assert err.value.status == 413 and remote.stats()["samples_used"] == 0
+        three = remote.forward({"text": texts[:3], "latents.noisy": torch.zeros(3, 4, 8, 8),
+                                "timestep": torch.tensor([1, 2, 3])})["unet.prediction"]
+        assert three.shape == (3, 4, 8, 8)  # within the bound, and the server serves on
+    finally:
+        server.stop()

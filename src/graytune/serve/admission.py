@@ -94,7 +94,8 @@ def check_work(inputs: Mapping[str, torch.Tensor], insert: Mapping[str, torch.Te
     so it has limits of its own (``--max-grad-tokens``, ``--max-grad-pixels``).
 
     Args:
-        inputs: port → ``[B, L]`` ids or ``[B, C, H, W]`` pixels (other inputs are not counted).
+        inputs: port → ``[B, L]`` ids, ``[B, C, H, W]`` pixels or ``latents.noisy`` (against
+            ``--max-denoising-work``; other inputs are not counted).
         insert: port → ``[B or 1, K, D]`` tokens; each adds ``K`` positions to its modality's rows, except
             that a modality's prompts ports (``<m>.prompts.k``, which write over each other's tokens) add
             theirs once.
@@ -119,6 +120,12 @@ def check_work(inputs: Mapping[str, torch.Tensor], insert: Mapping[str, torch.Te
                 more = f" with {new_tokens:,} new tokens each" if new_tokens else ""
                 raise too_large(f"this request holds {positions:,} token positions{kind} ({rows:,} rows x "
                                 f"{length + extra + new_tokens:,}{more})", tokens, token_flag, "send smaller batches")
+        elif name == "latents.noisy" and value.dim() == 4:  # one UNet step per row
+            rows, _, height, width = value.shape
+            if rows * height * width > config.max_denoising_work:
+                raise too_large(f"this request holds {rows * height * width:,} latent positions{kind} ({rows:,} "
+                                f"latents of {height} x {width}, one UNet step each)", config.max_denoising_work,
+                                "--max-denoising-work", "send fewer or smaller latents per request")
         elif name.endswith(".pixels") and value.dim() == 4:
             rows, _, height, width = value.shape
             if rows * height * width > pixels:

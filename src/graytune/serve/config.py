@@ -79,7 +79,8 @@ class ServeConfig:
     max_denoising_work: int = 2097152
     """Most UNet latent positions one image request may run (413 above): images x steps x latent height x latent
     width, twice that with guidance (the negative prompts' calls): 4 images of 512 x 512 at 64 guided steps on
-    SD 1.x (latents 64 x 64); its images' pixels count against --max-pixels too."""
+    SD 1.x (latents 64 x 64); its images' pixels count against --max-pixels too. A forward's noisy latents (one
+    UNet step per row) count as rows x latent height x latent width against it too."""
     request_timeout_s: float = 60.0
     """Deadline of one request: waiting for the backbone past it answers 503, computing past it stops the work
     at its next safe point and answers 504."""
