@@ -22,7 +22,7 @@ from graytune.methods import METHODS, backbone_kind
 from graytune.model import AdaptedModel
 from graytune.recipes.run import make_task, open_for
 from graytune.train.denoising import DenoisingTask
-from tests.diffusion import reference
+from tests.diffusion.conftest import make_pipeline
 from tests.diffusion.reference import hooked
 
 DIFFUSION_METHODS = ["zero-shot", "dga", "prompt", "prompt-zo", "lga", "lga-deep", "adalink", "lora", "full"]
@@ -90,9 +90,10 @@ def test_every_method_predicts_and_trains_only_its_own_tensors(method: str) -> N
         assert all(not n.startswith("backbone_module") for n in trained)
 
 
-def _reference_dga(parts: dict[str, Any], tokens: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
-                   shift: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
-    """Plain autograd: ``shift`` added to every real token's embedding and ``extra`` placed before each end token."""
+def _reference_dga_states(parts: dict[str, Any], tokens: dict[str, torch.Tensor], shift: torch.Tensor,
+                          extra: torch.Tensor) -> torch.Tensor:
+    """Plain autograd: the text encoder's states with ``shift`` added to every real token's embedding and ``extra``
+    placed before each end token (the last padding column drops off)."""
     ids, mask = tokens["text.input_ids"], tokens["text.attention_mask"]
     lookup = parts["text_encoder"].embeddings.token_embedding
     end_id = int(parts["text_encoder"].config.eos_token_id)
@@ -105,7 +106,14 @@ def _reference_dga(parts: dict[str, Any], tokens: dict[str, torch.Tensor], batch
         return torch.stack([torch.cat([row[:e], extra[0], row[e:]])[:ids.shape[1]] for row, e in zip(shifted, ends)])
 
     with hooked(lookup, put):
-        return reference.predict(parts, new_ids, batch["latents.noisy"], batch["timestep"])
+        return parts["text_encoder"](new_ids)[0]
+
+
+def _reference_dga(parts: dict[str, Any], tokens: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
+                   shift: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+    """The UNet's prediction conditioned on ``_reference_dga_states``."""
+    hidden = _reference_dga_states(parts, tokens, shift, extra)
+    return parts["unet"](batch["latents.noisy"], batch["timestep"], encoder_hidden_states=hidden).sample
 
 
 def test_dga_prediction_and_gradients_equal_plain_diffusers(tiny_parts) -> None:  # type: ignore[no-untyped-def]
@@ -124,6 +132,25 @@ def test_dga_prediction_and_gradients_equal_plain_diffusers(tiny_parts) -> None:
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(adapter.shift.grad, shift.grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(adapter.extra.grad, extra.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_a_dga_models_images_equal_the_pipeline_given_its_prompt_embeds(tiny_parts) -> None:  # type: ignore[no-untyped-def]
+    """textual inversion's shape, sampled by the owner, equals diffusers' pipeline given the edited embeddings."""
+    handle = open_for("arch:sd-tiny", None, "dga")
+    model = AdaptedModel.build(handle, "dga")
+    _noisy(model)
+    adapter = model.text_adapters[0]
+    settings = {"num_inference_steps": 3, "seed": 7, "height": 32, "width": 32, "guidance_scale": 7.5}
+    got = model.generate_images(TEXTS, settings)
+    pipe = make_pipeline(tiny_parts)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        embeds = _reference_dga_states(tiny_parts, handle.tokenize(TEXTS), adapter.shift, adapter.extra)
+        negative = tiny_parts["text_encoder"](handle.tokenize([""] * len(TEXTS))["text.input_ids"])[0]
+        want = pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, num_inference_steps=3, guidance_scale=7.5,
+                    height=32, width=32, generator=torch.Generator().manual_seed(7), output_type="pt").images
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert (got - model.handle.generate_images({"text": TEXTS}, settings=settings)).abs().max() > 1e-3  # it edits
 
 
 def test_lora_prediction_equals_peft_on_the_plain_unet(tiny_parts) -> None:  # type: ignore[no-untyped-def]
