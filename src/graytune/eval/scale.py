@@ -12,8 +12,8 @@ from collections.abc import Mapping
 
 
 #: metric names that are no fraction: ranks, times, losses (a language model's per-token NLL, a diffusion model's
-#: denoising error and its negative, the score it is selected on)
-NOT_FRACTIONS = ("median_rank", "_seconds", "_s", "nll", "_mse", "denoise_score")
+#: denoising error and its negative, the score it is selected on), a judge's raw cosines in [-1, 1] (CLIP-T, CLIP-I)
+NOT_FRACTIONS = ("median_rank", "_seconds", "_s", "nll", "_mse", "denoise_score", "clip_t", "clip_i")
 
 
 def is_fraction(key: str) -> bool:
