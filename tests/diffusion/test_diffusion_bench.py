@@ -60,10 +60,16 @@ def test_the_report_is_a_markdown_table(results: dict) -> None:  # type: ignore[
     json.dumps(results)  # --diffusion-out writes it
 
 
-def test_the_step_trains_on_the_noise_target() -> None:
+def test_a_gray_box_step_moves_only_its_adapters() -> None:
     step, info = build_step(DiffusionCell("arch:sd-tiny", "dga", False, batch=1, size=8, device="cpu"))
     assert info["latents"] == [1, 4, 4, 4] and "weights_mb" not in info  # dark-gray: no module to weigh
+    held = [c.cell_contents for c in step.__closure__ or ()]  # the step closes over its model, batch and optimizer
+    optimizer = next(h for h in held if isinstance(h, torch.optim.Optimizer))
+    before = [p.detach().clone() for group in optimizer.param_groups for p in group["params"]]
     step()
+    after = [p for group in optimizer.param_groups for p in group["params"]]
+    assert sum(p.numel() for p in after) == info["trainable"] == 2 * 8  # DGA's shift and one extra token, width 8
+    assert any(not torch.equal(a, b) for a, b in zip(after, before))
 
 
 def test_a_fresh_process_prints_one_json_line(capsys: pytest.CaptureFixture[str]) -> None:

@@ -143,12 +143,13 @@ def run(backbone: str = BACKBONE, batch: int | None = None, size: int | None = N
     steps = (3 if gpu else 1) if steps is None else steps
     warmup = (1 if gpu else 0) if warmup is None else warmup
     cells = plan_cells(backbone, batch, size, str(where), methods, recompute, steps, warmup)
+    about = machine(where)  # its load average now, before the cells
     rows = []
     for cell in tqdm(cells, desc="diffusion cells", unit="cell", disable=not progress):
         row = measure(cell, isolate)
         log.info("%s: %s", cell, row)
         rows.append({"method": cell.method, "recompute": cell.recompute, **row})
-    results: dict[str, Any] = {"machine": machine(where), **_table(rows),
+    results: dict[str, Any] = {"machine": about, **_table(rows),
                                "settings": {**asdict(replace(cells[0], method="*", recompute=False)),
                                             "recompute": list(dict.fromkeys(recompute)), "isolated": isolate,
                                             "label": LABELS.get(backbone, backbone),
