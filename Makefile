@@ -32,7 +32,7 @@ test-faults: setup  ## slow server fault tests: kill -9 and restart mid-training
 test-gpu: setup  ## CUDA placement, half precision and recomputation on a GPU (skipped without one)
 	$(VENV)/bin/python -m pytest -m gpu -rs
 
-gpu-check: setup  ## on a GPU machine, at most 8 minutes: test-gpu, CLIP-scale bench, coalescing curve, CPU client -> GPU server; writes docs/gpu-check.json
+gpu-check: setup  ## on a GPU machine, at most 10 minutes: test-gpu, CLIP-scale bench, coalescing curve, CPU client -> GPU server, SD-1.5 training step; writes docs/gpu-check.json
 	$(VENV)/bin/python scripts/gpu_check.py
 
 test-scale: setup  ## distributed engines: Ray Serve replicas and 2-process gloo DDP against a live server
@@ -42,6 +42,7 @@ test-scale: setup  ## distributed engines: Ray Serve replicas and 2-process gloo
 bench: setup  ## ratios measured side by side; numbers committed in docs/benchmarks.md
 	$(VENV)/bin/graytune bench
 	$(VENV)/bin/graytune bench --arch clip-vit-b-16 --methods output,dga,lora --steps 2
+	$(VENV)/bin/graytune bench --diffusion-only
 
 bench-clip: setup  ## every method at CLIP ViT-B/16 and ViT-L/14, fp32 and bf16, recomputation off and on (long on a CPU)
 	$(VENV)/bin/graytune bench --arch clip-vit-b-16,clip-vit-l-14

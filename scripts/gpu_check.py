@@ -1,4 +1,4 @@
-"""``make gpu-check``: everything graytune promises on a GPU, measured in one prepared command of at most 8 minutes.
+"""``make gpu-check``: everything graytune promises on a GPU, measured in one prepared command of at most 10 minutes.
 
 Run as is on a machine with a CUDA device (``make gpu-check``); it writes ``docs/gpu-check.json``, which
 ``docs/benchmarks.md`` quotes with the machine named. Each part has its own time limit, and a part that fails or
@@ -9,10 +9,14 @@ runs out of time is recorded as such while the others still run:
    speed-up and the bf16-vs-fp32 VJP cosine (``graytune bench --arch clip-vit-b-16``);
 3. the coalescing curve (``graytune.bench.coalesce``) with the server's backbone on the GPU;
 4. a CPU client training through a GPU server: three DGA steps over loopback, timed, against the same steps in
-   process on the GPU.
+   process on the GPU;
+5. the diffusion training step at Stable Diffusion 1.5's scale, batch 8 at 512 px (64 x 64 latents): dga, lga, lora
+   and full UNet fine-tuning, recomputation off and on, peak GPU memory and time as ratios to full fine-tuning
+   (``graytune.bench.diffusion`` on ``arch:sd15-random``, as ``graytune bench --diffusion-only`` runs it, its cells
+   in one process here).
 
-``--device cpu --quick`` runs the same parts small on a CPU (clip-tiny, a two-cell grid), to check the command
-itself; its figures are not GPU figures and the file says so.
+``--device cpu --quick`` runs the same parts small on a CPU (clip-tiny, a two-cell grid, arch:sd-tiny), to check the
+command itself; its figures are not GPU figures and the file says so.
 
 Run: .venv/bin/python scripts/gpu_check.py [--device cuda] [--out docs/gpu-check.json] [--quick]
 """
@@ -32,8 +36,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
-#: seconds each part may take (8 minutes in all, with a margin for starting)
-LIMITS = {"test_gpu": 120, "clip_scale": 200, "coalesce": 90, "client_server": 45}
+#: seconds each part may take (under 10 minutes in all, with a margin for starting): the diffusion part builds SD
+#: 1.5's 1.07 B random weights 8 times (~6 s each on two CPU cores), each before 4 steps on the GPU
+LIMITS = {"test_gpu": 120, "clip_scale": 200, "coalesce": 90, "client_server": 45, "diffusion": 130}
 
 
 def main() -> int:
@@ -49,7 +54,7 @@ def main() -> int:
         parser.error("--device cpu measures no GPU: add --quick to check the command, or run on a GPU")
     report: dict[str, Any] = {"machine": _machine(args.device), "quick": args.quick, "parts": {}}
     for name, part in (("test_gpu", _test_gpu), ("clip_scale", _clip_scale), ("coalesce", _coalesce),
-                       ("client_server", _client_server)):
+                       ("client_server", _client_server), ("diffusion", _diffusion)):
         start = time.monotonic()
         try:
             result = part(args.device, args.quick, LIMITS[name])
@@ -117,6 +122,22 @@ def _client_server(device: str, quick: bool, limit: int) -> dict[str, Any]:
         times = {"remote_cpu_client_s": _steps(AdaptedModel.build(remote, "dga"), texts),
                  "in_process_s": _steps(AdaptedModel.build(local, "dga").to(torch.device(device)), texts)}
     return {"batch": len(texts), **times, "remote_over_in_process": times["remote_cpu_client_s"] / times["in_process_s"]}
+
+
+def _diffusion(device: str, quick: bool, limit: int) -> dict[str, Any]:
+    """One training step per method at SD 1.5's scale, batch 8 at 512 px (quick: the tiny pipeline, batch 2 at
+    16 px). The cells run one after another in one process (each builds its own backbone and frees it; CUDA's peak
+    is reset before each step), so no cell pays for starting Python again; that process has ``limit`` seconds."""
+    arch, batch, size = ("arch:sd-tiny", 2, 16) if quick else ("arch:sd15-random", 8, 512)
+    code = ("import json, sys; from graytune.bench import diffusion; "
+            f"r = diffusion.run({arch!r}, batch={batch}, size={size}, device={device!r}, steps=2, warmup=1, "
+            "isolate=False, progress=False); print(json.dumps(r)); print(diffusion.format_report(r), file=sys.stderr)")
+    done = subprocess.run([PYTHON, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=limit)
+    if done.returncode != 0:
+        raise RuntimeError(f"the diffusion bench exited {done.returncode}: {done.stderr[-500:]}")
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    return {"call": f"graytune.bench.diffusion.run({arch!r}, batch={batch}, size={size}, steps=2, warmup=1, "
+                    "isolate=False)", "results": results}
 
 
 def _steps(model: Any, texts: list[str], steps: int = 3) -> float:
