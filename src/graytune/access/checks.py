@@ -367,3 +367,12 @@ def texts_of(texts: object) -> list[str]:
                                     "surrogate that is not Unicode text; send valid UTF-8 (e.g. decode your data "
                                     "with errors='replace')") from None
     return list(texts)
+
+
+def client_device(plan: CallPlan, default: torch.device | None) -> torch.device | None:
+    """Where a call's results go: the device of the client's first floating tensor, else ``default``."""
+    for group in (plan.inputs, plan.add, plan.insert):
+        for tensor in group.values():
+            if tensor.is_floating_point():
+                return tensor.device
+    return default

@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from torch import nn
 
-from graytune.access.checks import CallPlan
+from graytune.access.checks import CallPlan, client_device
 from graytune.access.generation import Generated
 from graytune.types import AccessLevel, BackboneSpec, Exposure, GenerationSettings
 
-if TYPE_CHECKING:  # images.py builds on this module's client_device
+if TYPE_CHECKING:  # images.py builds on the access layer; only the annotation is needed here
     from graytune.access.images import ImageSettings
 
 Tensor = torch.Tensor
@@ -104,15 +104,6 @@ class _Crossing(torch.autograd.Function):
     def backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         vjps = ctx.call.vjp(grads)
         return (None, *(None if v is None else v.to(device, dtype) for v, (device, dtype) in zip(vjps, ctx.homes)))
-
-
-def client_device(plan: CallPlan, default: torch.device | None) -> torch.device | None:
-    """Where a call's results go: the device of the client's first floating tensor, else ``default``."""
-    for group in (plan.inputs, plan.add, plan.insert):
-        for tensor in group.values():
-            if tensor.is_floating_point():
-                return tensor.device
-    return default
 
 
 def cross(call: BoundaryRun, default_device: torch.device | None = None) -> dict[str, Tensor]:

@@ -40,8 +40,7 @@ from typing import Any
 
 import torch
 
-from graytune.access.checks import CallPlan
-from graytune.access.handle import client_device
+from graytune.access.checks import CallPlan, client_device
 from graytune.access.wire import CallRequest, Message, call_parts, decode, encode, unpack_call
 from graytune.errors import InvalidInputError
 from graytune.types import BackboneSpec, Exposure
