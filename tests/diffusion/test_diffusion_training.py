@@ -278,3 +278,32 @@ def test_graytune_train_on_a_concept_folder(concept: Path, tmp_path: Path, capsy
     assert config["method"] == "dga" and config["backbone"] == "arch:sd-tiny" and config["task"] == "images"
     again = load_adapter(out, open_for("arch:sd-tiny", None, "dga"))
     assert again.trainable_parameters() == 16
+
+
+def test_templates_are_drawn_per_row_recorded_and_checked(concept: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    from graytune.cli.main import main
+
+    handle = graytune.open_backbone("arch:sd-tiny")
+    splits = load_splits(str(concept))
+    templates = ["a picture of {}", "a painting in the style of {}"]
+    task = make_task(splits, handle, 16, templates=templates)
+    assert task.prompts(splits.train, templates[1])[0].startswith("a painting in the style of")
+    first, second = handle.tokenize(["a picture of"])["text.input_ids"][0], \
+        handle.tokenize(["a painting in the style of"])["text.input_ids"][0]
+    seen = {tuple(row.tolist()) for batch in task.batches(4, torch.Generator().manual_seed(0))
+            for row in batch["text.input_ids"]}
+    assert any(row[:6] == tuple(first[:6].tolist()) for row in seen)
+    assert any(row[:6] == tuple(second[:6].tolist()) for row in seen)  # both templates drawn
+    assert all(any(t[:6] == tuple(first[:6].tolist()) for t in [tuple(r.tolist())])
+               for batch in task.held_out(splits.val) for r in batch["text.input_ids"])  # held out: the first
+    with pytest.raises(InvalidInputError, match=r"template 1 \('{} and {}'\) has \{\} 2 times"):
+        make_task(splits, handle, 16, templates=["{} and {}"])
+    with pytest.raises(InvalidInputError, match="--template sets a diffusion model's prompts; minilm is an encoder"):
+        make_task(load_splits("wordnet-supersense"), graytune.open_backbone("minilm"), None, templates=["{}"])
+    out = tmp_path / "run"
+    assert main(["train", "--backbone", "arch:sd-tiny", "--method", "dga", "--data", str(concept), "--max-steps",
+                 "2", "--batch-size", "2", "--image-size", "16", "--out", str(out), "--json", "--template",
+                 templates[0], "--template", templates[1]]) == 0
+    capsys.readouterr()
+    assert json.loads((out / "adapter_config.json").read_text())["prompt_templates"] == templates

@@ -200,6 +200,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="folder for the adapter (a checkpoint there resumes the run)")
     p.add_argument("--image-size", type=positive_int, default=None,
                    help="image side in pixels (default: the spec's)")
+    p.add_argument("--template", action="append", default=[], metavar="TEXT",
+                   help="a diffusion model only: a prompt template, {} where each image's caption goes, e.g. "
+                        "'a painting in the style of {}' (the adapter's token comes before the end); repeatable: "
+                        "each row draws one per step, validation and test use the first (default: 'a picture of {}')")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     docs = {**field_docs(TrainConfig), "lr": LR_HELP}
     for f in fields(TrainConfig):
@@ -263,7 +267,7 @@ def run_spec(args: argparse.Namespace) -> RunSpec:
     return RunSpec(args.backbone, args.access, args.method, args.data, args.task, args.out, args.image_size,
                    config, options, args.adapter, files=files, loader=loader_config(args),
                    retry_s=args.retry_s, tensorboard=args.log == "tensorboard", overwrite=args.overwrite,
-                   **placement(args))
+                   templates=tuple(args.template), **placement(args))
 
 
 def text_data(source: str | None) -> bool:

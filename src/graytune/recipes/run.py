@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,9 @@ class RunSpec:
     """An in-process backbone's precision (fp32 default, bf16, fp16); adapters stay fp32."""
     recompute: bool = False
     """An in-process backbone recomputes its layers inside the backward (less memory, one more forward)."""
+    templates: tuple[str, ...] = ()
+    """A diffusion model's prompt templates, ``{}`` where each image's caption goes (default: the data's, ``a picture
+    of {}``); with several, each row draws one per step (``graytune.train.denoising``)."""
 
 
 def open_for(backbone: str, access: str | None, method: str, retry_s: float | None = None,
@@ -106,7 +110,7 @@ def place_model(model: AdaptedModel, device: str | None) -> AdaptedModel:
 
 
 def make_task(splits: Splits, handle: Handle, image_size: int | None, fit: str | None = None,
-              loader: LoaderConfig | None = None) -> Task:
+              loader: LoaderConfig | None = None, templates: Sequence[str] = ()) -> Task:
     """The task the data asks for, on ``handle``'s kind of backbone (a language model learns completions, a
     diffusion model denoises the images).
 
@@ -114,12 +118,16 @@ def make_task(splits: Splits, handle: Handle, image_size: int | None, fit: str |
         InvalidInputError: data the backbone's kind does not train on (``check_data``).
     """
     kind = check_data(splits, handle)
+    if templates and kind != "diffusion":
+        raise InvalidInputError(f"--template sets a diffusion model's prompts; {handle.spec.id} is {KIND_NAMES[kind]}"
+                                ": drop --template")
     if kind == "causal-lm":
         if image_size is not None:
             raise InvalidInputError(f"--image-size is for image data; {splits.name} holds prompts and completions")
         return CompletionTask(splits.train, handle)
     if kind == "diffusion":
-        return DenoisingTask(splits.train, handle, splits.prompt or "{}", image_size, fit or splits.fit, loader)
+        return DenoisingTask(splits.train, handle, list(templates) or splits.prompt or "{}", image_size,
+                             fit or splits.fit, loader)
     needs_images = splits.task in ("retrieval", "sketch") or isinstance(splits.train, LabeledImages | LabeledImageFiles)
     pre = ImagePreprocess.from_spec(handle.spec, image_size, fit=fit or splits.fit) if needs_images else None
     if splits.task == "retrieval":
@@ -176,7 +184,8 @@ def data_settings(run: RunSpec, splits: Splits) -> dict[str, Any]:
     sources = [source.removesuffix(":base-to-novel") for source in list(data_files(run).values()) or [run.data]]
     hashes = {source: content_sha256(source) for source in sources
               if source not in BUILTIN and Path(source).exists()}
-    return {"data": data_label(run), "data_sha256": hashes, "task": splits.task, "warm_start": run.adapter}
+    settings = {"data": data_label(run), "data_sha256": hashes, "task": splits.task, "warm_start": run.adapter}
+    return {**settings, "templates": list(run.templates)} if run.templates else settings
 
 
 def split_sizes(splits: Splits) -> dict[str, int | None]:
@@ -192,6 +201,8 @@ def describe(splits: Splits, task: Task, run_data: str) -> dict[str, Any]:
     out["preprocess"] = ({"image_size": pre.image_size, "fit": pre.fit, "mean": list(pre.mean), "std": list(pre.std)}
                          if pre is not None else None)
     out["image_size"] = pre.image_size if pre is not None else None
+    if isinstance(task, DenoisingTask):
+        out.update(prompt_templates=list(task.templates))
     if isinstance(task, ClassificationTask):
         out.update(classes=list(task.data.class_names), trained_classes=list(task.classes), prompt=task.prompt,
                    eval_splits={k: list(v) for k, v in (splits.eval_splits or {}).items()} or None)
@@ -300,7 +311,7 @@ def open_run(run: RunSpec) -> tuple[Splits, Opened]:
     if splits.note:
         log.warning("%s", splits.note)
     handle = open_for(run.backbone, run.access, run.method, run.retry_s, run.device, run.dtype, run.recompute)
-    task = make_task(splits, handle, run.image_size, loader=run.loader)
+    task = make_task(splits, handle, run.image_size, loader=run.loader, templates=run.templates)
     return splits, Opened(handle, task, splits.val, splits.test)
 
 

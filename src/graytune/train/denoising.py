@@ -6,9 +6,11 @@ the VAE); each step draws noise and timesteps, makes the noisy latents with the 
 and asks the boundary for the UNet's prediction conditioned on the prompts as the adapters edit them. Loss: the
 mean squared error to the scheduler's target (the noise, or ``v`` for v-prediction models).
 
-Prompts: each image's caption (or class name) put into the template ``Splits.prompt`` (``{}`` marks its place);
-an image without either gets the template with ``{}`` empty ("a picture of "). The adapter's own token, DGA's extra
-token or a soft prompt, goes in before the end token, where textual inversion's placeholder word would stand.
+Prompts: each image's caption (or class name) put into a template (``{}`` marks its place; default ``Splits.prompt``,
+or ``graytune train --template``); an image without either gets the template with ``{}`` empty ("a picture of ").
+The adapter's own token, DGA's extra token or a soft prompt, goes in before the end token, where textual inversion's
+placeholder word would stand. With several templates each training row draws one per step, as textual inversion
+draws from its list; validation and test use the first.
 
 Evaluation is honest without a judge: ``denoise_mse``, the held-out denoising loss at noise and timesteps fixed by
 the item's index (``EVAL_TIMESTEPS`` spread over the schedule), the same for every method and run, and
@@ -40,6 +42,8 @@ Tensor = torch.Tensor
 EVAL_TIMESTEPS = (0.1, 0.3, 0.5, 0.7, 0.9)
 #: the seed of the held-out noise: every run and method is scored on the same noisy latents
 EVAL_SEED = 20231
+#: the most templates a task takes, and the most characters in one
+MAX_TEMPLATES, MAX_TEMPLATE_CHARS = 64, 1000
 
 
 class DenoisingTask:
@@ -47,9 +51,10 @@ class DenoisingTask:
 
     primary = "denoise_score"
 
-    def __init__(self, data: Any, handle: Handle, prompt: str = "{}", image_size: int | None = None,
+    def __init__(self, data: Any, handle: Handle, prompt: str | Sequence[str] = "{}", image_size: int | None = None,
                  fit: str = "crop", loader: LoaderConfig | None = None, eval_batch: int = 8) -> None:
-        self.data, self.handle, self.prompt, self.eval_batch = data, handle, prompt, eval_batch
+        self.templates = check_templates([prompt] if isinstance(prompt, str) else list(prompt))
+        self.data, self.handle, self.prompt, self.eval_batch = data, handle, self.templates[0], eval_batch
         latents = handle.spec.preprocess["latents"]
         self.schedule = noise_schedule(latents["scheduler"]["config"])
         self.prediction = str(latents["prediction_type"])
@@ -62,12 +67,14 @@ class DenoisingTask:
         self.loader = loader or LoaderConfig()
         self._cache: dict[int, tuple[Tensor, dict[str, Tensor]]] = {}
         self.latents, self.tokens = self.encode(data)
+        self.more_tokens = [handle.tokenize(self.prompts(data, t)) for t in self.templates[1:]]  # templates 2..T
 
     def __len__(self) -> int:
         return len(self.data)
 
-    def prompts(self, data: Any) -> list[str]:
-        """Each image's prompt: its first caption or its class name in the template."""
+    def prompts(self, data: Any, template: str | None = None) -> list[str]:
+        """Each image's prompt: its first caption or its class name in ``template`` (default: the first)."""
+        template = self.prompt if template is None else template
         if hasattr(data, "caption_image"):
             first: dict[int, str] = {}
             for caption, image in zip(data.captions, data.caption_image):
@@ -77,7 +84,7 @@ class DenoisingTask:
             words = [data.class_names[int(y)] for y in data.labels.tolist()]
         else:
             words = [""] * len(data)
-        return [self.prompt.format(w) if "{}" in self.prompt else f"{self.prompt} {w}".strip() for w in words]
+        return [template.replace("{}", w) if "{}" in template else f"{template} {w}".strip() for w in words]
 
     def encode(self, data: Any) -> tuple[Tensor, dict[str, Tensor]]:
         """``data``'s latents ``[N, C, h, w]`` (the owner's VAE, once) and tokenized prompts ``[N, L]``."""
@@ -94,7 +101,18 @@ class DenoisingTask:
             clean = self.latents[idx]
             noise = torch.randn(clean.shape, generator=generator)
             steps = torch.randint(0, len(self.schedule), (len(idx),), generator=generator)
-            yield self.noised(clean, noise, steps, {k: v[idx] for k, v in self.tokens.items()})
+            yield self.noised(clean, noise, steps, self.row_tokens(idx, generator))
+
+    def row_tokens(self, idx: list[int], generator: torch.Generator) -> dict[str, Tensor]:
+        """The prompts' tokens of rows ``idx``: with several templates, each row's drawn from them."""
+        tokens = {k: v[idx] for k, v in self.tokens.items()}
+        if self.more_tokens:
+            choice = torch.randint(0, len(self.templates), (len(idx),), generator=generator)
+            for row, (i, pick) in enumerate(zip(idx, choice.tolist())):
+                if pick:
+                    for k in tokens:
+                        tokens[k][row] = self.more_tokens[pick - 1][k][i]
+        return tokens
 
     def noised(self, clean: Tensor, noise: Tensor, steps: Tensor, tokens: dict[str, Tensor]) -> dict[str, Tensor]:
         """One batch: the prompts' tokens, ``latents.noisy`` and ``timestep`` for the boundary, and ``target``."""
@@ -128,6 +146,24 @@ class DenoisingTask:
             part = slice(start, start + self.eval_batch)
             yield self.noised(latents[rows[part]], noise[part], steps[part], {k_: v[rows[part]]
                                                                                for k_, v in tokens.items()})
+
+
+def check_templates(templates: list[str]) -> list[str]:
+    """Prompt templates, each at most ``MAX_TEMPLATE_CHARS`` characters, 1 to ``MAX_TEMPLATES`` of them.
+
+    Raises:
+        InvalidInputError: none, too many, or one too long or with ``{}`` more than once.
+    """
+    problems = [f"template {i + 1} has {len(t):,} characters (at most {MAX_TEMPLATE_CHARS:,})"
+                for i, t in enumerate(templates) if len(t) > MAX_TEMPLATE_CHARS]
+    problems += [f"template {i + 1} ({t!r}) has {{}} {t.count('{}')} times (once at most: it is where each "
+                 "image's caption goes)" for i, t in enumerate(templates) if t.count("{}") > 1]
+    if not 1 <= len(templates) <= MAX_TEMPLATES:
+        problems.append(f"got {len(templates)} templates; give 1 to {MAX_TEMPLATES}")
+    if problems:
+        raise InvalidInputError("prompt templates refused: " + "; ".join(problems) + ". A template is the prompt "
+                                "with {} where each image's caption goes, e.g. 'a painting in the style of {}'")
+    return templates
 
 
 def noise_schedule(config: dict[str, Any]) -> Tensor:
