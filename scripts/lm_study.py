@@ -2,6 +2,7 @@
 
 Run: .venv/bin/python scripts/lm_study.py [--backbone smollm2-135m] [--tasks wordnet-category,wordnet-reverse]
      [--methods ...] [--steps 150] [--seeds 0,1,2] [--out docs/lm-raw.json] [--threads 1]
+     [--registry-seeds]   # the other seeds at the registry's rate first (a spread before the grids)
      .venv/bin/python scripts/lm_study.py --smoke      # every code path in a few minutes, into a temp folder
 then .venv/bin/python scripts/lm_table.py (markdown on stdout).
 
@@ -95,7 +96,7 @@ class Runner:
 
 
 def study(store: ResultsStore, tasks: list[str], methods: list[str], seeds: list[int], extend: int,
-          protocol: Protocol) -> None:
+          protocol: Protocol, registry_seeds: bool = False) -> None:
     from graytune.methods import get_method
 
     runners = {task: Runner(task, protocol) for task in tasks}
@@ -113,6 +114,10 @@ def study(store: ResultsStore, tasks: list[str], methods: list[str], seeds: list
     for task in tasks:  # 1. a first full table
         for method in methods:
             ensure(task, method, get_method(method).lr, seeds[0])
+    for task in tasks:  # 1'. with --registry-seeds, the other seeds at the registry's rate (before any grid)
+        for method in methods:
+            for seed in seeds[1:] if registry_seeds and get_method(method).lr is not None else []:
+                ensure(task, method, get_method(method).lr, seed)
     for task in tasks:  # 2. the rate grids; 3. the seeds
         for method in methods:
             registry = get_method(method).lr
@@ -139,6 +144,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=Protocol.steps)
     parser.add_argument("--seeds", default="0,1,2", help="the first one selects the learning rate")
     parser.add_argument("--extend", type=int, default=1, help="rates tried beyond a grid edge that wins")
+    parser.add_argument("--registry-seeds", action="store_true",
+                        help="run the other seeds at the registry's rate before the grids (a spread before tuned "
+                             "rates; the table marks such rows 'registry only')")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (leave a core to the rest)")
     parser.add_argument("--out", default=None, help="the raw JSON (default docs/lm-raw.json)")
     parser.add_argument("--smoke", action="store_true", help="tiny budgets into a temp folder")
@@ -152,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
                          hint="pass the same flags to resume it, or --out another file")
     seeds = [0] if args.smoke else [int(s) for s in args.seeds.split(",")]
     study(store, args.tasks.split(","), args.methods.split(","), seeds, 0 if args.smoke else args.extend,
-          protocol)
+          protocol, args.registry_seeds)
     log.info("done: %s", out)
 
 
