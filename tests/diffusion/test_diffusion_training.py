@@ -251,13 +251,17 @@ def test_data_the_kind_does_not_train_on_is_refused(concept: Path) -> None:
     with pytest.raises(InvalidInputError, match="is images data and minilm is an encoder"):
         make_task(load_splits(str(concept)), encoder, None)
     with pytest.raises(InvalidInputError, match="--image-size: got 15; arch:sd-tiny takes images whose side is a "
-                                                "multiple of 2"):
+                                                "multiple of 2, at most 128"):
         make_task(load_splits(str(concept)), diffusion, 15)
+    with pytest.raises(InvalidInputError, match="got 100000; .* at most 128 \\(twice its own 64\\)"):
+        make_task(load_splits(str(concept)), diffusion, 100000)  # refused before any image is read
 
 
 def test_a_few_images_are_every_split_with_a_note(tmp_path: Path, concept: Path) -> None:
     for name in ("00.png", "01.png", "02.png", "00.txt"):
         (tmp_path / name).write_bytes((concept / name).read_bytes())
+    (tmp_path / ".ipynb_checkpoints").mkdir()  # hidden folders and files do not make it a class-folder tree
+    (tmp_path / ".ipynb_checkpoints" / "00-checkpoint.png").write_bytes((concept / "00.png").read_bytes())
     splits = load_splits(str(tmp_path))
     assert splits.task == "images" and splits.whole and len(splits.train) == 3
     assert "too few to hold some out" in splits.note
@@ -278,6 +282,9 @@ def test_graytune_train_on_a_concept_folder(concept: Path, tmp_path: Path, capsy
     assert config["method"] == "dga" and config["backbone"] == "arch:sd-tiny" and config["task"] == "images"
     again = load_adapter(out, open_for("arch:sd-tiny", None, "dga"))
     assert again.trainable_parameters() == 16
+    from graytune.recipes.evaluate import evaluate_saved
+
+    assert evaluate_saved("arch:sd-tiny", str(out), str(concept), split="test")["test"] == summary["test"]  # the same split, size
 
 
 def test_templates_are_drawn_per_row_recorded_and_checked(concept: Path, tmp_path: Path,
@@ -305,5 +312,9 @@ def test_templates_are_drawn_per_row_recorded_and_checked(concept: Path, tmp_pat
     assert main(["train", "--backbone", "arch:sd-tiny", "--method", "dga", "--data", str(concept), "--max-steps",
                  "2", "--batch-size", "2", "--image-size", "16", "--out", str(out), "--json", "--template",
                  templates[0], "--template", templates[1]]) == 0
-    capsys.readouterr()
+    summary = json.loads(capsys.readouterr().out)
     assert json.loads((out / "adapter_config.json").read_text())["prompt_templates"] == templates
+    from graytune.recipes.evaluate import evaluate_saved
+
+    scored = evaluate_saved("arch:sd-tiny", str(out), str(concept), split="test")["test"]  # scored with the first template, as
+    assert scored == pytest.approx(summary["test"], rel=1e-6)                # training's test was

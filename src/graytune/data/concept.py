@@ -21,15 +21,17 @@ MAX_CAPTION_CHARS = 2000
 
 
 def is_concept_folder(root: Path) -> bool:
-    """Whether ``root`` holds images itself and no sub-folders (a class folder tree has sub-folders)."""
-    entries = list(root.iterdir())
+    """Whether ``root`` holds images itself and no sub-folders (a class folder tree has sub-folders); hidden entries
+    (``.ipynb_checkpoints``, ``.DS_Store``) do not count."""
+    entries = [p for p in root.iterdir() if not p.name.startswith(".")]
     return not any(p.is_dir() for p in entries) and any(p.suffix.lower() in IMAGE_SUFFIXES for p in entries)
 
 
 def load_concept_folder(root: str | Path) -> ImageCaptionSet:
     """The images of ``root`` in name order, each with its ``.txt`` caption or the empty caption."""
     root = Path(root)
-    images = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    images = sorted(p for p in root.iterdir()
+                    if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
         raise InvalidInputError(f"{root}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder")
     captions = [_caption(p.with_suffix(".txt")) for p in images]
@@ -40,10 +42,11 @@ def load_concept_folder(root: str | Path) -> ImageCaptionSet:
 def _caption(path: Path) -> str:
     if not path.is_file():
         return ""
-    raw = path.read_bytes()
-    if len(raw) > MAX_CAPTION_CHARS * 4:
-        raise InvalidInputError(f"{path}: a caption file of {len(raw)} bytes; captions are one line of at most "
+    size = path.stat().st_size  # before reading: a huge file is refused unread
+    if size > MAX_CAPTION_CHARS * 4:
+        raise InvalidInputError(f"{path}: a caption file of {size:,} bytes; captions are one line of at most "
                                 f"{MAX_CAPTION_CHARS} characters: shorten it")
+    raw = path.read_bytes()
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:

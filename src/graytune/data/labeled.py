@@ -90,8 +90,9 @@ def load_image_folder(root: str | Path) -> LabeledImageFiles:
                 labels.append(label)
     if len(classes) < 2 or not paths:
         raise InvalidInputError(f"{root}: an image folder needs at least 2 class sub-folders holding images "
-                                f"({', '.join(sorted(IMAGE_SUFFIXES))}); found {len(classes)} folders, "
-                                f"{len(paths)} images")
+                                f"({', '.join(sorted(IMAGE_SUFFIXES))}), or, for a diffusion model, images of one "
+                                f"concept in the folder itself and no sub-folders; found {len(classes)} folders, "
+                                f"{len(paths)} images in them")
     return LabeledImageFiles(root.name, tuple(paths), torch.tensor(labels), tuple(classes))
 
 

@@ -125,7 +125,8 @@ def add_data_arguments(p: argparse.ArgumentParser, required: bool = False) -> No
                    help="tuxpaint, emoji, tuxpaint-sketch, fashion-mnist, wordnet-supersense, fortunes (add "
                         ":base-to-novel to a classification set), or a path: .csv/.jsonl of image,caption, "
                         "image,label or text,label rows (optional split column), a COCO or Karpathy caption .json, WebDataset .tar "
-                        "shards (brace patterns), a folder of class folders")
+                        "shards (brace patterns), a folder of class folders, or (diffusion models) a folder of images "
+                        "of one concept with optional <image>.txt captions")
     defaults = LoaderConfig()
     p.add_argument("--workers", type=non_negative_int, default=None,
                    help=f"processes decoding images on the fly (default: {defaults.workers}, in this process)")

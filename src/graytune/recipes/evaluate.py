@@ -57,7 +57,7 @@ def evaluate_saved(backbone: str, adapter: str | None, data: str, task: str | No
     judge_handle = open_judge(handle, judge, device) if judge else None
     pre = config.get("preprocess") or {}
     evaluator = make_task(splits, handle, image_size or pre.get("image_size") or config.get("image_size"),
-                          fit=pre.get("fit"), loader=loader)
+                          fit=pre.get("fit"), loader=loader, templates=config.get("prompt_templates") or ())
     model = load_adapter(adapter, handle) if adapter else AdaptedModel.build(handle, "zero-shot")
     model = place_model(model, device)
     split = "all" if splits.whole else split or "test"

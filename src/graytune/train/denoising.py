@@ -58,12 +58,8 @@ class DenoisingTask:
         latents = handle.spec.preprocess["latents"]
         self.schedule = noise_schedule(latents["scheduler"]["config"])
         self.prediction = str(latents["prediction_type"])
-        image = handle.spec.preprocess["image"]
-        size = image_size or image.get("image_size")
-        if not size or size % int(image["multiple_of"]):
-            raise InvalidInputError(f"--image-size: got {size}; {handle.spec.id} takes images whose side is a "
-                                    f"multiple of {image['multiple_of']}: give --image-size such a number")
-        self.preprocess = ImagePreprocess(int(size), fit, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # [0, 1] -> [-1, 1]
+        self.preprocess = ImagePreprocess(image_side(handle.spec.preprocess["image"], image_size, handle.spec.id), fit,
+                                          (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # [0, 1] -> [-1, 1]
         self.loader = loader or LoaderConfig()
         self._cache: dict[int, tuple[Tensor, dict[str, Tensor]]] = {}
         self.latents, self.tokens = self.encode(data)
@@ -146,6 +142,18 @@ class DenoisingTask:
             part = slice(start, start + self.eval_batch)
             yield self.noised(latents[rows[part]], noise[part], steps[part], {k_: v[rows[part]]
                                                                                for k_, v in tokens.items()})
+
+
+def image_side(image: dict[str, Any], asked: int | None, backbone: str) -> int:
+    """The side images are trained at: ``asked`` (default the model's own), a multiple of the VAE's factor and at most
+    twice the model's own size, as sampling allows (checked before any image is read)."""
+    own, factor = image.get("image_size"), int(image["multiple_of"])
+    size, most = asked or own, 2 * int(own) if own else None
+    if not size or size % factor or (most is not None and size > most):
+        bound = f", at most {most} (twice its own {own})" if most else ""
+        raise InvalidInputError(f"--image-size: got {size}; {backbone} takes images whose side is a multiple of "
+                                f"{factor}{bound}: give --image-size such a number")
+    return int(size)
 
 
 def check_templates(templates: list[str]) -> list[str]:
