@@ -113,5 +113,12 @@ def test_image_folder_classification(tmp_path) -> None:
     assert len(s.train) + len(s.val) + len(s.test) == 20
     (tmp_path / "flat").mkdir()
     Image.new("RGB", (4, 4)).save(tmp_path / "flat" / "x.png")
-    with pytest.raises(InvalidInputError, match="at least 2 class sub-folders"):
-        load_splits(str(tmp_path / "flat"))
+    flat = load_splits(str(tmp_path / "flat"))  # images of one concept (diffusion models), too few to split
+    assert flat.task == "images" and flat.whole and len(flat.train) == 1
+    with pytest.raises(InvalidInputError, match="is for images, not 'classification'"):
+        load_splits(str(tmp_path / "flat"), task="classification")
+    (tmp_path / "one" / "red").mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(tmp_path / "one" / "red" / "x.png")
+    with pytest.raises(InvalidInputError, match="at least 2 class sub-folders .* or, for a diffusion model, images "
+                                                "of one concept in the folder itself"):
+        load_splits(str(tmp_path / "one"))
