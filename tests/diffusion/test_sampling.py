@@ -175,3 +175,8 @@ def test_generate_draws_a_captioned_grid(tmp_path, capsys) -> None:  # type: ign
     assert main(wrong) == 2
     assert "--max-new-tokens applies to language models; arch:sd-tiny is a diffusion model" in capsys.readouterr().err
     assert main(wrong[:-2][:-2]) == 2 and "give --out GRID.png" in capsys.readouterr().err
+    bad = ["generate", "--backbone", "arch:sd-tiny", "--prompt", "a cat", "--out", str(tmp_path / "c.png")]
+    assert main([*bad, "--steps", "5000"]) == 2  # errors name the flag the user typed
+    assert "--steps (num_inference_steps) must be a whole number from 1 to 1000" in capsys.readouterr().err
+    assert main([*bad, "--size", "100000"]) == 2 and "--size (height)" in capsys.readouterr().err
+    assert not (tmp_path / "c.png").exists()

@@ -113,18 +113,36 @@ def write_text(args: argparse.Namespace, model: object) -> int:
 
 def draw(args: argparse.Namespace, model: object) -> int:
     from graytune.access.images import ImageSettings
+    from graytune.errors import InvalidInputError
     from graytune.recipes.generate import paint
     from graytune.recipes.image_grid import save_grid
 
-    settings = ImageSettings(**{key: value for key, value in (
-        ("num_inference_steps", args.steps), ("guidance_scale", args.guidance), ("seed", args.seed),
-        ("height", args.size), ("width", args.size), ("negative_prompt", args.negative_prompt)) if value is not None})
-    images = paint(model, args.prompt, settings)  # type: ignore[arg-type]
+    try:
+        settings = ImageSettings(**{key: value for key, value in (
+            ("num_inference_steps", args.steps), ("guidance_scale", args.guidance), ("seed", args.seed),
+            ("height", args.size), ("width", args.size), ("negative_prompt", args.negative_prompt))
+            if value is not None})
+        images = paint(model, args.prompt, settings)  # type: ignore[arg-type]
+    except InvalidInputError as err:
+        raise InvalidInputError(as_flags(str(err))) from None
     out = save_grid(images, args.prompt, args.out, overwrite=bool(args.overwrite))
     if args.json:
         print(json.dumps({"out": str(out), "prompts": args.prompt, "size": list(images.shape[-2:]),
                           "backbone": model.handle.spec.id, "method": model.method},  # type: ignore[attr-defined]
                          sort_keys=True))
     else:
-        print(f"wrote {out} ({len(args.prompt)} images of {images.shape[-2]} x {images.shape[-1]})")
+        count = len(args.prompt)
+        print(f"wrote {out} ({count} image{'s' if count != 1 else ''} of {images.shape[-2]} x {images.shape[-1]})")
     return 0
+
+
+#: the sampling settings' names as ``graytune generate`` spells them
+FLAGS = {"num_inference_steps": "--steps", "guidance_scale": "--guidance", "height": "--size", "width": "--size",
+         "negative_prompt": "--negative-prompt"}
+
+
+def as_flags(message: str) -> str:
+    """``message`` with each sampling setting named by the flag that set it (``--steps (num_inference_steps)``)."""
+    import re
+
+    return re.sub(r"\b(" + "|".join(FLAGS) + r")\b", lambda m: f"{FLAGS[m.group(1)]} ({m.group(1)})", message)
