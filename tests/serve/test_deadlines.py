@@ -3,6 +3,7 @@ stats and releases never wait for the backbone."""
 
 from __future__ import annotations
 
+import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -108,8 +109,13 @@ def test_health_spec_stats_and_release_never_wait_for_the_backbone(serve) -> Non
             c.close()
     print("45 requests held off the backbone; slowest of 20: " + ", ".join(
         f"{route} {max(took) * 1000:.0f} ms" for route, took in times.items()))
+    # The lock is held until every call above has answered, so a call that waited for the backbone would never get
+    # its 200 (it would end in the 20 s deadline's 503): the 200s are the proof. The times only guard against a slow
+    # path: the median must be quick, and one call may be slowed by the machine (a 0.63 s outlier was seen on a
+    # loaded 2-core CI machine), never anywhere near the deadline.
     for route, took in times.items():
-        assert max(took) < 0.5, f"{route}: slowest {max(took):.3f} s with the backbone saturated"
+        assert statistics.median(took) < 0.1 and max(took) < 5.0, \
+            f"{route}: median {statistics.median(took):.3f} s, slowest {max(took):.3f} s with the backbone saturated"
     assert set(statuses) <= {200, 503} and statuses.count(503) >= 45 - 9  # at most --max-queue wait, one runs
 
 
