@@ -117,16 +117,26 @@ def check_generation_plan(spec: BackboneSpec, plan: CallPlan) -> None:
 
 def settings_of(settings: GenerationSettings | Mapping[str, object] | None) -> GenerationSettings:
     """``settings`` as ``GenerationSettings`` (a mapping's keys checked; None: the defaults)."""
-    if settings is None or isinstance(settings, GenerationSettings):
-        return settings or GenerationSettings()
+    return settings_as(GenerationSettings, settings, "generation", '{"max_new_tokens": 8}')
+
+
+def settings_as(kind: type[Any], settings: Any, what: str, example: str) -> Any:
+    """``settings`` as the dataclass ``kind`` (an instance as it is, a mapping's keys checked, None: the defaults).
+
+    Raises:
+        InvalidInputError: not a mapping, or keys ``kind`` does not have (``what`` names the settings in the message,
+            ``example`` shows a good one).
+    """
+    if settings is None or isinstance(settings, kind):
+        return settings or kind()
     if not isinstance(settings, Mapping):
-        raise InvalidInputError(f"generation settings must be an object of named fields, e.g. "
-                                f'{{"max_new_tokens": 8}}; got {type(settings).__name__}')
-    allowed = set(GenerationSettings.__dataclass_fields__)
+        raise InvalidInputError(f"{what} settings must be an object of named fields, e.g. {example}; "
+                                f"got {type(settings).__name__}")
+    allowed = set(kind.__dataclass_fields__)
     unknown = sorted(set(settings) - allowed)
     if unknown:
-        raise InvalidInputError(f"unknown generation settings {unknown}; allowed: {', '.join(sorted(allowed))}")
-    return GenerationSettings(**settings)  # type: ignore[arg-type]
+        raise InvalidInputError(f"unknown {what} settings {unknown}; allowed: {', '.join(sorted(allowed))}")
+    return kind(**settings)
 
 
 def count_generated(exposure: Exposure, lengths: Tensor) -> None:

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from graytune.access.checks import CallPlan, client_device
+from graytune.access.generation import settings_as
 from graytune.access.wire import CallRequest, Message, call_parts, decode, encode, unpack_call
 from graytune.errors import InvalidInputError
 from graytune.types import BackboneSpec, Exposure
@@ -113,16 +114,7 @@ def _number(value: object) -> bool:
 
 def image_settings_of(settings: ImageSettings | Mapping[str, object] | None) -> ImageSettings:
     """``settings`` as ``ImageSettings`` (a mapping's keys checked; None: the defaults)."""
-    if settings is None or isinstance(settings, ImageSettings):
-        return settings or ImageSettings()
-    if not isinstance(settings, Mapping):
-        raise InvalidInputError(f"image settings must be an object of named fields, e.g. "
-                                f'{{"num_inference_steps": 25}}; got {type(settings).__name__}')
-    allowed = set(ImageSettings.__dataclass_fields__)
-    unknown = sorted(set(settings) - allowed)
-    if unknown:
-        raise InvalidInputError(f"unknown image settings {unknown}; allowed: {', '.join(sorted(allowed))}")
-    return ImageSettings(**settings)  # type: ignore[arg-type]
+    return settings_as(ImageSettings, settings, "image", '{"num_inference_steps": 25}')  # type: ignore[no-any-return]
 
 
 def is_image_generator(spec: BackboneSpec) -> bool:
