@@ -31,10 +31,12 @@ import torch
 import torch.nn.functional as F
 
 from graytune.access import Handle
+from graytune.access.images import model_size
 from graytune.data.images import ImagePreprocess
 from graytune.data.stream import LoaderConfig
 from graytune.errors import InvalidInputError
 from graytune.model import AdaptedModel
+from graytune.types import BackboneSpec
 from graytune.train.tasks import epoch_batches, image_stream
 
 Tensor = torch.Tensor
@@ -58,8 +60,8 @@ class DenoisingTask:
         latents = handle.spec.preprocess["latents"]
         self.schedule = noise_schedule(latents["scheduler"]["config"])
         self.prediction = str(latents["prediction_type"])
-        self.preprocess = ImagePreprocess(image_side(handle.spec.preprocess["image"], image_size, handle.spec.id), fit,
-                                          (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # [0, 1] -> [-1, 1]
+        self.preprocess = ImagePreprocess(image_side(handle.spec, image_size), fit, (0.5, 0.5, 0.5),
+                                          (0.5, 0.5, 0.5))  # [0, 1] -> [-1, 1]
         self.loader = loader or LoaderConfig()
         self._cache: dict[int, tuple[Tensor, dict[str, Tensor]]] = {}
         self.latents, self.tokens = self.encode(data)
@@ -144,15 +146,16 @@ class DenoisingTask:
                                                                                for k_, v in tokens.items()})
 
 
-def image_side(image: dict[str, Any], asked: int | None, backbone: str) -> int:
+def image_side(spec: BackboneSpec, asked: int | None) -> int:
     """The side images are trained at: ``asked`` (default the model's own), a multiple of the VAE's factor and at most
-    twice the model's own size, as sampling allows (checked before any image is read)."""
-    own, factor = image.get("image_size"), int(image["multiple_of"])
-    size, most = asked or own, 2 * int(own) if own else None
-    if not size or size % factor or (most is not None and size > most):
-        bound = f", at most {most} (twice its own {own})" if most else ""
-        raise InvalidInputError(f"--image-size: got {size}; {backbone} takes images whose side is a multiple of "
-                                f"{factor}{bound}: give --image-size such a number")
+    twice the model's own size, the bound sampling applies (``graytune.access.images.model_size``); checked before
+    any image is read."""
+    height, width, factor = model_size(spec)
+    own = min(height, width)
+    size, most = asked or own, 2 * own
+    if size % factor or size > most:
+        raise InvalidInputError(f"--image-size: got {size}; {spec.id} takes images whose side is a multiple of "
+                                f"{factor}, at most {most} (twice its own {own}): give --image-size such a number")
     return int(size)
 
 
